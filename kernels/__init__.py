@@ -1,0 +1,1 @@
+"""Fused Triton kernels for CoCa, imported as `megacoca_kernels`."""
