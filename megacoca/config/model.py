@@ -46,6 +46,7 @@ class CoCaConfig:
     decoder_layers: int = 12  # n_multi
     decoder_mlp_after_self_attn: bool = False  # open_clip: self-attn block and cross-attn block each own an MLP
     decoder_bias: bool = False  # bias on the vocabulary head
+    tie_word_embeddings: bool = False  # vocabulary head shares the token embedding (the paper's giant model)
 
     # Shared.
     embed_dim: int = 768  # contrastive embedding size

@@ -1,0 +1,105 @@
+"""Unimodal text decoder: causal self-attention over the text with a learnable CLS token appended at the end."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megacoca.config.model import CoCaConfig
+from megacoca.models.coca.layers import LayerNorm, SelfAttentionBlock, run_blocks
+
+
+class TextEmbedding(nn.Module):
+    """Stage `embed_text`: token ids (B, L) -> embeddings (B, L + 1, width), the CLS last.
+
+    With `with_cls=False` (cached generation) no CLS is appended and positions start at `position_offset`.
+    """
+
+    def __init__(self, cfg: CoCaConfig) -> None:
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)
+        self.positional_embedding = nn.Parameter(torch.zeros(cfg.context_length + 1, cfg.text_width))
+        self.cls_embedding = nn.Parameter(torch.zeros(cfg.text_width))
+
+    def forward(self, text: torch.Tensor, with_cls: bool = True, position_offset: int = 0) -> torch.Tensor:
+        x = self.token_embedding(text)
+        if with_cls:
+            x = torch.cat([x, self.cls_embedding.to(x.dtype).expand(x.shape[0], 1, -1)], dim=1)
+        length = x.shape[1]
+        if position_offset + length > self.positional_embedding.shape[0]:
+            raise ValueError(
+                f"text of {position_offset + length} positions (CLS included) exceeds the model's "
+                f"{self.positional_embedding.shape[0]}"
+            )
+        return x + self.positional_embedding[position_offset : position_offset + length].to(x.dtype)
+
+
+class TextOutputs(nn.Module):
+    """Stage `text_outputs`: block outputs (B, L + 1, width) -> (text embedding (B, E), token outputs (B, L, width))."""
+
+    def __init__(self, cfg: CoCaConfig) -> None:
+        super().__init__()
+        self.tokens_after_ln = cfg.text_tokens_after_ln
+        self.ln_final = LayerNorm(cfg.text_width, cfg.ln_eps, cfg.kernels)
+        self.projection = nn.Linear(cfg.text_width, cfg.embed_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding = self.projection(self.ln_final(x[:, -1]))
+        tokens = x[:, :-1]
+        return embedding, self.ln_final(tokens) if self.tokens_after_ln else tokens
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Token outputs alone (cached generation, no CLS in x)."""
+        return self.ln_final(x) if self.tokens_after_ln else x
+
+
+def text_attention_masks(text: torch.Tensor, pad_id: int, legacy_cls_mask: bool):
+    """The masks of the unimodal stage over L text tokens + CLS, as (kv_mask, attn_mask); causal is implied.
+
+    Default: no query (real token, pad or CLS) attends to a pad key; the CLS sees every real token and itself.
+    legacy_cls_mask (open_clip's correct_cls_mask=False): text rows are causal only; the CLS row's pad mask is
+    shifted by one key (it sees key 0 always, key j when token j-1 is real: the first pad, not itself, on
+    padded text). That mask is dense (B, 1, L+1, L+1).
+    """
+    batch, length = text.shape
+    real = text != pad_id
+    if not legacy_cls_mask:
+        kv_mask = torch.cat([real, real.new_ones(batch, 1)], dim=1)
+        return kv_mask, None
+    shifted = F.pad(real, (1, 0), value=True)  # (B, L + 1)
+    causal = torch.ones(length + 1, length + 1, dtype=torch.bool, device=text.device).tril()
+    attn_mask = causal.expand(batch, 1, length + 1, length + 1).clone()
+    attn_mask[:, 0, -1, :] = shifted
+    return None, attn_mask
+
+
+class TextEncoder(nn.Module):
+    """Stages `embed_text`, `text_blocks` and `text_outputs`."""
+
+    def __init__(self, cfg: CoCaConfig) -> None:
+        super().__init__()
+        self.pad_id = cfg.pad_id
+        self.legacy_cls_mask = cfg.legacy_cls_mask
+        self.checkpointed = cfg.activation_checkpointing
+        self.embed = TextEmbedding(cfg)
+        self.blocks = nn.ModuleList(
+            SelfAttentionBlock(cfg.text_width, cfg.text_heads, cfg.text_mlp_dim, cfg.ln_eps, cfg.kernels)
+            for _ in range(cfg.text_layers)
+        )
+        self.outputs = TextOutputs(cfg)
+
+    def forward(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kv_mask, attn_mask = text_attention_masks(text, self.pad_id, self.legacy_cls_mask)
+        x = run_blocks(
+            self.blocks, self.embed(text), self.checkpointed, causal=attn_mask is None, kv_mask=kv_mask,
+            attn_mask=attn_mask,
+        )
+        return self.outputs(x)
+
+    def forward_cached(self, text: torch.Tensor, caches: list, position_offset: int) -> torch.Tensor:
+        """Token outputs of new tokens (B, T, width) given the caches of earlier ones; no CLS, no padding."""
+        x = self.embed(text, with_cls=False, position_offset=position_offset)
+        for block, cache in zip(self.blocks, caches):
+            x = block(x, causal=True, cache=cache)
+        return self.outputs.tokens(x)
