@@ -1,0 +1,205 @@
+"""Behaviour of the CoCa model: causality, padding isolation, pooler layouts, stages, checkpointing."""
+
+import pytest
+import torch
+
+from megacoca.config.model import CoCaConfig
+from megacoca.models.coca import CoCa, get_flavor
+from megacoca.models.coca.text import text_attention_masks
+
+PAD = 0
+
+
+def tiny_config(**changes) -> CoCaConfig:
+    base = dict(
+        image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_heads=2, vision_mlp_dim=64,
+        caption_queries=8, pooler_heads=2, vocab_size=50, context_length=12, text_width=32, text_heads=2,
+        text_mlp_dim=64, text_layers=2, decoder_layers=2, embed_dim=16, kernels="torch",
+    )
+    base.update(changes)
+    return CoCaConfig(**base)
+
+
+def make_batch(cfg: CoCaConfig, batch: int = 3, length: int = 10, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=generator)
+    text = torch.randint(4, cfg.vocab_size, (batch, length), generator=generator)
+    text[:, 0] = 2
+    return images, text
+
+
+@pytest.fixture(params=["paper", "open_clip"])
+def model(request) -> CoCa:
+    torch.manual_seed(0)
+    open_clip = request.param == "open_clip"
+    cfg = tiny_config(
+        pooler_layout=request.param, legacy_cls_mask=open_clip, text_tokens_after_ln=not open_clip,
+        decoder_mlp_after_self_attn=open_clip, vision_class_token=open_clip,
+    )
+    return CoCa(cfg).eval()
+
+
+def test_forward_outputs_are_normalised_and_shaped(model):
+    images, text = make_batch(model.cfg)
+    out = model(images, text, caption_loss=False)
+    assert out["image_features"].shape == (3, 16) and out["text_features"].shape == (3, 16)
+    torch.testing.assert_close(out["image_features"].norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(out["text_features"].norm(dim=-1), torch.ones(3))
+    assert out["logits"].shape == (3, 9, 50)
+    assert out["logit_scale"].shape == (1,)
+    torch.testing.assert_close(out["logit_scale"], torch.tensor([1 / 0.07]))
+
+
+def test_caption_logits_are_causal(model):
+    """Changing token t+1 leaves the caption logits at positions <= t unchanged, and changes later ones."""
+    images, text = make_batch(model.cfg)
+    base = model(images, text, caption_loss=False)["logits"]
+    for t in (2, 5):
+        changed = text.clone()
+        changed[:, t + 1] = (changed[:, t + 1] + 7) % 46 + 4
+        logits = model(images, changed, caption_loss=False)["logits"]
+        torch.testing.assert_close(logits[:, : t + 1], base[:, : t + 1], rtol=0, atol=1e-6)
+        assert not torch.allclose(logits[:, t + 1 :], base[:, t + 1 :])
+
+
+def test_text_embedding_never_sees_padding():
+    """With the default mask, neither the CLS output (the text embedding) nor any real token's output
+    depends on what the padded positions hold: perturb their positional embeddings and see no change."""
+    torch.manual_seed(0)
+    model = CoCa(tiny_config()).eval()
+    _, text = make_batch(model.cfg, length=10)
+    text[:, 6:] = PAD
+    embedding, tokens = model.text(text)
+    with torch.no_grad():
+        model.text.embed.positional_embedding[6:10].add_(3.0)
+    new_embedding, new_tokens = model.text(text)
+    torch.testing.assert_close(new_embedding, embedding, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(new_tokens[:, :6], tokens[:, :6], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        model.text.embed.positional_embedding[3].add_(3.0)  # a real position: the CLS must see it
+    assert not torch.allclose(model.text(text)[0], embedding)
+
+
+def test_cls_ignores_pad_embeddings():
+    """Perturbing the pad token's embedding row changes no real output and not the CLS."""
+    torch.manual_seed(0)
+    model = CoCa(tiny_config()).eval()
+    _, text = make_batch(model.cfg, length=10)
+    text[:, 7:] = PAD
+    embedding, tokens = model.text(text)
+    with torch.no_grad():
+        model.text.embed.token_embedding.weight[PAD].add_(5.0)
+    new_embedding, new_tokens = model.text(text)
+    torch.testing.assert_close(new_embedding, embedding, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(new_tokens[:, :7], tokens[:, :7], rtol=1e-5, atol=1e-6)
+
+
+def test_legacy_cls_mask_is_open_clips_shifted_mask():
+    text = torch.tensor([[2, 5, 6, 0, 0], [2, 5, 6, 7, 8]])
+    kv_mask, attn_mask = text_attention_masks(text, PAD, legacy_cls_mask=True)
+    assert kv_mask is None and attn_mask.shape == (2, 1, 6, 6)
+    # CLS row: key 0 always, key j when token j-1 is real: sees the first pad, not itself on padded text.
+    assert attn_mask[0, 0, -1].tolist() == [True, True, True, True, False, False]
+    assert attn_mask[1, 0, -1].tolist() == [True] * 6
+    assert torch.equal(attn_mask[0, 0, :-1], torch.ones(5, 6, dtype=torch.bool).tril()[:, :])
+    kv_mask, attn_mask = text_attention_masks(text, PAD, legacy_cls_mask=False)
+    assert attn_mask is None
+    assert kv_mask[0].tolist() == [True, True, True, False, False, True]
+
+
+def test_caption_loss_ignores_padding_and_matches_logits(model):
+    images, text = make_batch(model.cfg)
+    text[0, 7:] = PAD
+    out = model(images, text)
+    logits = model(images, text, caption_loss=False)["logits"]
+    targets = text[:, 1:]
+    expected = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, 50), targets.reshape(-1), ignore_index=PAD, reduction="sum"
+    )
+    torch.testing.assert_close(out["caption_loss_sum"], expected, rtol=1e-5, atol=1e-5)
+    assert int(out["caption_tokens"]) == int((targets != PAD).sum())
+
+
+def test_paper_pooler_cascades_contrastive_on_caption_tokens():
+    torch.manual_seed(0)
+    model = CoCa(tiny_config()).eval()
+    images, _ = make_batch(model.cfg)
+    embedding, caption_tokens = model.image_towers(images)
+    assert caption_tokens.shape == (3, 8, 32)
+    pooler = model.image_pooler
+    expected = pooler.projection(pooler.ln_post(pooler.contrastive_pooler(caption_tokens)[:, 0]))
+    torch.testing.assert_close(embedding, expected)
+
+
+def test_open_clip_pooler_uses_query_zero_for_contrastive():
+    torch.manual_seed(0)
+    cfg = tiny_config(pooler_layout="open_clip", vision_class_token=True)
+    model = CoCa(cfg).eval()
+    images, _ = make_batch(cfg)
+    embedding, caption_tokens = model.image_towers(images)
+    assert caption_tokens.shape == (3, 7, 32)
+    assert model.image_pooler.contrastive_pooler is None
+    pooled = model.image_pooler.ln_post(model.image_pooler.caption_pooler(model.vision(images)))
+    torch.testing.assert_close(embedding, model.image_pooler.projection(pooled[:, 0]))
+    torch.testing.assert_close(caption_tokens, pooled[:, 1:])
+
+
+def test_activation_checkpointing_gives_same_loss_and_gradients():
+    images, text = make_batch(tiny_config())
+    results = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = CoCa(tiny_config(activation_checkpointing=checkpointed)).train()
+        out = model(images, text)
+        loss = out["caption_loss_sum"] + (out["image_features"] * out["text_features"]).sum() * out["logit_scale"].sum()
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for plain, recomputed in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(plain, recomputed)
+
+
+def test_every_parameter_gets_a_gradient(model):
+    images, text = make_batch(model.cfg)
+    out = model.train()(images, text)
+    (out["caption_loss_sum"] + (out["image_features"] * out["text_features"]).sum() * out["logit_scale"]).sum().backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None]
+    assert not missing
+
+
+def test_tied_word_embeddings_share_one_parameter():
+    model = CoCa(tiny_config(tie_word_embeddings=True))
+    assert model.caption_head.weight is model.text.embed.token_embedding.weight
+    untied = CoCa(tiny_config())
+    assert model.num_params() == untied.num_params() - 50 * 32
+
+
+def test_text_longer_than_context_is_a_clear_error():
+    model = CoCa(tiny_config())
+    images, text = make_batch(model.cfg, length=13)
+    with pytest.raises(ValueError, match="exceeds the model's 13"):
+        model(images, text)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(image_size=30), "not a multiple of patch_size"),
+        (dict(vision_heads=3), "vision_width 32 is not divisible"),
+        (dict(pooler_layout="both"), "pooler_layout"),
+        (dict(kernels="cuda"), "kernels must be"),
+        (dict(pad_id=50), "pad_id 50"),
+        (dict(decoder_layers=0), "decoder_layers must be >= 1"),
+    ],
+)
+def test_config_errors_are_one_line_and_name_the_field(changes, message):
+    with pytest.raises(ValueError, match=message) as error:
+        tiny_config(**changes)
+    assert "\n" not in str(error.value)
+
+
+def test_config_round_trips_through_dict():
+    cfg = get_flavor("coca_base")
+    assert type(cfg).from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown keys"):
+        CoCaConfig.from_dict({**cfg.to_dict(), "widht": 3})
