@@ -1,0 +1,136 @@
+"""flash_attention forward and backward against the eager reference, through Triton's interpreter.
+
+Each case runs the kernel in the given dtype and compares outputs and (dq, dk, dv) with an fp64 reference;
+the allowed error is twice what torch's own same-dtype computation makes, plus atol. Outputs are NaN-filled
+before the kernels run (conftest), so an element a kernel forgets to write fails the test.
+"""
+
+import pytest
+import torch
+from conftest import assert_close_to_ref
+
+from megacoca_kernels import flash_attention, flash_attention_ref
+
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+# (B, H, Lq, Lk, D, causal, mask): mask None, "pad" (random padded keys) or "empty" (pad + one batch row
+# with every key masked). Lengths are odd on purpose: 1, 7, 77, 257, never block multiples.
+CASES = [
+    (1, 2, 1, 1, 64, False, None),
+    (1, 2, 1, 1, 64, True, "pad"),
+    (2, 2, 7, 7, 88, True, None),
+    (2, 2, 77, 77, 64, True, "pad"),  # text self-attention, causal + padding
+    (2, 2, 77, 77, 128, False, None),
+    (1, 2, 257, 257, 88, False, None),  # ViT self-attention, giant head dim
+    (2, 2, 77, 257, 64, False, "pad"),  # cross-attention, Lq < Lk
+    (2, 2, 257, 77, 128, False, "empty"),  # Lq > Lk with a fully masked batch row
+    (2, 2, 7, 77, 88, True, None),  # causal, Lq < Lk (top-left aligned)
+    (2, 2, 77, 7, 64, True, "empty"),  # causal, Lq > Lk, fully masked row
+    (2, 1, 33, 65, 32, False, "empty"),
+    (1, 1, 17, 40, 256, True, None),
+]
+
+
+def _ids(case):
+    B, H, LQ, LK, D, causal, mask = case
+    return f"B{B}H{H}-q{LQ}-k{LK}-d{D}-{'causal' if causal else 'full'}-{mask or 'nomask'}"
+
+
+def _make_mask(kind, B, LK, device):
+    if kind is None:
+        return None
+    mask = torch.rand(B, LK, device=device) > 0.3
+    mask[:, 0] = True  # every row keeps a key unless made empty below
+    if kind == "empty":
+        mask[-1] = False
+    return mask
+
+
+def _run(q, k, v, do, fn, **kw):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v, **kw)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+    return out, dq, dk, dv
+
+
+def _check(B, H, LQ, LK, D, causal, mask_kind, dtype, device, layout="bhld"):
+    q64 = torch.randn(B, H, LQ, D, device=device, dtype=torch.float64)
+    k64 = torch.randn(B, H, LK, D, device=device, dtype=torch.float64)
+    v64 = torch.randn(B, H, LK, D, device=device, dtype=torch.float64)
+    do64 = torch.randn(B, H, LQ, D, device=device, dtype=torch.float64)
+    kv_mask = _make_mask(mask_kind, B, LK, device)
+    kw = dict(causal=causal, kv_mask=kv_mask)
+    q, k, v, do = (t.to(dtype) for t in (q64, k64, v64, do64))
+    if layout == "blhd":  # (B, L, H, D) storage seen through a transpose: non-contiguous inputs
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+        assert not q.is_contiguous()
+    got = _run(q, k, v, do, flash_attention, **kw)
+    ref64 = _run(q.double(), k.double(), v.double(), do.double(), flash_attention_ref, **kw)
+    ref_dt = _run(q, k, v, do, flash_attention_ref, **kw)
+    for name, a, r64, rdt in zip(("out", "dq", "dk", "dv"), got, ref64, ref_dt):
+        assert a.dtype == dtype
+        assert_close_to_ref(a, r64, rdt, ATOL[dtype], name)
+    if mask_kind == "empty":  # rows with no visible key: exact zeros, zero gradients
+        assert (got[0][-1] == 0).all()
+        assert (got[1][-1] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_flash_attention_matches_reference(case, dtype, device):
+    _check(*case, dtype, device)
+
+
+@pytest.mark.parametrize("case", [CASES[3], CASES[6], CASES[9]], ids=_ids)
+def test_flash_attention_bf16(case, device):
+    # Under the interpreter bf16 tiles are upcast to fp32 right after loading (triton issue 11584); loads
+    # and stores still go through bf16 memory. On a GPU this runs bf16 tensor-core dots.
+    _check(*case, torch.bfloat16, device)
+
+
+def test_flash_attention_non_contiguous_and_scale(device):
+    _check(2, 2, 77, 77, 64, True, "pad", torch.float32, device, layout="blhd")
+    q, k, v = (torch.randn(1, 2, 9, 32, device=device) for _ in range(3))
+    out = flash_attention(q, k, v, softmax_scale=0.3)
+    torch.testing.assert_close(out, flash_attention_ref(q, k, v, softmax_scale=0.3), atol=1e-5, rtol=1e-5)
+
+
+def test_flash_attention_matches_sdpa(device):
+    q = torch.randn(2, 3, 77, 64, device=device)
+    k = torch.randn(2, 3, 77, 64, device=device)
+    v = torch.randn(2, 3, 77, 64, device=device)
+    for causal in (False, True):
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        torch.testing.assert_close(flash_attention(q, k, v, causal=causal), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_flash_attention_under_activation_checkpointing(device):
+    from torch.utils.checkpoint import checkpoint
+
+    q, k, v = (torch.randn(2, 2, 33, 64, device=device, requires_grad=True) for _ in range(3))
+    mask = torch.rand(2, 33, device=device) > 0.2
+
+    def block(q, k, v):
+        return flash_attention(q.tanh(), k, v, causal=True, kv_mask=mask).sin().sum()
+
+    def grads(fn):
+        for t in (q, k, v):
+            t.grad = None
+        fn().backward()  # reentrant checkpointing does not support autograd.grad
+        return [t.grad.clone() for t in (q, k, v)]
+
+    plain = grads(lambda: block(q, k, v))
+    for reentrant in (False, True):
+        ckpt = grads(lambda: checkpoint(block, q, k, v, use_reentrant=reentrant))
+        for a, b in zip(plain, ckpt):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_flash_attention_rejects_bad_shapes(device):
+    q = torch.randn(1, 2, 5, 64, device=device)
+    with pytest.raises(ValueError):
+        flash_attention(q, torch.randn(1, 2, 5, 32, device=device), torch.randn(1, 2, 5, 32, device=device))
+    with pytest.raises(ValueError):
+        flash_attention(q, q, q, kv_mask=torch.ones(1, 4, dtype=torch.bool, device=device))
+    with pytest.raises(ValueError):
+        flash_attention(torch.randn(1, 1, 5, 512, device=device), *(torch.randn(1, 1, 5, 512, device=device),) * 2)
