@@ -1,0 +1,75 @@
+"""Caption generation for evaluation and its scoring on synth-shapes.
+
+Captions come from `megacoca.models.coca.generate.generate` (KV-cached). `greedy_captions_uncached` is a
+slow reference that re-runs the text decoder on the whole prefix at every step; it is used only when the
+cached generator is not importable, and by the tests to check the cached one.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+
+@torch.no_grad()
+def greedy_captions_uncached(model, images: torch.Tensor, *, max_new_tokens: int, bos_id: int, eos_id: int,
+                             pad_id: int) -> torch.Tensor:
+    """(B, T) generated ids after bos (pad after eos), without a cache: the reference for the cached path."""
+    _, image_tokens = model.image_towers(images)
+    batch = images.shape[0]
+    prefix = torch.full((batch, 1), bos_id, dtype=torch.long, device=images.device)
+    done = torch.zeros(batch, dtype=torch.bool, device=images.device)
+    max_new_tokens = min(max_new_tokens, model.cfg.context_length - 1)
+    for _ in range(max_new_tokens):
+        _, token_outputs = model.text(prefix)
+        hidden = model.decoder(token_outputs, image_tokens)
+        logits = model.caption_head(hidden[:, -1:])[:, 0]
+        logits[:, pad_id] = float("-inf")
+        nxt = logits.argmax(dim=-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        prefix = torch.cat([prefix, nxt[:, None]], dim=1)
+        done |= nxt == eos_id
+        if bool(done.all()):
+            break
+    return prefix[:, 1:]
+
+
+def _generator() -> Callable | None:
+    try:
+        from megacoca.models.coca.generate import generate
+    except ImportError:
+        return None
+    return generate
+
+
+@torch.no_grad()
+def generate_captions(model, images: torch.Tensor, tokenizer, *, max_new_tokens: int = 20,
+                      strategy: str = "greedy", **kwargs) -> list[str]:
+    """Decoded captions for a batch of images (greedy by default)."""
+    ids_kwargs = dict(bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    max_new_tokens = min(max_new_tokens, model.cfg.context_length - 1)
+    generate = _generator()
+    if generate is None:
+        if strategy != "greedy":
+            raise RuntimeError(f"strategy {strategy!r} needs megacoca.models.coca.generate")
+        ids = greedy_captions_uncached(model, images, max_new_tokens=max_new_tokens, **ids_kwargs)
+    else:
+        ids = generate(model, images, max_new_tokens=max_new_tokens, strategy=strategy, **ids_kwargs, **kwargs)
+    return [tokenizer.decode(row) for row in ids.cpu()]
+
+
+def caption_match_rate(captions: Sequence[str], attributes: Sequence, matches: Callable[[str, object], bool]
+                       ) -> tuple[float, list[bool]]:
+    """(fraction of captions that `matches(caption, attributes)`, per-caption results)."""
+    if len(captions) != len(attributes):
+        raise ValueError(f"{len(captions)} captions for {len(attributes)} attribute records")
+    hits = [bool(matches(c, a)) for c, a in zip(captions, attributes)]
+    return (sum(hits) / len(hits) if hits else float("nan")), hits
+
+
+def shapes_caption_matches(caption: str, attributes) -> bool:
+    """synth-shapes scoring: the caption names the right color AND shape of every object, and no other."""
+    from megacoca.data.shapes import caption_matches
+
+    return caption_matches(caption, attributes)

@@ -1,0 +1,88 @@
+"""`megacoca eval`: evaluate a checkpoint on shards, write the metrics as JSON, optionally draw curves."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="zero-shot, retrieval and captioning metrics of a checkpoint on a set of shards",
+        description="Evaluate a CoCa checkpoint (DeepSpeed checkpoint dir of a megacoca run, or a converted "
+                    "model dir) on webdataset shards: zero-shot top-1 (synth-shapes classes), image<->text "
+                    "recall@1/5/10, greedy captions and their correctness (synth-shapes).",
+    )
+    parser.add_argument("--checkpoint", required=True, help="DeepSpeed checkpoint dir (or one tag dir) or model dir")
+    parser.add_argument("--shards", required=True, help="shard spec: a dir, a file, a brace pattern")
+    parser.add_argument("--tokenizer", required=True, help="SentencePiece .model path or 'clip-bpe'")
+    parser.add_argument("--out", default=None, help="write the metrics JSON here")
+    parser.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N samples")
+    parser.add_argument("--caption-samples", type=int, default=None, help="caption only the first N (default all)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--flavor", default=None,
+                        help="model flavor, for a DeepSpeed checkpoint that does not record its config")
+    parser.add_argument("--model-set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="CoCaConfig override with --flavor (repeatable), e.g. vocab_size=512")
+    parser.add_argument("--metrics", default=None, help="a run's metrics.jsonl: draw curves to --curves")
+    parser.add_argument("--curves", default=None, help="PNG path for the loss/eval curves (needs --metrics)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.set_defaults(func=run)
+
+
+def _model_config(args):
+    if not args.flavor:
+        if args.model_set:
+            raise SystemExit("megacoca eval: --model-set needs --flavor")
+        return None
+    from megacoca.config.train import parse_set
+    from megacoca.models.coca import get_flavor
+
+    overrides = dict(parse_set(item) for item in args.model_set)
+    return get_flavor(args.flavor, **overrides)
+
+
+def run(args) -> int:
+    import torch
+
+    from megacoca.data.tokenizer import load_tokenizer
+    from megacoca.eval.runner import evaluate, headline, load_eval_set, load_model_for_eval
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.curves and not args.metrics:
+        raise SystemExit("megacoca eval: --curves needs --metrics")
+    began = time.perf_counter()
+    model = load_model_for_eval(args.checkpoint, model_config=_model_config(args))
+    tokenizer = load_tokenizer(args.tokenizer, model.cfg.context_length)
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise SystemExit(f"megacoca eval: tokenizer has {tokenizer.vocab_size} pieces but the model's vocabulary "
+                         f"is {model.cfg.vocab_size}; wrong --tokenizer?")
+    eval_set = load_eval_set(args.shards, model.cfg.image_size, args.max_samples)
+    loaded = time.perf_counter()
+    results = evaluate(model, tokenizer, eval_set, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                       caption_samples=args.caption_samples)
+    results["checkpoint"] = os.path.abspath(args.checkpoint)
+    results["shards"] = args.shards
+    results["timings"]["load_s"] = round(loaded - began, 3)
+    results["timings"]["total_s"] = round(time.perf_counter() - began, 3)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+    if args.curves:
+        from megacoca.eval.plots import plot_curves
+
+        plot_curves(args.metrics, args.curves, final_eval=results)
+    print(headline(results))
+    for sample in results["samples"][:5]:
+        mark = {True: "ok ", False: "bad", None: "   "}[sample["match"]]
+        print(f"  [{mark}] {sample['generated']!r}  (ref: {sample['reference']!r})")
+    print(f"eval took {results['timings']['total_s']:.1f}s"
+          + (f"; wrote {args.out}" if args.out else "") + (f", {args.curves}" if args.curves else ""),
+          file=sys.stderr)
+    return 0

@@ -1,0 +1,278 @@
+"""Evaluate a CoCa model on a set of shards: zero-shot classification, retrieval and captioning.
+
+`load_model_for_eval(path)` takes a converted model directory (config.json + weights, `megacoca.load`) or a
+DeepSpeed checkpoint of a megacoca run (consolidated to fp32 with DeepSpeed's
+`get_fp32_state_dict_from_zero_checkpoint`). `load_eval_set` reads shards in order, `evaluate` returns the
+metrics dict that `megacoca eval` writes as JSON. The trainer's periodic eval can call `evaluate` directly.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from megacoca.eval.captioning import caption_match_rate, generate_captions, shapes_caption_matches
+from megacoca.eval.retrieval import retrieval_metrics
+from megacoca.eval.zeroshot import class_embeddings, topk_accuracy, zeroshot_logits
+
+CONFIG_KEYS = ("model_config", "config", "job_config", "job")  # where a checkpoint may keep its config
+
+
+# ------------------------------------------------------------------------------------------ model loading
+def _is_converted_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json")) and any(
+        os.path.isfile(os.path.join(path, name)) for name in ("model.safetensors", "pytorch_model.bin")
+    )
+
+
+def _split_deepspeed_path(path: str) -> tuple[str, str | None]:
+    """(checkpoint dir holding `latest`, tag) for either the run's checkpoint dir or one tag's dir in it."""
+    path = os.path.normpath(path)
+    if glob.glob(os.path.join(path, "*model_states.pt")):
+        return os.path.dirname(path), os.path.basename(path)
+    if os.path.isfile(os.path.join(path, "latest")):
+        return path, None
+    raise FileNotFoundError(
+        f"{path}: neither a converted model dir (config.json + model.safetensors) nor a DeepSpeed checkpoint "
+        "(a dir with `latest`, or a tag dir with *model_states.pt)"
+    )
+
+
+def _model_config_from(value: Any):
+    """A CoCaConfig from whatever a checkpoint stored: a CoCaConfig, its dict, or a JobConfig (dict)."""
+    from megacoca.config.model import CoCaConfig
+
+    if isinstance(value, CoCaConfig):
+        return value
+    if hasattr(value, "model_config"):
+        return value.model_config()
+    if isinstance(value, dict):
+        if "model" in value and isinstance(value["model"], dict):  # a JobConfig as a dict
+            from megacoca.config.train import JobConfig
+
+            return JobConfig.from_dict(value).model_config()
+        try:
+            return CoCaConfig.from_dict(value)
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def deepspeed_model_config(ckpt_dir: str, tag: str | None):
+    """The CoCaConfig a megacoca DeepSpeed checkpoint was trained with (from its client state or a json)."""
+    if tag is None:
+        with open(os.path.join(ckpt_dir, "latest")) as f:
+            tag = f.read().strip()
+    tag_dir = os.path.join(ckpt_dir, tag)
+    for name in ("model_config.json", "config.json", "job_config.json", "job.json"):
+        for where in (tag_dir, ckpt_dir, os.path.dirname(ckpt_dir)):
+            path = os.path.join(where, name)
+            if os.path.isfile(path):
+                with open(path) as f:
+                    cfg = _model_config_from(json.load(f))
+                if cfg is not None:
+                    return cfg
+    states = sorted(glob.glob(os.path.join(tag_dir, "*model_states.pt")))
+    if states:
+        state = torch.load(states[0], map_location="cpu", weights_only=False)
+        for key in CONFIG_KEYS:
+            cfg = _model_config_from(state.get(key)) if key in state else None
+            if cfg is not None:
+                return cfg
+        client = state.get("client_state")
+        if isinstance(client, dict):
+            for key in CONFIG_KEYS:
+                cfg = _model_config_from(client.get(key)) if key in client else None
+                if cfg is not None:
+                    return cfg
+    raise ValueError(f"{tag_dir}: no model config found in the checkpoint; pass --flavor (and --model-set)")
+
+
+def _strip_prefix(state: dict, prefix: str = "module.") -> dict:
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def load_model_for_eval(path: str, *, model_config=None, device: str | torch.device = "cpu"):
+    """An eval-mode fp32 CoCa from a converted model dir or a DeepSpeed checkpoint (dir or tag dir)."""
+    from megacoca.models.coca import CoCa
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.isdir(path) and _is_converted_dir(path):
+        import megacoca
+
+        model = megacoca.load(path)
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        ckpt_dir, tag = _split_deepspeed_path(path)
+        cfg = model_config or deepspeed_model_config(ckpt_dir, tag)
+        state = _strip_prefix(get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag))
+        model = CoCa(cfg)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        # A tied vocabulary head is saved once, under either name.
+        missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "caption_head.weight")]
+        if missing or unexpected:
+            raise ValueError(f"{path}: checkpoint does not fit the model: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+    return model.float().to(device).eval()
+
+
+# --------------------------------------------------------------------------------------------- eval data
+@dataclass
+class EvalSet:
+    images: torch.Tensor  # (N, 3, H, W) float, normalised
+    captions: list[str]
+    attributes: list[Any] = field(default_factory=list)  # per sample: the json dict, or None
+    keys: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def load_eval_set(shards, image_size: int, max_samples: int | None = None) -> EvalSet:
+    """Read shards in order (no shuffle), center-crop transform; undecodable samples are skipped."""
+    from megacoca.data.shards import decode_caption, image_bytes, iter_samples
+    from megacoca.data.transforms import ImageTransform, load_image
+
+    transform = ImageTransform(image_size, train=False)
+    images, captions, attributes, keys = [], [], [], []
+    for raw in iter_samples(shards):
+        if max_samples is not None and len(captions) >= max_samples:
+            break
+        caption, _ = decode_caption(raw)
+        data = image_bytes(raw)
+        if caption is None or data is None:
+            continue
+        try:
+            image = transform(load_image(data, draft_size=image_size))
+        except Exception:  # corrupt image: skip, like the training loader
+            continue
+        meta = None
+        if "json" in raw:
+            try:
+                meta = json.loads(bytes(raw["json"]).decode("utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                meta = None
+        images.append(image)
+        captions.append(caption)
+        attributes.append(meta)
+        keys.append(str(raw.get("__key__", len(keys))))
+    if not captions:
+        raise ValueError(f"no readable samples in {shards!r}")
+    return EvalSet(torch.stack(images), captions, attributes, keys)
+
+
+def shapes_label(meta: Any) -> int | None:
+    """The synth-shapes class of a single-object sample, else None."""
+    from megacoca.data.shapes import class_index
+
+    if not isinstance(meta, dict):
+        return None
+    if isinstance(meta.get("class"), int):
+        return meta["class"]
+    objects = meta.get("objects")
+    if isinstance(objects, list) and len(objects) == 1 and {"color", "shape"} <= set(objects[0]):
+        try:
+            return class_index(objects[0]["color"], objects[0]["shape"])
+        except ValueError:
+            return None
+    return None
+
+
+def _is_shapes(eval_set: EvalSet) -> bool:
+    return bool(eval_set.attributes) and all(
+        isinstance(m, dict) and isinstance(m.get("objects"), list) for m in eval_set.attributes
+    )
+
+
+# -------------------------------------------------------------------------------------------------- eval
+@torch.no_grad()
+def encode_all(model, eval_set: EvalSet, tokenizer, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    device = next(model.parameters()).device
+    image_features, text_features = [], []
+    for start in range(0, len(eval_set), batch_size):
+        images = eval_set.images[start:start + batch_size].to(device)
+        text = tokenizer.encode(eval_set.captions[start:start + batch_size]).to(device)
+        image_features.append(model.encode_image(images, normalize=True).float().cpu())
+        text_features.append(model.encode_text(text, normalize=True).float().cpu())
+    return torch.cat(image_features), torch.cat(text_features)
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, eval_set: EvalSet, *, batch_size: int = 256, max_new_tokens: int = 20,
+             caption_samples: int | None = None, num_examples: int = 12, ks: Sequence[int] = (1, 5, 10)) -> dict:
+    """All metrics on `eval_set`. Zero-shot and caption_match need synth-shapes attributes (else null).
+
+    caption_samples: caption only the first N samples (None: all).
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    timings = {}
+    began = time.perf_counter()
+    image_features, text_features = encode_all(model, eval_set, tokenizer, batch_size)
+    results: dict[str, Any] = {"num_samples": len(eval_set)}
+    results.update(retrieval_metrics(image_features, text_features, eval_set.captions, ks))
+    timings["encode_and_retrieval_s"] = time.perf_counter() - began
+
+    shapes = _is_shapes(eval_set)
+    results["zeroshot_top1"] = results["zeroshot_top5"] = None
+    results["num_zeroshot"] = 0
+    if shapes:
+        began = time.perf_counter()
+        from megacoca.data.shapes import CLASSES, ZERO_SHOT_TEMPLATES
+
+        labels = [shapes_label(m) for m in eval_set.attributes]
+        keep = torch.tensor([label is not None for label in labels])
+        if bool(keep.any()):
+            classes = [{"color": c, "shape": s} for c, s in CLASSES]
+            class_features = class_embeddings(model, tokenizer, classes, ZERO_SHOT_TEMPLATES, batch_size)
+            logits = zeroshot_logits(image_features[keep], class_features)
+            target = torch.tensor([label for label in labels if label is not None])
+            accuracy = topk_accuracy(logits, target, (1, 5))
+            results["zeroshot_top1"], results["zeroshot_top5"] = accuracy[1], accuracy[5]
+            results["num_zeroshot"] = int(keep.sum())
+        timings["zeroshot_s"] = time.perf_counter() - began
+
+    began = time.perf_counter()
+    count = len(eval_set) if caption_samples is None else min(caption_samples, len(eval_set))
+    captions: list[str] = []
+    for start in range(0, count, batch_size):
+        images = eval_set.images[start:min(start + batch_size, count)].to(device)
+        captions += generate_captions(model, images, tokenizer, max_new_tokens=max_new_tokens)
+    timings["captioning_s"] = time.perf_counter() - began
+    results["num_captioned"] = count
+    hits: list[bool | None] = [None] * count
+    results["caption_match"] = None
+    if shapes and count:
+        results["caption_match"], hits = caption_match_rate(
+            captions, eval_set.attributes[:count], shapes_caption_matches
+        )
+    results["samples"] = [
+        {"key": eval_set.keys[i], "reference": eval_set.captions[i], "generated": captions[i], "match": hits[i]}
+        for i in range(min(num_examples, count))
+    ]
+    results["timings"] = {k: round(v, 3) for k, v in timings.items()}
+    model.train(was_training)
+    return results
+
+
+def headline(results: dict) -> str:
+    """A short fixed-width table of the main metrics."""
+    rows = [("zeroshot_top1", "zero-shot top-1"), ("i2t_r1", "image->text R@1"), ("i2t_r5", "image->text R@5"),
+            ("t2i_r1", "text->image R@1"), ("t2i_r5", "text->image R@5"), ("caption_match", "caption match")]
+    lines = [f"{'metric':<18}{'value':>8}", "-" * 26]
+    for key, label in rows:
+        value = results.get(key)
+        lines.append(f"{label:<18}{'n/a' if value is None else format(value, '.3f'):>8}")
+    lines.append(f"{'samples':<18}{results.get('num_samples', 0):>8}")
+    return "\n".join(lines)
