@@ -1,0 +1,488 @@
+"""Webdataset shards (img2dataset layout) -> batches for one data-parallel rank, with an exactly resumable position.
+
+Layout: each sample is `key.jpg|jpeg|png|webp|...` + `key.txt` (+ optional `key.json`) inside `.tar` shards.
+
+Order (all deterministic for `seed`; `W = max(num_workers, 1)` "streams"):
+- epoch `e`: the shard list is shuffled with (seed, e); rank `r` takes shards `r::dp_size` of that order and
+  stream `w` takes `w::W` of the rank's shards. Ranks and streams therefore never overlap, and the union
+  over ranks is every shard. Fewer shards than `dp_size * W` is an error.
+- within a shard, samples go through a shuffle buffer seeded with (seed, e, shard); it is reset at each
+  shard boundary so a position inside a shard is just "how many samples of this shard were emitted".
+- each stream packs its own batches (they may span shards and epochs: epochs roll over, every batch is
+  full); the loader takes batches from the streams round-robin (PyTorch's DataLoader order for workers).
+- train-time random crops use a numpy Generator seeded with (seed, e, shard, sample index).
+
+Position: each batch carries its stream's position after the batch, (epoch, shard index in the stream's
+list, samples of that shard already emitted) plus the stream's cumulative skip counts. The loader keeps the
+last consumed batch's position per stream and whose turn is next; `state_dict()` returns them and a new
+loader with `load_state_dict()` produces exactly the batch that would have come next (re-reading, without
+decoding, at most one shard per stream to fast-forward). The state is per rank: save every rank's.
+
+Bad samples (undecodable image, empty caption, non-UTF-8 text, missing image or caption) are skipped and
+counted in `loader.skipped`; a tar that cannot be read to the end counts as `corrupt_shard` (the samples
+before the damage are kept). A missing local shard path raises FileNotFoundError when the loader is built.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import random
+from collections import Counter
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from webdataset.gopen import gopen
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from megacoca.data.transforms import load_image
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
+CAPTION_EXTENSIONS = ("txt",)
+SKIP_REASONS = ("corrupt_image", "empty_caption", "non_utf8_text", "missing_image", "missing_caption", "corrupt_shard")
+SHARD_PATTERNS = ("*.tar", "*.tar.gz", "*.tgz")
+STATE_VERSION = 1
+
+
+def _is_remote(url: str) -> bool:
+    return url.startswith("pipe:") or "://" in url
+
+
+def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """Shard spec -> list of shard urls.
+
+    A spec is a string or a list of strings; each string may be a brace pattern (`dir/{00000..00009}.tar`),
+    several patterns joined by `::`, a directory (its `*.tar`, `*.tar.gz`, `*.tgz`, sorted), a local file,
+    or anything webdataset's gopen opens (`http://`, `s3://`, `pipe:...`; not checked here). A local path
+    that does not exist raises FileNotFoundError with a one-line message naming it.
+    """
+    items = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    urls: list[str] = []
+    for item in items:
+        for url in expand_urls(os.fspath(item)):
+            if not url:
+                continue
+            if _is_remote(url):
+                urls.append(url)
+                continue
+            path = url[len("file:") :] if url.startswith("file:") else url
+            if os.path.isdir(path):
+                found = sorted({f for pattern in SHARD_PATTERNS for f in glob.glob(os.path.join(path, pattern))})
+                if not found:
+                    raise FileNotFoundError(f"no shards (*.tar) in directory: {path}")
+                urls.extend(found)
+            elif os.path.isfile(path):
+                urls.append(path)
+            else:
+                raise FileNotFoundError(f"shard not found: {path}")
+    if not urls:
+        raise ValueError(f"shard spec {spec!r} names no shards")
+    return urls
+
+
+def read_shard(url: str, on_error: Callable[[Exception], None] | None = None) -> Iterator[dict[str, Any]]:
+    """Raw samples of one tar shard, in file order: dicts with `__key__`, `__url__` and one bytes value per
+    extension (lower-cased). Uses webdataset's tar reading; the first read error ends the shard and is
+    passed to `on_error` (re-raised if None)."""
+
+    failed = []
+
+    def handler(exn):  # the first error ends the shard (webdataset stops when a handler returns False)
+        if on_error is None:
+            raise exn
+        if not failed:
+            failed.append(exn)
+            on_error(exn)
+        return False
+
+    stream = None
+    try:
+        stream = gopen(url, "rb")
+
+        def files():
+            for item in tar_file_iterator(stream, handler=handler):
+                item["__url__"] = url
+                yield item
+
+        yield from group_by_keys(files(), handler=handler)
+    except Exception as exn:  # truncated / unreadable tar: keep what was read, report the rest
+        handler(exn)
+    finally:
+        if stream is not None:
+            try:
+                stream.close()
+            except Exception as exn:  # e.g. a pipe: that exited non-zero
+                handler(exn)
+
+
+def iter_samples(spec, on_error: Callable[[Exception], None] | None = None) -> Iterator[dict[str, Any]]:
+    """All raw samples of a shard spec in order (no shuffle, no decode): for tokenizer training, eval, tools."""
+    for url in expand_shards(spec):
+        yield from read_shard(url, on_error=on_error)
+
+
+def decode_caption(raw: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(caption, None) or (None, skip reason) for a raw sample."""
+    data = next((raw[ext] for ext in CAPTION_EXTENSIONS if ext in raw), None)
+    if data is None:
+        return None, "missing_caption"
+    if isinstance(data, str):
+        text = data
+    else:
+        try:
+            text = bytes(data).decode("utf-8")
+        except UnicodeDecodeError:
+            return None, "non_utf8_text"
+    text = text.strip()
+    if not text:
+        return None, "empty_caption"
+    return text, None
+
+
+def image_bytes(raw: dict[str, Any]) -> bytes | None:
+    return next((raw[ext] for ext in IMAGE_EXTENSIONS if ext in raw), None)
+
+
+def _shuffle_buffer(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
+    """Reservoir-style shuffle buffer: deterministic for `rng`; `size >= shard length` is a full permutation."""
+    if size <= 1:
+        yield from samples
+        return
+    buffer: list[dict] = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        index = rng.randrange(len(buffer))
+        yield buffer[index]
+        buffer[index] = sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class _Streams:
+    """Everything a loader worker needs (picklable): the deterministic order and the batch packing."""
+
+    def __init__(self, urls, batch_size, tokenizer, transform, dp_rank, dp_size, num_streams, seed, shuffle,
+                 shuffle_buffer, epochs, with_json):
+        self.urls = urls
+        self.batch_size = batch_size
+        self.tokenizer = tokenizer
+        self.transform = transform
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.num_streams = num_streams
+        self.seed = seed
+        self.shuffle = shuffle
+        self.shuffle_buffer = shuffle_buffer
+        self.epochs = epochs
+        self.with_json = with_json
+        self.draft_size = getattr(transform, "size", None)
+        self.transform_takes_rng = bool(getattr(transform, "accepts_rng", False))
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.urls)))
+        if self.shuffle:
+            random.Random(f"megacoca-shards:{self.seed}:{epoch}").shuffle(order)
+        return order
+
+    def stream_shards(self, epoch: int, stream: int) -> list[int]:
+        """Global shard indices read by `stream` of this rank in `epoch`."""
+        return self.epoch_order(epoch)[self.dp_rank :: self.dp_size][stream :: self.num_streams]
+
+    def shard_samples(self, epoch: int, shard: int, on_error) -> Iterator[dict]:
+        samples = read_shard(self.urls[shard], on_error=on_error)
+        if not self.shuffle:
+            return samples
+        rng = random.Random(f"megacoca-samples:{self.seed}:{epoch}:{shard}")
+        return _shuffle_buffer(samples, self.shuffle_buffer, rng)
+
+    def decode(self, raw, epoch, shard, index, skipped: Counter):
+        caption, reason = decode_caption(raw)
+        data = image_bytes(raw)
+        if reason is None and data is None:
+            reason = "missing_image"
+        if reason is None:
+            try:
+                image = load_image(data, self.draft_size)
+            except Exception as exn:  # any decoder failure: truncated, corrupt, unsupported, bomb
+                reason = "corrupt_image"
+                if skipped[reason] < 5:
+                    log.warning("skipping %s (%s): corrupt image: %s", raw.get("__key__"), raw.get("__url__"), exn)
+        if reason is not None:
+            skipped[reason] += 1
+            return None
+        if self.transform_takes_rng:
+            rng = np.random.default_rng([self.seed, epoch, shard, index])
+            pixels = self.transform(image, rng=rng)
+        else:
+            pixels = self.transform(image)
+        meta = None
+        if self.with_json and "json" in raw:
+            try:
+                meta = json.loads(bytes(raw["json"]).decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                meta = None
+        return pixels, caption, raw["__key__"], meta
+
+    def collate(self, items, position) -> dict[str, Any]:
+        images = torch.stack([item[0] for item in items]).to(torch.float32)
+        captions = [item[1] for item in items]
+        batch = {
+            "images": images,
+            "text": self.tokenizer.encode(captions) if self.tokenizer is not None else None,
+            "keys": [item[2] for item in items],
+            "captions": captions,
+            "_position": position,
+        }
+        if self.with_json:
+            batch["json"] = [item[3] for item in items]
+        return batch
+
+    def batches(self, stream: int, start: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Batches of one stream from position `start` (epoch, shard, sample, skipped)."""
+        epoch, shard_pos, sample_pos = int(start["epoch"]), int(start["shard"]), int(start["sample"])
+        skipped = Counter({k: int(v) for k, v in start.get("skipped", {}).items()})
+
+        def on_error(exn):
+            skipped["corrupt_shard"] += 1
+            log.warning("corrupt or unreadable shard (rest of it skipped): %s", exn)
+
+        pending = []
+        while self.epochs is None or epoch < self.epochs:
+            shards = self.stream_shards(epoch, stream)
+            full_epoch, valid = shard_pos == 0 and sample_pos == 0, 0
+            while shard_pos < len(shards):
+                shard = shards[shard_pos]
+                for index, raw in enumerate(self.shard_samples(epoch, shard, on_error)):
+                    if index < sample_pos:  # fast-forward after a resume: no decoding
+                        continue
+                    sample_pos = index + 1
+                    item = self.decode(raw, epoch, shard, index, skipped)
+                    if item is None:
+                        continue
+                    valid += 1
+                    pending.append(item)
+                    if len(pending) == self.batch_size:
+                        position = {"stream": stream, "epoch": epoch, "shard": shard_pos, "sample": sample_pos,
+                                    "skipped": dict(skipped)}
+                        yield self.collate(pending, position)
+                        pending = []
+                shard_pos, sample_pos = shard_pos + 1, 0
+            if full_epoch and valid == 0:
+                raise RuntimeError(
+                    f"rank {self.dp_rank} stream {stream}: no valid sample in a whole epoch of shards "
+                    f"{[self.urls[i] for i in shards]}; skipped so far: {dict(skipped)}"
+                )
+            epoch, shard_pos = epoch + 1, 0
+        # finite epochs: a last position-only item, so skips after the last full batch are counted too
+        yield {"_position": {"stream": stream, "epoch": epoch, "shard": 0, "sample": 0, "skipped": dict(skipped)}}
+
+
+class _WorkerDataset(torch.utils.data.IterableDataset):
+    """Runs one stream per DataLoader worker. Worker j plays stream (j + turn) % W so that the DataLoader's
+    round-robin, which always starts at worker 0, starts at the stream whose turn it is."""
+
+    def __init__(self, streams: _Streams, positions: list[dict], turn: int):
+        self.streams = streams
+        self.positions = positions
+        self.turn = turn
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker = 0 if info is None else info.id
+        stream = (worker + self.turn) % self.streams.num_streams
+        return self.streams.batches(stream, self.positions[stream])
+
+
+class ShardLoader:
+    """Batches `{"images": float32 (B,3,H,W), "text": long (B,L), "keys": list[str], "captions": list[str]}`
+    (plus `"json"`: list of dict|None with `with_json=True`) for one data-parallel rank.
+
+    Args:
+        shards: shard spec (see `expand_shards`); missing local paths raise FileNotFoundError here.
+        batch_size: per-rank batch size; every batch is full (the stream rolls over into the next epoch).
+        tokenizer: anything with `encode(list[str]) -> LongTensor` (see megacoca.data.tokenizer); None
+            leaves `"text"` as None (captions are still in `"captions"`).
+        transform: PIL RGB image -> float tensor (3,H,W); called with `rng=` if it has `accepts_rng = True`
+            (megacoca.data.transforms.ImageTransform does).
+        dp_rank, dp_size: this rank and the data-parallel size.
+        num_workers: DataLoader worker processes (0 = in this process). Part of the order: resume with the
+            same value.
+        seed: drives shard order, in-shard shuffle and train-time crops.
+        shuffle: False reads shards and samples in the given order (eval).
+        shuffle_buffer: in-shard shuffle buffer (samples); >= samples per shard means a full permutation.
+        epochs: None = endless (epochs roll over); N = stop after N epochs (each stream's last partial
+            batch is dropped).
+    """
+
+    def __init__(
+        self,
+        shards,
+        batch_size: int,
+        tokenizer=None,
+        transform: Callable | None = None,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+        *,
+        shuffle: bool = True,
+        shuffle_buffer: int = 1000,
+        epochs: int | None = None,
+        with_json: bool = False,
+        prefetch_factor: int = 2,
+        pin_memory: bool = False,
+        multiprocessing_context=None,
+    ):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank must be in [0, dp_size): got dp_rank={dp_rank}, dp_size={dp_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        if transform is None:
+            raise ValueError("ShardLoader needs an image transform (e.g. megacoca.data.transforms.ImageTransform)")
+        self.urls = expand_shards(shards)
+        self.num_workers = int(num_workers)
+        num_streams = max(self.num_workers, 1)
+        if len(self.urls) < dp_size * num_streams:
+            raise ValueError(
+                f"{len(self.urls)} shards cannot feed dp_size={dp_size} x num_workers={num_streams} "
+                f"(= {dp_size * num_streams} readers, each needs >= 1 shard): write more, smaller shards "
+                "or use fewer workers"
+            )
+        self._streams = _Streams(self.urls, int(batch_size), tokenizer, transform, int(dp_rank), int(dp_size),
+                                 num_streams, int(seed), bool(shuffle), int(shuffle_buffer), epochs, with_json)
+        self.prefetch_factor = prefetch_factor
+        self.pin_memory = pin_memory
+        self.multiprocessing_context = multiprocessing_context
+        self._reset_position()
+
+    # ---- read-only views --------------------------------------------------------------------------
+    batch_size = property(lambda self: self._streams.batch_size)
+    dp_rank = property(lambda self: self._streams.dp_rank)
+    dp_size = property(lambda self: self._streams.dp_size)
+    seed = property(lambda self: self._streams.seed)
+    tokenizer = property(lambda self: self._streams.tokenizer)
+    transform = property(lambda self: self._streams.transform)
+    num_streams = property(lambda self: self._streams.num_streams)
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Bad samples skipped so far, by reason (summed over this rank's streams, up to the last batch)."""
+        total = Counter({reason: 0 for reason in SKIP_REASONS})
+        for position in self._positions:
+            total.update(position["skipped"])
+        return dict(total)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the slowest stream is in."""
+        return min(position["epoch"] for position in self._positions)
+
+    @property
+    def batches_consumed(self) -> int:
+        return self._batches
+
+    def rank_shards(self, epoch: int) -> list[str]:
+        """The shard urls this rank reads in `epoch`."""
+        order = self._streams.epoch_order(epoch)
+        return [self.urls[i] for i in order[self.dp_rank :: self.dp_size]]
+
+    def samples_per_epoch(self, epoch: int = 0) -> int:
+        """Samples (valid or not) in this rank's shards for `epoch`; reads every tar header of them."""
+        return sum(1 for url in self.rank_shards(epoch) for _ in read_shard(url, on_error=lambda exn: None))
+
+    # ---- iteration --------------------------------------------------------------------------------
+    def _reset_position(self):
+        self._positions = [{"epoch": 0, "shard": 0, "sample": 0, "skipped": {}} for _ in range(self.num_streams)]
+        self._turn = 0
+        self._batches = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        positions = [dict(p) for p in self._positions]
+        if self.num_workers == 0:
+            source = self._streams.batches(0, positions[0])
+        else:
+            dataset = _WorkerDataset(self._streams, positions, self._turn)
+            source = torch.utils.data.DataLoader(
+                dataset,
+                batch_size=None,
+                num_workers=self.num_workers,
+                prefetch_factor=self.prefetch_factor,
+                pin_memory=self.pin_memory,
+                persistent_workers=False,
+                multiprocessing_context=self.multiprocessing_context,
+            )
+        for batch in source:
+            position = batch.pop("_position")
+            stream = position.pop("stream")
+            self._positions[stream] = position
+            if "images" not in batch:  # end-of-stream marker (finite epochs): position only
+                continue
+            self._turn = (stream + 1) % self.num_streams
+            self._batches += 1
+            yield batch
+
+    # ---- resumable position -----------------------------------------------------------------------
+    def _fingerprint(self) -> str:
+        names = "\n".join(os.path.basename(url.rstrip("/")) for url in self.urls)
+        return hashlib.sha1(names.encode()).hexdigest()[:16]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position after the last consumed batch (plain ints/strs/dicts: torch.save or json)."""
+        return {
+            "version": STATE_VERSION,
+            "seed": self.seed,
+            "dp_rank": self.dp_rank,
+            "dp_size": self.dp_size,
+            "num_workers": self.num_workers,
+            "num_shards": len(self.urls),
+            "shards_fingerprint": self._fingerprint(),
+            "batch_size": self.batch_size,
+            "batches": self._batches,
+            "turn": self._turn,
+            "streams": [
+                {"epoch": p["epoch"], "shard": p["shard"], "sample": p["sample"], "skipped": dict(p["skipped"])}
+                for p in self._positions
+            ],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state` (from `state_dict()` of a loader with the same shards, seed, dp_rank,
+        dp_size and num_workers; the batch size may differ: positions count samples)."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported data-loader state version {state.get('version')!r} (expected {STATE_VERSION})")
+        expected = {
+            "seed": self.seed,
+            "dp_rank": self.dp_rank,
+            "dp_size": self.dp_size,
+            "num_workers": self.num_workers,
+            "num_shards": len(self.urls),
+            "shards_fingerprint": self._fingerprint(),
+        }
+        wrong = [f"{name}: saved {state.get(name)!r}, now {value!r}" for name, value in expected.items()
+                 if state.get(name) != value]
+        if wrong:
+            raise ValueError("data-loader state does not match this loader (exact resume needs the same "
+                             "shards, seed, dp rank/size and num_workers): " + "; ".join(wrong))
+        streams = state["streams"]
+        if len(streams) != self.num_streams:
+            raise ValueError(f"data-loader state has {len(streams)} streams, this loader {self.num_streams}")
+        self._positions = [
+            {"epoch": int(s["epoch"]), "shard": int(s["shard"]), "sample": int(s["sample"]),
+             "skipped": {k: int(v) for k, v in s.get("skipped", {}).items()}}
+            for s in streams
+        ]
+        self._turn = int(state["turn"]) % self.num_streams
+        self._batches = int(state.get("batches", 0))
