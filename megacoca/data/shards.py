@@ -410,6 +410,11 @@ class ShardLoader:
         self._batches = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Batches from the current position on; with finite `epochs`, iterating a finished loader starts
+        a new pass from the beginning."""
+        epochs = self._streams.epochs
+        if epochs is not None and all(p["epoch"] >= epochs for p in self._positions):
+            self._reset_position()
         positions = [dict(p) for p in self._positions]
         if self.num_workers == 0:
             source = self._streams.batches(0, positions[0])

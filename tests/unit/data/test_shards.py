@@ -110,6 +110,7 @@ def test_finite_epochs_and_no_shuffle(tmp_path):
     assert batches[0]["json"] == [{"i": 0}, {"i": 1}, {"i": 2}]
     two = [k for b in make_loader(paths, batch_size=3, shuffle=False, epochs=2) for k in b["keys"]]
     assert two == (keys + keys)[:18]  # epochs roll over inside a stream
+    assert [k for b in loader for k in b["keys"]] == keys[:9]  # a finished finite loader starts a new pass
 
 
 # ---- exact resume ------------------------------------------------------------------------------------
