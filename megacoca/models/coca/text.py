@@ -58,9 +58,10 @@ def text_attention_masks(text: torch.Tensor, pad_id: int, legacy_cls_mask: bool)
     """The masks of the unimodal stage over L text tokens + CLS, as (kv_mask, attn_mask); causal is implied.
 
     Default: no query (real token, pad or CLS) attends to a pad key; the CLS sees every real token and itself.
-    legacy_cls_mask (open_clip's correct_cls_mask=False): text rows are causal only; the CLS row's pad mask is
-    shifted by one key (it sees key 0 always, key j when token j-1 is real: the first pad, not itself, on
-    padded text). That mask is dense (B, 1, L+1, L+1).
+    legacy_cls_mask (open_clip's correct_cls_mask=False): open_clip builds its pad mask as [CLS-valid, token
+    valid...], one key off, and applies it to every query row: key 0 always, key j when token j-1 is real.
+    Real-token rows are unaffected (causal already hides later keys); pad rows see keys up to the first pad;
+    the CLS row sees the first pad, not itself, on padded text. That mask is dense (B, 1, L+1, L+1).
     """
     batch, length = text.shape
     real = text != pad_id
@@ -69,9 +70,7 @@ def text_attention_masks(text: torch.Tensor, pad_id: int, legacy_cls_mask: bool)
         return kv_mask, None
     shifted = F.pad(real, (1, 0), value=True)  # (B, L + 1)
     causal = torch.ones(length + 1, length + 1, dtype=torch.bool, device=text.device).tril()
-    attn_mask = causal.expand(batch, 1, length + 1, length + 1).clone()
-    attn_mask[:, 0, -1, :] = shifted
-    return None, attn_mask
+    return None, causal & shifted[:, None, None, :]
 
 
 class TextEncoder(nn.Module):

@@ -101,7 +101,12 @@ def test_legacy_cls_mask_is_open_clips_shifted_mask():
     # CLS row: key 0 always, key j when token j-1 is real: sees the first pad, not itself on padded text.
     assert attn_mask[0, 0, -1].tolist() == [True, True, True, True, False, False]
     assert attn_mask[1, 0, -1].tolist() == [True] * 6
-    assert torch.equal(attn_mask[0, 0, :-1], torch.ones(5, 6, dtype=torch.bool).tril()[:, :])
+    # Every row gets the shifted pad mask (open_clip applies it to all queries): real rows stay causal, pad
+    # rows (3, 4) see keys up to the first pad.
+    assert torch.equal(attn_mask[0, 0, :3], torch.ones(3, 6, dtype=torch.bool).tril())
+    assert attn_mask[0, 0, 3].tolist() == [True] * 4 + [False] * 2
+    assert attn_mask[0, 0, 4].tolist() == [True] * 4 + [False] * 2
+    assert torch.equal(attn_mask[1, 0, :-1], torch.ones(5, 6, dtype=torch.bool).tril())
     kv_mask, attn_mask = text_attention_masks(text, PAD, legacy_cls_mask=False)
     assert attn_mask is None
     assert kv_mask[0].tolist() == [True, True, True, False, False, True]
