@@ -73,19 +73,22 @@ def class_prompts(template: str = "a photo of a {color} {shape}") -> list[str]:
 _WORD = re.compile(r"[a-z]+")
 
 
+def _singular(word: str) -> str:
+    return word[:-1] if word not in SHAPES and word.endswith("s") and word[:-1] in SHAPES else word
+
+
 def caption_pairs(caption: str) -> tuple[list[str], list[str], list[tuple[str, str]]]:
-    """(colors named, shapes named, (color, shape) noun phrases: a color followed by the next shape)."""
-    words = _WORD.findall(caption.lower())
+    """(colors named, shapes named, (color, shape) noun phrases: a color followed by the next shape).
+    Plural shapes ("circles") count as the shape."""
+    words = [_singular(w) for w in _WORD.findall(caption.lower())]
     colors = [w for w in words if w in COLORS]
-    shapes = [w for w in words if w in SHAPES or (w.endswith("s") and w[:-1] in SHAPES)]
-    shapes = [w[:-1] if w not in SHAPES else w for w in shapes]
+    shapes = [w for w in words if w in SHAPES]
     pairs, current = [], None
     for word in words:
-        base = word[:-1] if word not in SHAPES and word.endswith("s") and word[:-1] in SHAPES else word
-        if base in COLORS:
-            current = base
-        elif base in SHAPES and current is not None:
-            pairs.append((current, base))
+        if word in COLORS:
+            current = word
+        elif word in SHAPES and current is not None:
+            pairs.append((current, word))
             current = None
     return colors, shapes, pairs
 

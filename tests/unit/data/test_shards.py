@@ -208,3 +208,10 @@ def test_all_bad_shards_fail_loudly_instead_of_spinning(tmp_path):
         writer.write({"__key__": "x", "jpg": b"nope", "txt": b"caption"})
     with pytest.raises(RuntimeError, match="no valid sample"):
         take(make_loader(str(tmp_path / "bad.tar")), 1)
+
+
+def test_pipe_urls_are_read_through_webdataset(tmp_path):
+    paths, keys = write_shards(tmp_path / "d", 2, 3)
+    loader = make_loader([f"pipe:cat {p}" for p in paths], batch_size=2, shuffle=False, epochs=1)
+    assert [k for b in loader for k in b["keys"]] == keys[:6]
+    assert loader.samples_per_epoch() == 6
