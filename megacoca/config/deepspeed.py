@@ -1,0 +1,111 @@
+"""DeepSpeed JSON configs: load one as DeepSpeed users write it, derive what the job already decides.
+
+The files in ds_configs/ hold engine settings only (ZeRO stage, buckets, offload, precision). The batch
+fields are derived from the JobConfig so that they can never disagree with the trainer:
+
+    train_micro_batch_size_per_gpu = schedule.micro_batch_size
+    gradient_accumulation_steps    = schedule.global_batch_size / (micro_batch_size x dp)
+    train_batch_size               = schedule.global_batch_size
+
+A JSON that sets one of them anyway must agree, or `ConfigError`. The same holds for precision
+(`bf16.enabled`; fp16 is not supported) and `gradient_clipping` (from `optim.grad_clip`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+from megacoca.config.train import ConfigError, JobConfig
+
+REPO_DS_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                               "ds_configs")
+
+
+def resolve_path(name_or_path: str) -> str:
+    """A path as given, else a name in ds_configs/ (with or without `.json`), relative to cwd or the repo."""
+    candidates = [name_or_path]
+    if not name_or_path.endswith(".json"):
+        candidates.append(name_or_path + ".json")
+    for base in ("ds_configs", REPO_DS_CONFIGS):
+        candidates += [os.path.join(base, c) for c in list(candidates[:2])]
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return candidate
+    available = sorted(f[:-5] for f in os.listdir(REPO_DS_CONFIGS) if f.endswith(".json")) \
+        if os.path.isdir(REPO_DS_CONFIGS) else []
+    raise ConfigError(f"parallel.deepspeed_config: no such file or ds_configs name {name_or_path!r} "
+                      f"(available: {', '.join(available)})")
+
+
+def load_json(name_or_path: str) -> dict:
+    path = resolve_path(name_or_path)
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"cannot parse DeepSpeed config {path}: {error}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"DeepSpeed config {path}: expected a JSON object")
+    return values
+
+
+def json_precision(ds: dict) -> str:
+    if ds.get("fp16", {}).get("enabled", False):
+        raise ConfigError("DeepSpeed config enables fp16; megacoca trains in bf16 or fp32 (set bf16.enabled)")
+    return "bf16" if ds.get("bf16", {}).get("enabled", False) else "fp32"
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def build_deepspeed_config(job: JobConfig, dp_size: int, source: dict | None = None) -> dict:
+    """The dict handed to `deepspeed.initialize(config=...)`: the JSON plus the derived fields."""
+    ds = copy.deepcopy(source if source is not None else load_json(job.parallel.deepspeed_config))
+    s = job.schedule
+    per_step = s.micro_batch_size * dp_size
+    if s.global_batch_size % per_step:
+        raise ConfigError(f"schedule.global_batch_size {s.global_batch_size} is not divisible by "
+                          f"micro_batch_size {s.micro_batch_size} x dp {dp_size} = {per_step}")
+    derived = {
+        "train_batch_size": s.global_batch_size,
+        "train_micro_batch_size_per_gpu": s.micro_batch_size,
+        "gradient_accumulation_steps": s.global_batch_size // per_step,
+        "gradient_clipping": float(job.optim.grad_clip),
+    }
+    for key, value in derived.items():
+        if key in ds and ds[key] != "auto" and float(ds[key]) != float(value):
+            raise ConfigError(f"DeepSpeed config sets {key}={ds[key]} but the job derives {value} "
+                              f"(remove it from the JSON; megacoca derives it from the job config)")
+        ds[key] = value
+
+    in_json = json_precision(ds)
+    wanted = job.parallel.precision
+    if wanted == "auto":
+        wanted = in_json
+    elif "bf16" in ds and "enabled" in ds["bf16"] and in_json != wanted:
+        raise ConfigError(f"parallel.precision={wanted} but {job.parallel.deepspeed_config} has "
+                          f"bf16.enabled={ds['bf16']['enabled']}; pick a matching ds_configs file")
+    ds.setdefault("bf16", {})["enabled"] = wanted == "bf16"
+    ds.pop("fp16", None)
+
+    for forbidden in ("optimizer", "scheduler"):
+        if forbidden in ds:
+            raise ConfigError(f"DeepSpeed config has an {forbidden!r} section; megacoca builds AdamW and the "
+                              f"lr schedule from the job config (optim.*, schedule.*): remove it")
+    if zero_stage(ds) not in (0, 1, 2, 3):
+        raise ConfigError(f"zero_optimization.stage must be 0-3, got {zero_stage(ds)}")
+    return ds
+
+
+def precision_dtype(ds: dict):
+    import torch
+
+    return torch.bfloat16 if ds.get("bf16", {}).get("enabled", False) else torch.float32
+
+
+def offloads_optimizer(ds: dict) -> bool:
+    device = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device not in (None, "none")

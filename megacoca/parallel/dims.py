@@ -1,0 +1,199 @@
+"""ParallelDims: the data x pipeline x tensor degrees, their process groups, and DeepSpeed's `mpu` view of them.
+
+Ranks are laid out on a grid `torch.arange(world).view(dp, pp, tp)` (tensor-parallel neighbours are adjacent
+ranks, so they share a node first). A rank's data-parallel group is its column along dp, its tensor group
+its row along tp, its pipeline group the line along pp; the model-parallel group is its (pp, tp) slab.
+The object is passed explicitly; nothing here is global.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class ParallelDims:
+    dp: int
+    tp: int
+    pp: int
+    world_size: int
+    rank: int = 0
+    groups: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "world_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ParallelDims: {name} must be a positive integer, got {value!r}")
+        if not isinstance(self.dp, int) or isinstance(self.dp, bool) or (self.dp < 1 and self.dp != -1):
+            raise ValueError(f"ParallelDims: dp must be a positive integer or -1 (inferred), got {self.dp!r}")
+        if self.dp == -1:
+            if self.world_size % (self.tp * self.pp):
+                raise ValueError(f"ParallelDims: world size {self.world_size} is not divisible by "
+                                 f"tp {self.tp} x pp {self.pp} = {self.tp * self.pp}")
+            self.dp = self.world_size // (self.tp * self.pp)
+        if self.dp * self.tp * self.pp != self.world_size:
+            raise ValueError(f"ParallelDims: dp {self.dp} x pp {self.pp} x tp {self.tp} = "
+                             f"{self.dp * self.pp * self.tp} != world size {self.world_size}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"ParallelDims: rank {self.rank} is outside world size {self.world_size}")
+
+    # -------------------------------------------------------------------------------- grid and groups
+
+    @property
+    def grid(self) -> torch.Tensor:
+        return torch.arange(self.world_size).view(self.dp, self.pp, self.tp)
+
+    @property
+    def coords(self) -> tuple[int, int, int]:
+        """(dp_rank, pp_rank, tp_rank) of this rank."""
+        index = (self.grid == self.rank).nonzero()[0]
+        return int(index[0]), int(index[1]), int(index[2])
+
+    def group_ranks(self) -> dict[str, list[list[int]]]:
+        """Every group of each kind as rank lists, in a fixed order that all ranks share."""
+        grid = self.grid
+        return {
+            "dp": [grid[:, p, t].tolist() for p in range(self.pp) for t in range(self.tp)],
+            "pp": [grid[d, :, t].tolist() for d in range(self.dp) for t in range(self.tp)],
+            "tp": [grid[d, p, :].tolist() for d in range(self.dp) for p in range(self.pp)],
+            "mp": [grid[d].flatten().tolist() for d in range(self.dp)],
+        }
+
+    def build(self) -> "ParallelDims":
+        """Create the process groups; every rank must call this (new_group is collective)."""
+        if not dist.is_initialized():
+            raise RuntimeError("ParallelDims.build() needs an initialised default process group")
+        if dist.get_world_size() != self.world_size:
+            raise ValueError(f"ParallelDims: world size {self.world_size} != the process group's "
+                             f"{dist.get_world_size()}")
+        self.rank = dist.get_rank()
+        for kind, all_ranks in self.group_ranks().items():
+            for ranks in all_ranks:
+                if len(ranks) == self.world_size:
+                    group = dist.group.WORLD  # no second communicator over the same ranks
+                else:
+                    group = dist.new_group(ranks)
+                if self.rank in ranks:
+                    self.groups[kind] = (group, ranks)
+        return self
+
+    def _group(self, kind: str):
+        if kind not in self.groups:
+            raise RuntimeError("ParallelDims: call build() after init_process_group before using groups")
+        return self.groups[kind][0]
+
+    # ----------------------------------------------------------------------------------- accessors
+
+    @property
+    def dp_size(self) -> int:
+        return self.dp
+
+    @property
+    def tp_size(self) -> int:
+        return self.tp
+
+    @property
+    def pp_size(self) -> int:
+        return self.pp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.coords[0]
+
+    @property
+    def pp_rank(self) -> int:
+        return self.coords[1]
+
+    @property
+    def tp_rank(self) -> int:
+        return self.coords[2]
+
+    @property
+    def dp_group(self):
+        return self._group("dp")
+
+    @property
+    def tp_group(self):
+        return self._group("tp")
+
+    @property
+    def pp_group(self):
+        return self._group("pp")
+
+    @property
+    def mp_group(self):
+        return self._group("mp")
+
+    @property
+    def dp_ranks(self) -> list[int]:
+        return self.groups["dp"][1] if "dp" in self.groups else self.group_ranks()["dp"][0]
+
+    def mpu(self) -> "DeepSpeedMPU":
+        return DeepSpeedMPU(self)
+
+    def __str__(self) -> str:
+        return f"dp={self.dp} pp={self.pp} tp={self.tp} (world {self.world_size})"
+
+
+class DeepSpeedMPU:
+    """The Megatron-style `mpu` object `deepspeed.initialize(mpu=...)` queries, backed by a ParallelDims.
+
+    "Model parallel" is the (pp, tp) slab, as in Megatron; the slice-parallel names are the tensor group,
+    as DeepSpeed's pipeline topology uses them. No sequence-parallel methods: DeepSpeed then assumes 1.
+    """
+
+    def __init__(self, dims: ParallelDims):
+        self.dims = dims
+
+    def get_data_parallel_group(self):
+        return self.dims.dp_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.dims.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.dims.dp_size
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return list(self.dims.dp_ranks)
+
+    def get_model_parallel_group(self):
+        return self.dims.mp_group
+
+    def get_model_parallel_rank(self) -> int:
+        return self.dims.pp_rank * self.dims.tp_size + self.dims.tp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.dims.pp_size * self.dims.tp_size
+
+    def get_tensor_model_parallel_group(self):
+        return self.dims.tp_group
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self.dims.tp_rank
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self.dims.tp_size
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self.dims.groups["tp"][1][0] if "tp" in self.dims.groups else self.dims.rank - self.dims.tp_rank
+
+    def get_pipeline_model_parallel_group(self):
+        return self.dims.pp_group
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return self.dims.pp_rank
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self.dims.pp_size
+
+    get_pipe_parallel_group = get_pipeline_model_parallel_group
+    get_pipe_parallel_rank = get_pipeline_model_parallel_rank
+    get_pipe_parallel_world_size = get_pipeline_model_parallel_world_size
+    get_slice_parallel_group = get_tensor_model_parallel_group
+    get_slice_parallel_rank = get_tensor_model_parallel_rank
+    get_slice_parallel_world_size = get_tensor_model_parallel_world_size

@@ -1,0 +1,203 @@
+"""`megacoca train` and `python -m megacoca.train`: parse -> config -> Trainer -> train -> close.
+
+Runs the same way under `deepspeed` (--num_gpus / --hostfile), `torchrun`, srun wrappers, or as a plain
+single process (it then makes a one-rank group itself). Bad input (unknown key, wrong type, non-divisible
+batch, missing shards) is one line on stderr and exit code 2, before any process group or model exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", default=None,
+                        help="named recipe from megacoca.config.train (default coca_tiny_cpu, or the file's `recipe:`)")
+    parser.add_argument("--config", default=None, help="YAML/JSON file of nested overrides on the recipe")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key, e.g. --set schedule.steps=20 (repeatable)")
+    parser.add_argument("--deepspeed-config", "--ds-config", dest="ds_config", default=None,
+                        help="ds_configs/ name or JSON path (= --set parallel.deepspeed_config=...)")
+    parser.add_argument("--train-shards", default=None, help="= --set data.train_shards=...")
+    parser.add_argument("--val-shards", default=None, help="= --set data.val_shards=...")
+    parser.add_argument("--steps", type=int, default=None, help="= --set schedule.steps=...")
+    parser.add_argument("--run-dir", default=None, help="= --set logging.run_dir=...")
+    parser.add_argument("--resume", default=None, help="'auto', 'none' or a checkpoint path (= checkpoint.resume)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    parser.add_argument("--list-recipes", action="store_true", help="list the named recipes and exit")
+    # The deepspeed launcher appends --local_rank=N unless told --no_local_rank; LOCAL_RANK is used instead.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="train a CoCa model (single process, deepspeed or torchrun)",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def _overrides(args) -> list[str]:
+    extra = list(args.overrides)
+    for flag, key in (("ds_config", "parallel.deepspeed_config"), ("train_shards", "data.train_shards"),
+                      ("val_shards", "data.val_shards"), ("steps", "schedule.steps"),
+                      ("run_dir", "logging.run_dir"), ("resume", "checkpoint.resume")):
+        value = getattr(args, flag)
+        if value is not None:
+            extra.append(f"{key}={value}")
+    return extra
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ensure_launch_env() -> None:
+    """A plain `python -m megacoca.train` is a one-rank job: give it the env a launcher would."""
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("LOCAL_RANK", "0")
+
+
+def init_distributed() -> None:
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    if dist.is_initialized():
+        return
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cuda":
+        accelerator.set_device(int(os.environ["LOCAL_RANK"]))
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False)
+
+
+def check_inputs(job, world_size: int) -> None:
+    """Everything that can be wrong with the input, checked before any rank builds a model."""
+    from megacoca.config.deepspeed import build_deepspeed_config
+    from megacoca.config.train import ConfigError
+    from megacoca.parallel.dims import ParallelDims
+
+    job.validate(world_size)
+    dims = ParallelDims(job.parallel.dp, job.parallel.tp, job.parallel.pp, world_size)
+    build_deepspeed_config(job, dims.dp_size)
+    job.model_config()
+    if not job.data.train_shards:
+        raise ConfigError("data.train_shards is empty: pass --train-shards DIR (e.g. from "
+                          "`megacoca data synth-shapes --out data/shapes`)")
+    from megacoca.data.shards import expand_shards
+
+    try:
+        urls = expand_shards(job.data.train_shards)
+    except (FileNotFoundError, ValueError) as error:
+        raise ConfigError(f"data.train_shards: {error}") from None
+    if not urls:
+        raise ConfigError(f"data.train_shards: no .tar shards match {job.data.train_shards!r}")
+    need = dims.dp_size * max(job.data.num_workers, 1)
+    if len(urls) < need:
+        raise ConfigError(f"data.train_shards: {len(urls)} shards cannot feed dp {dims.dp_size} x "
+                          f"num_workers {max(job.data.num_workers, 1)} readers; write more shards or use fewer workers")
+
+
+def resolve_model_to_tokenizer(job, tokenizer):
+    """The tokenizer decides vocab_size and pad_id: the model follows it, so the two never disagree."""
+    cfg = job.model_config()
+    changes = {}
+    if cfg.vocab_size != tokenizer.vocab_size:
+        changes["vocab_size"] = tokenizer.vocab_size
+    if cfg.pad_id != tokenizer.pad_id:
+        changes["pad_id"] = tokenizer.pad_id
+    if changes:
+        job.model.overrides.update(changes)
+    return job.model_config()
+
+
+def build_train_loader(job, model_cfg, dims, tokenizer):
+    from megacoca.data.shards import ShardLoader
+    from megacoca.data.transforms import ImageTransform
+
+    return ShardLoader(job.data.train_shards, job.schedule.micro_batch_size, tokenizer,
+                       ImageTransform(model_cfg.image_size, train=True), dp_rank=dims.dp_rank,
+                       dp_size=dims.dp_size, num_workers=job.data.num_workers, seed=job.seed)
+
+
+def run(args) -> int:
+    from megacoca.config.train import RECIPES, ConfigError, build_config
+
+    if args.list_recipes:
+        for name in sorted(RECIPES):
+            print(f"{name}: {(RECIPES[name].__doc__ or '').strip().splitlines()[0] if RECIPES[name].__doc__ else ''}")
+        return 0
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+
+    def fail(message: str) -> int:
+        if rank == 0:
+            print(f"megacoca train: error: {message}", file=sys.stderr, flush=True)
+        return 2
+
+    try:
+        job = build_config(args.recipe, args.config, _overrides(args))
+        if args.print_config:
+            import json
+
+            if rank == 0:
+                print(json.dumps(job.to_dict(), indent=2))
+            return 0
+        check_inputs(job, world_size)
+        from megacoca.data import load_tokenizer
+
+        tokenizer = load_tokenizer(job.data.tokenizer, job.model_config().context_length)
+        model_cfg = resolve_model_to_tokenizer(job, tokenizer)
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        return fail(" ".join(str(error).split()))
+
+    ensure_launch_env()
+    init_distributed()
+    from megacoca.parallel.dims import ParallelDims
+    from megacoca.trainer import Trainer
+    import torch.distributed as dist
+
+    trainer = None
+    try:
+        dims = ParallelDims(job.parallel.dp, job.parallel.tp, job.parallel.pp, dist.get_world_size()).build()
+        loader = build_train_loader(job, model_cfg, dims, tokenizer)
+        trainer = Trainer(job, loader, dims=dims, eval_fn=build_eval_fn(job, model_cfg, dims, tokenizer))
+        try:
+            trainer.resume()
+        except (FileNotFoundError, RuntimeError, ValueError) as error:
+            return fail(" ".join(str(error).split()))
+        trainer.train()
+    finally:
+        if trainer is not None:
+            trainer.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def build_eval_fn(job, model_cfg, dims, tokenizer):
+    """The eval hook (megacoca.eval, when present and configured); None otherwise."""
+    if not job.eval.every or not job.data.val_shards:
+        return None
+    try:
+        from megacoca.eval import make_train_eval_fn
+    except ImportError:
+        return None
+    return make_train_eval_fn(job, model_cfg, dims, tokenizer)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m megacoca.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

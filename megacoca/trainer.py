@@ -1,0 +1,251 @@
+"""Trainer: the step loop around a DeepSpeed engine, with logging, eval and checkpoint hooks.
+
+No model code and no communication code lives here: the model comes from megacoca.models, the loss (and
+its data-parallel gather) from megacoca.losses, the groups from ParallelDims, checkpoints from
+megacoca.checkpoint. A step is `gradient_accumulation_steps` micro-batches; DeepSpeed's engine scales the
+loss, reduces the gradients, clips and steps the optimizer and the lr schedule at the boundary.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megacoca.config.deepspeed import build_deepspeed_config, offloads_optimizer, precision_dtype, zero_stage
+from megacoca.config.train import JobConfig
+from megacoca.parallel.dims import ParallelDims
+
+EvalFn = Callable[[torch.nn.Module, int], dict]
+
+# Parameters that never get weight decay, by name (beyond all 0/1-dim tensors: norms, biases, logit scale).
+NO_DECAY_NAMES = ("embedding", "class_embedding", "cls_embedding", "query", "queries", "logit_scale")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decoupled weight decay on matmul weights only: not on norms, biases, embeddings (token, positional,
+    class, CLS), pooler queries or the logit scale."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        shape = getattr(param, "ds_shape", param.shape)  # ZeRO-3 partitioned params are empty outside forward
+        if len(shape) < 2 or any(part in name for part in NO_DECAY_NAMES):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(schedule) -> Callable[[int], float]:
+    """Linear warmup to the peak, then cosine or linear decay to `min_lr_ratio` x peak at `steps`."""
+    warmup, total, floor = schedule.warmup_steps, schedule.steps, schedule.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule.decay == "constant" or total <= warmup:
+            return 1.0
+        progress = min((step - warmup) / (total - warmup), 1.0)
+        if schedule.decay == "cosine":
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return floor + (1 - floor) * (1 - progress)
+
+    return factor
+
+
+def build_optimizer(model: torch.nn.Module, job: JobConfig, ds_config: dict) -> torch.optim.Optimizer:
+    groups = param_groups(model, job.optim.weight_decay)
+    kwargs = dict(lr=job.optim.lr, betas=tuple(job.optim.betas), eps=job.optim.eps)
+    if offloads_optimizer(ds_config):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+class Trainer:
+    """Build the engine for `job` over an initialised process group, then `train()`.
+
+    train_loader: iterable of batches {"images", "text", ...} for this dp rank, with `state_dict()` /
+        `load_state_dict()` (the data position) and optionally `skipped` (bad samples by reason).
+    eval_fn: called as `eval_fn(model, step) -> dict` every `eval.every` steps on every rank (the model is
+        the DeepSpeed engine, so ZeRO-3 parameters gather in its forward); rank 0's dict is logged.
+    """
+
+    def __init__(self, job: JobConfig, train_loader: Iterable, *, dims: ParallelDims | None = None,
+                 eval_fn: EvalFn | None = None, model: torch.nn.Module | None = None,
+                 ds_config: dict | None = None, logger=None):
+        import deepspeed
+
+        from megacoca.losses import CoCaLoss
+        from megacoca.metrics.flops import train_flops_per_sample
+        from megacoca.metrics.logger import MetricsLogger
+        from megacoca.metrics.peak import current_device_name, peak_flops
+        from megacoca.models.coca import CoCa
+
+        if not dist.is_initialized():
+            raise RuntimeError("Trainer needs an initialised process group (megacoca.train sets one up)")
+        self.job = job
+        self.dims = dims or ParallelDims(job.parallel.dp, job.parallel.tp, job.parallel.pp,
+                                         dist.get_world_size()).build()
+        if self.dims.tp_size > 1 or self.dims.pp_size > 1:
+            raise NotImplementedError("tensor and pipeline parallelism are not wired into the trainer yet")
+        self.ds_config = ds_config or build_deepspeed_config(job, self.dims.dp_size)
+        self.dtype = precision_dtype(self.ds_config)
+        self.train_loader = train_loader
+        self.eval_fn = eval_fn
+        self.rank = dist.get_rank()
+
+        seed_everything(job.seed)  # same initial weights on every rank
+        self.model_config = model.cfg if model is not None and hasattr(model, "cfg") else job.model_config()
+        model = model if model is not None else CoCa(self.model_config)
+        optimizer = build_optimizer(model, job, self.ds_config)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(job.schedule)),
+            config=self.ds_config,
+            mpu=self.dims.mpu(),
+            dist_init_required=False,
+        )
+        self.device = self.engine.device
+        self.loss_fn = CoCaLoss(job.optim.contrastive_weight, job.optim.caption_weight)
+        self.grad_accum = self.engine.gradient_accumulation_steps()
+        self.step = 0
+        self.history: list[dict] = []  # the train records this rank computed (all ranks, for tests)
+
+        precision = "bf16" if self.dtype == torch.bfloat16 else "fp32"
+        self.flops_per_sample = train_flops_per_sample(self.model_config)
+        self.device_name = current_device_name()
+        self.peak = peak_flops(self.device_name, precision)
+        self.logger = logger or MetricsLogger(job.run_dir, enabled=self.rank == 0,
+                                              tensorboard=job.logging.tensorboard, total_steps=job.schedule.steps)
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        self.logger.info(
+            f"megacoca: {job.name} | {n_params / 1e6:.2f}M params | {self.dims} | ZeRO-{zero_stage(self.ds_config)} "
+            f"{precision} | batch {job.schedule.global_batch_size} = {job.schedule.micro_batch_size} x dp "
+            f"{self.dims.dp_size} x accum {self.grad_accum} | {self.flops_per_sample / 1e9:.3g} GFLOP/sample "
+            f"| device {self.device_name or self.device} (peak {'unknown' if self.peak is None else f'{self.peak / 1e12:.0f} TFLOP/s'})"
+        )
+
+    # ------------------------------------------------------------------------------------------ resume
+
+    def resume(self) -> bool:
+        """Apply checkpoint.resume ("none", "auto" or a path); returns whether a checkpoint was loaded."""
+        from megacoca.checkpoint import find_resume_checkpoint, load_checkpoint
+
+        target = find_resume_checkpoint(self.job)
+        if target is None:
+            if self.job.checkpoint.resume == "auto":
+                self.logger.info(f"resume auto: no complete checkpoint in {self.job.checkpoint_dir}; starting fresh")
+            return False
+        state = load_checkpoint(self.engine, target, self.train_loader, dp_size=self.dims.dp_size)
+        self.step = state["step"]
+        self.logger.info(f"resumed from {target} at step {self.step}")
+        return True
+
+    def save(self) -> str:
+        from megacoca.checkpoint import save_checkpoint
+
+        return save_checkpoint(self.engine, self.job, self.step, self.train_loader, dp_size=self.dims.dp_size)
+
+    # ------------------------------------------------------------------------------------------- train
+
+    def _batches(self):
+        while True:  # a finite loader (epochs=N) restarts; ShardLoader's default is endless
+            produced = False
+            for batch in self.train_loader:
+                produced = True
+                yield batch
+            if not produced:
+                raise RuntimeError("the training data loader produced no batch")
+
+    def train_step(self, batches) -> dict:
+        sums = torch.zeros(4, dtype=torch.float64)
+        lr = self.optimizer.param_groups[0]["lr"]
+        for _ in range(self.grad_accum):
+            batch = next(batches)
+            images = batch["images"].to(self.device, dtype=self.dtype, non_blocking=True)
+            text = batch["text"].to(self.device, non_blocking=True)
+            out = self.engine(images, text)
+            loss, parts = self.loss_fn(out, dp_group=self.dims.dp_group)
+            self.engine.backward(loss)
+            self.engine.step()
+            sums += torch.stack([loss.detach().float().cpu(), parts["loss_contrastive"].float().cpu(),
+                                 parts["loss_caption"].float().cpu(), parts["logit_scale"].float().cpu()]).double()
+        self.step += 1
+        grad_norm = self.engine.get_global_grad_norm()
+        return {"sums": sums, "lr": lr, "grad_norm": grad_norm}
+
+    def _reduce(self, sums: torch.Tensor) -> list[float]:
+        """Micro-batch and data-parallel mean of the per-rank losses (= the global-batch loss)."""
+        values = (sums / self.grad_accum).to(self.device, torch.float32)
+        if self.dims.dp_size > 1:
+            dist.all_reduce(values, group=self.dims.dp_group)
+            values /= self.dims.dp_size
+        return values.double().cpu().tolist()
+
+    def train(self) -> list[dict]:
+        job = self.job
+        batches = self._batches()
+        last_saved = self.step if self.step else -1
+        window_start, window_steps = time.perf_counter(), 0
+        while self.step < job.schedule.steps:
+            result = self.train_step(batches)
+            window_steps += 1
+            if self.step % job.logging.log_every == 0 or self.step == job.schedule.steps:
+                loss, loss_con, loss_cap, scale = self._reduce(result["sums"])
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - window_start
+                samples_per_s = window_steps * job.schedule.global_batch_size / max(elapsed, 1e-9)
+                tflops = samples_per_s * self.flops_per_sample / self.dims.world_size / 1e12
+                skipped = getattr(self.train_loader, "skipped", None)
+                record = {
+                    "step": self.step, "loss": loss, "loss_contrastive": loss_con, "loss_caption": loss_cap,
+                    "logit_scale": scale, "lr": result["lr"],
+                    "grad_norm": None if result["grad_norm"] is None else float(result["grad_norm"]),
+                    "samples_per_s": samples_per_s, "tflops_per_device": tflops,
+                    "mfu": None if self.peak is None else tflops * 1e12 / self.peak,
+                    "skipped_samples": sum(skipped.values()) if isinstance(skipped, dict) else (skipped or 0),
+                }
+                self.history.append(record)
+                self.logger.log_train(record)
+                window_start, window_steps = time.perf_counter(), 0
+            if self.eval_fn is not None and job.eval.every and self.step % job.eval.every == 0:
+                self.evaluate()
+                window_start, window_steps = time.perf_counter(), 0
+            if job.checkpoint.every and self.step % job.checkpoint.every == 0:
+                self.save()
+                last_saved = self.step
+                window_start, window_steps = time.perf_counter(), 0
+        if job.checkpoint.save_final and last_saved != self.step:
+            self.save()
+        return self.history
+
+    def evaluate(self) -> dict:
+        self.engine.eval()
+        try:
+            with torch.no_grad():
+                metrics = self.eval_fn(self.engine, self.step) or {}
+        finally:
+            self.engine.train()
+        self.logger.log_eval(self.step, metrics)
+        return metrics
+
+    def close(self) -> None:
+        self.logger.close()
