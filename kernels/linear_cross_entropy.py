@@ -179,9 +179,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             gw = gw.to(ctx.weight_dtype)
             gb = gb.to(ctx.bias_dtype) if gb is not None else None
         else:
-            if not ctx.saved_tensors:
+            saved = ctx.saved_tensors  # unpack once (activation checkpointing allows a single unpack)
+            if not saved:
                 raise RuntimeError("linear_cross_entropy: backward called but gradients were not computed in forward")
-            gh, gw, gb = ctx.saved_tensors
+            gh, gw, gb = saved
             g = grad_loss.to(torch.float32)
             gh = (gh * g).to(gh.dtype)
             gw = (gw * g).to(gw.dtype)
