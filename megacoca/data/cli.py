@@ -32,6 +32,8 @@ def register(subparsers) -> None:
     source.add_argument("--sidecar", action="store_true", help="read IMAGE.txt next to each image")
     folder.add_argument("--out", required=True, help="output directory for {00000..}.tar")
     folder.add_argument("--shard-size", type=int, default=10000)
+    folder.add_argument("--no-shuffle", action="store_true", help="keep the listing order (default: seeded shuffle)")
+    folder.add_argument("--seed", type=int, default=0)
     folder.set_defaults(func=_from_folder)
 
     inspect = data_sub.add_parser("inspect", help="count samples and show a few captions of a shard spec")
@@ -76,7 +78,7 @@ def _from_folder(args) -> int:
 
     try:
         result = folder_to_shards(args.images, args.out, captions=args.captions, sidecar=args.sidecar,
-                                  shard_size=args.shard_size)
+                                  shard_size=args.shard_size, shuffle=not args.no_shuffle, seed=args.seed)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import random
 from collections import Counter
 from typing import Iterator
 
@@ -79,8 +80,11 @@ def sidecar_pairs(images_dir: str) -> Iterator[tuple[str, str | None]]:
 
 
 def folder_to_shards(images_dir: str, out_dir: str, captions: str | None = None, sidecar: bool = False,
-                     shard_size: int = 10000, prefix: str = "") -> dict:
-    """Write out_dir/{prefix}{00000..}.tar; returns counts {"written", "shards", "skipped": {...}}."""
+                     shard_size: int = 10000, prefix: str = "", shuffle: bool = True, seed: int = 0) -> dict:
+    """Write out_dir/{prefix}{00000..}.tar; returns counts {"written", "shards", "skipped": {...}}.
+
+    `shuffle` (default) writes the samples in a seeded random order: folders are often sorted by class,
+    and the loader only shuffles within a shard, so shards should already be mixed."""
     from webdataset import TarWriter
 
     if not os.path.isdir(images_dir):
@@ -90,7 +94,9 @@ def folder_to_shards(images_dir: str, out_dir: str, captions: str | None = None,
     if shard_size <= 0:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
     os.makedirs(out_dir, exist_ok=True)
-    pairs = sidecar_pairs(images_dir) if sidecar else read_caption_file(captions)
+    pairs = list(sidecar_pairs(images_dir) if sidecar else read_caption_file(captions))
+    if shuffle:
+        random.Random(seed).shuffle(pairs)
     skipped: Counter = Counter()
     written, shard, writer, writer_count, paths = 0, 0, None, 0, []
     try:

@@ -215,3 +215,19 @@ def test_pipe_urls_are_read_through_webdataset(tmp_path):
     loader = make_loader([f"pipe:cat {p}" for p in paths], batch_size=2, shuffle=False, epochs=1)
     assert [k for b in loader for k in b["keys"]] == keys[:6]
     assert loader.samples_per_epoch() == 6
+
+
+def test_resume_with_finite_epochs_and_uneven_workers(tmp_path):
+    # uneven shards: one worker's stream ends before the other's; resume still continues exactly
+    paths, _ = write_shards(tmp_path / "d", 4, [2, 9, 3, 7])
+
+    def loader():
+        return make_loader(paths, batch_size=2, num_workers=2, seed=5, epochs=2)
+
+    reference = keys_of(list(loader()))
+    for k in (len(reference) // 2, len(reference) - 3, len(reference) - 1):
+        first = loader()
+        head = keys_of(take(first, k))
+        resumed = loader()
+        resumed.load_state_dict(first.state_dict())
+        assert head + keys_of(list(resumed)) == reference, f"resume after {k} batches"
