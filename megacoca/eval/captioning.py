@@ -15,21 +15,21 @@ import torch
 @torch.no_grad()
 def greedy_captions_uncached(model, images: torch.Tensor, *, max_new_tokens: int, bos_id: int, eos_id: int,
                              pad_id: int) -> torch.Tensor:
-    """(B, T) generated ids after bos (pad after eos), without a cache: the reference for the cached path."""
+    """(B, T) generated ids after bos, without a cache: the reference for the cached path. A row ends at eos
+    or at pad (as `generate` does with stop_on_pad); pads follow."""
     _, image_tokens = model.image_towers(images)
     batch = images.shape[0]
     prefix = torch.full((batch, 1), bos_id, dtype=torch.long, device=images.device)
     done = torch.zeros(batch, dtype=torch.bool, device=images.device)
-    max_new_tokens = min(max_new_tokens, model.cfg.context_length - 1)
+    max_new_tokens = min(max_new_tokens, model.cfg.context_length)
     for _ in range(max_new_tokens):
         _, token_outputs = model.text(prefix)
         hidden = model.decoder(token_outputs, image_tokens)
         logits = model.caption_head(hidden[:, -1:])[:, 0]
-        logits[:, pad_id] = float("-inf")
         nxt = logits.argmax(dim=-1)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         prefix = torch.cat([prefix, nxt[:, None]], dim=1)
-        done |= nxt == eos_id
+        done |= (nxt == eos_id) | (nxt == pad_id)
         if bool(done.all()):
             break
     return prefix[:, 1:]
@@ -48,7 +48,7 @@ def generate_captions(model, images: torch.Tensor, tokenizer, *, max_new_tokens:
                       strategy: str = "greedy", **kwargs) -> list[str]:
     """Decoded captions for a batch of images (greedy by default)."""
     ids_kwargs = dict(bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-    max_new_tokens = min(max_new_tokens, model.cfg.context_length - 1)
+    max_new_tokens = min(max_new_tokens, model.cfg.context_length)
     generate = _generator()
     if generate is None:
         if strategy != "greedy":
