@@ -57,12 +57,16 @@ def run(args) -> int:
     if args.curves and not args.metrics:
         raise SystemExit("megacoca eval: --curves needs --metrics")
     began = time.perf_counter()
-    model = load_model_for_eval(args.checkpoint, model_config=_model_config(args))
-    tokenizer = load_tokenizer(args.tokenizer, model.cfg.context_length)
-    if tokenizer.vocab_size > model.cfg.vocab_size:
-        raise SystemExit(f"megacoca eval: tokenizer has {tokenizer.vocab_size} pieces but the model's vocabulary "
-                         f"is {model.cfg.vocab_size}; wrong --tokenizer?")
-    eval_set = load_eval_set(args.shards, model.cfg.image_size, args.max_samples)
+    try:
+        model = load_model_for_eval(args.checkpoint, model_config=_model_config(args))
+        tokenizer = load_tokenizer(args.tokenizer, model.cfg.context_length)
+        if tokenizer.vocab_size > model.cfg.vocab_size:
+            raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but the model's vocabulary is "
+                             f"{model.cfg.vocab_size}; wrong --tokenizer?")
+        eval_set = load_eval_set(args.shards, model.cfg.image_size, args.max_samples)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"megacoca eval: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
     loaded = time.perf_counter()
     results = evaluate(model, tokenizer, eval_set, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                        caption_samples=args.caption_samples)

@@ -31,17 +31,25 @@ def _is_converted_dir(path: str) -> bool:
     )
 
 
-def _split_deepspeed_path(path: str) -> tuple[str, str | None]:
-    """(checkpoint dir holding `latest`, tag) for either the run's checkpoint dir or one tag's dir in it."""
+def resolve_tag_dir(path: str) -> str:
+    """The tag directory of a DeepSpeed checkpoint: `path` itself, or the `latest` tag of a checkpoint dir."""
+    try:
+        from megacoca.checkpoint.consolidate import resolve_tag_dir as resolve  # checks the COMPLETE marker
+    except ImportError:
+        resolve = None
     path = os.path.normpath(path)
-    if glob.glob(os.path.join(path, "*model_states.pt")):
-        return os.path.dirname(path), os.path.basename(path)
-    if os.path.isfile(os.path.join(path, "latest")):
-        return path, None
-    raise FileNotFoundError(
-        f"{path}: neither a converted model dir (config.json + model.safetensors) nor a DeepSpeed checkpoint "
-        "(a dir with `latest`, or a tag dir with *model_states.pt)"
-    )
+    is_ds = glob.glob(os.path.join(path, "*model_states.pt")) or os.path.isfile(os.path.join(path, "latest"))
+    if not is_ds:
+        raise FileNotFoundError(
+            f"{path}: neither a converted model dir (config.json + model.safetensors) nor a DeepSpeed checkpoint "
+            "(a dir with `latest`, or a tag dir with *model_states.pt)"
+        )
+    if resolve is not None:
+        return resolve(path)
+    if not glob.glob(os.path.join(path, "*model_states.pt")):
+        with open(os.path.join(path, "latest")) as f:
+            path = os.path.join(path, f.read().strip())
+    return path
 
 
 def _model_config_from(value: Any):
@@ -53,10 +61,12 @@ def _model_config_from(value: Any):
     if hasattr(value, "model_config"):
         return value.model_config()
     if isinstance(value, dict):
-        if "model" in value and isinstance(value["model"], dict):  # a JobConfig as a dict
-            from megacoca.config.train import JobConfig
+        if "model" in value and isinstance(value["model"], dict):  # a JobConfig as a dict: its model choice
+            from megacoca.config.train import ModelChoice
 
-            return JobConfig.from_dict(value).model_config()
+            choice = value["model"]
+            return ModelChoice(flavor=choice.get("flavor", "coca_tiny"),
+                               overrides=dict(choice.get("overrides") or {})).build()
         try:
             return CoCaConfig.from_dict(value)
         except (TypeError, ValueError):
@@ -64,13 +74,19 @@ def _model_config_from(value: Any):
     return None
 
 
-def deepspeed_model_config(ckpt_dir: str, tag: str | None):
-    """The CoCaConfig a megacoca DeepSpeed checkpoint was trained with (from its client state or a json)."""
-    if tag is None:
-        with open(os.path.join(ckpt_dir, "latest")) as f:
-            tag = f.read().strip()
-    tag_dir = os.path.join(ckpt_dir, tag)
-    for name in ("model_config.json", "config.json", "job_config.json", "job.json"):
+def deepspeed_model_config(tag_dir: str):
+    """The CoCaConfig a megacoca DeepSpeed checkpoint was trained with: the resolved job config that the trainer
+    keeps in DeepSpeed's client state (`config`), else a config json next to the checkpoint."""
+    ckpt_dir = os.path.dirname(tag_dir)
+    states = sorted(glob.glob(os.path.join(tag_dir, "*model_states.pt")))
+    if states:
+        state = torch.load(states[0], map_location="cpu", weights_only=False)
+        for holder in (state, state.get("client_state") or {}):
+            for key in CONFIG_KEYS:
+                cfg = _model_config_from(holder.get(key)) if key in holder else None
+                if cfg is not None:
+                    return cfg
+    for name in ("model_config.json", "config.json", "job_config.json"):
         for where in (tag_dir, ckpt_dir, os.path.dirname(ckpt_dir)):
             path = os.path.join(where, name)
             if os.path.isfile(path):
@@ -78,20 +94,19 @@ def deepspeed_model_config(ckpt_dir: str, tag: str | None):
                     cfg = _model_config_from(json.load(f))
                 if cfg is not None:
                     return cfg
-    states = sorted(glob.glob(os.path.join(tag_dir, "*model_states.pt")))
-    if states:
-        state = torch.load(states[0], map_location="cpu", weights_only=False)
-        for key in CONFIG_KEYS:
-            cfg = _model_config_from(state.get(key)) if key in state else None
-            if cfg is not None:
-                return cfg
-        client = state.get("client_state")
-        if isinstance(client, dict):
-            for key in CONFIG_KEYS:
-                cfg = _model_config_from(client.get(key)) if key in client else None
-                if cfg is not None:
-                    return cfg
     raise ValueError(f"{tag_dir}: no model config found in the checkpoint; pass --flavor (and --model-set)")
+
+
+def consolidated_state(tag_dir: str) -> dict:
+    """fp32 state dict of a DeepSpeed checkpoint (megacoca.checkpoint's consolidation when present)."""
+    try:
+        from megacoca.checkpoint import consolidated_state_dict
+    except ImportError:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        ckpt_dir, tag = os.path.split(tag_dir)
+        return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    return consolidated_state_dict(tag_dir)
 
 
 def _strip_prefix(state: dict, prefix: str = "module.") -> dict:
@@ -111,13 +126,14 @@ def load_model_for_eval(path: str, *, model_config=None, device: str | torch.dev
 
         model = megacoca.load(path)
     else:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        ckpt_dir, tag = _split_deepspeed_path(path)
-        cfg = model_config or deepspeed_model_config(ckpt_dir, tag)
-        state = _strip_prefix(get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag))
+        tag_dir = resolve_tag_dir(path)
+        cfg = model_config or deepspeed_model_config(tag_dir)
+        state = _strip_prefix(consolidated_state(tag_dir))
         model = CoCa(cfg)
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as error:  # shape mismatches
+            raise ValueError(f"{path}: checkpoint does not fit the model: {' '.join(str(error).split())}") from None
         # A tied vocabulary head is saved once, under either name.
         missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "caption_head.weight")]
         if missing or unexpected:
