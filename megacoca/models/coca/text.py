@@ -54,23 +54,20 @@ class TextOutputs(nn.Module):
         return self.ln_final(x) if self.tokens_after_ln else x
 
 
-def text_attention_masks(text: torch.Tensor, pad_id: int, legacy_cls_mask: bool):
-    """The masks of the unimodal stage over L text tokens + CLS, as (kv_mask, attn_mask); causal is implied.
+def text_key_mask(text: torch.Tensor, pad_id: int, legacy_cls_mask: bool) -> torch.Tensor:
+    """Which keys of the unimodal stage (L text tokens + CLS) may be attended, bool (B, L + 1); the stage is
+    causal on top of it, so it runs on the flash kernel in both layouts.
 
     Default: no query (real token, pad or CLS) attends to a pad key; the CLS sees every real token and itself.
     legacy_cls_mask (open_clip's correct_cls_mask=False): open_clip builds its pad mask as [CLS-valid, token
     valid...], one key off, and applies it to every query row: key 0 always, key j when token j-1 is real.
     Real-token rows are unaffected (causal already hides later keys); pad rows see keys up to the first pad;
-    the CLS row sees the first pad, not itself, on padded text. That mask is dense (B, 1, L+1, L+1).
+    the CLS row sees the first pad, not itself, on padded text.
     """
-    batch, length = text.shape
     real = text != pad_id
-    if not legacy_cls_mask:
-        kv_mask = torch.cat([real, real.new_ones(batch, 1)], dim=1)
-        return kv_mask, None
-    shifted = F.pad(real, (1, 0), value=True)  # (B, L + 1)
-    causal = torch.ones(length + 1, length + 1, dtype=torch.bool, device=text.device).tril()
-    return None, causal & shifted[:, None, None, :]
+    if legacy_cls_mask:
+        return F.pad(real, (1, 0), value=True)
+    return F.pad(real, (0, 1), value=True)
 
 
 class TextEncoder(nn.Module):
@@ -89,11 +86,8 @@ class TextEncoder(nn.Module):
         self.outputs = TextOutputs(cfg)
 
     def forward(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        kv_mask, attn_mask = text_attention_masks(text, self.pad_id, self.legacy_cls_mask)
-        x = run_blocks(
-            self.blocks, self.embed(text), self.checkpointed, causal=attn_mask is None, kv_mask=kv_mask,
-            attn_mask=attn_mask,
-        )
+        kv_mask = text_key_mask(text, self.pad_id, self.legacy_cls_mask)
+        x = run_blocks(self.blocks, self.embed(text), self.checkpointed, causal=True, kv_mask=kv_mask)
         return self.outputs(x)
 
     def forward_cached(self, text: torch.Tensor, caches: list, position_offset: int) -> torch.Tensor:

@@ -5,7 +5,7 @@ import torch
 
 from megacoca.config.model import CoCaConfig
 from megacoca.models.coca import CoCa, get_flavor
-from megacoca.models.coca.text import text_attention_masks
+from megacoca.models.coca.text import text_key_mask
 
 PAD = 0
 
@@ -94,22 +94,28 @@ def test_cls_ignores_pad_embeddings():
     torch.testing.assert_close(new_tokens[:, :7], tokens[:, :7], rtol=1e-5, atol=1e-6)
 
 
+def effective_mask(text, legacy):
+    """The (B, L+1, L+1) mask the text stage applies: causal and the key mask."""
+    keys = text_key_mask(text, PAD, legacy_cls_mask=legacy)
+    causal = torch.ones(keys.shape[1], keys.shape[1], dtype=torch.bool).tril()
+    return causal & keys[:, None, :]
+
+
 def test_legacy_cls_mask_is_open_clips_shifted_mask():
     text = torch.tensor([[2, 5, 6, 0, 0], [2, 5, 6, 7, 8]])
-    kv_mask, attn_mask = text_attention_masks(text, PAD, legacy_cls_mask=True)
-    assert kv_mask is None and attn_mask.shape == (2, 1, 6, 6)
+    mask = effective_mask(text, legacy=True)
     # CLS row: key 0 always, key j when token j-1 is real: sees the first pad, not itself on padded text.
-    assert attn_mask[0, 0, -1].tolist() == [True, True, True, True, False, False]
-    assert attn_mask[1, 0, -1].tolist() == [True] * 6
-    # Every row gets the shifted pad mask (open_clip applies it to all queries): real rows stay causal, pad
-    # rows (3, 4) see keys up to the first pad.
-    assert torch.equal(attn_mask[0, 0, :3], torch.ones(3, 6, dtype=torch.bool).tril())
-    assert attn_mask[0, 0, 3].tolist() == [True] * 4 + [False] * 2
-    assert attn_mask[0, 0, 4].tolist() == [True] * 4 + [False] * 2
-    assert torch.equal(attn_mask[1, 0, :-1], torch.ones(5, 6, dtype=torch.bool).tril())
-    kv_mask, attn_mask = text_attention_masks(text, PAD, legacy_cls_mask=False)
-    assert attn_mask is None
-    assert kv_mask[0].tolist() == [True, True, True, False, False, True]
+    assert mask[0, -1].tolist() == [True, True, True, True, False, False]
+    assert mask[1, -1].tolist() == [True] * 6
+    # open_clip applies the shifted pad mask to every row: real rows stay causal, pad rows (3, 4) see keys
+    # up to the first pad.
+    assert torch.equal(mask[0, :3], torch.ones(3, 6, dtype=torch.bool).tril())
+    assert mask[0, 3].tolist() == [True] * 4 + [False] * 2
+    assert mask[0, 4].tolist() == [True] * 4 + [False] * 2
+    assert torch.equal(mask[1, :-1], torch.ones(5, 6, dtype=torch.bool).tril())
+    mask = effective_mask(text, legacy=False)
+    assert mask[0, -1].tolist() == [True, True, True, False, False, True]
+    assert mask[0, 4].tolist() == [True, True, True, False, False, False]
 
 
 def test_caption_loss_ignores_padding_and_matches_logits(model):
