@@ -177,19 +177,34 @@ class Trainer:
     def train_step(self, batches) -> dict:
         sums = torch.zeros(4, dtype=torch.float64)
         lr = self.optimizer.param_groups[0]["lr"]
-        for _ in range(self.grad_accum):
+        own_norm = None
+        for micro in range(self.grad_accum):
             batch = next(batches)
             images = batch["images"].to(self.device, dtype=self.dtype, non_blocking=True)
             text = batch["text"].to(self.device, non_blocking=True)
             out = self.engine(images, text)
             loss, parts = self.loss_fn(out, dp_group=self.dims.dp_group)
             self.engine.backward(loss)
+            if micro == self.grad_accum - 1 and self._needs_own_grad_norm:
+                own_norm = self._replicated_grad_norm()
             self.engine.step()
             sums += torch.stack([loss.detach().float().cpu(), parts["loss_contrastive"].float().cpu(),
                                  parts["loss_caption"].float().cpu(), parts["logit_scale"].float().cpu()]).double()
         self.step += 1
         grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = own_norm
         return {"sums": sums, "lr": lr, "grad_norm": grad_norm}
+
+    @property
+    def _needs_own_grad_norm(self) -> bool:
+        """DeepSpeed reports no grad norm for ZeRO-0 fp32 with a client optimizer (it clips, but drops it)."""
+        return zero_stage(self.ds_config) == 0 and self.dtype == torch.float32
+
+    def _replicated_grad_norm(self) -> float:
+        """Norm of the (already data-parallel averaged, replicated) gradients before clipping; tp = pp = 1."""
+        norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
     def _reduce(self, sums: torch.Tensor) -> list[float]:
         """Micro-batch and data-parallel mean of the per-rank losses (= the global-batch loss)."""

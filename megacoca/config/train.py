@@ -321,13 +321,13 @@ def _label(key: str, where: str) -> str:
     return f"{where}: {key}" if where else key
 
 
-def _lookup(root: Any, key: str, where: str = "") -> Any:
+def _lookup(root: Any, key: str, where: str = "", label: str | None = None) -> Any:
     obj = root
     for i, part in enumerate(key.split(".")):
         if isinstance(obj, dict):
             obj = obj.get(part)
             continue
-        _check_key(obj, part, ".".join(key.split(".")[: i + 1]), _label(key, where))
+        _check_key(obj, part, ".".join(key.split(".")[: i + 1]), label or _label(key, where))
         obj = getattr(obj, part)
     return obj
 
@@ -336,7 +336,7 @@ def set_key(root: Any, key: str, value: Any, where: str = "") -> None:
     """Set a dotted key (`optim.lr`, `model.overrides.vision_width`) with type checking and one-line errors."""
     label = _label(key, where)
     parent_key, _, last = key.rpartition(".")
-    obj = _lookup(root, parent_key, where) if parent_key else root
+    obj = _lookup(root, parent_key, where, label) if parent_key else root
     if isinstance(obj, dict):
         if isinstance(getattr(root, "model", None), ModelChoice) and obj is root.model.overrides:
             value = _check_model_override(last, value, label)

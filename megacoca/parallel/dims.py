@@ -130,7 +130,12 @@ class ParallelDims:
 
     @property
     def dp_ranks(self) -> list[int]:
-        return self.groups["dp"][1] if "dp" in self.groups else self.group_ranks()["dp"][0]
+        return self._ranks("dp")
+
+    def _ranks(self, kind: str) -> list[int]:
+        if kind in self.groups:
+            return self.groups[kind][1]
+        return next(ranks for ranks in self.group_ranks()[kind] if self.rank in ranks)
 
     def mpu(self) -> "DeepSpeedMPU":
         return DeepSpeedMPU(self)
@@ -180,7 +185,7 @@ class DeepSpeedMPU:
         return self.dims.tp_size
 
     def get_tensor_model_parallel_src_rank(self) -> int:
-        return self.dims.groups["tp"][1][0] if "tp" in self.dims.groups else self.dims.rank - self.dims.tp_rank
+        return self.dims._ranks("tp")[0]
 
     def get_pipeline_model_parallel_group(self):
         return self.dims.pp_group

@@ -2,16 +2,35 @@
 
 `run_ranks(fn, world_size, tmp_path, *args)` returns the per-rank results in rank order; an exception on
 any rank fails the test with that rank's traceback, and a rank still running after `timeout` is killed
-and reported as a hang. `fn(rank, world_size, *args)` must be a module-level function (spawn pickles it).
+and reported as a hang. `fn(rank, world_size, *args)` must be a module-level function (it is pickled).
+
+Ranks start from a forkserver that imported torch and DeepSpeed once: a fresh interpreter per rank costs
+~10-20 s of imports on a 2-core machine (several importing the CUDA build of torch at once), a fork from the
+server well under a second, and the server never ran a thread, so forking it is safe.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import queue as queue_module
 import traceback
 
-import torch.multiprocessing as mp
+import multiprocessing as mp
+
+PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "deepspeed", "megacoca.trainer", "megacoca.models.coca",
+           "megacoca.losses", "megacoca.checkpoint",
+           "deepspeed.runtime.zero.muon.muon_optimizer",  # torch.compile at import: pulls in inductor (~6 s)
+           "deepspeed.runtime.zero.stage3", "deepspeed.runtime.zero.stage_1_and_2", "torch.utils.tensorboard"]
+_CONTEXT = None
+
+
+def _context():
+    global _CONTEXT
+    if _CONTEXT is None:
+        _CONTEXT = mp.get_context("forkserver")
+        _CONTEXT.set_forkserver_preload(PRELOAD)
+    return _CONTEXT
 
 
 def _entry(fn, rank, world_size, store_path, results, args, env):
@@ -26,7 +45,8 @@ def _entry(fn, rank, world_size, store_path, results, args, env):
         dist.init_process_group("gloo", store=dist.FileStore(store_path, world_size), rank=rank,
                                 world_size=world_size)
         result = fn(rank, world_size, *args)
-        results.put((rank, "ok", result))
+        # plain pickle: tensors travel inline, not as shared memory that dies with this process
+        results.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - reported to the parent
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -35,7 +55,7 @@ def _entry(fn, rank, world_size, store_path, results, args, env):
 
 
 def run_ranks(fn, world_size: int, tmp_path, *args, timeout: float = 240, env: dict | None = None) -> list:
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     results = ctx.Queue()
     store_path = os.path.join(str(tmp_path), f"filestore_{fn.__name__}")
     if os.path.exists(store_path):
@@ -69,4 +89,4 @@ def run_ranks(fn, world_size: int, tmp_path, *args, timeout: float = 240, env: d
         missing = sorted(set(range(world_size)) - set(collected))
         raise AssertionError(f"ranks {missing} gave no result within {timeout}s (hang or crash; exit codes "
                              f"{[p.exitcode for p in procs]})")
-    return [collected[rank][1] for rank in range(world_size)]
+    return [pickle.loads(collected[rank][1]) for rank in range(world_size)]
