@@ -55,7 +55,9 @@ PAIR_TEMPLATES = (
 ZERO_SHOT_TEMPLATES = ("a photo of a {color} {shape}", "a {color} {shape}", "there is a {color} {shape}")
 
 # Object half-extent as a fraction of the image side.
-SIZE_RANGE = {"small": (0.12, 0.16), "large": (0.22, 0.26)}
+SIZE_RANGE = {"small": (0.15, 0.18), "large": (0.25, 0.29)}
+JITTER = 0.15  # single objects: centre within 0.5 +- JITTER of the side
+BACKGROUND_NOISE, OBJECT_NOISE = 10.0, 5.0  # gaussian std in 0..255 units
 SPLIT_IDS = {"train": 0, "val": 1}
 
 
@@ -158,7 +160,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     tint = rng.uniform(-18, 18, size=3).astype(np.float32)  # low saturation: never confused with the objects
     ramp = np.linspace(-1.0, 1.0, size, dtype=np.float32)
     gx, gy = rng.uniform(-20, 20, size=2)
-    image = _noise(rng, size) * np.float32(14.0) + (base + tint)  # per-pixel noise
+    image = _noise(rng, size) * np.float32(BACKGROUND_NOISE) + (base + tint)  # per-pixel noise
     image += (np.float32(gx) * ramp[None, :] + np.float32(gy) * ramp[:, None])[..., None]  # soft gradient
     return image
 
@@ -187,8 +189,9 @@ def make_sample(rng: np.random.Generator, image_size: int = 64, num_objects: int
         color, shape = CLASSES[cls] if cls is not None else (None, None)
         obj = _object(rng, color=color, shape=shape)
         r = rng.uniform(*SIZE_RANGE[obj["size"]]) * s
-        margin = r + 1
-        cx, cy = rng.uniform(margin, s - margin, size=2)
+        # near the centre (+-JITTER of the side): a patch-based encoder sees each shape at few positions
+        lo, hi = max(r + 1, s * (0.5 - JITTER)), min(s - r - 1, s * (0.5 + JITTER))
+        cx, cy = rng.uniform(lo, hi, size=2)
         placed = [(obj, cx, cy, r)]
         relation = None
     else:
@@ -199,7 +202,9 @@ def make_sample(rng: np.random.Generator, image_size: int = 64, num_objects: int
         ra = rng.uniform(*SIZE_RANGE[a["size"]]) * s
         rb = rng.uniform(*SIZE_RANGE[b["size"]]) * s
         # along the relation axis: a before b (left/above) or after it (right/below); free on the other axis
-        gap = rng.uniform(0.02, 0.08) * s
+        gap = rng.uniform(0.02, 0.06) * s
+        shrink = min(1.0, (s - 2 - gap) / (2 * ra + 2 * rb))  # two large objects must fit side by side
+        ra, rb = ra * shrink, rb * shrink
         span = 2 * ra + gap + 2 * rb
         start = rng.uniform(1, max(1.0, s - 1 - span))
         if relation in ("left of", "above"):  # a comes first along the axis
@@ -216,7 +221,7 @@ def make_sample(rng: np.random.Generator, image_size: int = 64, num_objects: int
     for obj, cx, cy, r in placed:
         mask = _mask(obj["shape"], yy, xx, cx, cy, r)
         rgb = np.asarray(COLORS[obj["color"]], np.float32) + rng.uniform(-12, 12, size=3)
-        image[mask] = rgb + _noise(rng, s)[mask] * np.float32(8.0)
+        image[mask] = rgb + _noise(rng, s)[mask] * np.float32(OBJECT_NOISE)
         objects.append({**obj, "x": round(float(cx) / s, 4), "y": round(float(cy) / s, 4), "radius": round(float(r) / s, 4)})
     with_size = bool(rng.random() < 0.7)
     if len(objects) == 1:
