@@ -1,30 +1,40 @@
 """Data: webdataset shards with an exactly resumable position, image transforms, tokenizers, synth-shapes.
 
 Public API (docs/design.md, "Data contract"):
-- `ShardLoader`, `expand_shards`, `iter_samples` (megacoca.data.shards)
+- `ShardLoader`, `expand_shards`, `iter_samples`, `SKIP_REASONS` (megacoca.data.shards)
 - `ImageTransform`, `image_transform`, `load_image`, `CLIP_MEAN`, `CLIP_STD` (megacoca.data.transforms)
-- `Tokenizer` (SentencePiece), `ClipBpeTokenizer`, `load_tokenizer`, `train_sentencepiece`
+- `Tokenizer` (SentencePiece), `ClipBpeTokenizer`, `TokenizerLike`, `load_tokenizer`, `train_sentencepiece`
   (megacoca.data.tokenizer)
 - `megacoca.data.shapes`: `CLASSES`, `class_prompts`, `caption_matches`, `synth_shapes`
+
+Names are imported lazily so that `megacoca --help` (which imports megacoca.data.cli) stays fast.
 """
 
-from megacoca.data.shards import SKIP_REASONS, ShardLoader, expand_shards, iter_samples
-from megacoca.data.tokenizer import ClipBpeTokenizer, Tokenizer, TokenizerLike, load_tokenizer, train_sentencepiece
-from megacoca.data.transforms import CLIP_MEAN, CLIP_STD, ImageTransform, image_transform, load_image
+import importlib
 
-__all__ = [
-    "CLIP_MEAN",
-    "CLIP_STD",
-    "ClipBpeTokenizer",
-    "ImageTransform",
-    "SKIP_REASONS",
-    "ShardLoader",
-    "Tokenizer",
-    "TokenizerLike",
-    "expand_shards",
-    "image_transform",
-    "iter_samples",
-    "load_image",
-    "load_tokenizer",
-    "train_sentencepiece",
-]
+_EXPORTS = {
+    "ShardLoader": "shards",
+    "expand_shards": "shards",
+    "iter_samples": "shards",
+    "SKIP_REASONS": "shards",
+    "ImageTransform": "transforms",
+    "image_transform": "transforms",
+    "load_image": "transforms",
+    "CLIP_MEAN": "transforms",
+    "CLIP_STD": "transforms",
+    "Tokenizer": "tokenizer",
+    "ClipBpeTokenizer": "tokenizer",
+    "TokenizerLike": "tokenizer",
+    "load_tokenizer": "tokenizer",
+    "train_sentencepiece": "tokenizer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"megacoca.data.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'megacoca.data' has no attribute {name!r}")
