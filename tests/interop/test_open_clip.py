@@ -225,3 +225,19 @@ def test_greedy_generation_matches_open_clip(seed):
     got = torch.nn.functional.pad(got, (0, width - got.shape[1]))
     assert torch.equal(got, expected), (got, expected)
     assert ((got == eos).sum(1) > 0).sum() >= 1
+
+
+def test_read_open_clip_state_formats(tmp_path):
+    from safetensors.torch import save_file
+
+    from megacoca.models.coca.open_clip import read_open_clip_state
+
+    state = build_tiny(tiny_open_clip_config()).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "model.safetensors")
+    torch.save({"state_dict": {f"module._orig_mod.{k}": v for k, v in state.items()}}, tmp_path / "ckpt.pt")
+    for name in ("model.safetensors", "ckpt.pt"):
+        read = read_open_clip_state(tmp_path / name)
+        assert set(read) == set(state) and all(torch.equal(read[k], v) for k, v in state.items())
+    torch.save([1, 2], tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="neither a state dict"):
+        read_open_clip_state(tmp_path / "bad.pt")

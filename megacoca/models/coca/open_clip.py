@@ -347,8 +347,14 @@ def to_open_clip(state: dict, cfg: CoCaConfig) -> dict:
 
 
 def read_open_clip_state(path: str | os.PathLike) -> dict:
-    """A bare open_clip state dict or a training checkpoint ({"state_dict": ...}), prefixes stripped."""
-    state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    """A bare open_clip state dict (.pt/.bin, or .safetensors as on the HF hub) or a training checkpoint
+    ({"state_dict": ...}), DDP/compile prefixes stripped."""
+    if os.fspath(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        state = load_file(os.fspath(path))
+    else:
+        state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
