@@ -134,3 +134,22 @@ def test_flash_attention_rejects_bad_shapes(device):
         flash_attention(q, q, q, kv_mask=torch.ones(1, 4, dtype=torch.bool, device=device))
     with pytest.raises(ValueError):
         flash_attention(torch.randn(1, 1, 5, 512, device=device), *(torch.randn(1, 1, 5, 512, device=device),) * 2)
+
+
+@pytest.mark.parametrize("blocks", [(64, 32), (16, 64)], ids=["m64n32", "m16n64"])
+def test_flash_attention_unequal_tiles(blocks, device, monkeypatch):
+    """The interpreter runs 32x32 tiles; GPU autotuning picks BLOCK_M != BLOCK_N, where the causal loop bounds
+    (first unmasked key block, first query block a key block can see) differ. Run those tilings here too."""
+    import importlib
+
+    import triton
+
+    fa = importlib.import_module("megacoca_kernels.flash_attention")
+    config = [triton.Config({"BLOCK_M": blocks[0], "BLOCK_N": blocks[1]}, num_warps=4, num_stages=1)]
+    for kernel in (fa._flash_attention_fwd_kernel, fa._flash_attention_bwd_dkdv_kernel,
+                   fa._flash_attention_bwd_dq_kernel):
+        monkeypatch.setattr(kernel, "configs", config)
+        monkeypatch.setattr(kernel, "cache", {})
+    _check(2, 1, 77, 77, 64, True, "pad", torch.float32, device)
+    _check(1, 2, 130, 45, 32, True, "empty", torch.float32, device)
+    _check(1, 2, 45, 130, 88, False, "pad", torch.float32, device)
