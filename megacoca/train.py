@@ -11,6 +11,12 @@ import argparse
 import os
 import socket
 import sys
+import warnings
+
+if __name__ == "__main__" and not __package__:
+    # Run as a file (`deepspeed megacoca/train.py ...`): put the repo root, not megacoca/, first on sys.path,
+    # so that megacoca's subpackages (data, config, eval, ...) cannot shadow top-level modules of those names.
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,10 +93,11 @@ def check_inputs(job, world_size: int) -> None:
     dims = ParallelDims(job.parallel.dp, job.parallel.tp, job.parallel.pp, world_size)
     build_deepspeed_config(job, dims.dp_size)
     job.model_config()
+    from megacoca.data.shards import expand_shards
+
     if not job.data.train_shards:
         raise ConfigError("data.train_shards is empty: pass --train-shards DIR (e.g. from "
                           "`megacoca data synth-shapes --out data/shapes`)")
-    from megacoca.data.shards import expand_shards
 
     try:
         urls = expand_shards(job.data.train_shards)
@@ -98,10 +105,23 @@ def check_inputs(job, world_size: int) -> None:
         raise ConfigError(f"data.train_shards: {error}") from None
     if not urls:
         raise ConfigError(f"data.train_shards: no .tar shards match {job.data.train_shards!r}")
+    from megacoca.checkpoint.state import find_resume_checkpoint
+
+    try:
+        find_resume_checkpoint(job)
+    except FileNotFoundError as error:
+        raise ConfigError(str(error)) from None
     need = dims.dp_size * max(job.data.num_workers, 1)
     if len(urls) < need:
         raise ConfigError(f"data.train_shards: {len(urls)} shards cannot feed dp {dims.dp_size} x "
                           f"num_workers {max(job.data.num_workers, 1)} readers; write more shards or use fewer workers")
+    if job.eval.every and job.data.val_shards:
+        try:
+            if not expand_shards(job.data.val_shards):
+                raise FileNotFoundError(f"no .tar shards match {job.data.val_shards!r}")
+        except (FileNotFoundError, ValueError) as error:
+            raise ConfigError(f"data.val_shards: {error} (eval.every={job.eval.every}: pass --val-shards DIR "
+                              "or --set eval.every=0)") from None
 
 
 def resolve_model_to_tokenizer(job, tokenizer):
@@ -157,6 +177,8 @@ def run(args) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as error:
         return fail(" ".join(str(error).split()))
 
+    # DeepSpeed 0.19 calls torch's deprecated collective names every step: one warning per call, per rank.
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     ensure_launch_env()
     init_distributed()
     from megacoca.parallel.dims import ParallelDims
@@ -168,16 +190,16 @@ def run(args) -> int:
         dims = ParallelDims(job.parallel.dp, job.parallel.tp, job.parallel.pp, dist.get_world_size()).build()
         loader = build_train_loader(job, model_cfg, dims, tokenizer)
         trainer = Trainer(job, loader, dims=dims, eval_fn=build_eval_fn(job, model_cfg, dims, tokenizer))
-        try:
-            trainer.resume()
-        except (FileNotFoundError, RuntimeError, ValueError) as error:
-            return fail(" ".join(str(error).split()))
+        trainer.resume()
         trainer.train()
-    finally:
+    except BaseException:
+        # Leave the process group alone: destroying it can block on peers waiting in a collective. This rank
+        # exits with the traceback and the launcher stops the others.
         if trainer is not None:
             trainer.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        raise
+    trainer.close()
+    dist.destroy_process_group()
     return 0
 
 

@@ -1,0 +1,111 @@
+"""Every launch form runs a couple of real training steps of a tiny CoCa on synth-shapes (CPU, gloo, ZeRO-3 bf16):
+`deepspeed --num_gpus 2 --module`, `deepspeed --hostfile` with the module file, `torchrun`, and a plain single
+process through the `megacoca train` console script; bad input under the deepspeed launcher exits with one line."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BIN = os.path.dirname(sys.executable)
+TINY_YAML = """\
+model:
+  overrides: {image_size: 32, patch_size: 8, vision_width: 32, vision_layers: 1, vision_heads: 2,
+              vision_mlp_dim: 64, caption_queries: 8, pooler_heads: 2, context_length: 12, text_width: 32,
+              text_heads: 2, text_mlp_dim: 64, text_layers: 1, decoder_layers: 1, embed_dim: 32}
+schedule: {steps: 2, global_batch_size: 8, micro_batch_size: 4, warmup_steps: 1}
+logging: {log_every: 1, tensorboard: false}
+checkpoint: {every: 0, save_final: true}
+eval: {every: 0}
+"""
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("launchers")
+    subprocess.run([sys.executable, "-m", "megacoca", "data", "synth-shapes", "--out", str(root / "shapes"),
+                    "--train-samples", "64", "--val-samples", "16", "--image-size", "32", "--shard-size", "16",
+                    "--workers", "1"], check=True, capture_output=True, env=_env())
+    (root / "tiny.yaml").write_text(TINY_YAML)
+    return root
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["PATH"] = BIN + os.pathsep + env.get("PATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def _port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+def _train_args(data, run_dir):
+    return ["--config", str(data / "tiny.yaml"), "--train-shards", str(data / "shapes" / "train"),
+            "--run-dir", str(run_dir)]
+
+
+def _run(cmd, timeout=400):
+    result = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return result
+
+
+def _check_trained(result, run_dir, world):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = [r for r in map(json.loads, open(run_dir / "metrics.jsonl")) if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(r["loss"] > 0 and r["samples_per_s"] > 0 for r in records)
+    assert f"(world {world})" in result.stdout
+    assert os.path.isfile(run_dir / "checkpoints" / "step00000002" / "COMPLETE")
+
+
+def test_deepspeed_num_gpus_module(data):
+    run_dir = data / "ds_module"
+    result = _run(["deepspeed", "--num_gpus", "2", "--master_port", _port(), "--module", "megacoca.train",
+                   *_train_args(data, run_dir), "--val-shards", str(data / "shapes" / "val"), "--set", "eval.every=2"])
+    _check_trained(result, run_dir, 2)
+    evals = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if '"eval/' in line]
+    assert [r["step"] for r in evals] == [2]  # the eval hook ran through the launcher
+
+
+def test_deepspeed_hostfile_module_file(data):
+    run_dir = data / "ds_hostfile"
+    hostfile = data / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    # One host and no ssh on the test machine: --no_ssh_check and an explicit master address.
+    result = _run(["deepspeed", "--hostfile", str(hostfile), "--no_ssh_check", "--master_addr", "127.0.0.1",
+                   "--master_port", _port(), os.path.join(REPO, "megacoca", "train.py"), *_train_args(data, run_dir)])
+    _check_trained(result, run_dir, 2)
+
+
+def test_torchrun(data):
+    run_dir = data / "torchrun"
+    result = _run(["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "megacoca.train",
+                   *_train_args(data, run_dir)])
+    _check_trained(result, run_dir, 2)
+
+
+def test_single_process_console_script(data):
+    run_dir = data / "single"
+    result = _run(["megacoca", "train", *_train_args(data, run_dir), "--set", "schedule.micro_batch_size=8"])
+    _check_trained(result, run_dir, 1)
+
+
+def test_bad_input_under_deepspeed_is_one_line_and_no_hang(data):
+    result = _run(["deepspeed", "--num_gpus", "2", "--master_port", _port(), "--module", "megacoca.train",
+                   *_train_args(data, data / "bad"), "--set", "schedule.micro_batch_size=3"], timeout=120)
+    assert result.returncode != 0
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if "megacoca train: error:" in line]
+    assert errors == ["megacoca train: error: schedule.global_batch_size 8 is not divisible by micro_batch_size 3 "
+                      "x dp 2 = 6"]
+    assert "Traceback" not in result.stderr
