@@ -7,9 +7,24 @@ import os
 import torch
 
 
+# Triton picks interpreted or compiled when a kernel is defined, i.e. when this package is imported; capture the
+# choice once so that the launchers agree with the kernels even if the variable changes later.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def interpreting() -> bool:
-    """True when Triton runs through its CPU interpreter (`TRITON_INTERPRET=1`)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when the kernels were defined under Triton's CPU interpreter (`TRITON_INTERPRET=1` at import)."""
+    return _INTERPRET
+
+
+def check_device(t: torch.Tensor, op: str) -> None:
+    """A clear error instead of Triton's "0 active drivers" when a CPU tensor meets compiled kernels."""
+    if t.device.type != "cuda" and not _INTERPRET:
+        raise RuntimeError(
+            f"megacoca_kernels.{op}: got a {t.device.type} tensor; the kernels run on CUDA, or on CPU through "
+            "Triton's interpreter when TRITON_INTERPRET=1 is set before megacoca_kernels is imported "
+            "(or use kernels='torch')"
+        )
 
 
 def upcast_tiles(dtype: torch.dtype) -> bool:

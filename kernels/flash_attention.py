@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import dot_precision, empty, empty_like, interpreting, upcast_tiles
+from ._utils import check_device, dot_precision, empty, empty_like, interpreting, upcast_tiles
 
 LOG2E = 1.4426950408889634
 
@@ -455,6 +455,7 @@ def flash_attention(q, k, v, *, causal=False, kv_mask=None, softmax_scale=None):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"flash_attention expects (B, H, L, D) tensors, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
+    check_device(q, "flash_attention")
     B, H, LQ, D = q.shape
     if k.shape != (B, H, k.shape[2], D) or v.shape != k.shape:
         raise ValueError(f"k and v must be (B, H, Lk, D) matching q {tuple(q.shape)}; got {tuple(k.shape)}, "

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import empty, interpreting
+from ._utils import check_device, empty, interpreting
 
 MAX_FUSED_BYTES = 65536
 
@@ -156,6 +156,7 @@ class LayerNormFunction(torch.autograd.Function):
 
 def layer_norm(x, weight, bias, eps=1e-5):
     """LayerNorm over the last dim of x (any leading dims); weight and bias (N,) or None."""
+    check_device(x, "layer_norm")
     N = x.shape[-1]
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.shape != (N,):

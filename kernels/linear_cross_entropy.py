@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import empty, empty_like, interpreting
+from ._utils import check_device, empty, empty_like, interpreting
 
 # Largest logits chunk, in elements (2**28 = 512 MiB of bf16): at V = 64k that is 4096 tokens, so 32k
 # tokens take 8 chunks and the fp32 grad_weight accumulation costs little next to the matmuls.
@@ -198,6 +198,7 @@ def linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_index=-100
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    check_device(hidden, "linear_cross_entropy")
     Hd = hidden.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != Hd:
         raise ValueError(f"weight must be (V, {Hd}), got {tuple(weight.shape)}")

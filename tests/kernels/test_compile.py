@@ -20,3 +20,12 @@ def test_kernels_compile_for_sm90():
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("ok ") >= 11, result.stdout
+
+
+def test_cpu_tensor_with_compiled_kernels_is_a_clear_error():
+    code = ("import torch\nfrom megacoca_kernels import layer_norm\n"
+            "layer_norm(torch.randn(2, 8), None, None)\n")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "TRITON_INTERPRET=1" in result.stderr.strip().splitlines()[-1], result.stderr
