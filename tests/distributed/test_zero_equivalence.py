@@ -1,5 +1,6 @@
 """Two optimizer steps under ZeRO-3 on 2 ranks equal ZeRO-0 on 2 ranks, and both equal one plain-torch process
-over the global batch (AdamW with the same groups, clipping and lr schedule): loss, grad norm, parameters."""
+over the global batch (AdamW with the same groups, clipping and lr schedule): loss, grad norm, parameters.
+Also with gradient accumulation, and with per-block activation checkpointing under ZeRO-3."""
 
 import os
 
@@ -17,8 +18,8 @@ from megacoca.trainer import Trainer, lr_lambda, param_groups, seed_everything
 STEPS, GLOBAL = 2, 8
 
 
-def _job(run_dir, ds_name, micro):
-    job = build_config(overrides=[
+def _job(run_dir, ds_name, micro, checkpointing=False):
+    job = build_config(overrides=[f"parallel.activation_checkpointing={checkpointing}",
         f"parallel.deepspeed_config={ds_name}", f"schedule.steps={STEPS}", f"schedule.global_batch_size={GLOBAL}",
         f"schedule.micro_batch_size={micro}", "schedule.warmup_steps=1", "optim.lr=1e-3", "optim.grad_clip=1.0",
         f"logging.run_dir={run_dir}", "logging.tensorboard=false", "logging.log_every=1", "checkpoint.save_final=false"])
@@ -32,8 +33,8 @@ def _full_params(module):
         return {name: p.detach().float().clone() for name, p in module.named_parameters()}
 
 
-def _train(rank, world_size, tmp, ds_name, micro):
-    job = _job(os.path.join(tmp, f"{ds_name}_{micro}"), ds_name, micro)
+def _train(rank, world_size, tmp, ds_name, micro, checkpointing=False):
+    job = _job(os.path.join(tmp, f"{ds_name}_{micro}_{checkpointing}"), ds_name, micro, checkpointing)
     ds_config = build_deepspeed_config(job, world_size)
     if ds_config["zero_optimization"]["stage"] == 3:
         ds_config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # really shard the tiny model
@@ -47,8 +48,10 @@ def _train(rank, world_size, tmp, ds_name, micro):
 
 
 def _all_variants(rank, world_size, tmp):
-    return {(name, micro): _train(rank, world_size, tmp, name, micro)
+    runs = {(name, micro): _train(rank, world_size, tmp, name, micro)
             for name, micro in (("zero0_fp32", 4), ("zero3_fp32", 4), ("zero0_fp32", 2), ("zero3_fp32", 2))}
+    runs["checkpointed"] = _train(rank, world_size, tmp, "zero3_fp32", 4, checkpointing=True)
+    return runs
 
 
 def _reference(tmp):
@@ -92,6 +95,7 @@ def test_zero3_equals_zero0_equals_one_process(tmp_path):
         _assert_same(z3, z0, 1e-4, 1e-5, "zero3 vs zero0")
         _assert_same(rank_result[("zero3_fp32", 2)], rank_result[("zero0_fp32", 2)], 1e-4, 1e-5,
                      "zero3 vs zero0 with gradient accumulation 2")
+        _assert_same(rank_result["checkpointed"], z0, 1e-4, 1e-5, "zero3 + activation checkpointing vs zero0")
         total = sum(p.numel() for p in z0["params"].values())
         assert z3["local_numel"] < total / 2 + 1000  # ZeRO-3 kept only its shard of the parameters
     assert reference["grad_norm"][0] > 1.0  # clipping was active
