@@ -40,7 +40,7 @@ def _attention_types(dtype):
     def arg_type(name):
         if name in ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ"):
             return "*" + dtype
-        if name in ("LSE", "DELTA"):
+        if name in ("LSE", "DELTA", "DQ_ACC"):
             return "*fp32"
         if name == "KV_MASK":
             return "*u8"
@@ -68,8 +68,9 @@ def variants(full: bool):
                 bwd_tile = dict(BLOCK_M=64, BLOCK_N=64) if block_d <= 128 else dict(BLOCK_M=32, BLOCK_N=64)
                 yield (f"attention fwd {tag}", fa._flash_attention_fwd_kernel, _attention_types(dtype),
                        {**common, **fwd_tile}, 8, 3 if block_d <= 128 else 2)
-                yield (f"attention dkdv {tag}", fa._flash_attention_bwd_dkdv_kernel, _attention_types(dtype),
-                       {**common, **bwd_tile}, 4, 2)
+                for atomic in (False, True):
+                    yield (f"attention dkdv {tag} dq_atomic={atomic}", fa._flash_attention_bwd_dkdv_kernel,
+                           _attention_types(dtype), {**common, **bwd_tile, "DQ_ATOMIC": atomic}, 4, 2)
                 yield (f"attention dq {tag}", fa._flash_attention_bwd_dq_kernel, _attention_types(dtype),
                        {**common, **bwd_tile}, 4, 2)
     yield ("attention bwd preprocess", fa._flash_attention_bwd_preprocess_kernel, _attention_types("bf16"),

@@ -20,6 +20,7 @@ logsumexp is in the same units.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -204,11 +205,11 @@ def _load_lse(LSE, rows, LQ):
     return tl.where(lse == float("-inf"), float("inf"), lse)
 
 
-@triton.autotune(configs=_configs("bwd"), key=["LQ", "LK", "BLOCK_D", "CAUSAL", "HAS_KV_MASK"],
-                 prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs("bwd"), key=["LQ", "LK", "BLOCK_D", "CAUSAL", "HAS_KV_MASK", "DQ_ATOMIC"],
+                 prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["DQ_ACC"])
 @triton.jit
 def _flash_attention_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, KV_MASK,
+    Q, K, V, DO, LSE, DELTA, DK, DV, KV_MASK, DQ_ACC,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -218,9 +219,14 @@ def _flash_attention_bwd_dkdv_kernel(
     stride_maskb,
     H, LQ, LK, D, qk_scale, softmax_scale,
     CAUSAL: tl.constexpr, HAS_KV_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One program per key block: dV = P^T dO, dK = scale * dS^T Q, looping over query blocks."""
+    """One program per key block: dV = P^T dO, dK = scale * dS^T Q, looping over query blocks.
+
+    With DQ_ATOMIC it also adds each tile's dQ = scale * dS K into the fp32 buffer DQ_ACC (B*H, Lq, D) with
+    atomics (FlashAttention-2's scheme: 5 matmuls per tile instead of 7, but not bit-deterministic).
+    """
     start_n = tl.program_id(0) * BLOCK_N
     off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
@@ -273,6 +279,10 @@ def _flash_attention_bwd_dkdv_kernel(
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         dst = pt * (dpt - delta[None, :])
         dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        if DQ_ATOMIC:
+            dq = tl.dot(tl.trans(dst).to(k.dtype), k, input_precision=DOT_PRECISION) * softmax_scale
+            dq_ptrs = DQ_ACC + off_bh.to(tl.int64) * LQ * D + rows[:, None] * D + offs_d[None, :]
+            tl.atomic_add(dq_ptrs, dq, mask=q_tile_mask)
     dk = dk * softmax_scale
     tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_tile_mask)
@@ -387,6 +397,12 @@ def flash_attention_fwd(q, k, v, causal: bool, kv_mask, softmax_scale: float):
     return out, lse
 
 
+# How the backward computes dQ. False (default): a separate dQ kernel, no atomics, bit-deterministic, 7 tile
+# matmuls in all. True: the dK/dV kernel adds dQ with fp32 atomics, 5 matmuls (FlashAttention-2's choice).
+# Read at each backward call; the environment variable sets the default. bench.py measures both.
+DQ_ATOMIC = os.environ.get("MEGACOCA_FLASH_DQ_ATOMIC", "0") == "1"
+
+
 def flash_attention_bwd(do, q, k, v, out, lse, causal: bool, kv_mask, softmax_scale: float):
     """Launch the backward kernels; returns (dq, dk, dv) in the input dtype."""
     B, H, LQ, D = q.shape
@@ -401,13 +417,15 @@ def flash_attention_bwd(do, q, k, v, out, lse, causal: bool, kv_mask, softmax_sc
         out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
         H, LQ, D, BLOCK_M=pre_block, BLOCK_D=block_d,
     )
-    dq = empty_like(q)
     dk = empty_like(k)
     dv = empty_like(v)
+    atomic = bool(DQ_ATOMIC)
+    # fp32 dQ accumulator for the atomic path; a 1-element stand-in otherwise (the autotuner zeroes it).
+    dq_acc = torch.zeros((B, H, LQ, D) if atomic else (1,), device=q.device, dtype=torch.float32)
     mask, stride_maskb, has_mask = _mask_args(kv_mask, q)
     common = dict(CAUSAL=causal, HAS_KV_MASK=has_mask, UPCAST=upcast, DOT_PRECISION=precision, BLOCK_D=block_d)
     _flash_attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(LK, meta["BLOCK_N"]), B * H)](
-        q, k, v, do, lse, delta, dk, dv, mask,
+        q, k, v, do, lse, delta, dk, dv, mask, dq_acc,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -415,8 +433,11 @@ def flash_attention_bwd(do, q, k, v, out, lse, causal: bool, kv_mask, softmax_sc
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
         stride_maskb,
-        H, LQ, LK, D, softmax_scale * LOG2E, softmax_scale, **common,
+        H, LQ, LK, D, softmax_scale * LOG2E, softmax_scale, DQ_ATOMIC=atomic, **common,
     )
+    if atomic:
+        return dq_acc.to(q.dtype), dk, dv
+    dq = empty_like(q)
     _flash_attention_bwd_dq_kernel[lambda meta: (triton.cdiv(LQ, meta["BLOCK_M"]), B * H)](
         q, k, v, do, lse, delta, dq, mask,
         q.stride(0), q.stride(1), q.stride(2),

@@ -153,3 +153,12 @@ def test_flash_attention_unequal_tiles(blocks, device, monkeypatch):
     _check(2, 1, 77, 77, 64, True, "pad", torch.float32, device)
     _check(1, 2, 130, 45, 32, True, "empty", torch.float32, device)
     _check(1, 2, 45, 130, 88, False, "pad", torch.float32, device)
+
+
+@pytest.mark.parametrize("case", [CASES[3], CASES[7], CASES[9], CASES[11]], ids=_ids)
+def test_flash_attention_atomic_dq(case, device, monkeypatch):
+    """The FlashAttention-2 style backward (dQ added with atomics inside the dK/dV kernel)."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("megacoca_kernels.flash_attention"), "DQ_ATOMIC", True)
+    _check(*case, torch.float16, device)
