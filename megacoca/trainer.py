@@ -214,6 +214,15 @@ class Trainer:
             values /= self.dims.dp_size
         return values.double().cpu().tolist()
 
+    def _skipped_samples(self) -> int:
+        """Bad samples the loaders skipped so far, summed over the data-parallel ranks."""
+        skipped = getattr(self.train_loader, "skipped", 0) or 0
+        count = torch.tensor([float(sum(skipped.values()) if isinstance(skipped, dict) else skipped)],
+                             device=self.device)
+        if self.dims.dp_size > 1:
+            dist.all_reduce(count, group=self.dims.dp_group)
+        return int(count.item())
+
     def train(self) -> list[dict]:
         job = self.job
         batches = self._batches()
@@ -229,14 +238,14 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 samples_per_s = window_steps * job.schedule.global_batch_size / max(elapsed, 1e-9)
                 tflops = samples_per_s * self.flops_per_sample / self.dims.world_size / 1e12
-                skipped = getattr(self.train_loader, "skipped", None)
+                skipped = self._skipped_samples()
                 record = {
                     "step": self.step, "loss": loss, "loss_contrastive": loss_con, "loss_caption": loss_cap,
                     "logit_scale": scale, "lr": result["lr"],
                     "grad_norm": None if result["grad_norm"] is None else float(result["grad_norm"]),
                     "samples_per_s": samples_per_s, "tflops_per_device": tflops,
                     "mfu": None if self.peak is None else tflops * 1e12 / self.peak,
-                    "skipped_samples": sum(skipped.values()) if isinstance(skipped, dict) else (skipped or 0),
+                    "skipped_samples": skipped,
                 }
                 self.history.append(record)
                 self.logger.log_train(record)
