@@ -11,7 +11,11 @@ Layout is torch SDPA's: q (B, H, Lq, D), k and v (B, H, Lk, D), out (B, H, Lq, D
   the saved logsumexp of such a row is -inf, read back as +inf in the backward so that p = 0.
 - fp32 / fp16 / bf16 inputs, fp32 accumulation; the backward is a delta = rowsum(dO * O) preprocess,
   a dK/dV kernel (one program per key block, looping over queries) and a dQ kernel (one program per
-  query block, looping over keys): no atomics, deterministic.
+  query block, looping over keys): no atomics, deterministic, 7 tile matmuls. `DQ_ATOMIC = True` (or
+  MEGACOCA_FLASH_DQ_ATOMIC=1) switches to FlashAttention-2's scheme instead: the dK/dV kernel also adds
+  dQ into an fp32 buffer with atomics, 5 matmuls, not bit-reproducible. Which is faster on CoCa's short
+  sequences is for bench.py to say.
+- GPU tiles are autotuned per (Lq, Lk, head dim, flags); under the interpreter one 32x32 tile is used.
 
 Scores are kept in base 2: s = q.k * softmax_scale * log2(e), so exp2 replaces exp; the saved
 logsumexp is in the same units.
