@@ -175,7 +175,7 @@ class Trainer:
                 raise RuntimeError("the training data loader produced no batch")
 
     def train_step(self, batches) -> dict:
-        sums = torch.zeros(4, dtype=torch.float64)
+        sums = torch.zeros(4, device=self.device)  # stays on the device: no host sync per micro-batch
         lr = self.optimizer.param_groups[0]["lr"]
         own_norm = None
         for micro in range(self.grad_accum):
@@ -188,8 +188,8 @@ class Trainer:
             if micro == self.grad_accum - 1 and self._needs_own_grad_norm:
                 own_norm = self._replicated_grad_norm()
             self.engine.step()
-            sums += torch.stack([loss.detach().float().cpu(), parts["loss_contrastive"].float().cpu(),
-                                 parts["loss_caption"].float().cpu(), parts["logit_scale"].float().cpu()]).double()
+            sums += torch.stack([loss.detach().float(), parts["loss_contrastive"].float(),
+                                 parts["loss_caption"].float(), parts["logit_scale"].float()])
         self.step += 1
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is None:
@@ -208,7 +208,7 @@ class Trainer:
 
     def _reduce(self, sums: torch.Tensor) -> list[float]:
         """Micro-batch and data-parallel mean of the per-rank losses (= the global-batch loss)."""
-        values = (sums / self.grad_accum).to(self.device, torch.float32)
+        values = sums / self.grad_accum
         if self.dims.dp_size > 1:
             dist.all_reduce(values, group=self.dims.dp_group)
             values /= self.dims.dp_size
