@@ -7,7 +7,7 @@ before the kernels run (conftest), so an element a kernel forgets to write fails
 
 import pytest
 import torch
-from conftest import assert_close_to_ref
+from kernel_asserts import assert_close_to_ref
 
 from megacoca_kernels import flash_attention, flash_attention_ref
 

@@ -5,7 +5,7 @@ Errors are bounded by twice torch's own same-dtype error (vs fp64) plus atol; ou
 
 import pytest
 import torch
-from conftest import assert_close_to_ref
+from kernel_asserts import assert_close_to_ref
 
 from megacoca_kernels import layer_norm, layer_norm_ref
 

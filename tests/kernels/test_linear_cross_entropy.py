@@ -8,7 +8,7 @@ import importlib
 
 import pytest
 import torch
-from conftest import assert_close_to_ref
+from kernel_asserts import assert_close_to_ref
 
 from megacoca_kernels import linear_cross_entropy, linear_cross_entropy_ref
 

@@ -12,17 +12,17 @@ import torch
 from megacoca.models.coca import CoCa, get_flavor
 
 
-def make_batch(cfg, batch=2, length=12):
+def make_batch(cfg, device, batch=2, length=12):
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(batch, 3, cfg.image_size, cfg.image_size, generator=generator)
     text = torch.randint(4, cfg.vocab_size, (batch, length), generator=generator)
     text[:, 0] = 2
     text[0, 7:] = cfg.pad_id  # one padded caption: kv_mask on the text keys, ignored caption targets
-    return images, text
+    return images.to(device), text.to(device)
 
 
 def loss_and_grads(cfg, state, images, text):
-    model = CoCa(cfg).train()
+    model = CoCa(cfg).to(images.device).train()
     model.load_state_dict(state)
     out = model(images, text)
     contrastive = (out["image_features"] @ out["text_features"].t() * out["logit_scale"]).logsumexp(-1).sum()
@@ -45,11 +45,11 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_triton_kernels_match_torch_in_the_model(layout):
+def test_triton_kernels_match_torch_in_the_model(layout, device):
     base = get_flavor("coca_tiny", **SMALL, **LAYOUTS[layout])
     torch.manual_seed(0)
     state = CoCa(base.replace(kernels="torch")).state_dict()
-    images, text = make_batch(base)
+    images, text = make_batch(base, device)
     ref_loss, ref_caption, ref_grads = loss_and_grads(base.replace(kernels="torch"), state, images, text)
     loss, caption, grads = loss_and_grads(base.replace(kernels="triton"), state, images, text)
     torch.testing.assert_close(caption, ref_caption, atol=1e-4, rtol=1e-5)
@@ -60,7 +60,7 @@ def test_triton_kernels_match_torch_in_the_model(layout):
         torch.testing.assert_close(g, ref_grads[name], atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
-def test_triton_path_really_runs_the_kernels(monkeypatch):
+def test_triton_path_really_runs_the_kernels(monkeypatch, device):
     """Guard against the comparison above passing because ops.py silently fell back to torch."""
     import megacoca_kernels
 
@@ -74,6 +74,6 @@ def test_triton_path_really_runs_the_kernels(monkeypatch):
 
         monkeypatch.setattr(megacoca_kernels, name, counted)
     cfg = get_flavor("coca_tiny", **SMALL, kernels="triton")
-    images, text = make_batch(cfg)
-    CoCa(cfg)(images, text)["caption_loss_sum"].backward()
+    images, text = make_batch(cfg, device)
+    CoCa(cfg).to(device)(images, text)["caption_loss_sum"].backward()
     assert all(n > 0 for n in calls.values()), calls
