@@ -1,0 +1,230 @@
+"""Training step of megacoca against open_clip on the same open_clip-layout model, weights and batch.
+
+A step is forward, CoCa loss (2 x caption + 1 x contrastive), backward and AdamW, in fp32 on CPU threads.
+The two run in alternating fresh processes (open_clip, megacoca, open_clip, megacoca, ...), each reporting
+its median step time and peak RSS (ru_maxrss: the whole process, imports and weight loading included); the
+first step's loss is printed for both as a check that they compute the same thing.
+
+    python benchmarks/train_step_vs_open_clip.py                      # coca_ViT-B-32, batch 8, 2 threads
+    python benchmarks/train_step_vs_open_clip.py --model coca_ViT-B-32 --batch 8 --steps 4 --rounds 2
+    python benchmarks/train_step_vs_open_clip.py --text full           # no padding: every caption 76 tokens
+
+`--text captions` (default) tokenizes ordinary image captions with the CLIP BPE, so most of the 76 positions
+are padding, as in real CoCa training data. Goal (issue 4): megacoca <= 0.8x open_clip's step time and no more
+than its peak memory. Not a test; prints ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+CAPTIONS = [
+    "a man riding a wave on top of a surfboard",
+    "two dogs playing with a frisbee in a grassy park on a sunny afternoon",
+    "a plate of food with broccoli, rice and a piece of grilled chicken",
+    "a red double decker bus driving down a city street next to tall buildings",
+    "a cat sleeping on a laptop keyboard",
+    "a group of people standing around a kitchen counter preparing a large meal together for a party",
+    "an airplane flying over a snowy mountain range",
+    "a small child holding an umbrella in the rain while wearing yellow boots",
+]
+
+
+def make_batch(cfg: dict, batch: int, text_mode: str, seed: int = 0):
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    size = cfg["vision_cfg"].get("image_size", 224)
+    images = torch.randn(batch, 3, size, size, generator=generator)
+    context = cfg["text_cfg"].get("context_length", 76)
+    if text_mode == "full":
+        text = torch.randint(1, 49406, (batch, context), generator=generator)
+        text[:, 0], text[:, -1] = 49406, 49407
+    else:
+        from megacoca.data.tokenizer import ClipBpeTokenizer
+
+        text = ClipBpeTokenizer(context).encode([CAPTIONS[i % len(CAPTIONS)] for i in range(batch)])
+    return images, text
+
+
+def prepare(args, workdir: str) -> dict:
+    """Random open_clip weights (decoder projection initialised), the same weights in megacoca's layout, a batch."""
+    import open_clip
+    import torch
+
+    from megacoca.models.coca.open_clip import config_from_open_clip, from_open_clip
+
+    torch.manual_seed(0)
+    model = open_clip.create_model(args.model, pretrained=None)
+    with torch.no_grad():
+        projection = model.text_decoder.text_projection
+        projection.normal_(std=projection.shape[0] ** -0.5)
+    state = model.state_dict()
+    open_clip_config = open_clip.get_model_config(args.model)
+    cfg = config_from_open_clip(open_clip_config, kernels="auto")
+    paths = {
+        "open_clip_state": os.path.join(workdir, "open_clip.pt"),
+        "megacoca_state": os.path.join(workdir, "megacoca.pt"),
+        "batch": os.path.join(workdir, "batch.pt"),
+    }
+    torch.save(state, paths["open_clip_state"])
+    torch.save(from_open_clip(state, cfg), paths["megacoca_state"])
+    torch.save(make_batch(open_clip_config, args.batch, args.text), paths["batch"])
+    paths["megacoca_config"] = cfg.to_dict()
+    del model, state
+    return paths
+
+
+def trimmed_coca_class():
+    """PROPOSAL, not megacoca's model: the CoCa training forward run only over the positions the loss needs.
+
+    With causal text blocks, no kept row attends to a position past the batch's last real token (plus the
+    first pad, which open_clip's shifted CLS mask lets the CLS see), so the text tower can drop the trailing
+    pad positions (the CLS keeps its positional embedding at index L), and the decoder and caption head can
+    stop at the last position with a real target. Same loss up to float rounding; measured here to size the
+    change proposed for megacoca/models/coca/{model,text}.py (see the report of issue 4).
+    """
+    import torch
+
+    from megacoca.models.coca import CoCa
+    from megacoca.models.coca.layers import run_blocks
+    from megacoca.models.coca.text import text_key_mask
+    import torch.nn.functional as F
+
+    class TrimmedCoCa(CoCa):
+        def forward(self, images, text, *, caption_loss=True):
+            if not caption_loss:
+                return super().forward(images, text, caption_loss=False)
+            cfg, pad = self.cfg, self.cfg.pad_id
+            image_embedding, image_tokens = self.image_towers(images)
+            length = text.shape[1]
+            last_real = int((text != pad).any(0).nonzero().max()) + 1
+            keep = min(length, last_real + 1) if cfg.legacy_cls_mask else last_real
+            key_mask = text_key_mask(text, pad, cfg.legacy_cls_mask)
+            key_mask = torch.cat([key_mask[:, :keep], key_mask[:, length:]], dim=1)
+            embed = self.text.embed
+            x = embed.token_embedding(text[:, :keep])
+            x = torch.cat([x, embed.cls_embedding.to(x.dtype).expand(x.shape[0], 1, -1)], dim=1)
+            positions = torch.cat([embed.positional_embedding[:keep], embed.positional_embedding[length : length + 1]])
+            x = run_blocks(self.text.blocks, x + positions.to(x.dtype), self.text.checkpointed, causal=True,
+                           kv_mask=key_mask)
+            text_embedding, token_outputs = self.text.outputs(x)
+            decoded = last_real - 1  # positions whose target text[:, i + 1] is real somewhere in the batch
+            hidden = self.decoder(token_outputs[:, :decoded], image_tokens)
+            targets = text[:, 1 : decoded + 1]
+            return {
+                "image_features": F.normalize(image_embedding, dim=-1),
+                "text_features": F.normalize(text_embedding, dim=-1),
+                "logit_scale": self.clamped_logit_scale(),
+                "caption_loss_sum": self.caption_head(hidden, targets.masked_fill(targets == pad, -100)),
+                "caption_tokens": (text[:, 1:] != pad).sum(),
+            }
+
+    return TrimmedCoCa
+
+
+def worker(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    paths = json.loads(args.paths)
+    images, text = torch.load(paths["batch"], weights_only=True)
+    if args.worker == "open_clip":
+        import open_clip
+        from open_clip.loss import CoCaLoss
+
+        model = open_clip.create_model(args.model, pretrained=None)
+        model.load_state_dict(torch.load(paths["open_clip_state"], mmap=True, weights_only=True), strict=True)
+        loss_fn = CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0)
+
+        def compute_loss():
+            clip_loss, caption_loss = loss_fn(**model(images, text))
+            return clip_loss + caption_loss
+    else:
+        from megacoca.config.model import CoCaConfig
+        from megacoca.losses import CoCaLoss
+        from megacoca.models.coca import CoCa
+
+        model_class = trimmed_coca_class() if args.worker == "megacoca_trimmed" else CoCa
+        model = model_class(CoCaConfig.from_dict(paths["megacoca_config"]))
+        model.load_state_dict(torch.load(paths["megacoca_state"], mmap=True, weights_only=True), strict=True)
+        loss_fn = CoCaLoss(contrastive_weight=1.0, caption_weight=2.0)
+
+        def compute_loss():
+            return loss_fn(model(images, text))[0]
+
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1)
+    times, first_loss = [], None
+    for step in range(args.steps + 1):  # step 0 warms up
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = compute_loss()
+        loss.backward()
+        optimizer.step()
+        elapsed = time.perf_counter() - start
+        if step == 0:
+            first_loss = loss.item()
+        else:
+            times.append(elapsed)
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux: KiB
+    print(json.dumps({"impl": args.worker, "step_s": statistics.median(times), "times": times,
+                      "peak_rss_gb": peak_gb, "first_loss": first_loss}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="coca_ViT-B-32")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per process (after one warm-up)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating process pairs")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--text", choices=("captions", "full"), default="captions")
+    parser.add_argument("--proposal", action="store_true",
+                        help="also time megacoca_trimmed: the trimmed-sequence forward proposed for the model")
+    parser.add_argument("--worker", choices=("open_clip", "megacoca", "megacoca_trimmed"), help=argparse.SUPPRESS)
+    parser.add_argument("--paths", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    with tempfile.TemporaryDirectory(prefix="megacoca_bench_") as workdir:
+        paths = prepare(args, workdir)
+        impls = ("open_clip", "megacoca") + (("megacoca_trimmed",) if args.proposal else ())
+        results: dict[str, list[dict]] = {impl: [] for impl in impls}
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+        for round_index in range(args.rounds):
+            for impl in impls:
+                command = [sys.executable, __file__, "--worker", impl, "--paths", json.dumps(paths),
+                           "--model", args.model, "--steps", str(args.steps), "--threads", str(args.threads)]
+                output = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
+                record = json.loads(output.strip().splitlines()[-1])
+                results[impl].append(record)
+                print(f"round {round_index} {impl:16s}: step {record['step_s']:.3f} s (median of "
+                      f"{len(record['times'])}), peak RSS {record['peak_rss_gb']:.2f} GB, "
+                      f"first loss {record['first_loss']:.6f}", flush=True)
+    step = {impl: statistics.median(r["step_s"] for r in records) for impl, records in results.items()}
+    peak = {impl: max(r["peak_rss_gb"] for r in records) for impl, records in results.items()}
+    import torch
+
+    print(f"\n{args.model}, batch {args.batch}, text={args.text}, {args.threads} threads, fp32, torch {torch.__version__}, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    for impl in impls:
+        print(f"{impl:16s}: {step[impl]:.3f} s/step, peak RSS {peak[impl]:.2f} GB")
+    for impl in impls[1:]:
+        print(f"step time ratio {impl}/open_clip: {step[impl] / step['open_clip']:.3f} (goal <= 0.8)")
+        print(f"peak RSS ratio {impl}/open_clip: {peak[impl] / peak['open_clip']:.3f} (goal <= 1.0)")
+
+
+if __name__ == "__main__":
+    main()
