@@ -36,32 +36,7 @@ def loss_and_grads(cfg, state, images, text):
 # Python-level program per LayerNorm row.
 SMALL = dict(image_size=32, caption_queries=8, vocab_size=300, vision_layers=2, text_layers=1, decoder_layers=1)
 
-LAYOUTS = {
-    "paper": {},
-    "open_clip": dict(pooler_layout="open_clip", legacy_cls_mask=True, text_tokens_after_ln=False,
-                      decoder_mlp_after_self_attn=True, vision_class_token=True),
-    "paper-checkpointed": dict(activation_checkpointing=True),
-}
-
-
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_triton_kernels_match_torch_in_the_model(layout, device):
-    base = get_flavor("coca_tiny", **SMALL, **LAYOUTS[layout])
-    torch.manual_seed(0)
-    state = CoCa(base.replace(kernels="torch")).state_dict()
-    images, text = make_batch(base, device)
-    ref_loss, ref_caption, ref_grads = loss_and_grads(base.replace(kernels="torch"), state, images, text)
-    loss, caption, grads = loss_and_grads(base.replace(kernels="triton"), state, images, text)
-    torch.testing.assert_close(caption, ref_caption, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
-    missing = [name for name, g in grads.items() if g is None]
-    assert not missing, f"no gradient through the Triton path for {missing}"
-    for name, g in grads.items():
-        torch.testing.assert_close(g, ref_grads[name], atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
-
-
-def test_triton_path_really_runs_the_kernels(monkeypatch, device):
-    """Guard against the comparison above passing because ops.py silently fell back to torch."""
+def count_kernel_calls(monkeypatch):
     import megacoca_kernels
 
     calls = {"flash_attention": 0, "layer_norm": 0, "linear_cross_entropy": 0}
@@ -73,7 +48,32 @@ def test_triton_path_really_runs_the_kernels(monkeypatch, device):
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(megacoca_kernels, name, counted)
-    cfg = get_flavor("coca_tiny", **SMALL, kernels="triton")
-    images, text = make_batch(cfg, device)
-    CoCa(cfg).to(device)(images, text)["caption_loss_sum"].backward()
+    return calls
+
+
+LAYOUTS = {
+    "paper": {},
+    "open_clip": dict(pooler_layout="open_clip", legacy_cls_mask=True, text_tokens_after_ln=False,
+                      decoder_mlp_after_self_attn=True, vision_class_token=True),
+    "paper-checkpointed": dict(activation_checkpointing=True),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_triton_kernels_match_torch_in_the_model(layout, device, monkeypatch):
+    calls = count_kernel_calls(monkeypatch)
+    base = get_flavor("coca_tiny", **SMALL, **LAYOUTS[layout])
+    torch.manual_seed(0)
+    state = CoCa(base.replace(kernels="torch")).state_dict()
+    images, text = make_batch(base, device)
+    ref_loss, ref_caption, ref_grads = loss_and_grads(base.replace(kernels="torch"), state, images, text)
+    assert not any(calls.values()), calls
+    loss, caption, grads = loss_and_grads(base.replace(kernels="triton"), state, images, text)
+    # Guard against the comparison passing because ops.py silently fell back to torch.
     assert all(n > 0 for n in calls.values()), calls
+    torch.testing.assert_close(caption, ref_caption, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    missing = [name for name, g in grads.items() if g is None]
+    assert not missing, f"no gradient through the Triton path for {missing}"
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], atol=2e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
