@@ -12,6 +12,15 @@ PAD, BOS = 0, 1
 VOCAB = 40
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster, and immune to oversubscription on a busy CI machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_config(layout: str, **changes) -> CoCaConfig:
     open_clip = layout == "open_clip"
     base = dict(
