@@ -85,7 +85,7 @@ def variants(full: bool):
 
     for affine in ([True, False] if full else [True]):
         c = dict(HAS_WEIGHT=affine, HAS_BIAS=affine, BLOCK_N=2048)
-        yield (f"layer_norm fwd affine={affine}", ln._layer_norm_fwd_kernel, ln_type, c, 8, 2)
+        yield (f"layer_norm fwd affine={affine}", ln._layer_norm_fwd_kernel, ln_type, {**c, "BLOCK_M": 2}, 8, 2)
         yield (f"layer_norm bwd affine={affine}", ln._layer_norm_bwd_kernel, ln_type, c, 8, 2)
 
     def lce_type(name):

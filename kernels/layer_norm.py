@@ -1,7 +1,7 @@
 """LayerNorm over the last dimension in Triton: fused forward, fused backward.
 
-Forward: one program per row, the whole row in registers (BLOCK_N = next_power_of_2(N)); saves the fp32
-mean and 1/std per row. Backward: a fixed number of programs, each walking a contiguous run of rows; dx
+Forward: BLOCK_M rows per program, each whole in registers (BLOCK_N = next_power_of_2(N)); saves the
+fp32 mean and 1/std per row. Backward: a fixed number of programs, each walking a contiguous run of rows; dx
 is written per row, dweight and dbias are summed in fp32 registers and written as one partial row per
 program, then reduced with one small torch sum (no atomics, deterministic).
 """
@@ -20,25 +20,29 @@ MAX_FUSED_BYTES = 65536
 @triton.jit
 def _layer_norm_fwd_kernel(
     X, Y, W, B, MEAN, RSTD,
-    stride_x, stride_y, N, eps,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_x, stride_y, M, N, eps,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    """BLOCK_M rows per program, each row whole in registers (several rows per program for narrow N)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, 0) / N
-    xc = tl.where(mask, x - mean, 0.0)
-    var = tl.sum(xc * xc, 0) / N
+    row_ok = rows < M
+    col_ok = cols < N
+    mask = row_ok[:, None] & col_ok[None, :]
+    rows64 = rows.to(tl.int64)
+    x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, 1) / N
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, 1) / N
     rstd = 1.0 / tl.sqrt(var + eps)
-    y = xc * rstd
+    y = xc * rstd[:, None]
     if HAS_WEIGHT:
-        y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        y = y * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
-        y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
+        y = y + tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rows64[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + rows, mean, mask=row_ok)
+    tl.store(RSTD + rows, rstd, mask=row_ok)
 
 
 @triton.jit
@@ -98,13 +102,17 @@ def layer_norm_fwd(x2d, weight, bias, eps):
     """x2d (M, N) with unit last stride -> (y (M, N), mean (M,), rstd (M,)) fp32 statistics."""
     M, N = x2d.shape
     block_n, num_warps = _launch_params(x2d, N)
+    # Rows per program: a few thousand elements per program on a GPU (narrow rows share a program); under the
+    # interpreter, fewer and larger programs are faster.
+    block_m = max(1, min(64 if interpreting() else 16, (8192 if interpreting() else 4096) // block_n))
     y = empty((M, N), device=x2d.device, dtype=x2d.dtype)
     mean = empty(M, device=x2d.device, dtype=torch.float32)
     rstd = empty(M, device=x2d.device, dtype=torch.float32)
-    _layer_norm_fwd_kernel[(M,)](
+    _layer_norm_fwd_kernel[(triton.cdiv(M, block_m),)](
         x2d, y, weight if weight is not None else x2d, bias if bias is not None else x2d, mean, rstd,
-        x2d.stride(0), y.stride(0), N, eps,
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_N=block_n, num_warps=num_warps,
+        x2d.stride(0), y.stride(0), M, N, eps,
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=num_warps,
     )
     return y, mean, rstd
 

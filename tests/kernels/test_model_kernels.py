@@ -34,7 +34,7 @@ def loss_and_grads(cfg, state, images, text):
 
 # coca_tiny's widths and head dim (128 / 4 heads = 32), fewer layers and tokens: the interpreter runs one
 # Python-level program per LayerNorm row.
-SMALL = dict(image_size=32, caption_queries=8, vocab_size=300, vision_layers=2, text_layers=1, decoder_layers=1)
+SMALL = dict(image_size=32, caption_queries=8, vocab_size=300, vision_layers=1, text_layers=1, decoder_layers=1)
 
 def count_kernel_calls(monkeypatch):
     import megacoca_kernels
