@@ -136,7 +136,12 @@ def _reduce(loss, n_valid, reduction):
 
 
 def linear_cross_entropy_fwd(hidden, weight, target, bias, ignore_index, reduction, compute_grad):
-    """hidden (N, H), weight (V, H), target (N,) -> (reduced loss, grads or Nones, n_valid)."""
+    """hidden (N, H), weight (V, H), target (N,) -> (reduced loss, (grad_hidden, grad_weight fp32, grad_bias fp32)).
+
+    The gradients are those of the reduced loss (already divided by the token count for "mean"); they are
+    Nones when compute_grad is off or reduction is "none". Targets are not range-checked (that would need a
+    device sync): a target outside [0, V) that is not ignore_index gives a wrong loss instead of an error.
+    """
     n_valid = (target != ignore_index).sum()
     if reduction == "mean":
         scale = (1.0 / n_valid.to(torch.float32)).reshape(1)
