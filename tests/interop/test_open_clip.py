@@ -22,6 +22,15 @@ from megacoca.models.coca.open_clip import (  # noqa: E402
 SOT, EOT = 62, 63  # the tiny configs' special ids (the CLIP BPE's are 49406 / 49407)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread: faster for the tiny models, and immune to oversubscription on a busy CI machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_open_clip_config(vision_width=64, embed_dim=32, **vision) -> dict:
     """A small open_clip CoCa. vision_width != embed_dim gives the pooler separate q/k/v weights."""
     return {
@@ -111,6 +120,7 @@ def test_tiny_custom_config_matches_open_clip(tmp_path, variant):
     check_outputs_match(reference, loaded, images, text)
 
 
+@pytest.mark.slow  # ~15 s on one thread; more on a loaded machine
 def test_coca_vit_b32_matches_open_clip(tmp_path):
     reference = open_clip.create_model("coca_ViT-B-32", pretrained=None).eval()
     init_decoder_projection(reference)
