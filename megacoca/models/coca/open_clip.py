@@ -76,6 +76,11 @@ def config_from_open_clip(model: str | os.PathLike | dict, **overrides) -> CoCaC
 
     if config.get("quick_gelu"):
         problems.append("quick_gelu=True (megacoca uses exact GELU)")
+    if config.get("nonscalar_logit_scale"):
+        problems.append("nonscalar_logit_scale=True")
+    for key in ("image_size", "patch_size"):
+        if not isinstance(vision.get(key, 0), int):
+            problems.append(f"vision_cfg.{key}={vision[key]!r} (megacoca takes square images and patches, an int)")
     if config.get("init_logit_bias") is not None:
         problems.append("init_logit_bias (a SigLIP-style logit bias)")
     for key in ("timm_model_name", "hf_model_name"):
