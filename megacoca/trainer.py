@@ -155,6 +155,7 @@ class Trainer:
             return False
         state = load_checkpoint(self.engine, target, self.train_loader, dp_size=self.dims.dp_size)
         self.step = state["step"]
+        self.logger.resume_at(self.step)
         self.logger.info(f"resumed from {target} at step {self.step}")
         return True
 

@@ -36,16 +36,38 @@ class MetricsLogger:
         self.stream = stream or sys.stdout
         self.writer = None
         self.jsonl = None
+        self.tensorboard = tensorboard
         self._start_time = None
         self._start_step = None
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", buffering=1)
-        if tensorboard:
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.jsonl = open(self.path, "a", buffering=1)
+        self._open_writer()
+
+    def _open_writer(self, purge_step: int | None = None) -> None:
+        if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"))
+            self.writer = SummaryWriter(log_dir=os.path.join(self.run_dir, "tensorboard"), purge_step=purge_step)
+
+    def resume_at(self, step: int) -> None:
+        """A run resumed from `step`: drop the records after it (an abandoned timeline) from metrics.jsonl and
+        TensorBoard, so the logs read like one uninterrupted run."""
+        if not self.enabled:
+            return
+        self.jsonl.close()
+        with open(self.path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
+        self.jsonl = open(self.path, "a", buffering=1)
+        if self.writer is not None:
+            self.writer.close()
+            self._open_writer(purge_step=step + 1)
 
     def _write(self, record: dict) -> None:
         self.jsonl.write(json.dumps(record) + "\n")
