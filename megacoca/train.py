@@ -91,6 +91,9 @@ def check_inputs(job, world_size: int) -> None:
 
     job.validate(world_size)
     dims = ParallelDims(job.parallel.dp, job.parallel.tp, job.parallel.pp, world_size)
+    if dims.tp_size > 1 or dims.pp_size > 1:
+        raise ConfigError(f"parallel.tp={dims.tp_size} pp={dims.pp_size}: tensor and pipeline parallelism are "
+                          "not wired into the trainer yet (use tp=1 pp=1)")
     build_deepspeed_config(job, dims.dp_size)
     job.model_config()
     from megacoca.data.shards import expand_shards

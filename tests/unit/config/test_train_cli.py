@@ -98,3 +98,10 @@ def test_missing_val_shards_when_eval_is_on(capsys, shards, tmp_path):
     err = _error(capsys, [*TINY, "--train-shards", shards, "--val-shards", str(tmp_path / "val"),
                           "--set", "eval.every=5"])
     assert "data.val_shards: shard not found" in err and "--set eval.every=0" in err
+
+
+def test_tensor_parallel_not_yet_is_a_clear_error(capsys, shards, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    err = _error(capsys, [*TINY, "--train-shards", shards, "--set", "parallel.tp=2"])
+    assert "parallel.tp=2 pp=1: tensor and pipeline parallelism are not wired into the trainer yet" in err
