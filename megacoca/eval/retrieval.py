@@ -50,16 +50,21 @@ def recall_at_k(similarity: torch.Tensor, positives: torch.Tensor, ks: Sequence[
 
 
 def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor, captions: Sequence[str] | None = None,
-                      ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
-    """`i2t_r{k}` and `t2i_r{k}` for paired (N, E) image and text embeddings.
+                      ks: Sequence[int] = DEFAULT_KS, groups: Sequence | None = None, prefix: str = "") -> dict[str, float]:
+    """`{prefix}i2t_r{k}` and `{prefix}t2i_r{k}` for paired (N, E) image and text embeddings.
 
     Pair i (image i, caption i) is the ground truth; with `captions`, identical caption strings are positives
-    of each other too. Without them only the pair's own index is positive.
+    of each other too. Without them only the pair's own index is positive. With `groups` (a label per pair),
+    every pair of the same group is a positive instead (class-level retrieval).
     """
     if image_features.shape[0] != text_features.shape[0]:
         raise ValueError(f"{image_features.shape[0]} images but {text_features.shape[0]} texts")
     n = image_features.shape[0]
-    if captions is not None:
+    if groups is not None:
+        if len(groups) != n:
+            raise ValueError(f"{len(groups)} groups for {n} pairs")
+        positives = caption_positives([repr(g) for g in groups])
+    elif captions is not None:
         if len(captions) != n:
             raise ValueError(f"{len(captions)} captions for {n} pairs")
         positives = caption_positives(captions)
@@ -68,6 +73,6 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
     similarity = image_features.float() @ text_features.float().T
     i2t = recall_at_k(similarity, positives, ks)
     t2i = recall_at_k(similarity.T, positives.T, ks)
-    out = {f"i2t_r{k}": v for k, v in i2t.items()}
-    out.update({f"t2i_r{k}": v for k, v in t2i.items()})
+    out = {f"{prefix}i2t_r{k}": v for k, v in i2t.items()}
+    out.update({f"{prefix}t2i_r{k}": v for k, v in t2i.items()})
     return out

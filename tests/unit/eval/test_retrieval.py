@@ -62,3 +62,13 @@ def test_mismatched_inputs_raise():
         retrieval_metrics(torch.eye(3), torch.ones(2, 3))
     with pytest.raises(ValueError, match="at least one positive"):
         best_positive_rank(torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.bool))
+
+
+def test_class_level_retrieval_counts_any_caption_of_the_class():
+    # image 0 retrieves text 1 first: a different caption of the same class
+    image = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    text = F.normalize(torch.tensor([[0.9, 0.1], [1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    captions = ["a red circle", "a photo of a red circle", "a blue square"]
+    assert retrieval_metrics(image, text, captions, ks=(1,))["i2t_r1"] < 1.0
+    metrics = retrieval_metrics(image, text, captions, ks=(1,), groups=[0, 0, 1], prefix="class_")
+    assert metrics == {"class_i2t_r1": 1.0, "class_t2i_r1": 1.0}

@@ -74,7 +74,8 @@ def test_evaluate_a_random_model(val_shards):
     eval_set = runner.load_eval_set(val_shards, image_size=32)
     results = runner.evaluate(model, tokenizer, eval_set, batch_size=8, max_new_tokens=6, num_examples=4)
     assert model.training  # restored
-    for key in ("zeroshot_top1", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "caption_match"):
+    for key in ("zeroshot_top1", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "caption_match",
+                "class_i2t_r1", "class_t2i_r10"):
         assert 0.0 <= results[key] <= 1.0, key
     assert results["num_samples"] == 30 and results["num_zeroshot"] == 30 and results["num_captioned"] == 30
     assert len(results["samples"]) == 4 and set(results["samples"][0]) == {"key", "reference", "generated", "match"}
