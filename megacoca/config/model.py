@@ -41,6 +41,10 @@ class CoCaConfig:
     pad_id: int = 0
     legacy_cls_mask: bool = False  # open_clip's shifted CLS pad mask (correct_cls_mask=False)
     text_tokens_after_ln: bool = True  # open_clip sends the decoder the token outputs before ln_final
+    # Training forward: drop the batch's trailing all-pad positions (rounded up to a multiple of 8) from the
+    # text and decoder stages. Exact: no kept position attends to them and their targets are ignored. Costs
+    # one host sync per step; turn off where shapes must stay static (CUDA graphs, pipeline stages).
+    trim_text_padding: bool = True
 
     # Multimodal decoder.
     decoder_layers: int = 12  # n_multi

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from megacoca.config.model import CoCaConfig
 from megacoca.models.coca.decoder import CaptionHead, MultimodalDecoder
 from megacoca.models.coca.poolers import ImagePooler
-from megacoca.models.coca.text import TextEncoder
+from megacoca.models.coca.text import TextEncoder, kept_text_length
 from megacoca.models.coca.vision import VisionEncoder
 
 
@@ -81,7 +81,10 @@ class CoCa(nn.Module):
         return F.normalize(embedding, dim=-1) if normalize else embedding
 
     def encode_text(self, text: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        embedding, _ = self.text(text)
+        keep = None
+        if self.cfg.trim_text_padding:
+            keep = kept_text_length(text, self.cfg.pad_id, self.cfg.legacy_cls_mask)
+        embedding, _ = self.text(text, keep)
         return F.normalize(embedding, dim=-1) if normalize else embedding
 
     def clamped_logit_scale(self) -> torch.Tensor:
@@ -90,20 +93,24 @@ class CoCa(nn.Module):
     # ---- training forward -----------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, text: torch.Tensor, *, caption_loss: bool = True) -> dict:
         """images (B, 3, H, W); text (B, L): bos, tokens, eos, pads. See docs/design.md for the outputs."""
+        cfg = self.cfg
+        keep = text.shape[1]
+        if caption_loss and cfg.trim_text_padding:
+            keep = kept_text_length(text, cfg.pad_id, cfg.legacy_cls_mask)
         image_embedding, image_tokens = self.image_towers(images)
-        text_embedding, token_outputs = self.text(text)
+        text_embedding, token_outputs = self.text(text, keep)
         hidden = self.decoder(token_outputs[:, :-1], image_tokens)
         out = {
             "image_features": F.normalize(image_embedding, dim=-1),
             "text_features": F.normalize(text_embedding, dim=-1),
             "logit_scale": self.clamped_logit_scale(),
         }
-        targets = text[:, 1:]
+        targets = text[:, 1:keep]
         if caption_loss:
             out["caption_loss_sum"] = self.caption_head(
-                hidden, targets.masked_fill(targets == self.cfg.pad_id, -100)
+                hidden, targets.masked_fill(targets == cfg.pad_id, -100)
             )
-            out["caption_tokens"] = (targets != self.cfg.pad_id).sum()
+            out["caption_tokens"] = (targets != cfg.pad_id).sum()
         else:
             out["logits"] = self.caption_head(hidden)
         return out

@@ -14,6 +14,8 @@ class TextEmbedding(nn.Module):
     """Stage `embed_text`: token ids (B, L) -> embeddings (B, L + 1, width), the CLS last.
 
     With `with_cls=False` (cached generation) no CLS is appended and positions start at `position_offset`.
+    `cls_position` places the CLS at a later position than right after `text` (text trimmed of padding
+    keeps the CLS where the full-length text put it).
     """
 
     def __init__(self, cfg: CoCaConfig) -> None:
@@ -22,17 +24,23 @@ class TextEmbedding(nn.Module):
         self.positional_embedding = nn.Parameter(torch.zeros(cfg.context_length + 1, cfg.text_width))
         self.cls_embedding = nn.Parameter(torch.zeros(cfg.text_width))
 
-    def forward(self, text: torch.Tensor, with_cls: bool = True, position_offset: int = 0) -> torch.Tensor:
-        x = self.token_embedding(text)
-        if with_cls:
-            x = torch.cat([x, self.cls_embedding.to(x.dtype).expand(x.shape[0], 1, -1)], dim=1)
-        length = x.shape[1]
-        if position_offset + length > self.positional_embedding.shape[0]:
+    def forward(
+        self, text: torch.Tensor, with_cls: bool = True, position_offset: int = 0, cls_position: int | None = None
+    ) -> torch.Tensor:
+        length = text.shape[1]
+        cls_position = length if cls_position is None else cls_position
+        positions = position_offset + (cls_position + 1 if with_cls else length)
+        if positions > self.positional_embedding.shape[0]:
             raise ValueError(
-                f"text of {position_offset + length} positions (CLS included) exceeds the model's "
+                f"text of {positions} positions (CLS included) exceeds the model's "
                 f"{self.positional_embedding.shape[0]}"
             )
-        return x + self.positional_embedding[position_offset : position_offset + length].to(x.dtype)
+        positional = self.positional_embedding.to(self.token_embedding.weight.dtype)
+        x = self.token_embedding(text) + positional[position_offset : position_offset + length]
+        if with_cls:
+            cls = self.cls_embedding.to(x.dtype) + positional[cls_position]
+            x = torch.cat([x, cls.expand(x.shape[0], 1, -1)], dim=1)
+        return x
 
 
 class TextOutputs(nn.Module):
@@ -70,6 +78,16 @@ def text_key_mask(text: torch.Tensor, pad_id: int, legacy_cls_mask: bool) -> tor
     return F.pad(real, (0, 1), value=True)
 
 
+def kept_text_length(text: torch.Tensor, pad_id: int, legacy_cls_mask: bool, multiple: int = 8) -> int:
+    """How many leading positions of `text` a training forward must keep: through the batch's last real token
+    (one more with the legacy mask, whose CLS sees the first pad), rounded up to `multiple`, at most L."""
+    length = text.shape[1]
+    real_columns = (text != pad_id).any(dim=0).nonzero()
+    last = int(real_columns.max()) + 1 if real_columns.numel() else 1
+    keep = max(last + int(legacy_cls_mask), 2)
+    return min(length, -(-keep // multiple) * multiple)
+
+
 class TextEncoder(nn.Module):
     """Stages `embed_text`, `text_blocks` and `text_outputs`."""
 
@@ -85,9 +103,15 @@ class TextEncoder(nn.Module):
         )
         self.outputs = TextOutputs(cfg)
 
-    def forward(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, text: torch.Tensor, keep: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(text embedding, token outputs); with `keep` only the first `keep` tokens are run (the rest must
+        be padding: see kept_text_length), the CLS staying at position L."""
+        length = text.shape[1]
+        if keep is not None and keep < length:
+            text = text[:, :keep]
         kv_mask = text_key_mask(text, self.pad_id, self.legacy_cls_mask)
-        x = run_blocks(self.blocks, self.embed(text), self.checkpointed, causal=True, kv_mask=kv_mask)
+        x = self.embed(text, cls_position=length)
+        x = run_blocks(self.blocks, x, self.checkpointed, causal=True, kv_mask=kv_mask)
         return self.outputs(x)
 
     def forward_cached(self, text: torch.Tensor, caches: list, position_offset: int) -> torch.Tensor:

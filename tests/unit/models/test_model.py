@@ -5,7 +5,7 @@ import torch
 
 from megacoca.config.model import CoCaConfig
 from megacoca.models.coca import CoCa, get_flavor
-from megacoca.models.coca.text import text_key_mask
+from megacoca.models.coca.text import kept_text_length, text_key_mask
 
 PAD = 0
 
@@ -168,6 +168,31 @@ def test_activation_checkpointing_gives_same_loss_and_gradients():
     torch.testing.assert_close(results[0][0], results[1][0])
     for plain, recomputed in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(plain, recomputed)
+
+
+def test_trimming_trailing_padding_changes_no_loss_or_gradient(model):
+    """The training forward drops the batch's all-pad tail; loss, caption token count, text embeddings and
+    every gradient equal the full-length forward's."""
+    images, text = make_batch(model.cfg, length=12)
+    text[:, 5:] = PAD
+    text[0, 5:7] = torch.tensor([9, 3])  # the longest caption ends at position 6
+    assert kept_text_length(text, PAD, model.cfg.legacy_cls_mask, multiple=1) == 7 + model.cfg.legacy_cls_mask
+    assert kept_text_length(text, PAD, model.cfg.legacy_cls_mask) == 8
+    results = []
+    for trim in (False, True):
+        model.cfg.trim_text_padding = trim
+        model.zero_grad()
+        out = model.train()(images, text)
+        loss = out["caption_loss_sum"] + (out["image_features"] * out["text_features"]).sum() * out["logit_scale"].sum()
+        loss.backward()
+        results.append((loss.detach(), out["caption_tokens"], model.encode_text(text),
+                        [p.grad.clone() for p in model.parameters()]))
+    (full_loss, full_tokens, full_text, full_grads), (loss, tokens, text_features, grads) = results
+    torch.testing.assert_close(loss, full_loss)
+    assert int(tokens) == int(full_tokens)
+    torch.testing.assert_close(text_features, full_text)
+    for full, trimmed in zip(full_grads, grads):
+        torch.testing.assert_close(trimmed, full, rtol=1e-4, atol=1e-5)
 
 
 def test_every_parameter_gets_a_gradient(model):
