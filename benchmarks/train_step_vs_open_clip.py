@@ -83,54 +83,6 @@ def prepare(args, workdir: str) -> dict:
     return paths
 
 
-def trimmed_coca_class():
-    """PROPOSAL, not megacoca's model: the CoCa training forward run only over the positions the loss needs.
-
-    With causal text blocks, no kept row attends to a position past the batch's last real token (plus the
-    first pad, which open_clip's shifted CLS mask lets the CLS see), so the text tower can drop the trailing
-    pad positions (the CLS keeps its positional embedding at index L), and the decoder and caption head can
-    stop at the last position with a real target. Same loss up to float rounding; measured here to size the
-    change proposed for megacoca/models/coca/{model,text}.py (see the report of issue 4).
-    """
-    import torch
-
-    from megacoca.models.coca import CoCa
-    from megacoca.models.coca.layers import run_blocks
-    from megacoca.models.coca.text import text_key_mask
-    import torch.nn.functional as F
-
-    class TrimmedCoCa(CoCa):
-        def forward(self, images, text, *, caption_loss=True):
-            if not caption_loss:
-                return super().forward(images, text, caption_loss=False)
-            cfg, pad = self.cfg, self.cfg.pad_id
-            image_embedding, image_tokens = self.image_towers(images)
-            length = text.shape[1]
-            last_real = int((text != pad).any(0).nonzero().max()) + 1
-            keep = min(length, last_real + 1) if cfg.legacy_cls_mask else last_real
-            key_mask = text_key_mask(text, pad, cfg.legacy_cls_mask)
-            key_mask = torch.cat([key_mask[:, :keep], key_mask[:, length:]], dim=1)
-            embed = self.text.embed
-            x = embed.token_embedding(text[:, :keep])
-            x = torch.cat([x, embed.cls_embedding.to(x.dtype).expand(x.shape[0], 1, -1)], dim=1)
-            positions = torch.cat([embed.positional_embedding[:keep], embed.positional_embedding[length : length + 1]])
-            x = run_blocks(self.text.blocks, x + positions.to(x.dtype), self.text.checkpointed, causal=True,
-                           kv_mask=key_mask)
-            text_embedding, token_outputs = self.text.outputs(x)
-            decoded = last_real - 1  # positions whose target text[:, i + 1] is real somewhere in the batch
-            hidden = self.decoder(token_outputs[:, :decoded], image_tokens)
-            targets = text[:, 1 : decoded + 1]
-            return {
-                "image_features": F.normalize(image_embedding, dim=-1),
-                "text_features": F.normalize(text_embedding, dim=-1),
-                "logit_scale": self.clamped_logit_scale(),
-                "caption_loss_sum": self.caption_head(hidden, targets.masked_fill(targets == pad, -100)),
-                "caption_tokens": (text[:, 1:] != pad).sum(),
-            }
-
-    return TrimmedCoCa
-
-
 def worker(args) -> None:
     import torch
 
@@ -154,8 +106,7 @@ def worker(args) -> None:
         from megacoca.losses import CoCaLoss
         from megacoca.models.coca import CoCa
 
-        model_class = trimmed_coca_class() if args.worker == "megacoca_trimmed" else CoCa
-        model = model_class(CoCaConfig.from_dict(paths["megacoca_config"]))
+        model = CoCa(CoCaConfig.from_dict(paths["megacoca_config"]))
         model.load_state_dict(torch.load(paths["megacoca_state"], mmap=True, weights_only=True), strict=True)
         loss_fn = CoCaLoss(contrastive_weight=1.0, caption_weight=2.0)
 
@@ -189,9 +140,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternating process pairs")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--text", choices=("captions", "full"), default="captions")
-    parser.add_argument("--proposal", action="store_true",
-                        help="also time megacoca_trimmed: the trimmed-sequence forward proposed for the model")
-    parser.add_argument("--worker", choices=("open_clip", "megacoca", "megacoca_trimmed"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("open_clip", "megacoca"), help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -200,7 +149,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="megacoca_bench_") as workdir:
         paths = prepare(args, workdir)
-        impls = ("open_clip", "megacoca") + (("megacoca_trimmed",) if args.proposal else ())
+        impls = ("open_clip", "megacoca")
         results: dict[str, list[dict]] = {impl: [] for impl in impls}
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
         for round_index in range(args.rounds):
