@@ -1,0 +1,10 @@
+"""Suite-wide test settings, applied before any test module is imported.
+
+CPU runs use Triton's interpreter. `triton.jit` chooses interpreted or compiled when each kernel is defined,
+so the choice must be made before anything (a model test, DeepSpeed) imports megacoca_kernels: here, at the
+root of the suite. On a CUDA machine, `TRITON_INTERPRET=0 pytest` runs the kernels compiled.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
