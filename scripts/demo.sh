@@ -35,6 +35,8 @@ MIN_ZEROSHOT=${MIN_ZEROSHOT:-0.50}
 MIN_CAPTION=${MIN_CAPTION:-0.60}
 
 PY=${PYTHON:-python}
+# A free port for the ranks' rendezvous, so the demo never collides with another job's default 29500.
+MASTER_PORT=${MASTER_PORT:-$($PY -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per rank: the ranks share the cores
 export PYTHONUNBUFFERED=1
 now() { date +%s.%N; }
@@ -58,7 +60,7 @@ echo "== train: coca_tiny on $NPROC ranks (deepspeed launcher, $DS_CONFIG), $STE
 rm -rf "$RUN_DIR"
 t_train0=$(now)
 # shellcheck disable=SC2086
-deepspeed --num_gpus "$NPROC" --module megacoca.train --recipe coca_tiny_cpu \
+deepspeed --num_gpus "$NPROC" --master_port "$MASTER_PORT" --module megacoca.train --recipe coca_tiny_cpu \
   --train-shards "$DATA_DIR/train" --val-shards "$DATA_DIR/val" --run-dir "$RUN_DIR" \
   --deepspeed-config "$DS_CONFIG" \
   --set data.tokenizer="$DATA_DIR/tokenizer.model" \
