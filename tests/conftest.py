@@ -8,3 +8,17 @@ root of the suite. On a CUDA machine, `TRITON_INTERPRET=0 pytest` runs the kerne
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one torch thread is faster, and immune to oversubscription on a busy CI machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -22,13 +22,7 @@ from megacoca.models.coca.open_clip import (  # noqa: E402
 SOT, EOT = 62, 63  # the tiny configs' special ids (the CLIP BPE's are 49406 / 49407)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: faster for the tiny models, and immune to oversubscription on a busy CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_open_clip_config(vision_width=64, embed_dim=32, **vision) -> dict:

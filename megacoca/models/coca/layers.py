@@ -72,7 +72,6 @@ class Attention(nn.Module):
         *,
         causal: bool = False,
         kv_mask: torch.Tensor | None = None,
-        attn_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         """x (B, Lq, dim); context (B, Lk, kv_dim) or None for self-attention.
@@ -90,13 +89,13 @@ class Attention(nn.Module):
             v = self._split_heads(self.v_proj(source))
             if cache is not None:
                 if context is None and cache.k is not None:
+                    if causal and q.shape[2] > 1:
+                        raise ValueError("a cached self-attention step takes one token at a time")
+                    causal = False  # the one new query sees every cached key
                     k = torch.cat([cache.k, k], dim=2)
                     v = torch.cat([cache.v, v], dim=2)
-                    causal = causal and q.shape[2] > 1
-                    if causal:
-                        raise ValueError("a cached self-attention step takes one token at a time")
                 cache.k, cache.v = k, v
-        out = ops.attention(q, k, v, causal=causal, kv_mask=kv_mask, attn_mask=attn_mask, kernels=self.kernels)
+        out = ops.attention(q, k, v, causal=causal, kv_mask=kv_mask, kernels=self.kernels)
         batch, _, length, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
@@ -121,8 +120,8 @@ class SelfAttentionBlock(nn.Module):
         self.ln_2 = LayerNorm(dim, eps, kernels) if mlp_dim else None
         self.mlp = MLP(dim, mlp_dim) if mlp_dim else None
 
-    def forward(self, x, *, causal=False, kv_mask=None, attn_mask=None, cache=None):
-        x = x + self.attn(self.ln_1(x), causal=causal, kv_mask=kv_mask, attn_mask=attn_mask, cache=cache)
+    def forward(self, x, *, causal=False, kv_mask=None, cache=None):
+        x = x + self.attn(self.ln_1(x), causal=causal, kv_mask=kv_mask, cache=cache)
         if self.mlp is not None:
             x = x + self.mlp(self.ln_2(x))
         return x

@@ -33,25 +33,20 @@ def attention(
     *,
     causal: bool = False,
     kv_mask: torch.Tensor | None = None,
-    attn_mask: torch.Tensor | None = None,
     kernels: str = "auto",
 ) -> torch.Tensor:
     """Scaled dot-product attention on (B, H, L, D) tensors.
 
     causal: top-left aligned like SDPA's is_causal. kv_mask: bool (B, Lk), True where a key may be attended.
-    attn_mask: bool, broadcastable to (B, H, Lq, Lk), for masks the two above cannot express (open_clip's
-    legacy CLS mask); it forces the torch path. A query row with no allowed key returns zeros.
+    A query row with no allowed key returns zeros.
     """
-    if attn_mask is None and use_triton(kernels, q):
+    if use_triton(kernels, q):
         from megacoca_kernels import flash_attention
 
         return flash_attention(q, k, v, causal=causal, kv_mask=kv_mask)
-    if kv_mask is None and attn_mask is None:
+    if kv_mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    mask = attn_mask
-    if kv_mask is not None:
-        key_mask = kv_mask[:, None, None, :]
-        mask = key_mask if mask is None else mask & key_mask
+    mask = kv_mask[:, None, None, :]
     if causal:
         lq, lk = q.shape[-2], k.shape[-2]
         causal_mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()

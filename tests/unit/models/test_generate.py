@@ -12,13 +12,7 @@ PAD, BOS = 0, 1
 VOCAB = 40
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster, and immune to oversubscription on a busy CI machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(layout: str, **changes) -> CoCaConfig:
