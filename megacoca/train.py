@@ -207,13 +207,11 @@ def run(args) -> int:
 
 
 def build_eval_fn(job, model_cfg, dims, tokenizer):
-    """The eval hook (megacoca.eval, when present and configured); None otherwise."""
+    """The eval hook (megacoca.eval) when eval.every and data.val_shards are set; None otherwise."""
     if not job.eval.every or not job.data.val_shards:
         return None
-    try:
-        from megacoca.eval import make_train_eval_fn
-    except ImportError:
-        return None
+    from megacoca.eval import make_train_eval_fn
+
     return make_train_eval_fn(job, model_cfg, dims, tokenizer)
 
 

@@ -1,8 +1,8 @@
 """Caption generation for evaluation and its scoring on synth-shapes.
 
 Captions come from `megacoca.models.coca.generate.generate` (KV-cached). `greedy_captions_uncached` is a
-slow reference that re-runs the text decoder on the whole prefix at every step; it is used only when the
-cached generator is not importable, and by the tests to check the cached one.
+slow reference that re-runs the text decoder on the whole prefix at every step; the tests check the cached
+generator against it.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+
+from megacoca.models.coca.generate import generate
 
 
 @torch.no_grad()
@@ -35,27 +37,13 @@ def greedy_captions_uncached(model, images: torch.Tensor, *, max_new_tokens: int
     return prefix[:, 1:]
 
 
-def _generator() -> Callable | None:
-    try:
-        from megacoca.models.coca.generate import generate
-    except ImportError:
-        return None
-    return generate
-
-
 @torch.no_grad()
 def generate_captions(model, images: torch.Tensor, tokenizer, *, max_new_tokens: int = 20,
                       strategy: str = "greedy", **kwargs) -> list[str]:
     """Decoded captions for a batch of images (greedy by default)."""
     ids_kwargs = dict(bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     max_new_tokens = min(max_new_tokens, model.cfg.context_length)
-    generate = _generator()
-    if generate is None:
-        if strategy != "greedy":
-            raise RuntimeError(f"strategy {strategy!r} needs megacoca.models.coca.generate")
-        ids = greedy_captions_uncached(model, images, max_new_tokens=max_new_tokens, **ids_kwargs)
-    else:
-        ids = generate(model, images, max_new_tokens=max_new_tokens, strategy=strategy, **ids_kwargs, **kwargs)
+    ids = generate(model, images, max_new_tokens=max_new_tokens, strategy=strategy, **ids_kwargs, **kwargs)
     return [tokenizer.decode(row) for row in ids.cpu()]
 
 

@@ -33,10 +33,8 @@ def _is_converted_dir(path: str) -> bool:
 
 def resolve_tag_dir(path: str) -> str:
     """The tag directory of a DeepSpeed checkpoint: `path` itself, or the `latest` tag of a checkpoint dir."""
-    try:
-        from megacoca.checkpoint.consolidate import resolve_tag_dir as resolve  # checks the COMPLETE marker
-    except ImportError:
-        resolve = None
+    from megacoca.checkpoint.consolidate import resolve_tag_dir as resolve  # checks the COMPLETE marker
+
     path = os.path.normpath(path)
     is_ds = glob.glob(os.path.join(path, "*model_states.pt")) or os.path.isfile(os.path.join(path, "latest"))
     if not is_ds:
@@ -44,12 +42,7 @@ def resolve_tag_dir(path: str) -> str:
             f"{path}: neither a converted model dir (config.json + model.safetensors) nor a DeepSpeed checkpoint "
             "(a dir with `latest`, or a tag dir with *model_states.pt)"
         )
-    if resolve is not None:
-        return resolve(path)
-    if not glob.glob(os.path.join(path, "*model_states.pt")):
-        with open(os.path.join(path, "latest")) as f:
-            path = os.path.join(path, f.read().strip())
-    return path
+    return resolve(path)
 
 
 def _model_config_from(value: Any):
@@ -98,14 +91,9 @@ def deepspeed_model_config(tag_dir: str):
 
 
 def consolidated_state(tag_dir: str) -> dict:
-    """fp32 state dict of a DeepSpeed checkpoint (megacoca.checkpoint's consolidation when present)."""
-    try:
-        from megacoca.checkpoint import consolidated_state_dict
-    except ImportError:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    """fp32 state dict of a DeepSpeed checkpoint (megacoca.checkpoint's consolidation)."""
+    from megacoca.checkpoint import consolidated_state_dict
 
-        ckpt_dir, tag = os.path.split(tag_dir)
-        return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
     return consolidated_state_dict(tag_dir)
 
 

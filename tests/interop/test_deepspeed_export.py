@@ -5,8 +5,7 @@ import json
 import pytest
 import torch
 
-open_clip = pytest.importorskip("open_clip")
-pytest.importorskip("deepspeed")
+import open_clip
 
 from megacoca.cli import main as cli  # noqa: E402
 from tests.distributed.dist_harness import run_ranks  # noqa: E402

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-open_clip = pytest.importorskip("open_clip")
+import open_clip
 from open_clip.coca_model import CoCa as OpenClipCoCa  # noqa: E402
 from open_clip.loss import CoCaLoss as OpenClipCoCaLoss  # noqa: E402
 

@@ -3,10 +3,11 @@
 import pytest
 import torch
 
+from megacoca.data import shapes
 from megacoca.eval.captioning import caption_match_rate, greedy_captions_uncached, shapes_caption_matches
 from megacoca.models.coca import build_model
+from megacoca.models.coca.generate import generate
 
-shapes = pytest.importorskip("megacoca.data.shapes")
 
 
 @pytest.mark.parametrize("caption, ok", [
@@ -49,7 +50,6 @@ def test_greedy_reference_stops_at_eos_and_pads_after():
 
 
 def test_cached_generate_matches_the_uncached_reference():
-    generate = pytest.importorskip("megacoca.models.coca.generate").generate
     model = _tiny_model()
     images = torch.randn(4, 3, 32, 32)
     ref = greedy_captions_uncached(model, images, max_new_tokens=7, bos_id=1, eos_id=2, pad_id=0)

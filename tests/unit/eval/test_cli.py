@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from megacoca.cli import main as cli
+from megacoca.data import shapes
 from megacoca.eval import runner
 from megacoca.models.coca import CoCa, get_flavor
 
-shapes = pytest.importorskip("megacoca.data.shapes")
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,11 @@ import os
 import pytest
 import torch
 
+from megacoca.data import shapes
 from megacoca.eval import runner
 from megacoca.eval.plots import plot_curves, read_metrics
 from megacoca.models.coca import build_model
 
-shapes = pytest.importorskip("megacoca.data.shapes")
 
 
 class WordTokenizer:
