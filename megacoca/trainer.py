@@ -141,6 +141,12 @@ class Trainer:
             f"{self.dims.dp_size} x accum {self.grad_accum} | {self.flops_per_sample / 1e9:.3g} GFLOP/sample "
             f"| device {self.device_name or self.device} (peak {'unknown' if self.peak is None else f'{self.peak / 1e12:.0f} TFLOP/s'})"
         )
+        self.partition = None  # ZeRO-3 only: how much of the model this rank holds
+        if zero_stage(self.ds_config) == 3:
+            from megacoca.parallel.zero import partition_stats
+
+            self.partition = partition_stats(self.engine.module)
+            self.logger.info(self.partition.describe())
 
     # ------------------------------------------------------------------------------------------ resume
 

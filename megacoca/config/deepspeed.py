@@ -9,6 +9,11 @@ fields are derived from the JobConfig so that they can never disagree with the t
 
 A JSON that sets one of them anyway must agree, or `ConfigError`. The same holds for precision
 (`bf16.enabled`; fp16 is not supported) and `gradient_clipping` (from `optim.grad_clip`).
+
+`parallel.deepspeed_overrides` (dotted JSON paths -> values) changes engine settings of the named file
+without copying it, e.g. `zero_optimization.stage3_param_persistence_threshold: 0` so that ZeRO-3 partitions
+a tiny model's tensors too (DeepSpeed keeps tensors under that threshold, 1e5 elements by default, whole on
+every rank). The derived fields cannot be overridden this way.
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ def zero_stage(ds: dict) -> int:
 def build_deepspeed_config(job: JobConfig, dp_size: int, source: dict | None = None) -> dict:
     """The dict handed to `deepspeed.initialize(config=...)`: the JSON plus the derived fields."""
     ds = copy.deepcopy(source if source is not None else load_json(job.parallel.deepspeed_config))
+    apply_overrides(ds, job.parallel.deepspeed_overrides)
     s = job.schedule
     per_step = s.micro_batch_size * dp_size
     if s.global_batch_size % per_step:
@@ -98,6 +104,27 @@ def build_deepspeed_config(job: JobConfig, dp_size: int, source: dict | None = N
     if zero_stage(ds) not in (0, 1, 2, 3):
         raise ConfigError(f"zero_optimization.stage must be 0-3, got {zero_stage(ds)}")
     return ds
+
+
+DERIVED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                "gradient_clipping", "bf16.enabled", "fp16.enabled")
+
+
+def apply_overrides(ds: dict, overrides: dict) -> None:
+    """Set dotted paths (`zero_optimization.stage`) in the DeepSpeed dict, creating sections as needed."""
+    for path, value in overrides.items():
+        if path in DERIVED_KEYS or path.split(".")[0] in ("optimizer", "scheduler"):
+            raise ConfigError(f"parallel.deepspeed_overrides.{path}: megacoca derives this from the job config "
+                              "(schedule.*, optim.*, parallel.precision); set it there")
+        *sections, last = path.split(".")
+        node = ds
+        for section in sections:
+            child = node.setdefault(section, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"parallel.deepspeed_overrides.{path}: {section!r} is a value in the DeepSpeed "
+                                  "config, not a section")
+            node = child
+        node[last] = value
 
 
 def precision_dtype(ds: dict):

@@ -101,6 +101,9 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     activation_checkpointing: bool = False  # sets CoCaConfig.activation_checkpointing
+    # DeepSpeed JSON keys to change without copying the file, dotted: {"zero_optimization.reduce_bucket_size":
+    # 1e7}; `--set parallel.deepspeed_overrides.zero_optimization.reduce_bucket_size=1e7` sets one.
+    deepspeed_overrides: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -308,8 +311,9 @@ def apply_nested(root: Any, values: dict, prefix: str = "", where: str = "") -> 
     """Apply a nested mapping of overrides key by key, so each bad key is named with its full path."""
     for key, value in values.items():
         path = f"{prefix}{key}"
-        target = _lookup(root, path, where)
-        if isinstance(value, dict) and (dataclasses.is_dataclass(target) or isinstance(target, dict)):
+        target = _lookup(root, path, where) if not path.startswith(DEEPSPEED_OVERRIDES + ".") else None
+        if isinstance(value, dict) and (dataclasses.is_dataclass(target) or isinstance(target, dict)) \
+                and path != DEEPSPEED_OVERRIDES:
             apply_nested(root, value, prefix=f"{path}.", where=where)
         else:
             set_key(root, path, value, where=where)
@@ -332,9 +336,42 @@ def _lookup(root: Any, key: str, where: str = "", label: str | None = None) -> A
     return obj
 
 
+DEEPSPEED_OVERRIDES = "parallel.deepspeed_overrides"
+
+
+def flatten_keys(values: dict, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: nested DeepSpeed JSON keys as dotted paths."""
+    flat = {}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten_keys(value, path + "."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _set_deepspeed_override(root: Any, key: str, value: Any, label: str) -> None:
+    """`parallel.deepspeed_overrides[.json.path]` = value: kept flat as dotted DeepSpeed JSON paths."""
+    overrides = root.parallel.deepspeed_overrides
+    path = key[len(DEEPSPEED_OVERRIDES) + 1:]
+    if not path:  # the whole mapping at once (a config file, or --set parallel.deepspeed_overrides={...})
+        if not isinstance(value, dict):
+            raise ConfigError(f"{label}: expected a mapping of DeepSpeed JSON keys, got {value!r}")
+        root.parallel.deepspeed_overrides = flatten_keys(value)
+        return
+    if isinstance(value, dict) and value:
+        overrides.update(flatten_keys(value, path + "."))
+    else:
+        overrides[path] = value
+
+
 def set_key(root: Any, key: str, value: Any, where: str = "") -> None:
     """Set a dotted key (`optim.lr`, `model.overrides.vision_width`) with type checking and one-line errors."""
     label = _label(key, where)
+    if (key == DEEPSPEED_OVERRIDES or key.startswith(DEEPSPEED_OVERRIDES + ".")) and isinstance(root, JobConfig):
+        _set_deepspeed_override(root, key, value, label)
+        return
     parent_key, _, last = key.rpartition(".")
     obj = _lookup(root, parent_key, where, label) if parent_key else root
     if isinstance(obj, dict):

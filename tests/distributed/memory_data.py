@@ -13,6 +13,21 @@ TINY = CoCaConfig(image_size=32, patch_size=8, vision_width=32, vision_layers=1,
                   kernels="torch")
 
 
+# ZeRO-3 keeps tensors under stage3_param_persistence_threshold (1e5 elements) whole on every rank: every
+# tensor of TINY is smaller, so a test that claims ZeRO-3 sets the threshold to 0 and asserts the partitioning.
+SHARD_ALL = "parallel.deepspeed_overrides.zero_optimization.stage3_param_persistence_threshold=0"
+
+
+def assert_partitioned(module, dp_size: int) -> None:
+    """Every parameter of `module` is split across the dp ranks: each rank holds a 1/dp shard between forwards."""
+    from megacoca.parallel.zero import partition_stats
+
+    stats = partition_stats(module)
+    assert stats.partitioned_tensors == stats.tensors, stats.describe()
+    for name, param in module.named_parameters():
+        assert param.numel() == 0 and param.ds_tensor.numel() == -(-param.ds_numel // dp_size), name
+
+
 def sample(index: int, cfg: CoCaConfig = TINY) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1000 + index)
     image = torch.randn(3, cfg.image_size, cfg.image_size, generator=gen)

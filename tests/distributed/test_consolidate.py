@@ -1,4 +1,5 @@
-"""Consolidation to one fp32 state dict from checkpoints of every ZeRO stage (ZeRO-3 bf16: test_resume.py)."""
+"""Consolidation to one fp32 state dict from checkpoints of every ZeRO stage (ZeRO-3 with every parameter
+partitioned; ZeRO-3 bf16: test_resume.py)."""
 
 import os
 
@@ -6,7 +7,7 @@ import deepspeed
 import pytest
 import torch
 from dist_harness import run_ranks
-from memory_data import TINY, MemoryLoader
+from memory_data import SHARD_ALL, TINY, MemoryLoader, assert_partitioned
 
 from megacoca.checkpoint import consolidated_state_dict, save_consolidated
 from megacoca.config.train import build_config
@@ -16,9 +17,11 @@ from megacoca.trainer import Trainer
 def _train(rank, world_size, run_dir, ds_name):
     job = build_config(overrides=[f"parallel.deepspeed_config={ds_name}", "schedule.steps=2",
                                   "schedule.global_batch_size=8", "schedule.micro_batch_size=2",
-                                  f"logging.run_dir={run_dir}", "logging.tensorboard=false"])
+                                  f"logging.run_dir={run_dir}", "logging.tensorboard=false", SHARD_ALL])
     job.model.overrides = TINY.to_dict()
     trainer = Trainer(job, MemoryLoader(2, rank, world_size))
+    if "zero3" in ds_name:
+        assert_partitioned(trainer.engine.module, world_size)
     trainer.train()
     params = list(trainer.engine.module.parameters())
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):

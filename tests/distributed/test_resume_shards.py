@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch.distributed as dist
 from dist_harness import run_ranks
-from memory_data import TINY
+from memory_data import SHARD_ALL, TINY, assert_partitioned
 
 from megacoca.config.train import build_config
 
@@ -32,12 +32,13 @@ def _run(rank, world_size, shards, run_dir, resume):
         f"data.train_shards={shards}", "parallel.deepspeed_config=zero3_bf16", "schedule.steps=4",
         "schedule.global_batch_size=8", "schedule.micro_batch_size=2", "schedule.warmup_steps=1",
         "checkpoint.every=2", f"checkpoint.resume={resume}", f"logging.run_dir={run_dir}", "logging.log_every=1",
-        "logging.tensorboard=false", "eval.every=0"])
+        "logging.tensorboard=false", "eval.every=0", SHARD_ALL])
     job.model.overrides = {**TINY.to_dict(), "context_length": 16}
     tokenizer = load_tokenizer(job.data.tokenizer, job.model_config().context_length)
     model_cfg = resolve_model_to_tokenizer(job, tokenizer)
     dims = ParallelDims(-1, 1, 1, dist.get_world_size()).build()
     trainer = Trainer(job, build_train_loader(job, model_cfg, dims, tokenizer), dims=dims)
+    assert_partitioned(trainer.engine.module, world_size)
     trainer.resume()
     history = trainer.train()
     trainer.close()

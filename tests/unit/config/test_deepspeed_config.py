@@ -92,3 +92,37 @@ def test_optimizer_section_rejected(tmp_path):
     job = _job_with_json(tmp_path, {"optimizer": {"type": "AdamW"}})
     with pytest.raises(ConfigError, match="has an 'optimizer' section"):
         build_deepspeed_config(job, 1)
+
+
+def test_deepspeed_overrides_from_set_and_file(tmp_path):
+    job = build_config(overrides=[
+        "parallel.deepspeed_config=zero3_bf16",
+        "parallel.deepspeed_overrides.zero_optimization.stage3_param_persistence_threshold=0",
+        "parallel.deepspeed_overrides.zero_optimization={reduce_bucket_size: 1000}",
+        "parallel.deepspeed_overrides.comms_logger.enabled=true"])
+    assert job.parallel.deepspeed_overrides == {"zero_optimization.stage3_param_persistence_threshold": 0,
+                                                "zero_optimization.reduce_bucket_size": 1000,
+                                                "comms_logger.enabled": True}
+    ds = build_deepspeed_config(job, dp_size=2)
+    assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 1000
+    assert ds["zero_optimization"]["stage"] == 3 and ds["comms_logger"] == {"enabled": True}
+    assert load_json("zero3_bf16")["zero_optimization"]["stage3_param_persistence_threshold"] == 100000  # file kept
+
+    path = tmp_path / "job.yaml"
+    path.write_text("parallel:\n  deepspeed_overrides:\n    zero_optimization: {stage3_param_persistence_threshold: 0}\n")
+    assert build_config(config_file=str(path)).parallel.deepspeed_overrides == {
+        "zero_optimization.stage3_param_persistence_threshold": 0}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train_batch_size=4", "megacoca derives this"),
+    ("bf16.enabled=false", "megacoca derives this"),
+    ("optimizer.type=Adam", "megacoca derives this"),
+    ("zero_optimization.stage.x=1", "'stage' is a value in the DeepSpeed config, not a section"),
+])
+def test_deepspeed_overrides_refuse_derived_keys(override, message):
+    job = build_config(overrides=[f"parallel.deepspeed_overrides.{override}"])
+    with pytest.raises(ConfigError, match=message) as error:
+        build_deepspeed_config(job, dp_size=1)
+    assert "\n" not in str(error.value)
