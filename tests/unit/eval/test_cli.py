@@ -45,20 +45,28 @@ def test_load_model_for_eval_reads_config_and_weights(setup):
 
 
 def test_eval_cli_writes_json_and_curves(setup, tmp_path, capsys):
-    root, tokenizer, _ = setup
+    """The CLI's numbers are the numbers of the checkpointed model: equal, metric by metric, to evaluate() on the
+    model the fixture saved (a CLI that loaded other weights, another config or other shards would differ)."""
+    root, tokenizer, model = setup
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("".join(json.dumps({"step": s, "loss": 3.0 / s}) + "\n" for s in (1, 2, 3)))
     out = tmp_path / "eval.json"
     code = cli(["eval", "--checkpoint", str(root / "run" / "checkpoints"), "--shards", str(root / "val"),
-                "--tokenizer", tokenizer, "--out", str(out), "--max-new-tokens", "6", "--metrics", str(metrics),
-                "--curves", str(tmp_path / "curves.png")])
+                "--tokenizer", tokenizer, "--out", str(out), "--max-new-tokens", "6", "--max-samples", "20",
+                "--caption-samples", "10", "--metrics", str(metrics), "--curves", str(tmp_path / "curves.png")])
     assert code == 0
     results = json.loads(out.read_text())
-    for key in ("zeroshot_top1", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "caption_match",
-                "num_samples", "samples"):
-        assert key in results, key
-    assert results["num_samples"] == 24 and os.path.getsize(tmp_path / "curves.png") > 1000
-    assert "zero-shot top-1" in capsys.readouterr().out
+    from megacoca.data.tokenizer import load_tokenizer
+
+    expected = runner.evaluate(model.eval(), load_tokenizer(tokenizer, 16), runner.load_eval_set(str(root / "val"), 32, 20),
+                               max_new_tokens=6, caption_samples=10)
+    for key in ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
+                "class_i2t_r1", "class_t2i_r1", "caption_match", "num_samples", "num_captioned", "samples"):
+        assert results[key] == expected[key], key
+    assert results["num_samples"] == 20 and results["num_captioned"] == 10
+    assert os.path.getsize(tmp_path / "curves.png") > 1000
+    printed = capsys.readouterr().out
+    assert f"{results['zeroshot_top1']:.3f}" in printed and "zero-shot top-1" in printed
 
 
 def test_eval_cli_errors_are_one_line_and_exit_2(setup, tmp_path, capsys):

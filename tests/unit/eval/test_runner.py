@@ -65,6 +65,64 @@ def test_shapes_label_from_class_or_single_object():
     assert runner.shapes_label(None) is None
 
 
+class OracleModel(torch.nn.Module):
+    """Embeds an image as the one-hot of its class (painted into the pixels by `oracle_eval_set`) and a text as
+    the one-hot of the (color, shape) it names, shifted by `shape_error` shapes for images: a model whose scores
+    are known exactly."""
+
+    def __init__(self, tokenizer, shape_error: int = 0):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # evaluate() reads the device from the parameters
+        self.tokenizer, self.shape_error = tokenizer, shape_error
+
+    def encode_image(self, images, normalize=True):
+        classes = images[:, 0, 0, 0].round().long()
+        color, shape = classes // len(shapes.SHAPES), classes % len(shapes.SHAPES)
+        wrong = color * len(shapes.SHAPES) + (shape + self.shape_error) % len(shapes.SHAPES)
+        return torch.nn.functional.one_hot(wrong, len(shapes.CLASSES)).float()
+
+    def encode_text(self, text, normalize=True):
+        rows = []
+        for ids in text:
+            colors, named, _ = shapes.caption_pairs(self.tokenizer.decode(ids))
+            rows.append(shapes.class_index(colors[0], named[0]))
+        return torch.nn.functional.one_hot(torch.tensor(rows), len(shapes.CLASSES)).float()
+
+
+def oracle_eval_set():
+    """One sample per class; each image holds its class index in every pixel, each caption names its class."""
+    rng = __import__("numpy").random.default_rng(0)
+    captions, attributes = [], []
+    for index, (color, shape) in enumerate(shapes.CLASSES):
+        captions.append(shapes.make_sample(rng, 32, 1, cls=index)[1])
+        attributes.append({"objects": [{"color": color, "shape": shape}], "class": index})
+    images = torch.arange(len(shapes.CLASSES)).float()[:, None, None, None].expand(-1, 3, 8, 8).clone()
+    return runner.EvalSet(images, captions, attributes, [f"k{i}" for i in range(len(captions))])
+
+
+def test_evaluate_scores_an_oracle_exactly(monkeypatch):
+    """A perfect model scores 1.0 on every metric; one that names the right color and the wrong shape scores 0 on
+    zero-shot top-1, retrieval R@1 and caption match. Values, not ranges: a metric wired to the wrong rows,
+    classes or captions fails here."""
+    tokenizer = WordTokenizer()
+    eval_set = oracle_eval_set()
+    assert all(shapes.caption_matches(c, a) for c, a in zip(eval_set.captions, eval_set.attributes))
+    wrong_shape = [f"a {color} {shapes.SHAPES[(shapes.SHAPES.index(shape) + 1) % 4]}" for color, shape in shapes.CLASSES]
+    for shape_error, captions, expected in ((0, eval_set.captions, 1.0), (1, wrong_shape, 0.0)):
+        stream = iter(captions)  # evaluate() captions the images in order, batch by batch
+        monkeypatch.setattr(runner, "generate_captions", lambda model, images, tokenizer, **kw: [next(stream)
+                                                                                             for _ in images])
+        results = runner.evaluate(OracleModel(tokenizer, shape_error), tokenizer, eval_set, batch_size=5,
+                                  num_examples=2)
+        for key in ("zeroshot_top1", "i2t_r1", "t2i_r1", "class_i2t_r1", "class_t2i_r1", "caption_match"):
+            assert results[key] == expected, (shape_error, key, results[key])
+        assert results["num_zeroshot"] == 24 and results["num_captioned"] == 24
+        assert [s["generated"] for s in results["samples"]] == captions[:2]
+        assert [s["match"] for s in results["samples"]] == [bool(expected)] * 2
+    # one-hot embeddings tie the true class with 22 others at 0, and ties count against it: top-5 misses too
+    assert results["zeroshot_top5"] == 0.0 and results["i2t_r5"] == 0.0
+
+
 def test_evaluate_a_random_model(val_shards):
     tokenizer = WordTokenizer()
     torch.manual_seed(0)

@@ -28,6 +28,16 @@ def make_batch(cfg: CoCaConfig, batch: int = 3, length: int = 10, seed: int = 0)
     return images, text
 
 
+def pad_rows(text: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Row i keeps its first lengths[i] tokens (the last of them eos = 3), then padding: a different amount of
+    padding per row, so that a mask built from one row's padding and applied to all is wrong for the others."""
+    text = text.clone()
+    for row, length in enumerate(lengths):
+        text[row, length - 1] = 3
+        text[row, length:] = PAD
+    return text
+
+
 @pytest.fixture(params=["paper", "open_clip"])
 def model(request) -> CoCa:
     torch.manual_seed(0)
@@ -51,47 +61,90 @@ def test_forward_outputs_are_normalised_and_shaped(model):
 
 
 def test_caption_logits_are_causal(model):
-    """Changing token t+1 leaves the caption logits at positions <= t unchanged, and changes later ones."""
+    """Changing token t+1 leaves the caption logits at positions <= t unchanged, and changes later ones; rows
+    have different padding (row 1 is unpadded, so its later logits must change)."""
     images, text = make_batch(model.cfg)
+    text = pad_rows(text, [8, 10, 9])
     base = model(images, text, caption_loss=False)["logits"]
     for t in (2, 5):
         changed = text.clone()
         changed[:, t + 1] = (changed[:, t + 1] + 7) % 46 + 4
         logits = model(images, changed, caption_loss=False)["logits"]
         torch.testing.assert_close(logits[:, : t + 1], base[:, : t + 1], rtol=0, atol=1e-6)
-        assert not torch.allclose(logits[:, t + 1 :], base[:, t + 1 :])
+        assert not torch.allclose(logits[1, t + 1 :], base[1, t + 1 :])
+
+
+def test_rows_of_a_batch_are_independent(model):
+    """Each row's outputs in a batch with different padding per row equal that row run alone (its own padding,
+    its own trimming): features, caption logits at its real positions, and its caption loss. A mask that mixes
+    rows (one row's padding applied to all) breaks this."""
+    images, text = make_batch(model.cfg, batch=4, length=12, seed=3)
+    text = pad_rows(text, [4, 12, 7, 9])
+    batch = model(images, text, caption_loss=False)
+    for row, length in enumerate([4, 12, 7, 9]):
+        alone = model(images[row:row + 1], text[row:row + 1], caption_loss=False)
+        for key in ("image_features", "text_features"):
+            torch.testing.assert_close(batch[key][row:row + 1], alone[key], rtol=1e-5, atol=1e-6,
+                                       msg=lambda m: f"row {row} {key}: {m}")
+        torch.testing.assert_close(batch["logits"][row, : length - 1], alone["logits"][0, : length - 1],
+                                   rtol=1e-5, atol=1e-5, msg=lambda m: f"row {row} logits: {m}")
+        loss_alone = model(images[row:row + 1], text[row:row + 1])
+        assert int(loss_alone["caption_tokens"]) == length - 1
+        targets = text[row, 1:]
+        expected = torch.nn.functional.cross_entropy(batch["logits"][row], targets, ignore_index=PAD, reduction="sum")
+        torch.testing.assert_close(loss_alone["caption_loss_sum"], expected, rtol=1e-5, atol=1e-5)
+
+
+LENGTHS = [6, 10, 3]  # real tokens per row: row 1 unpadded, rows 0 and 2 padded by different amounts
+
+
+def noise(*shape) -> torch.Tensor:
+    """A perturbation LayerNorm cannot remove (adding a constant to every feature would be invisible)."""
+    return 3.0 * torch.randn(*shape, generator=torch.Generator().manual_seed(7))
 
 
 def test_text_embedding_never_sees_padding():
     """With the default mask, neither the CLS output (the text embedding) nor any real token's output
-    depends on what the padded positions hold: perturb their positional embeddings and see no change."""
+    depends on what the padded positions hold: perturb their positional embeddings and see no change. Rows
+    have different padding, so each row's pads are at positions another row uses."""
     torch.manual_seed(0)
     model = CoCa(tiny_config()).eval()
     _, text = make_batch(model.cfg, length=10)
-    text[:, 6:] = PAD
+    text = pad_rows(text, LENGTHS)
     embedding, tokens = model.text(text)
+    for row, length in enumerate(LENGTHS):
+        if length == text.shape[1]:
+            continue
+        perturbed = CoCa(tiny_config()).eval()
+        perturbed.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            perturbed.text.embed.positional_embedding[length:10].add_(noise(10 - length, 32))
+        new_embedding, new_tokens = perturbed.text(text)
+        torch.testing.assert_close(new_embedding[row], embedding[row], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(new_tokens[row, :length], tokens[row, :length], rtol=1e-5, atol=1e-6)
+        assert (new_embedding[1] - embedding[1]).abs().max() > 1e-3  # the unpadded row sees those positions
     with torch.no_grad():
-        model.text.embed.positional_embedding[6:10].add_(3.0)
-    new_embedding, new_tokens = model.text(text)
-    torch.testing.assert_close(new_embedding, embedding, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(new_tokens[:, :6], tokens[:, :6], rtol=1e-5, atol=1e-6)
-    with torch.no_grad():
-        model.text.embed.positional_embedding[3].add_(3.0)  # a real position: the CLS must see it
-    assert not torch.allclose(model.text(text)[0], embedding)
+        model.text.embed.positional_embedding[2].add_(noise(32))  # a real position of every row: each CLS sees it
+    changed = model.text(text)[0]
+    assert all((changed[row] - embedding[row]).abs().max() > 1e-3 for row in range(len(LENGTHS)))
 
 
 def test_cls_ignores_pad_embeddings():
-    """Perturbing the pad token's embedding row changes no real output and not the CLS."""
+    """Perturbing the pad token's embedding row changes no real output and no CLS, whatever each row's padding."""
     torch.manual_seed(0)
     model = CoCa(tiny_config()).eval()
     _, text = make_batch(model.cfg, length=10)
-    text[:, 7:] = PAD
+    text = pad_rows(text, LENGTHS)
     embedding, tokens = model.text(text)
     with torch.no_grad():
-        model.text.embed.token_embedding.weight[PAD].add_(5.0)
+        model.text.embed.token_embedding.weight[PAD].add_(noise(32))
     new_embedding, new_tokens = model.text(text)
     torch.testing.assert_close(new_embedding, embedding, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(new_tokens[:, :7], tokens[:, :7], rtol=1e-5, atol=1e-6)
+    for row, length in enumerate(LENGTHS):
+        torch.testing.assert_close(new_tokens[row, :length], tokens[row, :length], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # the same perturbation on a real token's row does reach the CLS
+        model.text.embed.token_embedding.weight[int(text[1, 4])].add_(noise(32))
+    assert (model.text(text)[0][1] - embedding[1]).abs().max() > 1e-3
 
 
 def effective_mask(text, legacy):
