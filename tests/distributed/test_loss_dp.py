@@ -1,5 +1,9 @@
 """The CoCa loss on 2 gloo ranks (megacoca.losses, gathering over the dp group) equals one process over the
-global batch: the dp-mean of the per-rank losses, and the dp-averaged gradients of every model parameter."""
+global batch: the dp-mean of the per-rank losses, and the dp-averaged gradients of every model parameter.
+
+The batch is chosen so that the ranks' caption token counts differ by far (rank 0 gets the shortest captions,
+rank 1 the longest) and the model's caption head is scaled up so that token losses differ: otherwise a caption
+loss normalised by each rank's own token count would agree with the global one by accident."""
 
 import torch
 import torch.distributed as dist
@@ -21,18 +25,32 @@ def _loss_and_grads(model, batch, dp_group=None):
     return loss.detach(), parts, grads
 
 
-def _reference():
+def _model():
     torch.manual_seed(0)
     model = CoCa(TINY)
-    return _loss_and_grads(model, global_batch(0, GLOBAL_BATCH))
+    with torch.no_grad():
+        model.caption_head.weight.mul_(30.0)  # token losses that differ from token to token
+    return model
+
+
+def _batch():
+    """The 4 shortest then the 4 longest captions of 32 samples."""
+    pool = global_batch(0, 32)
+    order = (pool["text"] != TINY.pad_id).sum(dim=1).argsort(stable=True)
+    chosen = torch.cat([order[:GLOBAL_BATCH // 2], order[-GLOBAL_BATCH // 2:]])
+    return {key: value[chosen] for key, value in pool.items()}
+
+
+def _reference():
+    return _loss_and_grads(_model(), _batch())
 
 
 def _two_ranks(rank, world_size):
     dims = ParallelDims(dp=-1, tp=1, pp=1, world_size=world_size).build()
-    torch.manual_seed(0)
-    model = CoCa(TINY)
+    model = _model()
     local = GLOBAL_BATCH // dims.dp_size
-    loss, parts, grads = _loss_and_grads(model, global_batch(dims.dp_rank * local, local), dims.dp_group)
+    rows = slice(dims.dp_rank * local, (dims.dp_rank + 1) * local)
+    loss, parts, grads = _loss_and_grads(model, {k: v[rows] for k, v in _batch().items()}, dims.dp_group)
     stacked = torch.stack([loss, parts["loss_contrastive"], parts["loss_caption"]])
     dist.all_reduce(stacked, group=dims.dp_group)  # what DP averaging does to the loss ...
     for grad in grads.values():  # ... and to the gradients
@@ -42,6 +60,8 @@ def _two_ranks(rank, world_size):
 
 
 def test_loss_and_gradients_match_one_process(tmp_path):
+    tokens = (_batch()["text"][:, 1:] != TINY.pad_id).sum(dim=1)
+    assert tokens[4:].sum() > 2 * tokens[:4].sum()  # the ranks' token counts differ by far
     results = run_ranks(_two_ranks, 2, tmp_path)
     ref_loss, ref_parts, ref_grads = _reference()
     expected = [ref_loss.item(), ref_parts["loss_contrastive"].item(), ref_parts["loss_caption"].item()]

@@ -1,0 +1,195 @@
+"""Plant known bugs, one at a time, in a temporary copy of the repository and run the tests that claim to catch
+each one; print caught / missed. Every planted bug must be caught (exit status 1 otherwise).
+
+    python scripts/mutation_check.py                 # all mutations (~5-10 min on 2 cores)
+    python scripts/mutation_check.py --only lr_never_decays padding_of_row_0
+    python scripts/mutation_check.py --list
+
+Each mutation replaces one exact snippet of one file (the script stops if the snippet is not found exactly once,
+so a refactor that moves the code is noticed, not silently skipped). The copy is imported instead of the
+checkout: the tests run with the copy as working directory and first on PYTHONPATH, and the copy gets a
+`megacoca_kernels` link to its own kernels/ (the editable install would otherwise map that name back to the
+checkout). Before the mutations the same tests run once unmutated: they must pass, or a "caught" would mean
+nothing. Not part of CI (it re-runs slow tests several times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    what: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+MUTATIONS = [
+    Mutation(
+        "padding_of_row_0", "the text key mask uses row 0's padding for every row",
+        "megacoca/models/coca/text.py",
+        "    real = text != pad_id\n",
+        "    real = (text != pad_id)[:1].expand_as(text)\n",
+        ("tests/unit/models/test_model.py", "tests/unit/eval"),
+    ),
+    Mutation(
+        "contrastive_gather_without_grad", "the contrastive all-gather passes no gradient back to other ranks",
+        "megacoca/parallel/collectives.py",
+        "        dist.all_reduce(grad, group=ctx.group)\n",
+        "",
+        ("tests/distributed/test_loss_dp.py",),
+    ),
+    Mutation(
+        "caption_loss_local_token_count", "the caption loss is normalised by the local, not the global, token count",
+        "megacoca/losses/caption.py",
+        "    global_tokens = all_reduce_sum(caption_tokens.to(torch.float32), dp_group).clamp(min=1)\n",
+        "    global_tokens = (caption_tokens.to(torch.float32) * group_size(dp_group)).clamp(min=1)\n",
+        ("tests/distributed/test_loss_dp.py",),
+    ),
+    Mutation(
+        "resume_without_data_position", "resume restores the weights but not the loader's data position",
+        "megacoca/checkpoint/state.py",
+        "        train_loader.load_state_dict(local[\"data\"])\n",
+        "        pass\n",
+        ("tests/distributed/test_resume.py", "tests/distributed/test_resume_shards.py"),
+    ),
+    Mutation(
+        "cls_attends_to_padding", "the unimodal text stage lets the CLS (and pads) attend to pad keys",
+        "megacoca/models/coca/text.py",
+        "    return F.pad(real, (0, 1), value=True)\n",
+        "    return torch.ones_like(F.pad(real, (0, 1), value=True))\n",
+        ("tests/unit/models/test_model.py",),
+    ),
+    Mutation(
+        "flash_causal_mask_off_by_one", "the flash-attention forward's causal mask lets query i see key i + 1",
+        "kernels/flash_attention.py",
+        "            s = tl.where(cols[None, :] <= offs_m[:, None], s, float(\"-inf\"))\n",
+        "            s = tl.where(cols[None, :] <= offs_m[:, None] + 1, s, float(\"-inf\"))\n",
+        ("tests/kernels/test_flash_attention.py",),
+    ),
+    Mutation(
+        "lr_never_decays", "the lr schedule stays at its peak after warmup",
+        "megacoca/trainer.py",
+        "        progress = min((step - warmup) / (total - warmup), 1.0)\n",
+        "        progress = 0.0\n",
+        ("tests/unit/config/test_optim_schedule.py",),
+    ),
+]
+
+
+def copy_repo(destination: str) -> None:
+    """The tracked and untracked-but-not-ignored files of the checkout (what CI would see), plus the link that
+    makes `megacoca_kernels` resolve inside the copy."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                            check=True, capture_output=True, text=True).stdout.split("\0")
+    for relative in filter(None, listed):
+        source = os.path.join(REPO, relative)
+        if not os.path.isfile(source):
+            continue  # deleted in the work tree
+        target = os.path.join(destination, relative)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy2(source, target)
+    os.symlink("kernels", os.path.join(destination, "megacoca_kernels"))
+
+
+def source_of(root: str, mutation: Mutation) -> str:
+    """The file the mutation edits; stops the script unless the snippet occurs in it exactly once."""
+    with open(os.path.join(root, mutation.path)) as handle:
+        text = handle.read()
+    count = text.count(mutation.old)
+    if count != 1:
+        raise SystemExit(f"mutation {mutation.name}: expected the snippet exactly once in {mutation.path}, found "
+                         f"{count}; update scripts/mutation_check.py to follow the code")
+    return text
+
+
+def apply(root: str, mutation: Mutation) -> None:
+    text = source_of(root, mutation)
+    with open(os.path.join(root, mutation.path), "w") as handle:
+        handle.write(text.replace(mutation.old, mutation.new))
+
+
+def run_tests(root: str, tests: tuple[str, ...], timeout: float) -> tuple[bool, float, str]:
+    """(passed, seconds, last lines of output) for pytest on `tests` inside the copy."""
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               PYTHONDONTWRITEBYTECODE="1")
+    check = subprocess.run([sys.executable, "-c", "import megacoca, megacoca_kernels; "
+                            "print(megacoca.__file__); print(megacoca_kernels.__file__)"],
+                           cwd=root, env=env, capture_output=True, text=True, check=True).stdout.split()
+    if not all(path.startswith(root) for path in check):
+        raise SystemExit(f"the copy is not what gets imported: {check}")
+    began = time.perf_counter()
+    try:
+        result = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                                 "-W", "ignore::FutureWarning", *tests], cwd=root, env=env, capture_output=True,
+                                text=True, timeout=timeout)
+        passed, output = result.returncode == 0, result.stdout + result.stderr
+    except subprocess.TimeoutExpired as error:
+        passed, output = False, f"timed out after {timeout:.0f}s\n{error.stdout or ''}"
+    tail = [line for line in output.splitlines() if line.strip()][-3:]
+    return passed, time.perf_counter() - began, "\n".join(tail)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these mutations")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per pytest run")
+    args = parser.parse_args()
+    if args.list:
+        for mutation in MUTATIONS:
+            print(f"{mutation.name:34s} {mutation.what} ({mutation.path}) -> {' '.join(mutation.tests)}")
+        return 0
+    chosen = [m for m in MUTATIONS if not args.only or m.name in args.only]
+    unknown = set(args.only or ()) - {m.name for m in MUTATIONS}
+    if unknown:
+        raise SystemExit(f"unknown mutations {sorted(unknown)}; see --list")
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="megacoca_mutation_") as scratch:
+        baseline = os.path.join(scratch, "baseline")
+        copy_repo(baseline)
+        for mutation in chosen:  # every snippet must be found before anything runs
+            source_of(baseline, mutation)
+        tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+        passed, seconds, tail = run_tests(baseline, tests, args.timeout)
+        print(f"baseline (no mutation): {'pass' if passed else 'FAIL'} in {seconds:.0f}s", flush=True)
+        if not passed:
+            print(tail)
+            raise SystemExit("the unmutated tests fail: fix them before judging mutations")
+        for mutation in chosen:
+            root = os.path.join(scratch, mutation.name)
+            copy_repo(root)
+            apply(root, mutation)
+            passed, seconds, tail = run_tests(root, mutation.tests, args.timeout)
+            rows.append((mutation, not passed, seconds))
+            print(f"{mutation.name}: {'caught' if not passed else 'MISSED'} in {seconds:.0f}s "
+                  f"({tail.splitlines()[-1] if tail else ''})", flush=True)
+            shutil.rmtree(root, ignore_errors=True)
+
+    print()
+    print("| planted bug | file | tests | result | seconds |")
+    print("|---|---|---|---|---|")
+    for mutation, caught, seconds in rows:
+        print(f"| {mutation.what} | {mutation.path} | {', '.join(mutation.tests)} | "
+              f"{'caught' if caught else '**missed**'} | {seconds:.0f} |")
+    missed = [m.name for m, caught, _ in rows if not caught]
+    print(f"\n{len(rows) - len(missed)}/{len(rows)} caught" + (f"; missed: {', '.join(missed)}" if missed else ""))
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
