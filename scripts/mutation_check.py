@@ -92,7 +92,7 @@ MUTATIONS = [
 
 def copy_repo(destination: str) -> None:
     """The tracked and untracked-but-not-ignored files of the checkout (what CI would see), plus the link that
-    makes `megacoca_kernels` resolve inside the copy."""
+    makes `megacoca_kernels` resolve inside the copy. Taken once, at the start: every run copies that snapshot."""
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
                             check=True, capture_output=True, text=True).stdout.split("\0")
     for relative in filter(None, listed):
@@ -160,10 +160,12 @@ def main() -> int:
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="megacoca_mutation_") as scratch:
-        baseline = os.path.join(scratch, "baseline")
-        copy_repo(baseline)
+        snapshot = os.path.join(scratch, "snapshot")  # the checkout as it is now; later edits do not leak in
+        copy_repo(snapshot)
         for mutation in chosen:  # every snippet must be found before anything runs
-            source_of(baseline, mutation)
+            source_of(snapshot, mutation)
+        baseline = os.path.join(scratch, "baseline")
+        shutil.copytree(snapshot, baseline, symlinks=True)
         tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
         passed, seconds, tail = run_tests(baseline, tests, args.timeout)
         print(f"baseline (no mutation): {'pass' if passed else 'FAIL'} in {seconds:.0f}s", flush=True)
@@ -172,7 +174,7 @@ def main() -> int:
             raise SystemExit("the unmutated tests fail: fix them before judging mutations")
         for mutation in chosen:
             root = os.path.join(scratch, mutation.name)
-            copy_repo(root)
+            shutil.copytree(snapshot, root, symlinks=True)
             apply(root, mutation)
             passed, seconds, tail = run_tests(root, mutation.tests, args.timeout)
             rows.append((mutation, not passed, seconds))
