@@ -83,19 +83,21 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False)
 
 
-def check_inputs(job, world_size: int) -> None:
-    """Everything that can be wrong with the input, checked before any rank builds a model."""
+def check_inputs(job, world_size: int):
+    """Everything that can be wrong with the input, checked before any rank builds a model or a process group.
+    Returns the (unbuilt) ParallelDims of the job."""
     from megacoca.config.deepspeed import build_deepspeed_config
     from megacoca.config.train import ConfigError
     from megacoca.parallel.dims import ParallelDims
+    from megacoca.parallel.parallelize import check_layout
 
     job.validate(world_size)
-    dims = ParallelDims(job.parallel.dp, job.parallel.tp, job.parallel.pp, world_size)
-    if dims.tp_size > 1 or dims.pp_size > 1:
-        raise ConfigError(f"parallel.tp={dims.tp_size} pp={dims.pp_size}: tensor and pipeline parallelism are "
-                          "not wired into the trainer yet (use tp=1 pp=1)")
+    dims = ParallelDims.from_config(job.parallel, world_size)
     build_deepspeed_config(job, dims.dp_size)
-    job.model_config()
+    try:
+        check_layout(job.model_config(), dims)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     from megacoca.data.shards import expand_shards
 
     if not job.data.train_shards:
@@ -125,6 +127,7 @@ def check_inputs(job, world_size: int) -> None:
         except (FileNotFoundError, ValueError) as error:
             raise ConfigError(f"data.val_shards: {error} (eval.every={job.eval.every}: pass --val-shards DIR "
                               "or --set eval.every=0)") from None
+    return dims
 
 
 def resolve_model_to_tokenizer(job, tokenizer):
@@ -172,7 +175,7 @@ def run(args) -> int:
             if rank == 0:
                 print(json.dumps(job.to_dict(), indent=2))
             return 0
-        check_inputs(job, world_size)
+        dims = check_inputs(job, world_size)
         from megacoca.data import load_tokenizer
 
         tokenizer = load_tokenizer(job.data.tokenizer, job.model_config().context_length)
@@ -184,13 +187,12 @@ def run(args) -> int:
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     ensure_launch_env()
     init_distributed()
-    from megacoca.parallel.dims import ParallelDims
     from megacoca.trainer import Trainer
     import torch.distributed as dist
 
     trainer = None
     try:
-        dims = ParallelDims(job.parallel.dp, job.parallel.tp, job.parallel.pp, dist.get_world_size()).build()
+        dims.build()
         loader = build_train_loader(job, model_cfg, dims, tokenizer)
         trainer = Trainer(job, loader, dims=dims, eval_fn=build_eval_fn(job, model_cfg, dims, tokenizer))
         trainer.resume()

@@ -1,9 +1,11 @@
 """Trainer: the step loop around a DeepSpeed engine, with logging, eval and checkpoint hooks.
 
-No model code and no communication code lives here: the model comes from megacoca.models, the loss (and
-its data-parallel gather) from megacoca.losses, the groups from ParallelDims, checkpoints from
-megacoca.checkpoint. A step is `gradient_accumulation_steps` micro-batches; DeepSpeed's engine scales the
-loss, reduces the gradients, clips and steps the optimizer and the lr schedule at the boundary.
+No model code and no communication code lives here: the model comes from megacoca.models, built for the
+layout by megacoca.parallel (tensor-parallel shards, activation checkpointing, ZeRO-3 partitions), the loss
+(and its data-parallel gather) from megacoca.losses, the groups from ParallelDims, checkpoints from
+megacoca.checkpoint, the log record from megacoca.metrics. A step is `gradient_accumulation_steps`
+micro-batches, each through `forward_backward` (the seam a pipeline schedule replaces); DeepSpeed's engine
+scales the loss, reduces the gradients, clips and steps the optimizer and the lr schedule at the boundary.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch.distributed as dist
 
 from megacoca.config.deepspeed import build_deepspeed_config, offloads_optimizer, precision_dtype, zero_stage
 from megacoca.config.train import JobConfig
+from megacoca.metrics.records import train_record
 from megacoca.parallel.dims import ParallelDims
 
 EvalFn = Callable[[torch.nn.Module, int], dict]
@@ -77,6 +80,19 @@ def build_optimizer(model: torch.nn.Module, job: JobConfig, ds_config: dict) -> 
     return torch.optim.AdamW(groups, **kwargs)
 
 
+def full_parameter_count(model: torch.nn.Module) -> int:
+    """Parameters of the whole (single-device) model, from any rank's shards: tensor-parallel parameters count
+    their full shape (vocabulary padding excluded), ZeRO-3 partitions their full numel."""
+    total = 0
+    for param in model.parameters():
+        shard = getattr(param, "tp_shard", None)
+        if shard is not None:
+            total += math.prod(shard.full_shape)
+        else:
+            total += getattr(param, "ds_numel", param.numel())
+    return total
+
+
 class Trainer:
     """Build the engine for `job` over an initialised process group, then `train()`.
 
@@ -84,6 +100,8 @@ class Trainer:
         `load_state_dict()` (the data position) and optionally `skipped` (bad samples by reason).
     eval_fn: called as `eval_fn(model, step) -> dict` every `eval.every` steps on every rank (the model is
         the DeepSpeed engine, so ZeRO-3 parameters gather in its forward); rank 0's dict is logged.
+    model: a built single-device CoCa to train instead of building one (it is parallelized here; under ZeRO-3
+        DeepSpeed partitions it after the fact, so every rank first holds it whole).
     """
 
     def __init__(self, job: JobConfig, train_loader: Iterable, *, dims: ParallelDims | None = None,
@@ -95,24 +113,27 @@ class Trainer:
         from megacoca.metrics.flops import train_flops_per_sample
         from megacoca.metrics.logger import MetricsLogger
         from megacoca.metrics.peak import current_device_name, peak_flops
-        from megacoca.models.coca import CoCa
+        from megacoca.parallel.build import build_parallel_model
+        from megacoca.parallel.parallelize import parallelize
 
         if not dist.is_initialized():
             raise RuntimeError("Trainer needs an initialised process group (megacoca.train sets one up)")
         self.job = job
-        self.dims = dims or ParallelDims(job.parallel.dp, job.parallel.tp, job.parallel.pp,
-                                         dist.get_world_size()).build()
-        if self.dims.tp_size > 1 or self.dims.pp_size > 1:
-            raise NotImplementedError("tensor and pipeline parallelism are not wired into the trainer yet")
+        self.dims = dims or ParallelDims.from_config(job.parallel, dist.get_world_size()).build()
         self.ds_config = ds_config or build_deepspeed_config(job, self.dims.dp_size)
         self.dtype = precision_dtype(self.ds_config)
         self.train_loader = train_loader
         self.eval_fn = eval_fn
         self.rank = dist.get_rank()
 
-        seed_everything(job.seed)  # same initial weights on every rank
+        seed_everything(job.seed)  # the same initial weights on every rank (and for every layout)
         self.model_config = model.cfg if model is not None and hasattr(model, "cfg") else job.model_config()
-        model = model if model is not None else CoCa(self.model_config)
+        checkpointing = job.parallel.activation_checkpointing
+        if model is None:
+            model = build_parallel_model(self.model_config, self.dims, ds_config=self.ds_config,
+                                         activation_checkpointing=checkpointing)
+        else:
+            model = parallelize(model, self.dims, activation_checkpointing=checkpointing)
         optimizer = build_optimizer(model, job, self.ds_config)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
@@ -134,9 +155,8 @@ class Trainer:
         self.peak = peak_flops(self.device_name, precision)
         self.logger = logger or MetricsLogger(job.run_dir, enabled=self.rank == 0,
                                               tensorboard=job.logging.tensorboard, total_steps=job.schedule.steps)
-        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
         self.logger.info(
-            f"megacoca: {job.name} | {n_params / 1e6:.2f}M params | {self.dims} | ZeRO-{zero_stage(self.ds_config)} "
+            f"megacoca: {job.name} | {full_parameter_count(model) / 1e6:.2f}M params | {self.dims} | ZeRO-{zero_stage(self.ds_config)} "
             f"{precision} | batch {job.schedule.global_batch_size} = {job.schedule.micro_batch_size} x dp "
             f"{self.dims.dp_size} x accum {self.grad_accum} | {self.flops_per_sample / 1e9:.3g} GFLOP/sample "
             f"| device {self.device_name or self.device} (peak {'unknown' if self.peak is None else f'{self.peak / 1e12:.0f} TFLOP/s'})"
@@ -181,22 +201,26 @@ class Trainer:
             if not produced:
                 raise RuntimeError("the training data loader produced no batch")
 
+    def forward_backward(self, batch: dict) -> torch.Tensor:
+        """One micro-batch: forward, CoCa loss, backward (DeepSpeed scales it by the accumulation steps).
+        Returns (loss, loss_contrastive, loss_caption, logit_scale) detached, on the device."""
+        images = batch["images"].to(self.device, dtype=self.dtype, non_blocking=True)
+        text = batch["text"].to(self.device, non_blocking=True)
+        out = self.engine(images, text)
+        loss, parts = self.loss_fn(out, dp_group=self.dims.dp_group)
+        self.engine.backward(loss)
+        return torch.stack([loss.detach().float(), parts["loss_contrastive"].float(), parts["loss_caption"].float(),
+                            parts["logit_scale"].float()])
+
     def train_step(self, batches) -> dict:
         sums = torch.zeros(4, device=self.device)  # stays on the device: no host sync per micro-batch
         lr = self.optimizer.param_groups[0]["lr"]
         own_norm = None
         for micro in range(self.grad_accum):
-            batch = next(batches)
-            images = batch["images"].to(self.device, dtype=self.dtype, non_blocking=True)
-            text = batch["text"].to(self.device, non_blocking=True)
-            out = self.engine(images, text)
-            loss, parts = self.loss_fn(out, dp_group=self.dims.dp_group)
-            self.engine.backward(loss)
+            sums += self.forward_backward(next(batches))
             if micro == self.grad_accum - 1 and self._needs_own_grad_norm:
                 own_norm = self._replicated_grad_norm()
             self.engine.step()
-            sums += torch.stack([loss.detach().float(), parts["loss_contrastive"].float(),
-                                 parts["loss_caption"].float(), parts["logit_scale"].float()])
         self.step += 1
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is None:
@@ -209,9 +233,19 @@ class Trainer:
         return zero_stage(self.ds_config) == 0 and self.dtype == torch.float32
 
     def _replicated_grad_norm(self) -> float:
-        """Norm of the (already data-parallel averaged, replicated) gradients before clipping; tp = pp = 1."""
-        norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+        """Norm of the (already data-parallel averaged) gradients before clipping: tensor-parallel shards summed
+        over the tensor-parallel group, replicated parameters counted once."""
+        from megacoca.parallel.tensor import is_tensor_parallel
+
+        squares = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for param in self.engine.module.parameters():
+            if param.grad is not None:
+                squares[0 if is_tensor_parallel(param) else 1] += param.grad.detach().double().pow(2).sum()
+        if self.dims.tp_size > 1:
+            if self.dims.tp_rank != 0:
+                squares[1] = 0.0
+            dist.all_reduce(squares, group=self.dims.tp_group)
+        return float(squares.sum().sqrt())
 
     def _reduce(self, sums: torch.Tensor) -> list[float]:
         """Micro-batch and data-parallel mean of the per-rank losses (= the global-batch loss)."""
@@ -239,21 +273,15 @@ class Trainer:
             result = self.train_step(batches)
             window_steps += 1
             if self.step % job.logging.log_every == 0 or self.step == job.schedule.steps:
-                loss, loss_con, loss_cap, scale = self._reduce(result["sums"])
+                losses = self._reduce(result["sums"])
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - window_start
-                samples_per_s = window_steps * job.schedule.global_batch_size / max(elapsed, 1e-9)
-                tflops = samples_per_s * self.flops_per_sample / self.dims.world_size / 1e12
-                skipped = self._skipped_samples()
-                record = {
-                    "step": self.step, "loss": loss, "loss_contrastive": loss_con, "loss_caption": loss_cap,
-                    "logit_scale": scale, "lr": result["lr"],
-                    "grad_norm": None if result["grad_norm"] is None else float(result["grad_norm"]),
-                    "samples_per_s": samples_per_s, "tflops_per_device": tflops,
-                    "mfu": None if self.peak is None else tflops * 1e12 / self.peak,
-                    "skipped_samples": skipped,
-                }
+                record = train_record(
+                    step=self.step, losses=losses, lr=result["lr"], grad_norm=result["grad_norm"],
+                    samples_per_s=window_steps * job.schedule.global_batch_size / max(elapsed, 1e-9),
+                    flops_per_sample=self.flops_per_sample, world_size=self.dims.world_size, peak_flops=self.peak,
+                    skipped_samples=self._skipped_samples())
                 self.history.append(record)
                 self.logger.log_train(record)
                 window_start, window_steps = time.perf_counter(), 0

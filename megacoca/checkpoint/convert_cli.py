@@ -212,7 +212,6 @@ def convert_from_deepspeed(input_path: str, output: str, *, model_config: str | 
         cfg = job.model_config()
     else:
         raise ValueError(f"{tag_dir} records no job config in its client state: pass --model-config")
-    cfg = cfg.replace(activation_checkpointing=False)
     state = consolidated_state_dict(tag_dir)  # fp32, merged over the ZeRO partitions of every rank
     state = {key[len("module."):] if key.startswith("module.") else key: value for key, value in state.items()}
     if cfg.tie_word_embeddings and "caption_head.weight" not in state:

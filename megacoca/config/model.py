@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 PoolerLayout = Literal["paper", "open_clip"]
+# Keys that older model configs (config.json, checkpoints) carry and that no longer shape the model:
+# activation checkpointing is a training setting now (JobConfig.parallel, applied by megacoca.parallel.parallelize).
+RETIRED_KEYS = ("activation_checkpointing",)
 KernelChoice = Literal["auto", "triton", "torch"]
 
 
@@ -58,7 +61,6 @@ class CoCaConfig:
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100.0)
     kernels: KernelChoice = "auto"
-    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -107,6 +109,7 @@ class CoCaConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "CoCaConfig":
+        values = {k: v for k, v in values.items() if k not in RETIRED_KEYS}
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

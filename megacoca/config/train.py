@@ -24,11 +24,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelChoice:
-    flavor: str = "coca_tiny"  # a name from megacoca.models.coca.FLAVORS
+    flavor: str = "coca_tiny"  # a name from megacoca.config.flavors.FLAVORS
     overrides: dict[str, Any] = field(default_factory=dict)  # CoCaConfig fields to change
 
     def build(self) -> CoCaConfig:
-        from megacoca.models.coca import get_flavor
+        from megacoca.config.flavors import get_flavor
 
         try:
             base = get_flavor(self.flavor)
@@ -100,7 +100,7 @@ class ParallelConfig:
     dp: int = -1  # -1: world_size / (tp * pp)
     tp: int = 1
     pp: int = 1
-    activation_checkpointing: bool = False  # sets CoCaConfig.activation_checkpointing
+    activation_checkpointing: bool = False  # recompute each transformer block in backward (parallelize step)
     # DeepSpeed JSON keys to change without copying the file, dotted: {"zero_optimization.reduce_bucket_size":
     # 1e7}; `--set parallel.deepspeed_overrides.zero_optimization.reduce_bucket_size=1e7` sets one.
     deepspeed_overrides: dict[str, Any] = field(default_factory=dict)
@@ -128,10 +128,7 @@ class JobConfig:
         return self.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
 
     def model_config(self) -> CoCaConfig:
-        cfg = self.model.build()
-        if self.parallel.activation_checkpointing:
-            cfg = cfg.replace(activation_checkpointing=True)
-        return cfg
+        return self.model.build()
 
     def grad_accum_steps(self, dp_size: int) -> int:
         return self.schedule.global_batch_size // (self.schedule.micro_batch_size * dp_size)
@@ -166,7 +163,7 @@ class JobConfig:
             from megacoca.parallel.dims import ParallelDims
 
             try:
-                dims = ParallelDims(dp=p.dp, tp=p.tp, pp=p.pp, world_size=world_size)
+                dims = ParallelDims.from_config(p, world_size)
             except ValueError as error:
                 raise ConfigError(f"parallel: {error}") from None
             per_step = s.micro_batch_size * dims.dp_size

@@ -19,7 +19,7 @@ def greedy_captions_uncached(model, images: torch.Tensor, *, max_new_tokens: int
                              pad_id: int) -> torch.Tensor:
     """(B, T) generated ids after bos, without a cache: the reference for the cached path. A row ends at eos
     or at pad (as `generate` does with stop_on_pad); pads follow."""
-    _, image_tokens = model.image_towers(images)
+    _, image_tokens = model.image_stage(images)
     batch = images.shape[0]
     prefix = torch.full((batch, 1), bos_id, dtype=torch.long, device=images.device)
     done = torch.zeros(batch, dtype=torch.bool, device=images.device)

@@ -30,6 +30,9 @@ class ParallelDims:
                 raise ValueError(f"ParallelDims: {name} must be a positive integer, got {value!r}")
         if not isinstance(self.dp, int) or isinstance(self.dp, bool) or (self.dp < 1 and self.dp != -1):
             raise ValueError(f"ParallelDims: dp must be a positive integer or -1 (inferred), got {self.dp!r}")
+        if self.tp * self.pp > self.world_size:
+            raise ValueError(f"ParallelDims: tp {self.tp} x pp {self.pp} = {self.tp * self.pp} exceeds the world size "
+                             f"{self.world_size}")
         if self.dp == -1:
             if self.world_size % (self.tp * self.pp):
                 raise ValueError(f"ParallelDims: world size {self.world_size} is not divisible by "
@@ -40,6 +43,11 @@ class ParallelDims:
                              f"{self.dp * self.pp * self.tp} != world size {self.world_size}")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"ParallelDims: rank {self.rank} is outside world size {self.world_size}")
+
+    @classmethod
+    def from_config(cls, parallel, world_size: int, rank: int = 0) -> "ParallelDims":
+        """The degrees a JobConfig's `parallel` section asks for, over `world_size` ranks (not built yet)."""
+        return cls(dp=parallel.dp, tp=parallel.tp, pp=parallel.pp, world_size=world_size, rank=rank)
 
     # -------------------------------------------------------------------------------- grid and groups
 

@@ -1,7 +1,7 @@
 """The CoCa model: single-device code that the parallel modules wrap afterwards."""
 
 from megacoca.config.model import CoCaConfig
-from megacoca.models.coca.flavors import FLAVORS, get_flavor
+from megacoca.config.flavors import FLAVORS, get_flavor
 from megacoca.models.coca.model import CoCa
 
 __all__ = ["CoCa", "CoCaConfig", "FLAVORS", "get_flavor", "build_model"]

@@ -33,18 +33,12 @@ class MultimodalDecoder(nn.Module):
 
     def __init__(self, cfg: CoCaConfig) -> None:
         super().__init__()
-        self.checkpointed = cfg.activation_checkpointing
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
         self.ln_final = LayerNorm(cfg.text_width, cfg.ln_eps, cfg.kernels)
 
     def forward(self, x: torch.Tensor, image_tokens: torch.Tensor, caches: list | None = None) -> torch.Tensor:
         for index, layer in enumerate(self.layers):
-            if caches is not None:
-                x = layer(x, image_tokens, *caches[index])
-            elif self.checkpointed and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, image_tokens, use_reentrant=False)
-            else:
-                x = layer(x, image_tokens)
+            x = layer(x, image_tokens, *caches[index]) if caches is not None else layer(x, image_tokens)
         return self.ln_final(x)
 
 

@@ -150,7 +150,7 @@ def generate(
     try:
         device = next(model.parameters()).device
         images = images.to(device)
-        _, image_tokens = model.image_towers(images)
+        _, image_tokens = model.image_stage(images)
         options = dict(
             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, repetition_penalty=repetition_penalty,
             bos_id=bos_id, eos_id=eos_id, pad_id=pad_id, stop_on_pad=stop_on_pad,

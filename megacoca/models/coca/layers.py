@@ -1,8 +1,10 @@
 """Transformer building blocks shared by the CoCa towers: pre-LN, exact GELU, biases, no dropout.
 
-Attention keeps q, k and v as separate projections (Megatron-style column-parallel swaps later; open_clip's
-fused in_proj weights are split on load). Every parameter is read inside the forward of the module that
-owns it, so that ZeRO-3 gathers it.
+Attention keeps q, k and v as separate projections (open_clip's fused in_proj weights are split on load), and
+reads its head count from its own weights (`view(b, l, -1, head_dim)`): megacoca.parallel swaps projections for
+tensor-parallel shards that hold a subset of the heads, with no change here. Every parameter is read inside the
+forward of the module that owns it, so that ZeRO-3 gathers it. Activation checkpointing is applied from outside
+too (megacoca.parallel.parallelize), never by the blocks themselves.
 """
 
 from __future__ import annotations
@@ -12,8 +14,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
-
 from megacoca.models.coca import ops
 
 
@@ -46,14 +46,16 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Multi-head attention; keys and values may come from a context of another width (cross-attention)."""
+    """Multi-head attention; keys and values may come from a context of another width (cross-attention).
+
+    The number of heads is not stored: it is the projections' output width / head_dim, so a tensor-parallel
+    shard of the projections runs its own heads with this same code."""
 
     def __init__(self, dim: int, heads: int, kv_dim: int | None = None, kernels: str = "auto") -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"attention width {dim} is not divisible by {heads} heads")
         kv_dim = kv_dim or dim
-        self.heads = heads
         self.head_dim = dim // heads
         self.kernels = kernels
         self.q_proj = nn.Linear(dim, dim)
@@ -63,7 +65,7 @@ class Attention(nn.Module):
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
-        return x.view(batch, length, self.heads, self.head_dim).transpose(1, 2)
+        return x.view(batch, length, -1, self.head_dim).transpose(1, 2)
 
     def forward(
         self,
@@ -145,13 +147,3 @@ class CrossAttentionBlock(nn.Module):
             attended = self.attn(self.ln_q(x), self.ln_kv(context), cache=cache)
         x = x + attended
         return x + self.mlp(self.ln_2(x))
-
-
-def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, checkpointed: bool, *args, **kwargs) -> torch.Tensor:
-    """Apply blocks in order, recomputing each block's activations in backward when `checkpointed`."""
-    for block in blocks:
-        if checkpointed and torch.is_grad_enabled():
-            x = checkpoint(block, x, *args, use_reentrant=False, **kwargs)
-        else:
-            x = block(x, *args, **kwargs)
-    return x

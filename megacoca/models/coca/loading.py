@@ -143,7 +143,6 @@ def load_pretrained(
     cfg = CoCaConfig.from_dict(config["model"])
     if kernels is not None:
         cfg = cfg.replace(kernels=kernels)
-    cfg = cfg.replace(activation_checkpointing=False)
     with torch.device("meta"):
         model = PretrainedCoCa(cfg, config.get("tokenizer"))
     state = read_state(directory, cfg)

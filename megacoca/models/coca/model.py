@@ -1,13 +1,21 @@
 """CoCa: image encoder + attentional poolers, unimodal text decoder with CLS, multimodal decoder, heads.
 
-The forward runs as named stages (embed_image, image_blocks, pool_image; embed_text, text_blocks,
-text_outputs; decode; caption_head), each a submodule, so pipeline partitioning and tensor-parallel swaps can
-take them apart without rewriting the model. Nothing here reads global parallel state.
+The forward runs four stages, each a method or submodule that the pipeline and the overlapped text stage can
+call on its own, with no host synchronisation inside: `image_stage(images)` -> (contrastive embedding, caption
+image tokens); `text_stage(text, keep)` -> (text embedding, token outputs); `decode(token outputs, caption
+tokens)` -> hidden; `caption_head(hidden, targets)` -> summed token cross-entropy (or logits). Nothing here
+reads global parallel state: megacoca.parallel shards and checkpoints this single-device model afterwards.
+
+Initialisation is a pure function of (parameter name, full shape, the model's `init_seed`): every parameter
+draws from its own generator, so a tensor-parallel rank that materialises only its shard of a layer (built on
+the meta device) gets exactly the slice of what the single-device model holds for the same seed.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -15,15 +23,34 @@ import torch.nn.functional as F
 
 from megacoca.config.model import CoCaConfig
 from megacoca.models.coca.decoder import CaptionHead, MultimodalDecoder
+from megacoca.models.coca.layers import LayerNorm
 from megacoca.models.coca.poolers import ImagePooler
 from megacoca.models.coca.text import TextEncoder, kept_text_length
 from megacoca.models.coca.vision import VisionEncoder
+
+
+@dataclass(frozen=True)
+class InitSpec:
+    """How one parameter starts: "trunc_normal" / "normal" (std, then x scale), "zeros", "ones" or "constant"."""
+
+    kind: str
+    std: float = 0.0
+    scale: float = 1.0
+    value: float = 0.0
+
+
+def parameter_generator(init_seed: int, name: str) -> torch.Generator:
+    """The generator that parameter `name` draws from: independent of every other parameter and of order."""
+    return torch.Generator().manual_seed((init_seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
 
 
 class CoCa(nn.Module):
     def __init__(self, cfg: CoCaConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        # One draw from torch's global generator (seeded by the trainer) decides every parameter's init. Drawn
+        # first: the submodules' own default inits consume the generator on a CPU but not on the meta device.
+        self.init_seed = int(torch.randint(0, 2**62, (1,), device="cpu"))
         self.vision = VisionEncoder(cfg)
         self.image_pooler = ImagePooler(cfg)
         self.text = TextEncoder(cfg)
@@ -31,60 +58,101 @@ class CoCa(nn.Module):
         self.caption_head = CaptionHead(cfg)
         # Shape [1], not a 0-dim tensor: DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes.
         self.logit_scale = nn.Parameter(torch.full((1,), cfg.init_logit_scale))
-        self.reset_parameters()
         if cfg.tie_word_embeddings:
             # One Parameter registered in both modules, so ZeRO-3 gathers it in either forward.
             self.caption_head.weight = self.text.embed.token_embedding.weight
+        self.init_specs = self._init_specs()
+        self.reset_parameters()
 
     # ---- initialisation -------------------------------------------------------------------------------------
+    def _init_specs(self) -> dict[str, InitSpec]:
+        """Truncated-normal(0.02) matmul weights, zero biases, unit LayerNorms, output projections of the blocks
+        scaled by 1/sqrt(2 * depth), embeddings and queries normal; by parameter name."""
+        cfg = self.cfg
+        specs: dict[str, InitSpec] = {}
+        for module_name, module in self.named_modules():
+            prefix = f"{module_name}." if module_name else ""
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                specs[prefix + "weight"] = InitSpec("trunc_normal", 0.02)
+                if module.bias is not None:
+                    specs[prefix + "bias"] = InitSpec("zeros")
+            elif isinstance(module, LayerNorm):
+                specs[prefix + "weight"], specs[prefix + "bias"] = InitSpec("ones"), InitSpec("zeros")
+        depths = {"vision.blocks.": cfg.vision_layers, "text.blocks.": cfg.text_layers,
+                  "decoder.layers.": cfg.text_layers + cfg.decoder_layers}
+        for name, spec in list(specs.items()):
+            depth = next((d for p, d in depths.items() if name.startswith(p)), None)
+            if depth and name.endswith(("out_proj.weight", "fc2.weight")):
+                specs[name] = InitSpec(spec.kind, spec.std, 1.0 / math.sqrt(2 * depth))
+        specs.update({
+            "vision.embed.positional_embedding": InitSpec("normal", 0.02),
+            "text.embed.token_embedding.weight": InitSpec("normal", 0.02),
+            "text.embed.positional_embedding": InitSpec("normal", 0.01),
+            "text.embed.cls_embedding": InitSpec("normal", 0.02),
+            "logit_scale": InitSpec("constant", value=cfg.init_logit_scale),
+        })
+        if self.vision.embed.class_embedding is not None:
+            specs["vision.embed.class_embedding"] = InitSpec("normal", 0.02)
+        for name in ("caption_pooler", "contrastive_pooler"):
+            if getattr(self.image_pooler, name) is not None:
+                specs[f"image_pooler.{name}.query"] = InitSpec("normal", 0.02)
+        if not cfg.tie_word_embeddings:
+            specs["caption_head.weight"] = InitSpec("normal", 0.02)
+        if self.caption_head.bias is not None:
+            specs["caption_head.bias"] = InitSpec("zeros")
+        missing = sorted({name for name, _ in self.named_parameters()} - set(specs))
+        if missing:
+            raise RuntimeError(f"CoCa: no initialisation rule for {missing}")
+        return specs
+
+    def initial_value(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """The fp32 CPU tensor parameter `name` (full, unsharded `shape`) starts from."""
+        spec = self.init_specs[name]
+        out = torch.empty(shape, dtype=torch.float32)
+        if spec.kind == "trunc_normal":
+            nn.init.trunc_normal_(out, std=spec.std, generator=parameter_generator(self.init_seed, name))
+        elif spec.kind == "normal":
+            out.normal_(0.0, spec.std, generator=parameter_generator(self.init_seed, name))
+        elif spec.kind in ("zeros", "ones", "constant"):
+            out.fill_({"zeros": 0.0, "ones": 1.0}.get(spec.kind, spec.value))
+        else:
+            raise ValueError(f"unknown init kind {spec.kind!r} for {name}")
+        return out.mul_(spec.scale) if spec.scale != 1.0 else out
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Truncated-normal(0.02) weights, zero biases, output projections scaled by 1/sqrt(2 * depth)."""
-        cfg = self.cfg
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=0.02)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-        for blocks, depth in (
-            (self.vision.blocks, cfg.vision_layers),
-            (self.text.blocks, cfg.text_layers),
-            (self.decoder.layers, cfg.text_layers + cfg.decoder_layers),
-        ):
-            scale = 1.0 / math.sqrt(2 * depth)
-            for name, param in blocks.named_parameters():
-                if name.endswith(("out_proj.weight", "fc2.weight")):
-                    param.mul_(scale)
-        nn.init.normal_(self.vision.embed.positional_embedding, std=0.02)
-        if self.vision.embed.class_embedding is not None:
-            nn.init.normal_(self.vision.embed.class_embedding, std=0.02)
-        nn.init.normal_(self.text.embed.positional_embedding, std=0.01)
-        nn.init.normal_(self.text.embed.cls_embedding, std=0.02)
-        for pooler in (self.image_pooler.caption_pooler, self.image_pooler.contrastive_pooler):
-            if pooler is not None:
-                nn.init.normal_(pooler.query, std=0.02)
-        nn.init.normal_(self.caption_head.weight, std=0.02)
-        self.logit_scale.fill_(cfg.init_logit_scale)
+        """Every parameter from `initial_value` (single-device layout; meta parameters are left alone)."""
+        for name, param in self.named_parameters():
+            if not param.is_meta:
+                param.copy_(self.initial_value(name, tuple(param.shape)))
 
-    # ---- towers ---------------------------------------------------------------------------------------------
-    def image_towers(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(unnormalised contrastive embedding (B, E), caption image tokens (B, Q, pooled_width))."""
+    # ---- stages ---------------------------------------------------------------------------------------------
+    def image_stage(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, 3, H, W) -> (unnormalised contrastive embedding (B, E), caption image tokens (B, Q, width))."""
         return self.image_pooler(self.vision(images))
 
+    def text_stage(self, text: torch.Tensor, keep: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """text (B, L) -> (unnormalised text embedding (B, E), token outputs (B, keep, width)). `keep` runs only
+        the first positions (the rest must be padding: `text_keep`); the CLS stays at position L."""
+        return self.text(text, keep)
+
+    def decode(self, token_outputs: torch.Tensor, caption_tokens: torch.Tensor) -> torch.Tensor:
+        """Unimodal token outputs (B, T, width) cross-attending to the caption image tokens -> hidden (B, T, width)."""
+        return self.decoder(token_outputs, caption_tokens)
+
+    def text_keep(self, text: torch.Tensor) -> int:
+        """How many leading text positions a forward must run (`trim_text_padding`); a host sync, so it is taken
+        outside the stages."""
+        if not self.cfg.trim_text_padding:
+            return text.shape[1]
+        return kept_text_length(text, self.cfg.pad_id, self.cfg.legacy_cls_mask)
+
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        embedding, _ = self.image_towers(images)
+        embedding, _ = self.image_stage(images)
         return F.normalize(embedding, dim=-1) if normalize else embedding
 
     def encode_text(self, text: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        keep = None
-        if self.cfg.trim_text_padding:
-            keep = kept_text_length(text, self.cfg.pad_id, self.cfg.legacy_cls_mask)
-        embedding, _ = self.text(text, keep)
+        embedding, _ = self.text_stage(text, self.text_keep(text))
         return F.normalize(embedding, dim=-1) if normalize else embedding
 
     def clamped_logit_scale(self) -> torch.Tensor:
@@ -94,12 +162,10 @@ class CoCa(nn.Module):
     def forward(self, images: torch.Tensor, text: torch.Tensor, *, caption_loss: bool = True) -> dict:
         """images (B, 3, H, W); text (B, L): bos, tokens, eos, pads. See docs/design.md for the outputs."""
         cfg = self.cfg
-        keep = text.shape[1]
-        if caption_loss and cfg.trim_text_padding:
-            keep = kept_text_length(text, cfg.pad_id, cfg.legacy_cls_mask)
-        image_embedding, image_tokens = self.image_towers(images)
-        text_embedding, token_outputs = self.text(text, keep)
-        hidden = self.decoder(token_outputs[:, :-1], image_tokens)
+        keep = self.text_keep(text) if caption_loss else text.shape[1]
+        image_embedding, caption_tokens = self.image_stage(images)
+        text_embedding, token_outputs = self.text_stage(text, keep)
+        hidden = self.decode(token_outputs[:, :-1], caption_tokens)
         out = {
             "image_features": F.normalize(image_embedding, dim=-1),
             "text_features": F.normalize(text_embedding, dim=-1),

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from megacoca.config.model import CoCaConfig
-from megacoca.models.coca.layers import LayerNorm, SelfAttentionBlock, run_blocks
+from megacoca.models.coca.layers import LayerNorm, SelfAttentionBlock
 
 
 class TextEmbedding(nn.Module):
@@ -95,7 +95,6 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.pad_id = cfg.pad_id
         self.legacy_cls_mask = cfg.legacy_cls_mask
-        self.checkpointed = cfg.activation_checkpointing
         self.embed = TextEmbedding(cfg)
         self.blocks = nn.ModuleList(
             SelfAttentionBlock(cfg.text_width, cfg.text_heads, cfg.text_mlp_dim, cfg.ln_eps, cfg.kernels)
@@ -111,7 +110,8 @@ class TextEncoder(nn.Module):
             text = text[:, :keep]
         kv_mask = text_key_mask(text, self.pad_id, self.legacy_cls_mask)
         x = self.embed(text, cls_position=length)
-        x = run_blocks(self.blocks, x, self.checkpointed, causal=True, kv_mask=kv_mask)
+        for block in self.blocks:
+            x = block(x, causal=True, kv_mask=kv_mask)
         return self.outputs(x)
 
     def forward_cached(self, text: torch.Tensor, caches: list, position_offset: int) -> torch.Tensor:

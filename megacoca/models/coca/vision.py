@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from megacoca.config.model import CoCaConfig
-from megacoca.models.coca.layers import LayerNorm, SelfAttentionBlock, run_blocks
+from megacoca.models.coca.layers import LayerNorm, SelfAttentionBlock
 
 
 class VisionEmbedding(nn.Module):
@@ -36,7 +36,6 @@ class VisionEncoder(nn.Module):
 
     def __init__(self, cfg: CoCaConfig) -> None:
         super().__init__()
-        self.checkpointed = cfg.activation_checkpointing
         self.embed = VisionEmbedding(cfg)
         self.blocks = nn.ModuleList(
             SelfAttentionBlock(cfg.vision_width, cfg.vision_heads, cfg.vision_mlp_dim, cfg.ln_eps, cfg.kernels)
@@ -44,4 +43,7 @@ class VisionEncoder(nn.Module):
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return run_blocks(self.blocks, self.embed(images), self.checkpointed)
+        x = self.embed(images)
+        for block in self.blocks:
+            x = block(x)
+        return x

@@ -100,8 +100,20 @@ def test_missing_val_shards_when_eval_is_on(capsys, shards, tmp_path):
     assert "data.val_shards: shard not found" in err and "--set eval.every=0" in err
 
 
-def test_tensor_parallel_not_yet_is_a_clear_error(capsys, shards, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
+@pytest.mark.parametrize("world, sets, message", [
+    (2, ["parallel.pp=2"], "parallel.pp=2: pipeline parallelism is not wired into the trainer yet"),
+    (3, ["parallel.tp=3", "model.overrides.vision_heads=4"],
+     "parallel.tp=3 cannot split the vision attention: vision_heads=4 is not divisible by 3"),
+    (4, ["parallel.tp=4", "model.overrides.text_mlp_dim=510"],
+     "parallel.tp=4 cannot split the text and multimodal decoder MLP: text_mlp_dim=510 is not divisible by 4"),
+    (2, ["parallel.tp=4"], "tp 4 x pp 1 = 4 exceeds the world size 2"),
+    (4, ["parallel.tp=2", "parallel.dp=3"], "dp 3 x pp 1 x tp 2 = 6 != world size 4"),
+])
+def test_layouts_the_model_cannot_take_are_one_line(capsys, shards, monkeypatch, world, sets, message):
+    """Refused before any process group exists (this test runs with none), naming the layer and the numbers."""
+    monkeypatch.setenv("WORLD_SIZE", str(world))
     monkeypatch.setenv("RANK", "0")
-    err = _error(capsys, [*TINY, "--train-shards", shards, "--set", "parallel.tp=2"])
-    assert "parallel.tp=2 pp=1: tensor and pipeline parallelism are not wired into the trainer yet" in err
+    args = [*TINY, "--set", f"schedule.global_batch_size={4 * world * 3}", "--train-shards", shards]
+    for assignment in sets:
+        args += ["--set", assignment]
+    assert message in _error(capsys, args)

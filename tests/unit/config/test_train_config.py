@@ -21,7 +21,7 @@ def test_recipes_are_derived_by_small_changes():
     assert tiny.model.flavor == "coca_tiny" and tiny.parallel.deepspeed_config == "zero3_bf16"
     assert base.model.flavor == "coca_base" and base.schedule.global_batch_size == 4096
     assert giant.model.flavor == "coca_giant" and giant.schedule.global_batch_size == 65_536
-    assert giant.model_config().activation_checkpointing
+    assert giant.parallel.activation_checkpointing
     assert giant.optim == base.optim  # the giant recipe only changes the model, batch and parallelism
 
 
@@ -32,7 +32,7 @@ def test_set_overrides_parse_types():
     assert job.optim.lr == 3e-4 and isinstance(job.optim.lr, float)
     assert job.optim.betas == (0.9, 0.95)
     assert job.schedule.steps == 7
-    assert job.model_config().activation_checkpointing and job.model_config().vision_width == 64
+    assert job.parallel.activation_checkpointing and job.model_config().vision_width == 64
     assert job.checkpoint.resume == "auto" and job.run_dir == "/tmp/x"
 
 

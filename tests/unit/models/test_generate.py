@@ -32,7 +32,8 @@ def make_model(layout: str, seed: int = 0) -> CoCa:
     torch.manual_seed(seed)
     model = CoCa(tiny_config(layout)).eval()
     with torch.no_grad():  # peaked next-token distributions, so captions differ between images and steps
-        model.caption_head.weight.normal_(std=1.0)
+        model.caption_head.weight.normal_(std=1.0, generator=torch.Generator().manual_seed(seed))
+        model.caption_head.weight[PAD] = 0.0  # rows end on the chosen eos, not on an early pad (also a stop)
     return model
 
 
@@ -137,7 +138,7 @@ def test_beam_with_one_beam_is_greedy(layout):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_beam_finds_sequences_at_least_as_likely_as_greedy(seed):
     model = make_model("open_clip", seed=seed)
-    images = make_images(model.cfg, 4, seed=seed + 10)
+    images = make_images(model.cfg, 8, seed=seed + 10)  # 8 images: beam beats greedy on at least one of them
     eos = pick_eos(model, images)
     options = dict(max_new_tokens=10, bos_id=BOS, eos_id=eos, pad_id=PAD)
     greedy = generate(model, images, **options)

@@ -6,6 +6,7 @@ import torch
 from megacoca.config.model import CoCaConfig
 from megacoca.models.coca import CoCa, get_flavor
 from megacoca.models.coca.text import kept_text_length, text_key_mask
+from megacoca.parallel.parallelize import apply_activation_checkpointing, transformer_blocks
 
 PAD = 0
 
@@ -188,7 +189,7 @@ def test_paper_pooler_cascades_contrastive_on_caption_tokens():
     torch.manual_seed(0)
     model = CoCa(tiny_config()).eval()
     images, _ = make_batch(model.cfg)
-    embedding, caption_tokens = model.image_towers(images)
+    embedding, caption_tokens = model.image_stage(images)
     assert caption_tokens.shape == (3, 8, 32)
     pooler = model.image_pooler
     expected = pooler.projection(pooler.ln_post(pooler.contrastive_pooler(caption_tokens)[:, 0]))
@@ -200,7 +201,7 @@ def test_open_clip_pooler_uses_query_zero_for_contrastive():
     cfg = tiny_config(pooler_layout="open_clip", vision_class_token=True)
     model = CoCa(cfg).eval()
     images, _ = make_batch(cfg)
-    embedding, caption_tokens = model.image_towers(images)
+    embedding, caption_tokens = model.image_stage(images)
     assert caption_tokens.shape == (3, 7, 32)
     assert model.image_pooler.contrastive_pooler is None
     pooled = model.image_pooler.ln_post(model.image_pooler.caption_pooler(model.vision(images)))
@@ -213,7 +214,10 @@ def test_activation_checkpointing_gives_same_loss_and_gradients():
     results = []
     for checkpointed in (False, True):
         torch.manual_seed(0)
-        model = CoCa(tiny_config(activation_checkpointing=checkpointed)).train()
+        model = CoCa(tiny_config()).train()
+        if checkpointed:
+            apply_activation_checkpointing(model)
+            assert all(block.activation_checkpointed for block in transformer_blocks(model))
         out = model(images, text)
         loss = out["caption_loss_sum"] + (out["image_features"] * out["text_features"]).sum() * out["logit_scale"].sum()
         loss.backward()

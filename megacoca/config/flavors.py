@@ -1,4 +1,5 @@
-"""Named model sizes. coca_base/large/giant follow Table 1 of the CoCa paper (288px, patch 18, 64k vocab)."""
+"""Named model sizes (CoCaConfig presets). coca_base/large/giant follow Table 1 of the CoCa paper (288px, patch 18,
+64k vocab); coca_tiny is for tests and the CPU demo."""
 
 from __future__ import annotations
 

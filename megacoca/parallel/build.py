@@ -1,0 +1,105 @@
+"""Build a CoCa for a parallel layout without any rank ever holding the whole model.
+
+    model = build_parallel_model(cfg, dims, ds_config=..., activation_checkpointing=...)
+
+1. The single-device CoCa is constructed on the meta device (no memory), drawing its `init_seed` from torch's
+   global generator exactly as a CPU construction would.
+2. `parallelize` swaps in the tensor-parallel layers (still meta, now shard-shaped) and wraps the blocks for
+   activation checkpointing.
+3. `materialize` gives each parameter its initial value module by module, children before parents: the full
+   single-device tensor of that one parameter is generated (`CoCa.initial_value`, a pure function of name and
+   seed), this rank's tensor-parallel shard is cut out of it, and under ZeRO-3 the module's parameters are
+   cast to the training dtype and partitioned over the data-parallel group right away
+   (`deepspeed.zero.Init(module=...)`), before the next module is materialised. Peak memory: this rank's
+   shards plus one parameter's full fp32 tensor.
+The result equals, shard for shard, the single-device model built with the same seed (tested), and is what
+`deepspeed.initialize` takes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from megacoca.parallel.dims import ParallelDims
+from megacoca.parallel.parallelize import parallelize
+
+TP_ATTRIBUTES = ("tensor_model_parallel", "partition_dim", "partition_stride", "tp_shard")
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, device: torch.device | str, after_module=None,
+                dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every meta parameter of `model` by its initial value (its tensor-parallel shard of it) on
+    `device`, in `dtype` (default: the parameter's); `after_module(module)` runs once each module's own
+    parameters are real (children first). A parameter shared by two modules (tied embeddings) is created once."""
+    names: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), name)
+    created: dict[int, nn.Parameter] = {}
+    for _, module in reversed(list(model.named_modules())):
+        for key, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            if id(param) in created:
+                module._parameters[key] = created[id(param)]
+                continue
+            if not param.is_meta:
+                continue
+            shard = getattr(param, "tp_shard", None)
+            name = names[id(param)]
+            full = model.initial_value(name, shard.full_shape if shard is not None else tuple(param.shape))
+            value = shard.cut(full) if shard is not None else full
+            new = nn.Parameter(value.to(device=device, dtype=dtype or param.dtype), requires_grad=param.requires_grad)
+            for attribute in TP_ATTRIBUTES:
+                if hasattr(param, attribute):
+                    setattr(new, attribute, getattr(param, attribute))
+            module._parameters[key] = new
+            created[id(param)] = new
+            del full, value
+        if after_module is not None:
+            after_module(module)
+    return model
+
+
+def zero3_partitioner(ds_config: dict, dims: ParallelDims):
+    """`after_module` for `materialize` under ZeRO-3: partition a module's parameters over the data-parallel
+    group as soon as they exist (DeepSpeed skips parameters it already converted)."""
+    import deepspeed
+    import torch.distributed as torch_dist
+
+    from megacoca.config.deepspeed import precision_dtype
+
+    if not deepspeed.comm.is_initialized():
+        # zero.Init reads the data-parallel size through deepspeed.comm; over a torch process group that
+        # deepspeed.initialize has not wrapped yet it would silently assume 1 rank.
+        deepspeed.init_distributed(dist_backend=torch_dist.get_backend(), dist_init_required=False)
+    dtype = precision_dtype(ds_config)
+
+    def partition(module: nn.Module) -> None:
+        if any(True for _ in module.parameters(recurse=False)):
+            deepspeed.zero.Init(module=module, data_parallel_group=dims.dp_group, config_dict_or_path=ds_config,
+                                dtype=dtype, mpu=dims.mpu())
+
+    return partition
+
+
+def build_parallel_model(cfg, dims: ParallelDims, *, ds_config: dict, activation_checkpointing: bool = False,
+                         device: torch.device | str | None = None):
+    """The CoCa of `cfg` for this rank: tensor-parallel shards, activation checkpointing, ZeRO-3 partitions."""
+    from megacoca.config.deepspeed import precision_dtype, zero_stage
+    from megacoca.models.coca import CoCa
+
+    if device is None:
+        from deepspeed.accelerator import get_accelerator
+
+        accelerator = get_accelerator()
+        device = torch.device(accelerator.device_name(accelerator.current_device()))
+    with torch.device("meta"):
+        model = CoCa(cfg)
+    parallelize(model, dims, activation_checkpointing=activation_checkpointing)
+    if zero_stage(ds_config) != 3:
+        return materialize(model, device)  # the engine casts the module to the training dtype itself
+    # Under ZeRO-3 DeepSpeed takes parameters made under zero.Init as already in the training dtype, as
+    # parameters created inside its context would be: make them so (the fp32 masters start from these).
+    return materialize(model, device, zero3_partitioner(ds_config, dims), dtype=precision_dtype(ds_config))

@@ -1,0 +1,66 @@
+"""Parallelize a built single-device CoCa, in a fixed order (torchtitan's `parallelize_llama` is the model):
+
+1. tensor parallelism: swap attention, MLP, pooler, vocabulary and caption-head layers for their
+   tensor-parallel shards (megacoca.parallel.tensor), when dims.tp_size > 1;
+2. activation checkpointing: each transformer block (ViT blocks, unimodal text blocks, multimodal decoder
+   layers) recomputes its activations in backward;
+then the Trainer hands the model to DeepSpeed (ZeRO sharding over the data-parallel group). The model code
+knows none of this: everything is applied from outside, by module swaps and forward wrappers that keep every
+parameter's name, so checkpoints and conversions see the single-device names.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from megacoca.parallel.dims import ParallelDims
+
+
+def check_layout(cfg, dims: ParallelDims) -> None:
+    """Everything about (model config, degrees) that can be refused before any process group exists."""
+    if dims.pp_size > 1:
+        raise ValueError(f"parallel.pp={dims.pp_size}: pipeline parallelism is not wired into the trainer yet "
+                         "(use pp=1)")
+    if dims.tp_size > 1:
+        from megacoca.parallel.tensor import check_tensor_parallel
+
+        check_tensor_parallel(cfg, dims.tp_size)
+
+
+def parallelize(model: torch.nn.Module, dims: ParallelDims, *, activation_checkpointing: bool = False):
+    """Apply the steps above to `model` in place and return it (ready for deepspeed.initialize)."""
+    check_layout(model.cfg, dims)
+    if dims.tp_size > 1:
+        from megacoca.parallel.tensor import apply_tensor_parallel
+
+        apply_tensor_parallel(model, dims)
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    return model
+
+
+def transformer_blocks(model) -> list[torch.nn.Module]:
+    """The repeated blocks of the three towers: the units of activation checkpointing (and of pipeline stages)."""
+    return [*model.vision.blocks, *model.text.blocks, *model.decoder.layers]
+
+
+def apply_activation_checkpointing(model) -> None:
+    """Each transformer block recomputes its forward in backward (torch.utils.checkpoint, non-reentrant).
+
+    The block's forward is wrapped in place rather than the block moved into a wrapper module, so parameter
+    names (and ZeRO-3's per-module hooks, which fire on the block's submodules again during recomputation)
+    stay as they were. Without grad (eval, generation with KV caches) the block runs as is.
+    """
+    for block in transformer_blocks(model):
+        if getattr(block, "activation_checkpointed", False):
+            continue
+        inner = block.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            if torch.is_grad_enabled():
+                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+            return _inner(*args, **kwargs)
+
+        block.forward = forward
+        block.activation_checkpointed = True
