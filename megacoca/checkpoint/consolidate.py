@@ -1,13 +1,19 @@
 """Consolidate a megacoca/DeepSpeed checkpoint into one fp32 state dict (no DeepSpeed engine needed).
 
-ZeRO-1/2/3 checkpoints go through DeepSpeed's `get_fp32_state_dict_from_zero_checkpoint` (it merges the
-fp32 master partitions of every rank); ZeRO-0 checkpoints hold the whole module in the dp-rank-0 file.
+Per model-parallel (tensor-parallel) rank r, the files named `*mp_rank_{r:02d}*`: ZeRO-1/2/3 checkpoints go
+through DeepSpeed's `get_fp32_state_dict_from_zero_checkpoint` (it merges the fp32 master partitions of every
+data-parallel rank; it only knows mp rank 00, so each rank's files are shown to it under that name in a
+scratch directory of links); ZeRO-0 checkpoints hold that rank's module in `mp_rank_{r:02d}_model_states.pt`.
+With tensor parallelism the ranks' state dicts are then merged with the layout the checkpoint recorded
+(`tensor_parallel` in the client state): shards concatenated along their dim and cut to the unpadded size;
+replicated tensors taken once, after checking that every rank holds the same values.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import tempfile
 
 import torch
 
@@ -27,19 +33,66 @@ def resolve_tag_dir(path: str) -> str:
     return path
 
 
-def consolidated_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """fp32 state dict of the model in a checkpoint (tag directory or checkpoint directory)."""
-    tag_dir = resolve_tag_dir(path)
+def client_state(tag_dir: str) -> dict:
+    """DeepSpeed's client state (step, dp_size, the run's job config, the tensor-parallel layout) from the first
+    model-states file of model-parallel rank 0."""
+    files = sorted(glob.glob(os.path.join(tag_dir, "*mp_rank_00_model_states.pt")))
+    if not files:
+        return {}
+    # Our own run's file; it holds DeepSpeed objects beyond tensors, hence weights_only=False.
+    state = torch.load(files[0], map_location="cpu", weights_only=False)
+    return {key: state[key] for key in ("step", "dp_size", "config", "tensor_parallel") if key in state}
+
+
+def _mp_rank_state(tag_dir: str, mp_rank: int, mp_size: int) -> dict[str, torch.Tensor]:
+    """The fp32 state dict of one model-parallel rank (its tensor-parallel shards)."""
     checkpoint_dir, tag = os.path.split(tag_dir)
-    if glob.glob(os.path.join(tag_dir, "*optim_states.pt")) and glob.glob(os.path.join(tag_dir, "zero_pp_rank_*")):
+    marker = f"mp_rank_{mp_rank:02d}"
+    if glob.glob(os.path.join(tag_dir, "*optim_states.pt")) and glob.glob(os.path.join(tag_dir, "*zero_pp_rank_*")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
-    else:
-        files = sorted(glob.glob(os.path.join(tag_dir, "mp_rank_*_model_states.pt")))
-        if not files:
-            raise FileNotFoundError(f"{tag_dir} holds no DeepSpeed model states")
-        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+        if mp_size == 1:
+            return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+        with tempfile.TemporaryDirectory(prefix="megacoca_consolidate_") as scratch:
+            os.makedirs(os.path.join(scratch, tag))
+            for path in glob.glob(os.path.join(tag_dir, f"*{marker}*")):
+                link = os.path.basename(path).replace(marker, "mp_rank_00")
+                os.symlink(os.path.abspath(path), os.path.join(scratch, tag, link))
+            return get_fp32_state_dict_from_zero_checkpoint(scratch, tag=tag)
+    files = sorted(glob.glob(os.path.join(tag_dir, f"{marker}_model_states.pt")))
+    if not files:
+        raise FileNotFoundError(f"{tag_dir} holds no DeepSpeed model states for {marker}")
+    return torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+
+
+def merge_tensor_parallel(states: list[dict], layout: dict) -> dict[str, torch.Tensor]:
+    """The single-device state dict from the tensor-parallel ranks' ones (rank order) and the recorded layout."""
+    merged = {}
+    for name, value in states[0].items():
+        entry = layout["params"].get(name)
+        if entry is None:
+            for rank, other in enumerate(states[1:], start=1):
+                if not torch.equal(other[name], value):
+                    raise ValueError(f"replicated tensor {name} differs between tensor-parallel ranks 0 and {rank}: "
+                                     "the checkpoint is inconsistent")
+            merged[name] = value
+            continue
+        whole = torch.cat([state[name] for state in states], dim=entry["dim"])
+        if whole.shape[entry["dim"]] != entry["padded"]:
+            raise ValueError(f"{name}: the ranks' shards add up to {tuple(whole.shape)}, the layout says "
+                             f"{entry['padded']} along dim {entry['dim']}")
+        merged[name] = whole.narrow(entry["dim"], 0, entry["full_shape"][entry["dim"]]).clone()
+    return merged
+
+
+def consolidated_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """fp32 state dict of the single-device model in a checkpoint (tag directory or checkpoint directory), of any
+    ZeRO stage and tensor-parallel degree."""
+    tag_dir = resolve_tag_dir(path)
+    layout = client_state(tag_dir).get("tensor_parallel")
+    size = layout["size"] if layout else 1
+    states = [_mp_rank_state(tag_dir, rank, size) for rank in range(size)]
+    state = merge_tensor_parallel(states, layout) if size > 1 else states[0]
     return {name: tensor.float() for name, tensor in state.items()}
 
 

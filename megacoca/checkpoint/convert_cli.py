@@ -44,7 +44,8 @@ def register(subparsers) -> None:
     p.add_argument("--no-check", action="store_true", help="skip loading the result into open_clip")
     p.set_defaults(func=to_open_clip_command)
 
-    p = commands.add_parser("from-deepspeed", help="megacoca DeepSpeed checkpoint (any ZeRO stage) -> model directory")
+    p = commands.add_parser("from-deepspeed", help="megacoca DeepSpeed checkpoint (any ZeRO stage, any tensor-parallel "
+                                                   "degree) -> model directory")
     p.add_argument("--input", required=True,
                    help="a checkpoint tag directory (RUN/checkpoints/step00000100) or the checkpoint directory "
                         "(its `latest` is used)")
@@ -173,16 +174,6 @@ def to_open_clip_command(args) -> int:
 
 
 # ---- from-deepspeed -----------------------------------------------------------------------------------------
-def _client_state(tag_dir: str) -> dict:
-    """DeepSpeed's client state (step, dp_size, the run's job config) from the dp-rank-0 model-states file."""
-    files = sorted(glob.glob(os.path.join(tag_dir, "*mp_rank_00_model_states.pt")))
-    if not files:
-        return {}
-    # Our own run's file; it holds DeepSpeed objects beyond tensors, hence weights_only=False.
-    state = torch.load(files[0], map_location="cpu", weights_only=False)
-    return {key: state[key] for key in ("step", "dp_size", "config") if key in state}
-
-
 def _read_model_config(path: str):
     from megacoca.config.model import CoCaConfig
     from megacoca.models.coca.loading import CONFIG_NAME
@@ -196,7 +187,7 @@ def _read_model_config(path: str):
 
 def convert_from_deepspeed(input_path: str, output: str, *, model_config: str | None = None,
                            tokenizer: str | None = None) -> str:
-    from megacoca.checkpoint.consolidate import consolidated_state_dict, resolve_tag_dir
+    from megacoca.checkpoint.consolidate import client_state, consolidated_state_dict, resolve_tag_dir
     from megacoca.config.train import JobConfig
     from megacoca.data.tokenizer import load_tokenizer
     from megacoca.models.coca.loading import save_pretrained, tokenizer_info
@@ -204,7 +195,7 @@ def convert_from_deepspeed(input_path: str, output: str, *, model_config: str | 
     from megacoca.models.coca.open_clip import NotExpressibleError, open_clip_config
 
     tag_dir = resolve_tag_dir(input_path)
-    client = _client_state(tag_dir)
+    client = client_state(tag_dir)
     job = JobConfig.from_dict(client["config"]) if client.get("config") else None
     if model_config is not None:
         cfg = _read_model_config(model_config)
@@ -212,7 +203,7 @@ def convert_from_deepspeed(input_path: str, output: str, *, model_config: str | 
         cfg = job.model_config()
     else:
         raise ValueError(f"{tag_dir} records no job config in its client state: pass --model-config")
-    state = consolidated_state_dict(tag_dir)  # fp32, merged over the ZeRO partitions of every rank
+    state = consolidated_state_dict(tag_dir)  # fp32, merged over the ZeRO partitions and tensor-parallel shards
     state = {key[len("module."):] if key.startswith("module.") else key: value for key, value in state.items()}
     if cfg.tie_word_embeddings and "caption_head.weight" not in state:
         state["caption_head.weight"] = state["text.embed.token_embedding.weight"]

@@ -7,8 +7,8 @@ Layout under `checkpoint_dir`:
         COMPLETE               written by rank 0 only after every rank returned from save_checkpoint
     latest                     tag of the newest COMPLETE checkpoint (atomic rename), what zero_to_fp32 reads
 
-DeepSpeed's own client state (in the dp-rank-0 model file) carries the step, the dp size and the resolved
-job config. DeepSpeed writes its `latest` from rank 0 before the other ranks have finished, so megacoca
+DeepSpeed's own client state (in the dp-rank-0 model file of each model-parallel rank) carries the step, the
+dp size, the resolved job config and the tensor-parallel layout (how to merge the TP ranks' shards). DeepSpeed writes its `latest` from rank 0 before the other ranks have finished, so megacoca
 saves with `save_latest=False` and writes the marker and `latest` itself after a barrier: a crash mid-save
 leaves a tag without COMPLETE, which `--resume auto` ignores, and the previous checkpoint stays intact.
 """
@@ -89,7 +89,10 @@ def save_checkpoint(engine, job, step: int, train_loader=None, *, dp_size: int) 
     """Every rank calls this. Returns the tag directory."""
     checkpoint_dir = job.checkpoint_dir
     tag = tag_for(step)
-    client_state = {"step": step, "dp_size": dp_size, "config": job.to_dict()}
+    from megacoca.parallel.tensor import tensor_parallel_layout
+
+    client_state = {"step": step, "dp_size": dp_size, "config": job.to_dict(),
+                    "tensor_parallel": tensor_parallel_layout(engine.module)}
     engine.save_checkpoint(checkpoint_dir, tag=tag, client_state=client_state, save_latest=False)
     tag_dir = os.path.join(checkpoint_dir, tag)
     rank = dist.get_rank()

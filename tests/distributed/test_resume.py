@@ -1,27 +1,34 @@
-"""Resume for real on 2 ranks (ZeRO-3 bf16 with every parameter partitioned): a run resumed from step 3 logs the
-same losses after step 3 as the uninterrupted run; a checkpoint whose save was interrupted is ignored by
-`resume auto`; the consolidated fp32 state dict matches the trained parameters; metrics.jsonl is complete."""
+"""Resume for real (ZeRO-3 bf16 with every parameter partitioned) on 2 data-parallel ranks and on 4 ranks with
+tensor parallelism (TP=2 x DP=2): a run resumed from step 3 logs the same losses after step 3 as the
+uninterrupted run and ends with bit-identical weights; a checkpoint whose save was interrupted is ignored by
+`resume auto`; the consolidated fp32 state dict (TP shards merged) matches the trained parameters;
+metrics.jsonl is complete."""
 
 import json
 import os
 import shutil
 
-import deepspeed
+import pytest
 import torch
 from dist_harness import run_ranks
+from gather import fp32_master, full_tensors, module_values
 from memory_data import SHARD_ALL, TINY, MemoryLoader, assert_partitioned
 
+import megacoca
 from megacoca.checkpoint import complete_checkpoints, consolidated_state_dict
+from megacoca.cli import main as cli
 from megacoca.config.train import build_config
+from megacoca.parallel.dims import ParallelDims
 from megacoca.trainer import Trainer
 
 STEPS, EVERY = 6, 3
 
 
-def _run(rank, world_size, run_dir, checkpoint_dir, resume):
+def _run(rank, world_size, run_dir, checkpoint_dir, resume, tp):
     job = build_config(overrides=[
         "parallel.deepspeed_config=zero3_bf16", f"schedule.steps={STEPS}", "schedule.global_batch_size=8",
         "schedule.micro_batch_size=2", "schedule.warmup_steps=2", f"checkpoint.every={EVERY}", "checkpoint.keep=0",
+        f"parallel.tp={tp}",
         f"checkpoint.dir={checkpoint_dir}", f"checkpoint.resume={resume}", f"logging.run_dir={run_dir}",
         "logging.log_every=1", "eval.every=2", SHARD_ALL])
     job.model.overrides = TINY.to_dict()
@@ -31,35 +38,25 @@ def _run(rank, world_size, run_dir, checkpoint_dir, resume):
         evals.append(step)
         return {"probe": float(step)}
 
-    trainer = Trainer(job, MemoryLoader(2, rank, world_size), eval_fn=eval_fn)
-    assert_partitioned(trainer.engine.module, world_size)
-    initial = _fp32_masters(trainer.engine.module)
+    dims = ParallelDims.from_config(job.parallel, world_size).build()
+    trainer = Trainer(job, MemoryLoader(2, dims.dp_rank, dims.dp_size), dims=dims, eval_fn=eval_fn)
+    module = trainer.engine.module
+    assert_partitioned(module, dims.dp_size)
+    initial = full_tensors(module, dims, fp32_master)
     resumed = trainer.resume()
     history = trainer.train()
-    final = _gathered(trainer.engine.module)
-    masters = _fp32_masters(trainer.engine.module)
+    final = module_values(module, dims)
+    masters = full_tensors(module, dims, fp32_master)
     trainer.close()
     return {"resumed": resumed, "steps": [r["step"] for r in history], "loss": [r["loss"] for r in history],
             "parts": [(r["loss_contrastive"], r["loss_caption"]) for r in history], "initial": initial,
             "final": final, "masters": masters, "evals": evals, "position": trainer.train_loader.position}
 
 
-def _gathered(module):
-    params = list(module.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        return {n: p.detach().float().clone() for n, p in module.named_parameters()}
-
-
-def _fp32_masters(module):
-    """The optimizer's fp32 master weights (the bf16 module weights round away small updates)."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    return {n: safe_get_full_fp32_param(p).clone() for n, p in module.named_parameters()}
-
-
-def test_resume_gives_identical_losses(tmp_path):
+@pytest.mark.parametrize("world, tp", [(2, 1), (4, 2)], ids=["dp2", "tp2xdp2"])
+def test_resume_gives_identical_losses(tmp_path, world, tp):
     ckpt_a = str(tmp_path / "a" / "checkpoints")
-    full = run_ranks(_run, 2, tmp_path, str(tmp_path / "a"), ckpt_a, "auto")
+    full = run_ranks(_run, world, tmp_path, str(tmp_path / "a"), ckpt_a, "auto", tp)
     assert not full[0]["resumed"] and full[0]["steps"] == list(range(1, STEPS + 1))
     assert [step for step, _ in complete_checkpoints(ckpt_a)] == [3, 6]
     assert open(os.path.join(ckpt_a, "latest")).read() == "step00000006"
@@ -71,9 +68,9 @@ def test_resume_gives_identical_losses(tmp_path):
     os.remove(os.path.join(ckpt_b, "step00000006", "COMPLETE"))
     with open(os.path.join(ckpt_b, "latest"), "w") as f:
         f.write("step00000003")
-    resumed = run_ranks(_run, 2, tmp_path, str(tmp_path / "b"), ckpt_b, "auto")
+    resumed = run_ranks(_run, world, tmp_path, str(tmp_path / "b"), ckpt_b, "auto", tp)
 
-    for rank in range(2):
+    for rank in range(world):
         assert resumed[rank]["resumed"] and resumed[rank]["steps"] == [4, 5, 6]
         assert resumed[rank]["loss"] == full[rank]["loss"][3:], (resumed[rank]["loss"], full[rank]["loss"])
         assert resumed[rank]["parts"] == full[rank]["parts"][3:]
@@ -93,12 +90,19 @@ def test_resume_gives_identical_losses(tmp_path):
         assert torch.equal(resumed[0]["masters"][name], value), name
     assert largest > 1e-3 and len(unchanged) < 0.1 * len(full[0]["masters"]), (largest, unchanged)
 
-    # Consolidation (DeepSpeed's zero_to_fp32 merge) gives the fp32 master weights of the trained model.
+    # Consolidation (DeepSpeed's zero_to_fp32 merge per tensor-parallel rank, then the TP merge) gives the fp32
+    # master weights of the trained model, and `megacoca convert from-deepspeed` writes them as a model directory.
     merged = consolidated_state_dict(ckpt_a)
     assert merged.keys() == full[0]["final"].keys()
     for name, value in full[0]["final"].items():
         assert merged[name].dtype == torch.float32
         torch.testing.assert_close(merged[name].bfloat16().float(), value, rtol=0, atol=0)
+        assert torch.equal(merged[name], full[0]["masters"][name]), name
+    assert cli(["convert", "from-deepspeed", "--input", ckpt_a, "--output", str(tmp_path / "exported")]) == 0
+    exported = dict(megacoca.load(str(tmp_path / "exported")).named_parameters())
+    assert exported.keys() == full[0]["masters"].keys()
+    for name, value in full[0]["masters"].items():
+        assert torch.equal(exported[name].detach(), value), name
 
     records = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
     train = [r for r in records if "loss" in r]

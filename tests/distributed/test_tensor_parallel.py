@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist_harness import run_ranks
+from gather import fp32_master, full_tensors
 from memory_data import SHARD_ALL, TINY, MemoryLoader
 from reference import assert_same, assert_tracks_in_bf16, reference_run
 
@@ -65,26 +66,6 @@ def _job(run_dir, ds_name, micro, tp):
         "optim.lr=1e-3", "optim.grad_clip=1.0", f"logging.run_dir={run_dir}", "logging.tensorboard=false",
         "logging.log_every=1",
         "checkpoint.save_final=false", SHARD_ALL])
-
-
-def full_tensors(module, dims, value_of) -> dict:
-    """{name: the single-device tensor}: `value_of(param)` (this rank's tensor-parallel shard, whole over ZeRO)
-    gathered over the tensor-parallel group and cut back to the unpadded shape. A collective."""
-    out = {}
-    for name, param in module.named_parameters():
-        value = value_of(param).detach().float()
-        shard = getattr(param, "tp_shard", None)
-        if shard is not None:
-            parts = [torch.empty_like(value) for _ in range(dims.tp_size)]
-            dist.all_gather(parts, value.contiguous(), group=dims.tp_group)
-            value = torch.cat(parts, dim=shard.dim).narrow(shard.dim, 0, shard.full_shape[shard.dim])
-        out[name] = value.clone()
-    return out
-
-
-def fp32_master(param):
-    master = deepspeed.utils.safe_get_full_fp32_param(param)
-    return param if master is None else master  # ZeRO-0 fp32: the module holds the masters
 
 
 def _replicas_differ(module, dims) -> list[str]:
