@@ -18,6 +18,9 @@ The result equals, shard for shard, the single-device model built with the same 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+
 import torch
 import torch.nn as nn
 
@@ -25,6 +28,26 @@ from megacoca.parallel.dims import ParallelDims
 from megacoca.parallel.parallelize import parallelize
 
 TP_ATTRIBUTES = ("tensor_model_parallel", "partition_dim", "partition_stride", "tp_shard")
+# After a parameter this large (its full fp32 init) is freed, hand the memory back to the OS: glibc keeps freed
+# blocks below its (self-raising) mmap threshold in the heap, so without this the process's resident memory
+# grows by about the model's size during the build, although the memory is free.
+TRIM_AFTER_BYTES = 128 * 2**20
+
+
+def _malloc_trim():
+    """glibc's malloc_trim(0) where it exists (Linux); a no-op elsewhere."""
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        try:
+            _LIBC = ctypes.CDLL(name) if name else False
+        except OSError:
+            _LIBC = False
+    if _LIBC and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 @torch.no_grad()
@@ -37,6 +60,7 @@ def materialize(model: nn.Module, device: torch.device | str, after_module=None,
     for name, param in model.named_parameters(remove_duplicate=False):
         names.setdefault(id(param), name)
     created: dict[int, nn.Parameter] = {}
+    freed = 0
     for _, module in reversed(list(model.named_modules())):
         for key, param in list(module._parameters.items()):
             if param is None:
@@ -56,9 +80,13 @@ def materialize(model: nn.Module, device: torch.device | str, after_module=None,
                     setattr(new, attribute, getattr(param, attribute))
             module._parameters[key] = new
             created[id(param)] = new
+            freed += full.numel() * full.element_size()
             del full, value
         if after_module is not None:
             after_module(module)
+        if freed >= TRIM_AFTER_BYTES:
+            _malloc_trim()
+            freed = 0
     return model
 
 
