@@ -294,51 +294,22 @@ def headline(results: dict) -> str:
 TRAIN_EVAL_KEYS = ("zeroshot_top1", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "caption_match")
 
 
-def full_state_dict(module: torch.nn.Module, rank0_only: bool = True) -> dict | None:
-    """fp32 CPU copies of every parameter and buffer; under ZeRO-3 the parameters are gathered first (a
-    collective: every rank must call this). With rank0_only, other ranks return None."""
-    import torch.distributed as dist
-
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    params = list(module.parameters())
-
-    def copy() -> dict | None:
-        if rank0_only and rank != 0:
-            return None
-        state = {name: p.detach().float().cpu().clone() for name, p in module.named_parameters()}
-        state.update({name: b.detach().cpu().clone() for name, b in module.named_buffers()})
-        return state
-
-    if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3 partitioned
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            return copy()
-    return copy()
-
-
 def make_train_eval_fn(job, model_cfg, dims, tokenizer, *, max_samples: int = 480, caption_samples: int = 240,
                        batch_size: int = 240, max_new_tokens: int = 20):
     """The trainer's periodic eval: `eval_fn(engine, step) -> dict` on the first `max_samples` val samples.
 
-    Every rank gathers the (ZeRO-3) parameters together; rank 0 alone then evaluates a plain fp32 copy and
-    the other ranks return {} at once, so no collective depends on data-dependent control flow (generation
-    stops early per batch) and the eval costs one rank's time, not a synchronised walk of all of them.
+    Runs sharded, on the training model itself: every rank evaluates the same samples in lockstep through the
+    engine's module, so ZeRO-3 gathers each layer's parameters only while that layer runs and tensor-parallel
+    layers run on their shards (no rank ever holds a full copy of the model). The control flow (generation
+    stopping early, finished rows leaving the batch) depends only on the outputs, which are identical on
+    every rank (the same samples, the same parameters, all-reduced tensor-parallel outputs), so every rank
+    issues the same collectives. Data-parallel ranks duplicate the work rather than split it: the eval costs
+    one rank's time. Every rank returns the metrics; the trainer logs rank 0's.
     """
-    import torch.distributed as dist
-
-    from megacoca.models.coca import CoCa
-
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    eval_set = load_eval_set(job.data.val_shards, model_cfg.image_size, max_samples) if rank == 0 else None
+    eval_set = load_eval_set(job.data.val_shards, model_cfg.image_size, max_samples)
 
     def eval_fn(engine, step: int) -> dict:
-        state = full_state_dict(getattr(engine, "module", engine), rank0_only=True)
-        if state is None:
-            return {}
-        model = CoCa(model_cfg)
-        model.load_state_dict(state, strict=False)
-        model.float().eval()
+        model = getattr(engine, "module", engine)
         results = evaluate(model, tokenizer, eval_set, batch_size=batch_size, max_new_tokens=max_new_tokens,
                            caption_samples=caption_samples, num_examples=1)
         out = {key: results[key] for key in TRAIN_EVAL_KEYS if results.get(key) is not None}

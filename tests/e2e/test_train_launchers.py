@@ -60,12 +60,12 @@ def _run(cmd, timeout=400):
     return result
 
 
-def _check_trained(result, run_dir, world):
+def _check_trained(result, run_dir, world, tp=1):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     records = [r for r in map(json.loads, open(run_dir / "metrics.jsonl")) if "loss" in r]
     assert [r["step"] for r in records] == [1, 2]
     assert all(r["loss"] > 0 and r["samples_per_s"] > 0 for r in records)
-    assert f"(world {world})" in result.stdout
+    assert f"dp={world // tp} pp=1 tp={tp} (world {world})" in result.stdout
     assert os.path.isfile(run_dir / "checkpoints" / "step00000002" / "COMPLETE")
 
 
@@ -93,6 +93,29 @@ def test_torchrun(data):
     result = _run(["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "megacoca.train",
                    *_train_args(data, run_dir)])
     _check_trained(result, run_dir, 2)
+
+
+def test_deepspeed_four_ranks_tensor_parallel(data):
+    """TP=2 x DP=2 through the deepspeed launcher, with the sharded eval hook and a TP checkpoint that
+    `megacoca convert from-deepspeed` merges into a model directory."""
+    run_dir = data / "ds_tp"
+    result = _run(["deepspeed", "--num_gpus", "4", "--master_port", _port(), "--module", "megacoca.train",
+                   *_train_args(data, run_dir), "--set", "parallel.tp=2", "--val-shards", str(data / "shapes" / "val"),
+                   "--set", "eval.every=2"])
+    _check_trained(result, run_dir, 4, tp=2)
+    assert [json.loads(line)["step"] for line in open(run_dir / "metrics.jsonl") if '"eval/' in line] == [2]
+    converted = _run([os.path.join(BIN, "megacoca"), "convert", "from-deepspeed", "--input",
+                      str(run_dir / "checkpoints"), "--output", str(run_dir / "exported")])
+    assert converted.returncode == 0, converted.stderr[-3000:]
+    config = json.loads((run_dir / "exported" / "config.json").read_text())
+    assert config["model"]["vision_width"] == 32 and (run_dir / "exported" / "model.safetensors").stat().st_size
+
+
+def test_torchrun_four_ranks_tensor_parallel(data):
+    run_dir = data / "torchrun_tp"
+    result = _run(["torchrun", "--standalone", "--nproc_per_node", "4", "-m", "megacoca.train",
+                   *_train_args(data, run_dir), "--set", "parallel.tp=2"])
+    _check_trained(result, run_dir, 4, tp=2)
 
 
 def test_single_process_console_script(data):
