@@ -2,7 +2,9 @@
 
 - `flash_attention(q, k, v, *, causal=False, kv_mask=None, softmax_scale=None)`
 - `layer_norm(x, weight, bias, eps=1e-5)`
-- `linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_index=-100, reduction="mean")`
+- `linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_index=-100, reduction="mean", vocab_start=0,
+  vocab_valid=None, tp_group=None)`: with `tp_group`, `weight` is this rank's vocabulary shard (vocabulary
+  parallelism; the full logits are never built on any rank)
 
 Each op's file holds its kernels, launcher, autograd Function and a plain torch `*_ref`.
 
