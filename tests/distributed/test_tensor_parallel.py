@@ -1,7 +1,7 @@
 """Tensor parallelism against the unsharded single process, through the Trainer and DeepSpeed.
 
 TP=2 on 2 ranks and TP=2 x DP=2 on 4 ranks, under ZeRO-3 (every parameter partitioned) in fp32 and bf16, plus
-ZeRO-0 and ZeRO-1: both pooler layouts, tied and untied vocabulary heads, a vocabulary that TP does not divide
+ZeRO-0, ZeRO-1 and ZeRO-2: both pooler layouts, tied and untied vocabulary heads, a vocabulary that TP does not divide
 (padded), kernels "torch" and "triton" (interpreter). Each run trains 3 optimizer steps of 8 samples (2 micro-
 batches of 4 samples over the data-parallel ranks) and is compared with one plain-torch process over the same
 samples (tests/distributed/reference.py):
@@ -51,7 +51,7 @@ VARIANTS = {
         ("open_clip-tied-odd-vocab", "zero3_bf16", "triton", 2), ("paper-tied-odd-vocab", "zero0_fp32", "torch", 2)],
     4: [("paper-tied-odd-vocab", "zero3_fp32", "torch", 2), ("open_clip", "zero3_fp32", "triton", 2),
         ("open_clip-tied-odd-vocab", "zero3_bf16", "torch", 2), ("open_clip-tied-odd-vocab", "zero3_bf16", "torch", 1),
-        ("paper", "zero1_bf16", "torch", 2)],
+        ("paper", "zero1_bf16", "torch", 2), ("paper-tied-odd-vocab", "zero2_bf16", "torch", 2)],
 }
 
 
