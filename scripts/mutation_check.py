@@ -1,7 +1,7 @@
 """Plant known bugs, one at a time, in a temporary copy of the repository and run the tests that claim to catch
 each one; print caught / missed. Every planted bug must be caught (exit status 1 otherwise).
 
-    python scripts/mutation_check.py                 # all mutations (~5-10 min on 2 cores)
+    python scripts/mutation_check.py                 # all mutations (~15-20 min on 2 cores)
     python scripts/mutation_check.py --only lr_never_decays padding_of_row_0
     python scripts/mutation_check.py --list
 
@@ -79,6 +79,35 @@ MUTATIONS = [
         "            s = tl.where(cols[None, :] <= offs_m[:, None], s, float(\"-inf\"))\n",
         "            s = tl.where(cols[None, :] <= offs_m[:, None] + 1, s, float(\"-inf\"))\n",
         ("tests/kernels/test_flash_attention.py",),
+    ),
+    Mutation(
+        "tp_copy_without_allreduce", "the tensor-parallel copy's backward does not sum the ranks' gradients",
+        "megacoca/parallel/tensor.py",
+        "        grad = grad.contiguous()\n        dist.all_reduce(grad, group=ctx.group)\n        return grad, None\n",
+        "        return grad.contiguous(), None\n",
+        ("tests/distributed/test_tensor_parallel.py::test_tp2_equals_one_process",),
+    ),
+    Mutation(
+        "tp_row_bias_before_reduce", "the row-parallel bias is added on every rank before the all-reduce",
+        "megacoca/parallel/tensor.py",
+        "        out = reduce_from_tp(F.linear(x, self.weight), self.group)\n"
+        "        return out + self.bias if self.bias is not None else out\n",
+        "        return reduce_from_tp(F.linear(x, self.weight, self.bias), self.group)\n",
+        ("tests/distributed/test_tensor_parallel.py::test_tp2_equals_one_process",),
+    ),
+    Mutation(
+        "tp_vocab_padding_unmasked", "the padded vocabulary rows take part in the torch cross-entropy",
+        "megacoca/parallel/tensor.py",
+        "    if vocab_valid < logits.shape[-1]:\n",
+        "    if False:\n",
+        ("tests/distributed/test_tensor_parallel.py::test_tp2_equals_one_process",),
+    ),
+    Mutation(
+        "tp_params_unmarked", "sharded parameters lack tensor_model_parallel (DeepSpeed's grad norm counts them once)",
+        "megacoca/parallel/tensor.py",
+        "    param.tensor_model_parallel = True\n",
+        "    param.tensor_model_parallel = False\n",
+        ("tests/distributed/test_tensor_parallel.py::test_tp2_equals_one_process",),
     ),
     Mutation(
         "lr_never_decays", "the lr schedule stays at its peak after warmup",
