@@ -123,7 +123,8 @@ def test_coca_vit_b32_matches_open_clip(tmp_path):
     directory = convert(tmp_path, "coca_ViT-B-32", reference.state_dict(), check=False)
     loaded = megacoca.load(directory, kernels="torch")
     assert loaded.num_params() == 253_560_065
-    tokenizer = loaded.tokenizer()
+    tokenizer = megacoca.load_tokenizer(loaded)
+    assert megacoca.load_tokenizer(directory).encode(["two dogs"]).tolist() == tokenizer.encode(["two dogs"]).tolist()
     text = tokenizer.encode(["a photo of a cat sitting on a red sofa", "two dogs"])
     assert torch.equal(text, open_clip.get_tokenizer("coca_ViT-B-32")(["a photo of a cat sitting on a red sofa",
                                                                        "two dogs"]))

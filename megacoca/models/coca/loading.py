@@ -10,7 +10,9 @@ config.json:
 
 `load_pretrained(dir)` returns a `PretrainedCoCa` (a CoCa with the same parameters) in eval mode: its forward
 defaults to `caption_loss=False`, returning open_clip's outputs (`image_features`, `text_features`, `logits`
-(B, L-1, V), `logit_scale`, `labels`), and it has `generate(images, ...)` with the tokenizer's special ids.
+(B, L-1, V), `logit_scale`, `labels`), and it has `generate(images, ...)` with the tokenizer's special ids. The
+model knows the tokenizer's ids only (`tokenizer_info`); `megacoca.load_tokenizer(model)` loads the tokenizer
+itself, from megacoca.data.
 """
 
 from __future__ import annotations
@@ -54,14 +56,6 @@ class PretrainedCoCa(CoCa):
         if "bos_id" not in kwargs or "eos_id" not in kwargs:
             raise ValueError("this model directory records no tokenizer: pass bos_id and eos_id to generate()")
         return generate(self, images, **kwargs)
-
-    def tokenizer(self):
-        """The tokenizer recorded in config.json (megacoca.data.tokenizer.load_tokenizer)."""
-        from megacoca.data.tokenizer import load_tokenizer
-
-        if not self.tokenizer_info.get("spec"):
-            raise ValueError("this model directory records no tokenizer")
-        return load_tokenizer(self.tokenizer_info["spec"], self.tokenizer_info.get("context_length"))
 
 
 def tokenizer_info(spec: str, context_length: int, bos_id: int, eos_id: int, pad_id: int) -> dict:
