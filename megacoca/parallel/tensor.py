@@ -218,7 +218,13 @@ class TensorParallelAttention(Attention):
         return module
 
     def forward(self, x, context=None, **kwargs):
-        x = copy_to_tp(x, self.group)
+        if x.dim() == 3 and x.shape[0] > 1 and x.stride(0) == 0:
+            # An attentional pooler's queries: one (Q, width) tensor expanded over the batch. Copy it before the
+            # expand, so the backward all-reduce carries (Q, width) (expand's backward sums over the batch
+            # first), not (B, Q, width).
+            x = copy_to_tp(x[:1], self.group).expand_as(x)
+        else:
+            x = copy_to_tp(x, self.group)
         if context is not None:
             context = copy_to_tp(context, self.group)
         return super().forward(x, context, **kwargs)
@@ -276,8 +282,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         softmax, local_target, in_shard, ignored = ctx.saved_tensors
-        rows = in_shard.nonzero().squeeze(1)
-        softmax[rows, local_target[rows]] -= 1.0
+        # softmax - onehot on the rows whose target is in this shard; no host sync (no nonzero/indexing by mask)
+        index = local_target.clamp(0, softmax.shape[-1] - 1)[:, None]
+        softmax.scatter_add_(1, index, -in_shard.to(softmax.dtype)[:, None])
         softmax.masked_fill_(ignored[:, None], 0.0)
         return softmax * grad, None, None, None, None
 
