@@ -268,6 +268,7 @@ class Trainer:
         job = self.job
         batches = self._batches()
         last_saved = self.step if self.step else -1
+        last_evaluated = self.step if self.step else -1
         window_start, window_steps = time.perf_counter(), 0
         while self.step < job.schedule.steps:
             result = self.train_step(batches)
@@ -287,11 +288,14 @@ class Trainer:
                 window_start, window_steps = time.perf_counter(), 0
             if self.eval_fn is not None and job.eval.every and self.step % job.eval.every == 0:
                 self.evaluate()
+                last_evaluated = self.step
                 window_start, window_steps = time.perf_counter(), 0
             if job.checkpoint.every and self.step % job.checkpoint.every == 0:
                 self.save()
                 last_saved = self.step
                 window_start, window_steps = time.perf_counter(), 0
+        if self.eval_fn is not None and job.eval.every and last_evaluated != self.step:
+            self.evaluate()  # the finished model is always evaluated, on the last step, sharded like the others
         if job.checkpoint.save_final and last_saved != self.step:
             self.save()
         return self.history
