@@ -119,6 +119,20 @@ def caption_matches(caption: str, attributes) -> bool:
     return set(colors) == want_colors and set(shapes) == want_shapes and want_pairs <= set(pairs)
 
 
+ATTRIBUTES = ("color", "shape")
+
+
+def caption_names_attribute(caption: str, attributes, attribute: str) -> bool:
+    """True if the caption names exactly the right colors (attribute="color") or shapes ("shape") of the
+    objects, whatever it says about the other attribute: one half of `caption_matches`, same parsing.
+    "a photo of a red square" names the right color of a red circle and the wrong shape."""
+    if attribute not in ATTRIBUTES:
+        raise ValueError(f"attribute must be one of {ATTRIBUTES}, got {attribute!r}")
+    colors, shapes, _ = caption_pairs(caption)
+    named = colors if attribute == "color" else shapes
+    return set(named) == {o[attribute] for o in _objects(attributes)}
+
+
 # ---- rendering -----------------------------------------------------------------------------------------
 def _mask(shape: str, yy: np.ndarray, xx: np.ndarray, cx: float, cy: float, r: float) -> np.ndarray:
     dx, dy = xx - cx, yy - cy

@@ -61,3 +61,17 @@ def shapes_caption_matches(caption: str, attributes) -> bool:
     from megacoca.data.shapes import caption_matches
 
     return caption_matches(caption, attributes)
+
+
+def shapes_caption_color_matches(caption: str, attributes) -> bool:
+    """synth-shapes, color alone: the caption names the right color of every object and no other."""
+    from megacoca.data.shapes import caption_names_attribute
+
+    return caption_names_attribute(caption, attributes, "color")
+
+
+def shapes_caption_shape_matches(caption: str, attributes) -> bool:
+    """synth-shapes, shape alone: the caption names the right shape of every object and no other."""
+    from megacoca.data.shapes import caption_names_attribute
+
+    return caption_names_attribute(caption, attributes, "shape")

@@ -17,9 +17,15 @@ from typing import Any, Sequence
 
 import torch
 
-from megacoca.eval.captioning import caption_match_rate, generate_captions, shapes_caption_matches
+from megacoca.eval.captioning import (
+    caption_match_rate,
+    generate_captions,
+    shapes_caption_color_matches,
+    shapes_caption_matches,
+    shapes_caption_shape_matches,
+)
 from megacoca.eval.retrieval import retrieval_metrics
-from megacoca.eval.zeroshot import class_embeddings, topk_accuracy, zeroshot_logits
+from megacoca.eval.zeroshot import attribute_accuracy, class_embeddings, topk_accuracy, zeroshot_logits
 
 CONFIG_KEYS = ("model_config", "config", "job_config", "job")  # where a checkpoint may keep its config
 
@@ -216,6 +222,11 @@ def evaluate(model, tokenizer, eval_set: EvalSet, *, batch_size: int = 256, max_
              caption_samples: int | None = None, num_examples: int = 12, ks: Sequence[int] = (1, 5, 10)) -> dict:
     """All metrics on `eval_set`. Zero-shot and caption_match need synth-shapes attributes (else null).
 
+    On synth-shapes each attribute is also scored alone: zeroshot_color_acc / zeroshot_shape_acc (the
+    predicted class has the true color / shape; chance 1/6 and 1/4 on the balanced val split) and
+    caption_color_acc / caption_shape_acc (the caption names the right color / shape and no other).
+    A model that only sees color scores ~1 on color, ~0.25 on shape and ~0.25 zero-shot top-1.
+
     caption_samples: caption only the first N samples (None: all).
     """
     was_training = model.training
@@ -230,6 +241,7 @@ def evaluate(model, tokenizer, eval_set: EvalSet, *, batch_size: int = 256, max_
 
     shapes = _is_shapes(eval_set)
     results["zeroshot_top1"] = results["zeroshot_top5"] = None
+    results["zeroshot_color_acc"] = results["zeroshot_shape_acc"] = None
     results["num_zeroshot"] = 0
     if shapes:
         began = time.perf_counter()
@@ -248,6 +260,10 @@ def evaluate(model, tokenizer, eval_set: EvalSet, *, batch_size: int = 256, max_
             target = torch.tensor([label for label in labels if label is not None])
             accuracy = topk_accuracy(logits, target, (1, 5))
             results["zeroshot_top1"], results["zeroshot_top5"] = accuracy[1], accuracy[5]
+            for attribute, index in (("color", 0), ("shape", 1)):
+                results[f"zeroshot_{attribute}_acc"] = attribute_accuracy(
+                    logits, target, [cls[index] for cls in CLASSES]
+                )
             results["num_zeroshot"] = int(keep.sum())
         timings["zeroshot_s"] = time.perf_counter() - began
 
@@ -260,11 +276,12 @@ def evaluate(model, tokenizer, eval_set: EvalSet, *, batch_size: int = 256, max_
     timings["captioning_s"] = time.perf_counter() - began
     results["num_captioned"] = count
     hits: list[bool | None] = [None] * count
-    results["caption_match"] = None
+    results["caption_match"] = results["caption_color_acc"] = results["caption_shape_acc"] = None
     if shapes and count:
-        results["caption_match"], hits = caption_match_rate(
-            captions, eval_set.attributes[:count], shapes_caption_matches
-        )
+        attributes = eval_set.attributes[:count]
+        results["caption_match"], hits = caption_match_rate(captions, attributes, shapes_caption_matches)
+        results["caption_color_acc"], _ = caption_match_rate(captions, attributes, shapes_caption_color_matches)
+        results["caption_shape_acc"], _ = caption_match_rate(captions, attributes, shapes_caption_shape_matches)
     results["samples"] = [
         {"key": eval_set.keys[i], "reference": eval_set.captions[i], "generated": captions[i], "match": hits[i]}
         for i in range(min(num_examples, count))
@@ -276,10 +293,12 @@ def evaluate(model, tokenizer, eval_set: EvalSet, *, batch_size: int = 256, max_
 
 def headline(results: dict) -> str:
     """A short fixed-width table of the main metrics."""
-    rows = [("zeroshot_top1", "zero-shot top-1"), ("i2t_r1", "image->text R@1"), ("i2t_r5", "image->text R@5"),
+    rows = [("zeroshot_top1", "zero-shot top-1"), ("zeroshot_color_acc", "  color right"),
+            ("zeroshot_shape_acc", "  shape right"), ("i2t_r1", "image->text R@1"), ("i2t_r5", "image->text R@5"),
             ("t2i_r1", "text->image R@1"), ("t2i_r5", "text->image R@5"),
             ("class_i2t_r1", "  same class R@1"), ("class_t2i_r1", "  same class t2i R@1"),
-            ("caption_match", "caption match")]
+            ("caption_match", "caption match"), ("caption_color_acc", "  color right"),
+            ("caption_shape_acc", "  shape right")]
     lines = [f"{'metric':<20}{'value':>8}", "-" * 28]
     for key, label in rows:
         if key.startswith("class_") and key not in results:
@@ -291,7 +310,8 @@ def headline(results: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------- the trainer's hook
-TRAIN_EVAL_KEYS = ("zeroshot_top1", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "caption_match")
+TRAIN_EVAL_KEYS = ("zeroshot_top1", "zeroshot_color_acc", "zeroshot_shape_acc", "i2t_r1", "i2t_r5", "t2i_r1",
+                   "t2i_r5", "caption_match", "caption_color_acc", "caption_shape_acc")
 
 
 def make_train_eval_fn(job, model_cfg, dims, tokenizer, *, max_samples: int = 480, caption_samples: int = 240,

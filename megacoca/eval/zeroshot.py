@@ -51,3 +51,18 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
     own = logits.gather(1, labels[:, None])
     others = (logits >= own).sum(dim=1) - 1  # classes other than the label that score at least as high
     return {k: float((others < k).float().mean()) for k in ks}
+
+
+def attribute_accuracy(logits: torch.Tensor, labels: torch.Tensor, class_attribute: Sequence) -> float:
+    """Fraction of rows whose top-1 class has the label's value of one attribute: `class_attribute[c]` is
+    class c's value (e.g. its color), so a prediction with the right color and the wrong shape counts for
+    color. The top-1 class is the argmax (the first of tied classes)."""
+    if logits.shape[0] != labels.shape[0]:
+        raise ValueError(f"{logits.shape[0]} rows of logits but {labels.shape[0]} labels")
+    if len(class_attribute) != logits.shape[1]:
+        raise ValueError(f"{logits.shape[1]} classes of logits but {len(class_attribute)} attribute values")
+    if logits.shape[0] == 0:
+        return float("nan")
+    predicted = logits.argmax(dim=1).tolist()
+    hits = [class_attribute[p] == class_attribute[int(t)] for p, t in zip(predicted, labels.tolist())]
+    return sum(hits) / len(hits)
