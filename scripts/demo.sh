@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CPU demo (`make demo`): synth-shapes data -> SentencePiece tokenizer -> coca_tiny trained on 2 ranks
-# through the deepspeed launcher with ZeRO-3 -> held-out eval (runs/demo/eval.json) -> curves
+# through the deepspeed launcher with ZeRO-3 (the coca_tiny_cpu recipe partitions every parameter; the log line
+# "ZeRO-3 partitions N/N tensors" says so) -> held-out eval (runs/demo/eval.json) -> curves
 # (runs/demo/curves.png) -> a short table. Fails (exit 1) if the model did not learn:
 # zero-shot top-1 >= MIN_ZEROSHOT and caption match >= MIN_CAPTION on held-out single-object images (chance ~0.04).
 #
@@ -15,7 +16,9 @@ NPROC=${NPROC:-2}
 # data
 TRAIN_SAMPLES=${TRAIN_SAMPLES:-20000}
 VAL_SAMPLES=${VAL_SAMPLES:-1200}
-IMAGE_SIZE=${IMAGE_SIZE:-64}
+DATA_SEED=${DATA_SEED:-0}  # synth-shapes generator seed (the training seed is the recipe's: EXTRA_SETS="--set seed=N")
+IMAGE_SIZE=${IMAGE_SIZE:-64}  # the data's and the model's
+PATCH_SIZE=${PATCH_SIZE:-8}
 TWO_OBJECT_FRACTION=${TWO_OBJECT_FRACTION:-0.0}  # held-out images have one object; two-object captions cost steps
 VOCAB_SIZE=${VOCAB_SIZE:-128}
 # training (on top of the coca_tiny_cpu recipe)
@@ -27,6 +30,7 @@ STEPS=${STEPS:-1500}
 GLOBAL_BATCH=${GLOBAL_BATCH:-64}
 LR=${LR:-1e-3}
 WARMUP=${WARMUP:-50}
+LR_DECAY=${LR_DECAY:-cosine}  # after warmup: cosine, linear or constant
 EVAL_EVERY=${EVAL_EVERY:-300}
 DS_CONFIG=${DS_CONFIG:-zero3_fp32}  # CPU: fp32 is as fast as bf16 here and safer
 EXTRA_SETS=${EXTRA_SETS:-}  # more `--set KEY=VALUE` words, e.g. "--set model.overrides.vision_layers=4"
@@ -43,12 +47,13 @@ now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
 t_start=$(now)
-stamp="$TRAIN_SAMPLES $VAL_SAMPLES $IMAGE_SIZE $TWO_OBJECT_FRACTION $VOCAB_SIZE"
+stamp="$TRAIN_SAMPLES $VAL_SAMPLES $IMAGE_SIZE $TWO_OBJECT_FRACTION $VOCAB_SIZE $DATA_SEED"
 if [[ ! -f "$DATA_DIR/.demo-stamp" || "$(cat "$DATA_DIR/.demo-stamp")" != "$stamp" ]]; then
   echo "== data: synth-shapes ($TRAIN_SAMPLES train, $VAL_SAMPLES val, ${IMAGE_SIZE}px) + tokenizer"
   rm -rf "$DATA_DIR"
   $PY -m megacoca data synth-shapes --out "$DATA_DIR" --train-samples "$TRAIN_SAMPLES" \
-    --val-samples "$VAL_SAMPLES" --image-size "$IMAGE_SIZE" --two-object-fraction "$TWO_OBJECT_FRACTION"
+    --val-samples "$VAL_SAMPLES" --image-size "$IMAGE_SIZE" --two-object-fraction "$TWO_OBJECT_FRACTION" \
+    --seed "$DATA_SEED"
   $PY -m megacoca tokenizer train --shards "$DATA_DIR/train" --vocab-size "$VOCAB_SIZE" --output "$DATA_DIR/tokenizer"
   echo "$stamp" > "$DATA_DIR/.demo-stamp"
 else
@@ -56,7 +61,7 @@ else
 fi
 t_data=$(since "$t_start")
 
-echo "== train: coca_tiny on $NPROC ranks (deepspeed launcher, $DS_CONFIG), $STEPS steps of $GLOBAL_BATCH"
+echo "== train: coca_tiny (${IMAGE_SIZE}px, patch $PATCH_SIZE) on $NPROC ranks (deepspeed launcher, $DS_CONFIG), $STEPS steps of $GLOBAL_BATCH"
 rm -rf "$RUN_DIR"
 t_train0=$(now)
 # shellcheck disable=SC2086
@@ -66,8 +71,9 @@ deepspeed --num_gpus "$NPROC" --master_port "$MASTER_PORT" --module megacoca.tra
   --set data.tokenizer="$DATA_DIR/tokenizer.model" \
   --set schedule.steps="$STEPS" --set schedule.global_batch_size="$GLOBAL_BATCH" \
   --set schedule.micro_batch_size=$((GLOBAL_BATCH / NPROC)) --set schedule.warmup_steps="$WARMUP" \
-  --set optim.lr="$LR" --set eval.every="$EVAL_EVERY" --set checkpoint.every=0 \
+  --set optim.lr="$LR" --set schedule.decay="$LR_DECAY" --set eval.every="$EVAL_EVERY" --set checkpoint.every=0 \
   --set model.overrides.context_length="$CONTEXT_LENGTH" --set model.overrides.pooler_layout="$POOLER_LAYOUT" \
+  --set model.overrides.image_size="$IMAGE_SIZE" --set model.overrides.patch_size="$PATCH_SIZE" \
   $EXTRA_SETS
 t_train=$(since "$t_train0")
 
@@ -92,12 +98,15 @@ ok_cap = results["caption_match"] >= min_cap
 print()
 print(f"{'demo result':<22}{'value':>8}{'needed':>9}")
 print("-" * 39)
-for label, key, need in (("zero-shot top-1", "zeroshot_top1", min_zs), ("image->text R@1", "i2t_r1", None),
-                         ("text->image R@1", "t2i_r1", None), ("caption match", "caption_match", min_cap)):
+for label, key, need in (("zero-shot top-1", "zeroshot_top1", min_zs), ("  color right", "zeroshot_color_acc", None),
+                         ("  shape right", "zeroshot_shape_acc", None), ("image->text R@1", "i2t_r1", None),
+                         ("text->image R@1", "t2i_r1", None), ("caption match", "caption_match", min_cap),
+                         ("  color right", "caption_color_acc", None), ("  shape right", "caption_shape_acc", None)):
     print(f"{label:<22}{results[key]:>8.3f}{'' if need is None else format(need, '>9.2f')}")
 print(f"{'wall time (s)':<22}{'data':>8}{'train':>9}{'eval':>8}{'train+eval':>12}")
 print(f"{'':<22}{t_data:>8.0f}{t_train:>9.0f}{t_eval:>8.0f}{t_train + t_eval:>12.0f}")
 print(f"wrote {path} and {path.rsplit('/', 1)[0]}/curves.png")
+print(f"figures for docs/benchmarks.md: python scripts/demo_report.py {path.rsplit('/', 1)[0]}")
 if not (ok_zs and ok_cap):
     print("DEMO FAILED: the model did not reach the learning thresholds", file=sys.stderr)
     sys.exit(1)
