@@ -80,17 +80,15 @@ def build_optimizer(model: torch.nn.Module, job: JobConfig, ds_config: dict) -> 
     return torch.optim.AdamW(groups, **kwargs)
 
 
-def full_parameter_count(model: torch.nn.Module) -> int:
-    """Parameters of the whole (single-device) model, from any rank's shards: tensor-parallel parameters count
-    their full shape (vocabulary padding excluded), ZeRO-3 partitions their full numel."""
-    total = 0
-    for param in model.parameters():
-        shard = getattr(param, "tp_shard", None)
-        if shard is not None:
-            total += math.prod(shard.full_shape)
-        else:
-            total += getattr(param, "ds_numel", param.numel())
-    return total
+def _meta_parameter_count(cfg) -> int:
+    """Parameters of the whole single-device CoCa of `cfg` (built on the meta device: no memory)."""
+    from megacoca.models.coca import CoCa
+
+    state = torch.get_rng_state()
+    with torch.device("meta"):
+        model = CoCa(cfg)
+    torch.set_rng_state(state)  # the count must not change the weights the real build draws
+    return model.num_params()
 
 
 class Trainer:
@@ -128,12 +126,24 @@ class Trainer:
 
         seed_everything(job.seed)  # the same initial weights on every rank (and for every layout)
         self.model_config = model.cfg if model is not None and hasattr(model, "cfg") else job.model_config()
+        self.grad_accum = job.grad_accum_steps(self.dims.dp_size)
+        self.pipeline_split = None
+        if self.dims.pp_size > 1:
+            from megacoca.parallel.pipeline.split import check_pipeline, split_stages
+
+            check_pipeline(self.model_config, self.dims.pp_size, self.grad_accum, job.parallel.pipeline_split)
+            self.pipeline_split = split_stages(self.model_config, self.dims.pp_size, job.parallel.pipeline_split)
+        total_params = _meta_parameter_count(self.model_config)
         checkpointing = job.parallel.activation_checkpointing
         if model is None:
             model = build_parallel_model(self.model_config, self.dims, ds_config=self.ds_config,
-                                         activation_checkpointing=checkpointing)
+                                         activation_checkpointing=checkpointing, pipeline_split=self.pipeline_split)
         else:
             model = parallelize(model, self.dims, activation_checkpointing=checkpointing)
+            if self.pipeline_split is not None:
+                from megacoca.parallel.pipeline.stage import PipelineStage
+
+                model = PipelineStage(model, self.pipeline_split, self.dims.pp_rank)
         optimizer = build_optimizer(model, job, self.ds_config)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
@@ -145,7 +155,26 @@ class Trainer:
         )
         self.device = self.engine.device
         self.loss_fn = CoCaLoss(job.optim.contrastive_weight, job.optim.caption_weight)
-        self.grad_accum = self.engine.gradient_accumulation_steps()
+        if self.grad_accum != self.engine.gradient_accumulation_steps():
+            raise RuntimeError(f"DeepSpeed accumulates {self.engine.gradient_accumulation_steps()} micro-batches, the "
+                               f"job {self.grad_accum}")
+        self.pipeline = None
+        if self.pipeline_split is not None:
+            from megacoca.parallel.pipeline.runner import PipelineRunner
+            from megacoca.parallel.pipeline.schedule import auto_text_ahead
+
+            # The mpu reports the tensor rank as the model-parallel rank (what DeepSpeed's grad norms need); the
+            # checkpoint files still need one name per (stage, tensor rank).
+            self.engine.checkpoint_mp_rank = self.dims.pp_rank * self.dims.tp_size + self.dims.tp_rank
+            if zero_stage(self.ds_config) == 3:
+                from megacoca.parallel.pipeline.zero3 import scope_trace_check_to_stage
+
+                scope_trace_check_to_stage(self.dims.dp_group)
+            text_ahead = job.parallel.text_ahead
+            if text_ahead < 0:
+                text_ahead = auto_text_ahead(self.pipeline_split, self.dims.pp_size, self.grad_accum)
+            self.pipeline = PipelineRunner(self.engine, self.dims, micro_batches=self.grad_accum,
+                                           text_ahead=text_ahead, loss_fn=self.loss_fn, dtype=self.dtype)
         self.step = 0
         self.history: list[dict] = []  # the train records this rank computed (all ranks, for tests)
 
@@ -156,11 +185,16 @@ class Trainer:
         self.logger = logger or MetricsLogger(job.run_dir, enabled=self.rank == 0,
                                               tensorboard=job.logging.tensorboard, total_steps=job.schedule.steps)
         self.logger.info(
-            f"megacoca: {job.name} | {full_parameter_count(model) / 1e6:.2f}M params | {self.dims} | ZeRO-{zero_stage(self.ds_config)} "
+            f"megacoca: {job.name} | {total_params / 1e6:.2f}M params | {self.dims} | ZeRO-{zero_stage(self.ds_config)} "
             f"{precision} | batch {job.schedule.global_batch_size} = {job.schedule.micro_batch_size} x dp "
             f"{self.dims.dp_size} x accum {self.grad_accum} | {self.flops_per_sample / 1e9:.3g} GFLOP/sample "
             f"| device {self.device_name or self.device} (peak {'unknown' if self.peak is None else f'{self.peak / 1e12:.0f} TFLOP/s'})"
         )
+        self.logger.info(f"contrastive negatives per image: {job.schedule.micro_batch_size * self.dims.dp_size - 1} "
+                         f"(each micro-batch of {job.schedule.micro_batch_size} gathered over dp {self.dims.dp_size})")
+        if self.pipeline is not None:
+            self.logger.info(f"{self.pipeline_split.describe()} | 1F1B over {self.grad_accum} micro-batches, "
+                             f"text-ahead {self.pipeline.text_ahead}")
         self.partition = None  # ZeRO-3 only: how much of the model this rank holds
         if zero_stage(self.ds_config) == 3:
             from megacoca.parallel.zero import partition_stats
@@ -216,16 +250,26 @@ class Trainer:
         sums = torch.zeros(4, device=self.device)  # stays on the device: no host sync per micro-batch
         lr = self.optimizer.param_groups[0]["lr"]
         own_norm = None
-        for micro in range(self.grad_accum):
-            sums += self.forward_backward(next(batches))
-            if micro == self.grad_accum - 1 and self._needs_own_grad_norm:
-                own_norm = self._replicated_grad_norm()
-            self.engine.step()
+        if self.pipeline is not None:
+            sums = self.pipeline.step(batches, before_last_step=self._pipeline_grad_norm_hook)
+            own_norm = self._pipeline_own_norm
+        else:
+            for micro in range(self.grad_accum):
+                sums += self.forward_backward(next(batches))
+                if micro == self.grad_accum - 1 and self._needs_own_grad_norm:
+                    own_norm = self._replicated_grad_norm()
+                self.engine.step()
         self.step += 1
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is None:
             grad_norm = own_norm
         return {"sums": sums, "lr": lr, "grad_norm": grad_norm}
+
+    _pipeline_own_norm = None
+
+    def _pipeline_grad_norm_hook(self) -> None:
+        """Called by the pipeline runner after the step's last backward, before the optimizer step."""
+        self._pipeline_own_norm = self._replicated_grad_norm() if self._needs_own_grad_norm else None
 
     @property
     def _needs_own_grad_norm(self) -> bool:
@@ -234,7 +278,7 @@ class Trainer:
 
     def _replicated_grad_norm(self) -> float:
         """Norm of the (already data-parallel averaged) gradients before clipping: tensor-parallel shards summed
-        over the tensor-parallel group, replicated parameters counted once."""
+        over the tensor-parallel group, replicated parameters counted once, pipeline stages summed."""
         from megacoca.parallel.tensor import is_tensor_parallel
 
         squares = torch.zeros(2, dtype=torch.float64, device=self.device)
@@ -245,6 +289,8 @@ class Trainer:
             if self.dims.tp_rank != 0:
                 squares[1] = 0.0
             dist.all_reduce(squares, group=self.dims.tp_group)
+        if self.dims.pp_size > 1:
+            dist.all_reduce(squares, group=self.dims.pp_group)
         return float(squares.sum().sqrt())
 
     def _reduce(self, sums: torch.Tensor) -> list[float]:

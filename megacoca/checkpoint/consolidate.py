@@ -1,12 +1,13 @@
 """Consolidate a megacoca/DeepSpeed checkpoint into one fp32 state dict (no DeepSpeed engine needed).
 
-Per model-parallel (tensor-parallel) rank r, the files named `*mp_rank_{r:02d}*`: ZeRO-1/2/3 checkpoints go
+Per model-parallel rank r (tensor rank, or stage x tp + tensor rank under pipeline parallelism), the files named `*mp_rank_{r:02d}*`: ZeRO-1/2/3 checkpoints go
 through DeepSpeed's `get_fp32_state_dict_from_zero_checkpoint` (it merges the fp32 master partitions of every
 data-parallel rank; it only knows mp rank 00, so each rank's files are shown to it under that name in a
 scratch directory of links); ZeRO-0 checkpoints hold that rank's module in `mp_rank_{r:02d}_model_states.pt`.
 With tensor parallelism the ranks' state dicts are then merged with the layout the checkpoint recorded
 (`tensor_parallel` in the client state): shards concatenated along their dim and cut to the unpadded size;
-replicated tensors taken once, after checking that every rank holds the same values.
+replicated tensors taken once, after checking that every rank holds the same values. Under pipeline
+parallelism each stage is merged so, and the stages' disjoint state dicts are joined.
 """
 
 from __future__ import annotations
@@ -33,15 +34,15 @@ def resolve_tag_dir(path: str) -> str:
     return path
 
 
-def client_state(tag_dir: str) -> dict:
-    """DeepSpeed's client state (step, dp_size, the run's job config, the tensor-parallel layout) from the first
-    model-states file of model-parallel rank 0."""
-    files = sorted(glob.glob(os.path.join(tag_dir, "*mp_rank_00_model_states.pt")))
+def client_state(tag_dir: str, mp_rank: int = 0) -> dict:
+    """DeepSpeed's client state (step, dp_size, the run's job config, the tensor-parallel layout of that rank's
+    stage, the pipeline layout) from the first model-states file of model-parallel rank `mp_rank`."""
+    files = sorted(glob.glob(os.path.join(tag_dir, f"*mp_rank_{mp_rank:02d}_model_states.pt")))
     if not files:
         return {}
     # Our own run's file; it holds DeepSpeed objects beyond tensors, hence weights_only=False.
     state = torch.load(files[0], map_location="cpu", weights_only=False)
-    return {key: state[key] for key in ("step", "dp_size", "config", "tensor_parallel") if key in state}
+    return {key: state[key] for key in ("step", "dp_size", "config", "tensor_parallel", "pipeline") if key in state}
 
 
 def _mp_rank_state(tag_dir: str, mp_rank: int, mp_size: int) -> dict[str, torch.Tensor]:
@@ -87,12 +88,23 @@ def merge_tensor_parallel(states: list[dict], layout: dict) -> dict[str, torch.T
 
 def consolidated_state_dict(path: str) -> dict[str, torch.Tensor]:
     """fp32 state dict of the single-device model in a checkpoint (tag directory or checkpoint directory), of any
-    ZeRO stage and tensor-parallel degree."""
+    ZeRO stage, tensor-parallel and pipeline-parallel degree. Pipeline stage s wrote model-parallel ranks
+    s * tp ... s * tp + tp - 1 under the single-device parameter names; the stages' merged state dicts are
+    disjoint and together the whole model."""
     tag_dir = resolve_tag_dir(path)
-    layout = client_state(tag_dir).get("tensor_parallel")
-    size = layout["size"] if layout else 1
-    states = [_mp_rank_state(tag_dir, rank, size) for rank in range(size)]
-    state = merge_tensor_parallel(states, layout) if size > 1 else states[0]
+    first = client_state(tag_dir)
+    pipeline = first.get("pipeline") or {"pp": 1, "tp": (first.get("tensor_parallel") or {"size": 1})["size"]}
+    pp, tp = pipeline["pp"], pipeline["tp"]
+    state: dict[str, torch.Tensor] = {}
+    for stage in range(pp):
+        layout = (first if stage == 0 else client_state(tag_dir, stage * tp)).get("tensor_parallel")
+        states = [_mp_rank_state(tag_dir, stage * tp + rank, pp * tp) for rank in range(tp)]
+        stage_state = merge_tensor_parallel(states, layout) if tp > 1 else states[0]
+        overlap = state.keys() & stage_state.keys()
+        if overlap:
+            raise ValueError(f"pipeline stage {stage} holds {sorted(overlap)[0]} as well as an earlier stage: the "
+                             "checkpoint is inconsistent")
+        state.update(stage_state)
     return {name: tensor.float() for name, tensor in state.items()}
 
 

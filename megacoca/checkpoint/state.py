@@ -85,6 +85,13 @@ def find_resume_checkpoint(job) -> str | None:
     return path
 
 
+def pipeline_layout(module, job) -> dict | None:
+    """Under pipeline parallelism, what consolidation needs: {"pp", "tp", "stage", "vision_blocks"}; else None."""
+    if not hasattr(module, "block_indices"):
+        return None
+    return {"pp": module.pp, "tp": job.parallel.tp, "stage": module.stage, "vision_blocks": list(module.block_indices)}
+
+
 def save_checkpoint(engine, job, step: int, train_loader=None, *, dp_size: int) -> str:
     """Every rank calls this. Returns the tag directory."""
     checkpoint_dir = job.checkpoint_dir
@@ -92,7 +99,8 @@ def save_checkpoint(engine, job, step: int, train_loader=None, *, dp_size: int) 
     from megacoca.parallel.tensor import tensor_parallel_layout
 
     client_state = {"step": step, "dp_size": dp_size, "config": job.to_dict(),
-                    "tensor_parallel": tensor_parallel_layout(engine.module)}
+                    "tensor_parallel": tensor_parallel_layout(engine.module),
+                    "pipeline": pipeline_layout(engine.module, job)}
     engine.save_checkpoint(checkpoint_dir, tag=tag, client_state=client_state, save_latest=False)
     tag_dir = os.path.join(checkpoint_dir, tag)
     rank = dist.get_rank()

@@ -101,6 +101,12 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     activation_checkpointing: bool = False  # recompute each transformer block in backward (parallelize step)
+    # pp > 1: ViT blocks per pipeline stage (e.g. [14, 14, 12]; the last stage also holds the text side); None:
+    # chosen by the FLOP cost model (megacoca.parallel.pipeline.split)
+    pipeline_split: list[int] | None = None
+    # pp > 1: text-tower forwards the last stage runs before its first image input arrives; -1: as many as the
+    # cost model says fit in the warm-up wait; 0: off (plain 1F1B, the text tower inside the last stage's forward)
+    text_ahead: int = -1
     # DeepSpeed JSON keys to change without copying the file, dotted: {"zero_optimization.reduce_bucket_size":
     # 1e7}; `--set parallel.deepspeed_overrides.zero_optimization.reduce_bucket_size=1e7` sets one.
     deepspeed_overrides: dict[str, Any] = field(default_factory=dict)
@@ -170,6 +176,14 @@ class JobConfig:
             require(s.global_batch_size % per_step == 0,
                     f"schedule.global_batch_size {s.global_batch_size} is not divisible by micro_batch_size "
                     f"{s.micro_batch_size} x dp {dims.dp_size} = {per_step}")
+            if dims.pp_size > 1:
+                from megacoca.parallel.pipeline.split import check_pipeline
+
+                try:
+                    check_pipeline(self.model_config(), dims.pp_size, s.global_batch_size // per_step,
+                                   p.pipeline_split)
+                except ValueError as error:
+                    raise ConfigError(str(error)) from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -5,7 +5,7 @@
 1. The single-device CoCa is constructed on the meta device (no memory), drawing its `init_seed` from torch's
    global generator exactly as a CPU construction would.
 2. `parallelize` swaps in the tensor-parallel layers (still meta, now shard-shaped) and wraps the blocks for
-   activation checkpointing.
+   activation checkpointing; under pipeline parallelism only this rank's stage is kept (`PipelineStage`).
 3. `materialize` gives each parameter its initial value module by module, children before parents: the full
    single-device tensor of that one parameter is generated (`CoCa.initial_value`, a pure function of name and
    seed), this rank's tensor-parallel shard is cut out of it, and under ZeRO-3 the module's parameters are
@@ -113,8 +113,9 @@ def zero3_partitioner(ds_config: dict, dims: ParallelDims):
 
 
 def build_parallel_model(cfg, dims: ParallelDims, *, ds_config: dict, activation_checkpointing: bool = False,
-                         device: torch.device | str | None = None):
-    """The CoCa of `cfg` for this rank: tensor-parallel shards, activation checkpointing, ZeRO-3 partitions."""
+                         device: torch.device | str | None = None, pipeline_split=None):
+    """The CoCa of `cfg` for this rank: tensor-parallel shards, activation checkpointing, ZeRO-3 partitions; under
+    pipeline parallelism (`pipeline_split`, a StageSplit) only this rank's stage of it."""
     from megacoca.config.deepspeed import precision_dtype, zero_stage
     from megacoca.models.coca import CoCa
 
@@ -126,6 +127,10 @@ def build_parallel_model(cfg, dims: ParallelDims, *, ds_config: dict, activation
     with torch.device("meta"):
         model = CoCa(cfg)
     parallelize(model, dims, activation_checkpointing=activation_checkpointing)
+    if pipeline_split is not None:
+        from megacoca.parallel.pipeline.stage import PipelineStage
+
+        model = PipelineStage(model, pipeline_split, dims.pp_rank)
     if zero_stage(ds_config) != 3:
         return materialize(model, device)  # the engine casts the module to the training dtype itself
     # Under ZeRO-3 DeepSpeed takes parameters made under zero.Init as already in the training dtype, as

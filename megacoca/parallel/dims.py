@@ -178,7 +178,11 @@ class DeepSpeedMPU:
         return self.dims.mp_group
 
     def get_model_parallel_rank(self) -> int:
-        return self.dims.pp_rank * self.dims.tp_size + self.dims.tp_rank
+        # The tensor rank, not the rank in the (pp, tp) slab: DeepSpeed counts a replicated parameter's gradient
+        # in its norms only where this is 0, then sums over the model-parallel group, so with the slab rank the
+        # replicated parameters of every stage but the first would be left out. (With pp = 1 the two agree.)
+        # Checkpoint file names, which must differ per stage, are set by the Trainer.
+        return self.dims.tp_rank
 
     def get_model_parallel_world_size(self) -> int:
         return self.dims.pp_size * self.dims.tp_size

@@ -4,7 +4,8 @@
    tensor-parallel shards (megacoca.parallel.tensor), when dims.tp_size > 1;
 2. activation checkpointing: each transformer block (ViT blocks, unimodal text blocks, multimodal decoder
    layers) recomputes its activations in backward;
-then the Trainer hands the model to DeepSpeed (ZeRO sharding over the data-parallel group). The model code
+then, under pipeline parallelism, this rank's stage is cut out of the model (megacoca.parallel.pipeline.stage),
+and the Trainer hands the model (or stage) to DeepSpeed (ZeRO sharding over the data-parallel group). The model code
 knows none of this: everything is applied from outside, by module swaps and forward wrappers that keep every
 parameter's name, so checkpoints and conversions see the single-device names.
 """
@@ -20,8 +21,9 @@ from megacoca.parallel.dims import ParallelDims
 def check_layout(cfg, dims: ParallelDims) -> None:
     """Everything about (model config, degrees) that can be refused before any process group exists."""
     if dims.pp_size > 1:
-        raise ValueError(f"parallel.pp={dims.pp_size}: pipeline parallelism is not wired into the trainer yet "
-                         "(use pp=1)")
+        from megacoca.parallel.pipeline.split import check_pipeline
+
+        check_pipeline(cfg, dims.pp_size)
     if dims.tp_size > 1:
         from megacoca.parallel.tensor import check_tensor_parallel
 

@@ -32,3 +32,17 @@ def module_values(module, dims) -> dict:
     """The module's own (training-dtype) parameter values, gathered over ZeRO-3 and tensor parallelism."""
     with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
         return full_tensors(module, dims, lambda param: param)
+
+
+def union_over_stages(values: dict, dims) -> dict:
+    """Every pipeline stage's {name: tensor} merged into one dict (a collective over the pipeline group; the
+    stages hold disjoint parameters). Without a pipeline, `values` itself."""
+    if dims.pp_size == 1:
+        return values
+    parts = [None] * dims.pp_size
+    dist.all_gather_object(parts, values, group=dims.pp_group)
+    merged = {}
+    for part in parts:
+        assert not merged.keys() & part.keys(), "two pipeline stages hold the same parameter"
+        merged.update(part)
+    return merged

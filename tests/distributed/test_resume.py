@@ -1,7 +1,7 @@
-"""Resume for real (ZeRO-3 bf16 with every parameter partitioned) on 2 data-parallel ranks and on 4 ranks with
-tensor parallelism (TP=2 x DP=2): a run resumed from step 3 logs the same losses after step 3 as the
+"""Resume for real (ZeRO-3 bf16 with every parameter partitioned) on 2 data-parallel ranks, on 4 ranks with
+tensor parallelism (TP=2 x DP=2), and with pipeline parallelism (PP=2 on 2 ranks, PP=2 x DP=2 on 4): a run resumed from step 3 logs the same losses after step 3 as the
 uninterrupted run and ends with bit-identical weights; a checkpoint whose save was interrupted is ignored by
-`resume auto`; the consolidated fp32 state dict (TP shards merged) matches the trained parameters;
+`resume auto`; the consolidated fp32 state dict (TP shards and pipeline stages merged) matches the trained parameters;
 metrics.jsonl is complete."""
 
 import json
@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 from dist_harness import run_ranks
-from gather import fp32_master, full_tensors, module_values
+from gather import fp32_master, full_tensors, module_values, union_over_stages
 from memory_data import SHARD_ALL, TINY, MemoryLoader, assert_partitioned
 
 import megacoca
@@ -24,14 +24,14 @@ from megacoca.trainer import Trainer
 STEPS, EVERY = 6, 3
 
 
-def _run(rank, world_size, run_dir, checkpoint_dir, resume, tp):
+def _run(rank, world_size, run_dir, checkpoint_dir, resume, tp, pp):
     job = build_config(overrides=[
         "parallel.deepspeed_config=zero3_bf16", f"schedule.steps={STEPS}", "schedule.global_batch_size=8",
         "schedule.micro_batch_size=2", "schedule.warmup_steps=2", f"checkpoint.every={EVERY}", "checkpoint.keep=0",
-        f"parallel.tp={tp}",
+        f"parallel.tp={tp}", f"parallel.pp={pp}",
         f"checkpoint.dir={checkpoint_dir}", f"checkpoint.resume={resume}", f"logging.run_dir={run_dir}",
         "logging.log_every=1", "eval.every=2", SHARD_ALL])
-    job.model.overrides = TINY.to_dict()
+    job.model.overrides = TINY.replace(vision_layers=2).to_dict()
     evals = []
 
     def eval_fn(model, step):
@@ -39,24 +39,26 @@ def _run(rank, world_size, run_dir, checkpoint_dir, resume, tp):
         return {"probe": float(step)}
 
     dims = ParallelDims.from_config(job.parallel, world_size).build()
-    trainer = Trainer(job, MemoryLoader(2, dims.dp_rank, dims.dp_size), dims=dims, eval_fn=eval_fn)
+    cfg = job.model_config()
+    trainer = Trainer(job, MemoryLoader(2, dims.dp_rank, dims.dp_size, cfg), dims=dims, eval_fn=eval_fn)
     module = trainer.engine.module
     assert_partitioned(module, dims.dp_size)
-    initial = full_tensors(module, dims, fp32_master)
+    initial = union_over_stages(full_tensors(module, dims, fp32_master), dims)
     resumed = trainer.resume()
     history = trainer.train()
-    final = module_values(module, dims)
-    masters = full_tensors(module, dims, fp32_master)
+    final = union_over_stages(module_values(module, dims), dims)
+    masters = union_over_stages(full_tensors(module, dims, fp32_master), dims)
     trainer.close()
     return {"resumed": resumed, "steps": [r["step"] for r in history], "loss": [r["loss"] for r in history],
             "parts": [(r["loss_contrastive"], r["loss_caption"]) for r in history], "initial": initial,
             "final": final, "masters": masters, "evals": evals, "position": trainer.train_loader.position}
 
 
-@pytest.mark.parametrize("world, tp", [(2, 1), (4, 2)], ids=["dp2", "tp2xdp2"])
-def test_resume_gives_identical_losses(tmp_path, world, tp):
+@pytest.mark.parametrize("world, tp, pp", [(2, 1, 1), (4, 2, 1), (2, 1, 2), (4, 1, 2)],
+                         ids=["dp2", "tp2xdp2", "pp2", "pp2xdp2"])
+def test_resume_gives_identical_losses(tmp_path, world, tp, pp):
     ckpt_a = str(tmp_path / "a" / "checkpoints")
-    full = run_ranks(_run, world, tmp_path, str(tmp_path / "a"), ckpt_a, "auto", tp)
+    full = run_ranks(_run, world, tmp_path, str(tmp_path / "a"), ckpt_a, "auto", tp, pp)
     assert not full[0]["resumed"] and full[0]["steps"] == list(range(1, STEPS + 1))
     assert [step for step, _ in complete_checkpoints(ckpt_a)] == [3, 6]
     assert open(os.path.join(ckpt_a, "latest")).read() == "step00000006"
@@ -68,7 +70,7 @@ def test_resume_gives_identical_losses(tmp_path, world, tp):
     os.remove(os.path.join(ckpt_b, "step00000006", "COMPLETE"))
     with open(os.path.join(ckpt_b, "latest"), "w") as f:
         f.write("step00000003")
-    resumed = run_ranks(_run, world, tmp_path, str(tmp_path / "b"), ckpt_b, "auto", tp)
+    resumed = run_ranks(_run, world, tmp_path, str(tmp_path / "b"), ckpt_b, "auto", tp, pp)
 
     for rank in range(world):
         assert resumed[rank]["resumed"] and resumed[rank]["steps"] == [4, 5, 6]

@@ -44,7 +44,40 @@ def parameter_generator(init_seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed((init_seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
 
 
-class CoCa(nn.Module):
+class JoinedTowers:
+    """What runs once both towers are done: the multimodal decoder, the caption head and the loss inputs. Shared
+    by CoCa and a pipeline's last stage (megacoca.parallel.pipeline), which hold `cfg`, `decoder`, `caption_head`
+    and `logit_scale` under the same names."""
+
+    def decode(self, token_outputs: torch.Tensor, caption_tokens: torch.Tensor) -> torch.Tensor:
+        """Unimodal token outputs (B, T, width) cross-attending to the caption image tokens -> hidden (B, T, width)."""
+        return self.decoder(token_outputs, caption_tokens)
+
+    def clamped_logit_scale(self) -> torch.Tensor:
+        return self.logit_scale.clamp(max=self.cfg.max_logit_scale).exp()
+
+    def joined_outputs(self, image_embedding: torch.Tensor, caption_tokens: torch.Tensor, text_embedding: torch.Tensor,
+                       token_outputs: torch.Tensor, text: torch.Tensor, keep: int, *, caption_loss: bool = True) -> dict:
+        """The training outputs (docs/design.md) from the two towers' outputs and the text (B, L)."""
+        cfg = self.cfg
+        hidden = self.decode(token_outputs[:, :-1], caption_tokens)
+        out = {
+            "image_features": F.normalize(image_embedding, dim=-1),
+            "text_features": F.normalize(text_embedding, dim=-1),
+            "logit_scale": self.clamped_logit_scale(),
+        }
+        targets = text[:, 1:keep]
+        if caption_loss:
+            out["caption_loss_sum"] = self.caption_head(
+                hidden, targets.masked_fill(targets == cfg.pad_id, -100)
+            )
+            out["caption_tokens"] = (targets != cfg.pad_id).sum()
+        else:
+            out["logits"] = self.caption_head(hidden)
+        return out
+
+
+class CoCa(JoinedTowers, nn.Module):
     def __init__(self, cfg: CoCaConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -136,10 +169,6 @@ class CoCa(nn.Module):
         the first positions (the rest must be padding: `text_keep`); the CLS stays at position L."""
         return self.text(text, keep)
 
-    def decode(self, token_outputs: torch.Tensor, caption_tokens: torch.Tensor) -> torch.Tensor:
-        """Unimodal token outputs (B, T, width) cross-attending to the caption image tokens -> hidden (B, T, width)."""
-        return self.decoder(token_outputs, caption_tokens)
-
     def text_keep(self, text: torch.Tensor) -> int:
         """How many leading text positions a forward must run (`trim_text_padding`); a host sync, so it is taken
         outside the stages."""
@@ -155,31 +184,14 @@ class CoCa(nn.Module):
         embedding, _ = self.text_stage(text, self.text_keep(text))
         return F.normalize(embedding, dim=-1) if normalize else embedding
 
-    def clamped_logit_scale(self) -> torch.Tensor:
-        return self.logit_scale.clamp(max=self.cfg.max_logit_scale).exp()
-
     # ---- training forward -----------------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, text: torch.Tensor, *, caption_loss: bool = True) -> dict:
         """images (B, 3, H, W); text (B, L): bos, tokens, eos, pads. See docs/design.md for the outputs."""
-        cfg = self.cfg
         keep = self.text_keep(text) if caption_loss else text.shape[1]
         image_embedding, caption_tokens = self.image_stage(images)
         text_embedding, token_outputs = self.text_stage(text, keep)
-        hidden = self.decode(token_outputs[:, :-1], caption_tokens)
-        out = {
-            "image_features": F.normalize(image_embedding, dim=-1),
-            "text_features": F.normalize(text_embedding, dim=-1),
-            "logit_scale": self.clamped_logit_scale(),
-        }
-        targets = text[:, 1:keep]
-        if caption_loss:
-            out["caption_loss_sum"] = self.caption_head(
-                hidden, targets.masked_fill(targets == cfg.pad_id, -100)
-            )
-            out["caption_tokens"] = (targets != cfg.pad_id).sum()
-        else:
-            out["logits"] = self.caption_head(hidden)
-        return out
+        return self.joined_outputs(image_embedding, caption_tokens, text_embedding, token_outputs, text, keep,
+                                   caption_loss=caption_loss)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -43,7 +43,9 @@ def test_coords_and_mpu_ranks():
     assert mpu.get_data_parallel_rank() == 1 and mpu.get_data_parallel_world_size() == 2
     assert mpu.get_tensor_model_parallel_rank() == 0 and mpu.get_tensor_model_parallel_world_size() == 2
     assert mpu.get_pipeline_model_parallel_rank() == 1 and mpu.get_pipe_parallel_world_size() == 2
-    assert mpu.get_model_parallel_rank() == 2 and mpu.get_model_parallel_world_size() == 4
+    # The tensor rank: DeepSpeed counts replicated parameters in its grad norms where this is 0, then sums over
+    # the (pp, tp) model-parallel group, so every stage's replicated parameters count once.
+    assert mpu.get_model_parallel_rank() == 0 and mpu.get_model_parallel_world_size() == 4
     assert mpu.get_slice_parallel_world_size() == 2
     assert mpu.get_data_parallel_group_ranks() == [2, 6]
 

@@ -1,0 +1,47 @@
+"""ZeRO-3 under pipeline parallelism: DeepSpeed's one whole-world check, narrowed to a stage's replicas.
+
+ZeRO-3's parameter coordinator records the order in which submodules run (for prefetching) and, until the trace
+is complete, checks at the start of every forward that all ranks recorded the same order:
+`assert_ints_same_as_other_ranks` broadcasts rank 0's list over the *whole world*. That assumes every rank runs
+the same model. Under pipeline parallelism only the data-parallel replicas of one stage do (the ranks that
+share its ZeRO partitions); the other stages run other modules, at other times. Over the world the check
+deadlocks the pipeline (a stage blocks in the broadcast while the next one waits for its activations) or
+compares different models. So for a pipeline run the check is made over the stage's data-parallel group,
+which is what it protects: the ranks whose parameter fetches must agree. Under 1F1B the forwards and
+backwards of different micro-batches interleave, so the recorded order changes from one forward to the next
+and ZeRO-3 fetches parameters on demand instead of prefetching; the check then runs at every forward (one
+small broadcast over the stage's data-parallel group).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def _check_over(group):
+    from deepspeed.accelerator import get_accelerator
+
+    source = dist.get_process_group_ranks(group)[0]
+    device = torch.device(get_accelerator().current_device_name())  # NCCL broadcasts device tensors
+
+    def assert_ints_same_as_other_ranks(ints: list[int]) -> None:
+        length = torch.tensor([len(ints)], dtype=torch.int64, device=device)
+        dist.broadcast(length, source, group=group)
+        if int(length) != len(ints):
+            raise RuntimeError(f"ZeRO-3 trace: rank {dist.get_rank()} recorded {len(ints)} entries, its stage's "
+                               f"first replica (rank {source}) {int(length)}")
+        values = torch.tensor(ints, dtype=torch.int64, device=device)
+        dist.broadcast(values, source, group=group)
+        if values.tolist() != list(ints):
+            raise RuntimeError(f"ZeRO-3 trace: rank {dist.get_rank()} ran its submodules in another order than its "
+                               f"stage's first replica (rank {source})")
+
+    return assert_ints_same_as_other_ranks
+
+
+def scope_trace_check_to_stage(dp_group) -> None:
+    """Make ZeRO-3's trace agreement check run over `dp_group` (this stage's replicas) instead of the world."""
+    from deepspeed.runtime.zero import partitioned_param_coordinator
+
+    partitioned_param_coordinator.assert_ints_same_as_other_ranks = _check_over(dp_group)
