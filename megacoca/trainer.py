@@ -135,11 +135,19 @@ class Trainer:
             self.pipeline_split = split_stages(self.model_config, self.dims.pp_size, job.parallel.pipeline_split)
         total_params = _meta_parameter_count(self.model_config)
         checkpointing = job.parallel.activation_checkpointing
+        from deepspeed.accelerator import get_accelerator
+
+        from megacoca.parallel.overlap import overlap_is_safe
+
+        self.text_overlapped = job.parallel.overlap_text_tower == "auto" and overlap_is_safe(
+            self.dims, zero_stage(self.ds_config), get_accelerator().device_name())
         if model is None:
             model = build_parallel_model(self.model_config, self.dims, ds_config=self.ds_config,
-                                         activation_checkpointing=checkpointing, pipeline_split=self.pipeline_split)
+                                         activation_checkpointing=checkpointing, pipeline_split=self.pipeline_split,
+                                         overlap_text_tower=self.text_overlapped)
         else:
-            model = parallelize(model, self.dims, activation_checkpointing=checkpointing)
+            model = parallelize(model, self.dims, activation_checkpointing=checkpointing,
+                                overlap_text_tower=self.text_overlapped)
             if self.pipeline_split is not None:
                 from megacoca.parallel.pipeline.stage import PipelineStage
 
@@ -192,6 +200,8 @@ class Trainer:
         )
         self.logger.info(f"contrastive negatives per image: {job.schedule.micro_batch_size * self.dims.dp_size - 1} "
                          f"(each micro-batch of {job.schedule.micro_batch_size} gathered over dp {self.dims.dp_size})")
+        if self.text_overlapped:
+            self.logger.info("the text tower runs on a CUDA side stream, overlapped with the image tower")
         if self.pipeline is not None:
             self.logger.info(f"{self.pipeline_split.describe()} | 1F1B over {self.grad_accum} micro-batches, "
                              f"text-ahead {self.pipeline.text_ahead}")
@@ -267,6 +277,13 @@ class Trainer:
 
     _pipeline_own_norm = None
 
+    def _pipeline_idle(self) -> list[float]:
+        """Per stage, the fraction of the last step it spent waiting for its neighbours (its measured bubble)."""
+        own = torch.tensor([self.pipeline.last_wait_s / max(self.pipeline.last_step_s, 1e-9)], device=self.device)
+        parts = [torch.zeros_like(own) for _ in range(self.dims.pp_size)]
+        dist.all_gather(parts, own, group=self.dims.pp_group)
+        return [round(float(part), 4) for part in parts]
+
     def _pipeline_grad_norm_hook(self) -> None:
         """Called by the pipeline runner after the step's last backward, before the optimizer step."""
         self._pipeline_own_norm = self._replicated_grad_norm() if self._needs_own_grad_norm else None
@@ -329,6 +346,8 @@ class Trainer:
                     samples_per_s=window_steps * job.schedule.global_batch_size / max(elapsed, 1e-9),
                     flops_per_sample=self.flops_per_sample, world_size=self.dims.world_size, peak_flops=self.peak,
                     skipped_samples=self._skipped_samples())
+                if self.pipeline is not None:
+                    record["pipeline_idle"] = self._pipeline_idle()
                 self.history.append(record)
                 self.logger.log_train(record)
                 window_start, window_steps = time.perf_counter(), 0
@@ -357,4 +376,8 @@ class Trainer:
         return metrics
 
     def close(self) -> None:
+        if self.pipeline is not None:
+            from megacoca.parallel.pipeline.zero3 import unscope_trace_check
+
+            unscope_trace_check()
         self.logger.close()

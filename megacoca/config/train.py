@@ -107,6 +107,9 @@ class ParallelConfig:
     # pp > 1: text-tower forwards the last stage runs before its first image input arrives; -1: as many as the
     # cost model says fit in the warm-up wait; 0: off (plain 1F1B, the text tower inside the last stage's forward)
     text_ahead: int = -1
+    # Without a pipeline: run the unimodal text tower on a CUDA side stream while the image tower runs ("auto":
+    # where megacoca.parallel.overlap.overlap_is_safe says so; "off": never)
+    overlap_text_tower: Literal["auto", "off"] = "auto"
     # DeepSpeed JSON keys to change without copying the file, dotted: {"zero_optimization.reduce_bucket_size":
     # 1e7}; `--set parallel.deepspeed_overrides.zero_optimization.reduce_bucket_size=1e7` sets one.
     deepspeed_overrides: dict[str, Any] = field(default_factory=dict)

@@ -125,6 +125,8 @@ class MetricsLogger:
             line += f" | MFU {100 * record['mfu']:.1f}%"
         if record.get("skipped_samples"):
             line += f" | skipped {record['skipped_samples']}"
+        if record.get("pipeline_idle"):
+            line += " | stage idle " + "/".join(f"{100 * idle:.0f}%" for idle in record["pipeline_idle"])
         return line + f" | ETA {eta}"
 
     def close(self) -> None:

@@ -113,7 +113,8 @@ def zero3_partitioner(ds_config: dict, dims: ParallelDims):
 
 
 def build_parallel_model(cfg, dims: ParallelDims, *, ds_config: dict, activation_checkpointing: bool = False,
-                         device: torch.device | str | None = None, pipeline_split=None):
+                         device: torch.device | str | None = None, pipeline_split=None,
+                         overlap_text_tower: bool = False):
     """The CoCa of `cfg` for this rank: tensor-parallel shards, activation checkpointing, ZeRO-3 partitions; under
     pipeline parallelism (`pipeline_split`, a StageSplit) only this rank's stage of it."""
     from megacoca.config.deepspeed import precision_dtype, zero_stage
@@ -126,7 +127,8 @@ def build_parallel_model(cfg, dims: ParallelDims, *, ds_config: dict, activation
         device = torch.device(accelerator.device_name(accelerator.current_device()))
     with torch.device("meta"):
         model = CoCa(cfg)
-    parallelize(model, dims, activation_checkpointing=activation_checkpointing)
+    parallelize(model, dims, activation_checkpointing=activation_checkpointing,
+                overlap_text_tower=overlap_text_tower and pipeline_split is None)
     if pipeline_split is not None:
         from megacoca.parallel.pipeline.stage import PipelineStage
 

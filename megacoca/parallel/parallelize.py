@@ -4,6 +4,8 @@
    tensor-parallel shards (megacoca.parallel.tensor), when dims.tp_size > 1;
 2. activation checkpointing: each transformer block (ViT blocks, unimodal text blocks, multimodal decoder
    layers) recomputes its activations in backward;
+3. without a pipeline, on CUDA where it is safe: the text tower on a side stream, overlapped with the image
+   tower (megacoca.parallel.overlap);
 then, under pipeline parallelism, this rank's stage is cut out of the model (megacoca.parallel.pipeline.stage),
 and the Trainer hands the model (or stage) to DeepSpeed (ZeRO sharding over the data-parallel group). The model code
 knows none of this: everything is applied from outside, by module swaps and forward wrappers that keep every
@@ -30,7 +32,8 @@ def check_layout(cfg, dims: ParallelDims) -> None:
         check_tensor_parallel(cfg, dims.tp_size)
 
 
-def parallelize(model: torch.nn.Module, dims: ParallelDims, *, activation_checkpointing: bool = False):
+def parallelize(model: torch.nn.Module, dims: ParallelDims, *, activation_checkpointing: bool = False,
+                overlap_text_tower: bool = False):
     """Apply the steps above to `model` in place and return it (ready for deepspeed.initialize)."""
     check_layout(model.cfg, dims)
     if dims.tp_size > 1:
@@ -39,6 +42,10 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, *, activation_checkp
         apply_tensor_parallel(model, dims)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
+    if overlap_text_tower:
+        from megacoca.parallel.overlap import apply_text_overlap
+
+        apply_text_overlap(model)
     return model
 
 

@@ -79,6 +79,8 @@ def _train(rank, world_size, tmp, variant):
     grads = union_over_stages(grads, dims)
     names = sorted(name for name, _ in module.named_parameters())
     trainer.close()
+    idle = [r["pipeline_idle"] for r in history]
+    assert all(len(i) == pp and all(0.0 <= x < 1.0 for x in i) for i in idle), idle  # logged per stage
     return {"loss": [r["loss"] for r in history], "grad_norm": [r["grad_norm"] for r in history],
             "params": params, "first_grads": grads, "stage_params": names, "text_ahead": trainer.pipeline.text_ahead}
 

@@ -185,11 +185,15 @@ class CoCa(JoinedTowers, nn.Module):
         return F.normalize(embedding, dim=-1) if normalize else embedding
 
     # ---- training forward -----------------------------------------------------------------------------------
+    def towers(self, images: torch.Tensor, text: torch.Tensor, keep: int) -> tuple[tuple, tuple]:
+        """Both towers, independent of each other: (image_stage(images), text_stage(text, keep)). The parallelize
+        step may replace this (per instance) by a version that runs the text tower concurrently."""
+        return self.image_stage(images), self.text_stage(text, keep)
+
     def forward(self, images: torch.Tensor, text: torch.Tensor, *, caption_loss: bool = True) -> dict:
         """images (B, 3, H, W); text (B, L): bos, tokens, eos, pads. See docs/design.md for the outputs."""
         keep = self.text_keep(text) if caption_loss else text.shape[1]
-        image_embedding, caption_tokens = self.image_stage(images)
-        text_embedding, token_outputs = self.text_stage(text, keep)
+        (image_embedding, caption_tokens), (text_embedding, token_outputs) = self.towers(images, text, keep)
         return self.joined_outputs(image_embedding, caption_tokens, text_embedding, token_outputs, text, keep,
                                    caption_loss=caption_loss)
 

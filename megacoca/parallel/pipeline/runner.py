@@ -18,6 +18,8 @@ the text), so the data position is the same on every stage of a pipeline.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -42,6 +44,16 @@ class PipelineRunner:
         self.prev = ranks[s - 1] if s > 0 else None
         self.next = ranks[s + 1] if s < dims.pp_size - 1 else None
         self.actions = stage_actions(s, dims.pp_size, micro_batches, text_ahead)
+        # Of the last step: its wall time and the time this stage spent waiting for its neighbours (blocked in a
+        # receive or on its pending sends): wait / step is this stage's measured bubble.
+        self.last_step_s = 0.0
+        self.last_wait_s = 0.0
+
+    def _recv(self, src: int) -> torch.Tensor:
+        began = time.perf_counter()
+        tensor = recv_tensor(src, self.dims.pp_group, self.device)
+        self.last_wait_s += time.perf_counter() - began
+        return tensor
 
     def _close_backward(self) -> None:
         """Do what DeepSpeed's engine does at the start of every forward, after each backward: its ZeRO
@@ -60,6 +72,8 @@ class PipelineRunner:
         `before_last_step()` runs after the last backward, before the optimizer step (every stage)."""
         stage, engine, group, m = self.stage, self.engine, self.dims.pp_group, self.micro_batches
         micro = [next(batches) for _ in range(m)]
+        began = time.perf_counter()
+        self.last_wait_s = 0.0
         texts: dict[int, tuple[torch.Tensor, int]] = {}
         text_outputs: dict[int, tuple] = {}
         inputs: dict[int, torch.Tensor] = {}
@@ -82,7 +96,7 @@ class PipelineRunner:
                 if stage.is_first:
                     x = micro[k]["images"].to(self.device, dtype=self.dtype, non_blocking=True)
                 else:
-                    x = recv_tensor(self.prev, group, self.device).requires_grad_()
+                    x = self._recv(self.prev).requires_grad_()
                     inputs[k] = x
                 if stage.is_last:
                     text, keep = text_of(k)
@@ -101,7 +115,7 @@ class PipelineRunner:
                     engine.backward(losses.pop(k))
                 else:
                     y = outputs.pop(k)
-                    grad = recv_tensor(self.next, group, self.device)
+                    grad = self._recv(self.next)
                     engine.backward((y * grad.to(y.dtype)).sum(), scale_wrt_gas=False)
                 self._close_backward()
                 if not stage.is_first:
@@ -111,6 +125,9 @@ class PipelineRunner:
                 if k == m - 1 and before_last_step is not None:
                     before_last_step()
                 engine.step()
+        waited = time.perf_counter()
         pending.wait()
+        self.last_wait_s += time.perf_counter() - waited
+        self.last_step_s = time.perf_counter() - began
         dist.broadcast(sums, self.pp_ranks[-1], group=group)
         return sums

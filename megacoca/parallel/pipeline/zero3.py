@@ -40,8 +40,27 @@ def _check_over(group):
     return assert_ints_same_as_other_ranks
 
 
+_SCOPE: dict = {}  # "check": the stage-scoped check while a pipeline engine lives in this process
+
+
+def _dispatch(ints: list[int]) -> None:
+    check = _SCOPE.get("check")
+    if check is None:
+        return _SCOPE["original"](ints)  # no pipeline engine: DeepSpeed's own world-wide check
+    return check(ints)
+
+
 def scope_trace_check_to_stage(dp_group) -> None:
-    """Make ZeRO-3's trace agreement check run over `dp_group` (this stage's replicas) instead of the world."""
+    """Make ZeRO-3's trace agreement check run over `dp_group` (this stage's replicas) instead of the world,
+    until `unscope_trace_check()`. The function DeepSpeed calls is replaced once by a dispatcher; only the
+    scope changes afterwards, so a later engine in the same process without a pipeline gets the original."""
     from deepspeed.runtime.zero import partitioned_param_coordinator
 
-    partitioned_param_coordinator.assert_ints_same_as_other_ranks = _check_over(dp_group)
+    if "original" not in _SCOPE:
+        _SCOPE["original"] = partitioned_param_coordinator.assert_ints_same_as_other_ranks
+        partitioned_param_coordinator.assert_ints_same_as_other_ranks = _dispatch
+    _SCOPE["check"] = _check_over(dp_group)
+
+
+def unscope_trace_check() -> None:
+    _SCOPE.pop("check", None)
