@@ -1,6 +1,7 @@
 """Every launch form runs a couple of real training steps of a tiny CoCa on synth-shapes (CPU, gloo, ZeRO-3 bf16):
-`deepspeed --num_gpus 2 --module`, `deepspeed --hostfile` with the module file, `torchrun`, and a plain single
-process through the `megacoca train` console script; bad input under the deepspeed launcher exits with one line."""
+`deepspeed --num_gpus 2 --module`, `deepspeed --hostfile` with the module file, `torchrun`, 4-rank tensor- and
+pipeline-parallel layouts, and a plain single process through the `megacoca train` console script; bad input
+under the deepspeed launcher exits with one line."""
 
 import json
 import os
@@ -60,12 +61,12 @@ def _run(cmd, timeout=400):
     return result
 
 
-def _check_trained(result, run_dir, world, tp=1):
+def _check_trained(result, run_dir, world, tp=1, pp=1):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     records = [r for r in map(json.loads, open(run_dir / "metrics.jsonl")) if "loss" in r]
     assert [r["step"] for r in records] == [1, 2]
     assert all(r["loss"] > 0 and r["samples_per_s"] > 0 for r in records)
-    assert f"dp={world // tp} pp=1 tp={tp} (world {world})" in result.stdout
+    assert f"dp={world // (tp * pp)} pp={pp} tp={tp} (world {world})" in result.stdout
     assert os.path.isfile(run_dir / "checkpoints" / "step00000002" / "COMPLETE")
 
 
@@ -118,6 +119,53 @@ def test_torchrun_four_ranks_tensor_parallel(data):
     result = _run(["torchrun", "--standalone", "--nproc_per_node", "4", "-m", "megacoca.train",
                    *_train_args(data, run_dir), "--set", "parallel.tp=2"])
     _check_trained(result, run_dir, 4, tp=2)
+
+
+def test_deepspeed_four_ranks_pipeline_tensor_parallel(data):
+    """PP=2 x TP=2 through the deepspeed launcher under ZeRO-3 (each stage its own engine), with the split and
+    the schedule logged, and a checkpoint that `megacoca convert from-deepspeed` merges over stages and tensor
+    ranks into one model directory."""
+    run_dir = data / "ds_pp"
+    result = _run(["deepspeed", "--num_gpus", "4", "--master_port", _port(), "--module", "megacoca.train",
+                   *_train_args(data, run_dir), "--set", "parallel.tp=2", "--set", "parallel.pp=2",
+                   "--set", "schedule.micro_batch_size=2"])
+    _check_trained(result, run_dir, 4, tp=2, pp=2)
+    assert "pipeline split over 2 stages" in result.stdout and "1F1B over 4 micro-batches" in result.stdout
+    converted = _run([os.path.join(BIN, "megacoca"), "convert", "from-deepspeed", "--input",
+                      str(run_dir / "checkpoints"), "--output", str(run_dir / "exported")])
+    assert converted.returncode == 0, converted.stderr[-3000:]
+    assert (run_dir / "exported" / "model.safetensors").stat().st_size
+
+
+def test_pipeline_rank_killed_mid_schedule_ends_the_job(data):
+    """SIGKILL of the last stage while the first one is in the middle of a step (waiting for its gradients):
+    the launcher ends the whole job non-zero within seconds instead of leaving stage 0 blocked in a receive."""
+    import signal
+    import time
+
+    run_dir = data / "ds_pp_killed"
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", _port(), "--module", "megacoca.train",
+           *_train_args(data, run_dir), "--set", "parallel.pp=2", "--set", "schedule.micro_batch_size=2",
+           "--set", "schedule.steps=100000", "--set", "checkpoint.save_final=false"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 300
+        metrics = run_dir / "metrics.jsonl"
+        while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.5)
+        found = subprocess.run(["pgrep", "-f", f"local_rank=1 .*{run_dir}"], capture_output=True, text=True)
+        pids = [int(pid) for pid in found.stdout.split()]
+        assert pids, "rank 1 not found"
+        os.kill(pids[0], signal.SIGKILL)
+        killed_at = time.time()
+        output, _ = proc.communicate(timeout=120)
+        assert proc.returncode != 0, output[-3000:]
+        assert time.time() - killed_at < 60
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_single_process_console_script(data):
