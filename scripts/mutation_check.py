@@ -110,6 +110,27 @@ MUTATIONS = [
         ("tests/distributed/test_tensor_parallel.py::test_tp2_equals_one_process",),
     ),
     Mutation(
+        "pp_grad_scaled_twice", "a middle pipeline stage divides the received gradient by the micro-batch count again",
+        "megacoca/parallel/pipeline/runner.py",
+        "engine.backward((y * grad.to(y.dtype)).sum(), scale_wrt_gas=False)",
+        "engine.backward((y * grad.to(y.dtype)).sum(), scale_wrt_gas=True)",
+        ("tests/distributed/test_pipeline.py::test_pp2_equals_one_process",),
+    ),
+    Mutation(
+        "pp_backwards_not_closed", "consecutive pipeline backwards overwrite each other's ZeRO gradients",
+        "megacoca/parallel/pipeline/runner.py",
+        "                self._close_backward()\n",
+        "",
+        ("tests/distributed/test_pipeline.py::test_pp2_dp2_pp2_tp2_and_pp4_equal_one_process",),
+    ),
+    Mutation(
+        "pp_text_ahead_wrong_micro_batch", "text-ahead runs the text tower on the next micro-batch's captions",
+        "megacoca/parallel/pipeline/runner.py",
+        "                text, keep = text_of(k)\n                text_outputs[k] =",
+        "                text, keep = text_of(min(k + 1, m - 1))\n                text_outputs[k] =",
+        ("tests/distributed/test_pipeline.py::test_pp2_equals_one_process",),
+    ),
+    Mutation(
         "lr_never_decays", "the lr schedule stays at its peak after warmup",
         "megacoca/trainer.py",
         "        progress = min((step - warmup) / (total - warmup), 1.0)\n",

@@ -140,6 +140,11 @@ class ParallelDims:
     def dp_ranks(self) -> list[int]:
         return self._ranks("dp")
 
+    @property
+    def pp_ranks(self) -> list[int]:
+        """The global ranks of this rank's pipeline, stage 0 first."""
+        return self._ranks("pp")
+
     def _ranks(self, kind: str) -> list[int]:
         if kind in self.groups:
             return self.groups[kind][1]

@@ -38,7 +38,7 @@ class PipelineRunner:
         self.loss_fn = loss_fn
         self.dtype = dtype
         self.device = engine.device
-        ranks = dims._ranks("pp")
+        ranks = dims.pp_ranks
         s = dims.pp_rank
         self.pp_ranks = ranks
         self.prev = ranks[s - 1] if s > 0 else None
