@@ -493,7 +493,8 @@ def report(args, ranks: list[dict], load_before, wall_s: float) -> None:
           f"({platform.machine()}), gloo, {r0['threads']} thread per rank, no GPU used")
     print(f"- load average before {load_before}, after {[round(x, 2) for x in os.getloadavg()]}; wall {wall_s:.1f} s "
           "(imports, builds and all steps)")
-    print(f"- model: {args.flavor} with {' '.join(args.model_set) or 'no overrides'} ({r0['params'] / 1e6:.2f}M params, {cfg.image_size}px / patch {cfg.patch_size}, "
+    print(f"- model: {args.flavor} with {' '.join(args.model_set) or 'no overrides'} ({r0['params'] / 1e6:.2f}M "
+          f"params, {cfg.image_size}px / patch {cfg.patch_size}, "
           f"{cfg.vision_layers} ViT blocks, {cfg.text_layers} text + {cfg.decoder_layers} decoder layers, width "
           f"{cfg.vision_width}/{cfg.text_width}, vocab "
           f"{cfg.vocab_size}, context {cfg.context_length}, kernels {cfg.kernels}), fp32, AdamW lr 1e-3, clip 1.0")

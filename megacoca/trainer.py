@@ -193,7 +193,8 @@ class Trainer:
         self.logger = logger or MetricsLogger(job.run_dir, enabled=self.rank == 0,
                                               tensorboard=job.logging.tensorboard, total_steps=job.schedule.steps)
         self.logger.info(
-            f"megacoca: {job.name} | {total_params / 1e6:.2f}M params | {self.dims} | ZeRO-{zero_stage(self.ds_config)} "
+            f"megacoca: {job.name} | {total_params / 1e6:.2f}M params | {self.dims} "
+            f"| ZeRO-{zero_stage(self.ds_config)} "
             f"{precision} | batch {job.schedule.global_batch_size} = {job.schedule.micro_batch_size} x dp "
             f"{self.dims.dp_size} x accum {self.grad_accum} | {self.flops_per_sample / 1e9:.3g} GFLOP/sample "
             f"| device {self.device_name or self.device} (peak {'unknown' if self.peak is None else f'{self.peak / 1e12:.0f} TFLOP/s'})"

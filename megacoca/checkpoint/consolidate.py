@@ -1,7 +1,8 @@
 """Consolidate a megacoca/DeepSpeed checkpoint into one fp32 state dict (no DeepSpeed engine needed).
 
-Per model-parallel rank r (tensor rank, or stage x tp + tensor rank under pipeline parallelism), the files named `*mp_rank_{r:02d}*`: ZeRO-1/2/3 checkpoints go
-through DeepSpeed's `get_fp32_state_dict_from_zero_checkpoint` (it merges the fp32 master partitions of every
+Per model-parallel rank r (the tensor rank, or stage x tp + tensor rank under pipeline parallelism), the files
+named `*mp_rank_{r:02d}*`: ZeRO-1/2/3 checkpoints go through DeepSpeed's
+`get_fp32_state_dict_from_zero_checkpoint` (it merges the fp32 master partitions of every
 data-parallel rank; it only knows mp rank 00, so each rank's files are shown to it under that name in a
 scratch directory of links); ZeRO-0 checkpoints hold that rank's module in `mp_rank_{r:02d}_model_states.pt`.
 With tensor parallelism the ranks' state dicts are then merged with the layout the checkpoint recorded

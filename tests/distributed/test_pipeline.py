@@ -1,12 +1,13 @@
 """Pipeline parallelism against the unsharded single process, through the Trainer and DeepSpeed.
 
-PP=2 on 2 ranks (1F1B with and without text-ahead, ZeRO-0/1/2/3 in fp32 and ZeRO-3 in bf16, both pooler layouts), PP=2 x DP=2 under
-ZeRO-3 and PP=2 x TP=2 on 4 ranks, and PP=4 on 4 ranks. Each run trains 3 optimizer steps of 8 samples as 4
-micro-batches (1F1B needs at least pp of them) and is compared with one plain-torch process over the same samples
-(tests/distributed/reference.py): losses, grad norms, the first step's gradients and every parameter after the
-3 steps, to rtol 1e-4 / atol 1e-5 (fp32 reductions in another order); bf16 within the bounds
-tests/distributed/test_tensor_parallel.py uses. Text-ahead changes only the order of
-work: its runs equal plain 1F1B's bit for bit.
+PP=2 on 2 ranks (1F1B with and without text-ahead, ZeRO-0/1/2/3 in fp32 and ZeRO-3 in bf16, both pooler
+layouts, activation checkpointing per block), PP=2 x DP=2 under ZeRO-3 and PP=2 x TP=2 on 4 ranks, and PP=4 on
+4 ranks. Each run trains 3 optimizer steps of 8 samples as 4 micro-batches (1F1B needs at least pp of them) and
+is compared with one plain-torch process over the same samples (tests/distributed/reference.py): losses, grad
+norms, the first step's gradients and every parameter after the 3 steps, to rtol 1e-4 / atol 1e-5 (fp32
+reductions in another order); bf16 within the bounds tests/distributed/test_tensor_parallel.py uses. Text-ahead
+changes only the order of work: its runs equal plain 1F1B's bit for bit. Every run logs each stage's idle
+fraction.
 """
 
 import os
@@ -54,17 +55,21 @@ def _job(run_dir, ds_name, micro, *, pp, tp=1, text_ahead=-1, split=None):
 
 
 def _train(rank, world_size, tmp, variant):
-    model, ds_name, pp, tp, text_ahead, split = variant
+    model, ds_name, pp, tp, text_ahead, split = variant[:6]
+    checkpointing = "checkpointing" in variant[6:]
     dp = world_size // (pp * tp)
     micro = GLOBAL // MICRO_BATCHES // dp
     job = _job(os.path.join(tmp, "_".join(map(str, variant))), ds_name, micro, pp=pp, tp=tp, text_ahead=text_ahead,
                split=split)
+    job.parallel.activation_checkpointing = checkpointing
     cfg = model_config(model)
     job.model.overrides = cfg.to_dict()
     dims = ParallelDims.from_config(job.parallel, world_size).build()
     trainer = Trainer(job, MemoryLoader(micro, dims.dp_rank, dims.dp_size, cfg), dims=dims)
     module, engine = trainer.engine.module, trainer.engine
     assert trainer.pipeline is not None and trainer.grad_accum == MICRO_BATCHES
+    blocks = [*module.vision.blocks.values()] + ([*module.text.blocks] if module.is_last else [])
+    assert all(getattr(b, "activation_checkpointed", False) == checkpointing for b in blocks)
     grads: dict = {}
     real_step = engine.step
 
@@ -116,7 +121,8 @@ def _check_text_ahead_is_only_an_order(results, plain, ahead):
 
 PP2 = [("paper", "zero3_fp32", 2, 1, 0, None), ("paper", "zero3_fp32", 2, 1, 4, None),
        ("open_clip-tied", "zero0_fp32/1", 2, 1, -1, "[2,1]"), ("open_clip-tied", "zero0_fp32", 2, 1, -1, None),
-       ("paper", "zero0_fp32/2", 2, 1, -1, "[1,2]"), ("open_clip-tied", "zero3_bf16", 2, 1, -1, None)]
+       ("paper", "zero0_fp32/2", 2, 1, -1, "[1,2]"), ("open_clip-tied", "zero3_bf16", 2, 1, -1, None),
+       ("paper", "zero3_fp32", 2, 1, -1, None, "checkpointing")]
 
 
 @pytest.mark.timeout(600)

@@ -1,8 +1,8 @@
 """Resume for real (ZeRO-3 bf16 with every parameter partitioned) on 2 data-parallel ranks, on 4 ranks with
-tensor parallelism (TP=2 x DP=2), and with pipeline parallelism (PP=2 on 2 ranks, PP=2 x DP=2 on 4): a run resumed from step 3 logs the same losses after step 3 as the
-uninterrupted run and ends with bit-identical weights; a checkpoint whose save was interrupted is ignored by
-`resume auto`; the consolidated fp32 state dict (TP shards and pipeline stages merged) matches the trained parameters;
-metrics.jsonl is complete."""
+tensor parallelism (TP=2 x DP=2), and with pipeline parallelism (PP=2 on 2 ranks, PP=2 x DP=2 on 4): a run
+resumed from step 3 logs the same losses after step 3 as the uninterrupted run and ends with bit-identical weights;
+a checkpoint whose save was interrupted is ignored by `resume auto`; the consolidated fp32 state dict (TP shards
+and pipeline stages merged) matches the trained parameters; metrics.jsonl is complete."""
 
 import json
 import os

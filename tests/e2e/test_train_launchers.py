@@ -137,6 +137,13 @@ def test_deepspeed_four_ranks_pipeline_tensor_parallel(data):
     assert (run_dir / "exported" / "model.safetensors").stat().st_size
 
 
+def test_torchrun_pipeline_with_data_parallel(data):
+    run_dir = data / "torchrun_pp"
+    result = _run(["torchrun", "--standalone", "--nproc_per_node", "4", "-m", "megacoca.train",
+                   *_train_args(data, run_dir), "--set", "parallel.pp=2", "--set", "schedule.micro_batch_size=2"])
+    _check_trained(result, run_dir, 4, pp=2)
+
+
 def test_pipeline_rank_killed_mid_schedule_ends_the_job(data):
     """SIGKILL of the last stage while the first one is in the middle of a step (waiting for its gradients):
     the launcher ends the whole job non-zero within seconds instead of leaving stage 0 blocked in a receive."""

@@ -56,8 +56,9 @@ class JoinedTowers:
     def clamped_logit_scale(self) -> torch.Tensor:
         return self.logit_scale.clamp(max=self.cfg.max_logit_scale).exp()
 
-    def joined_outputs(self, image_embedding: torch.Tensor, caption_tokens: torch.Tensor, text_embedding: torch.Tensor,
-                       token_outputs: torch.Tensor, text: torch.Tensor, keep: int, *, caption_loss: bool = True) -> dict:
+    def joined_outputs(self, image_embedding: torch.Tensor, caption_tokens: torch.Tensor,
+                       text_embedding: torch.Tensor, token_outputs: torch.Tensor, text: torch.Tensor, keep: int, *,
+                       caption_loss: bool = True) -> dict:
         """The training outputs (docs/design.md) from the two towers' outputs and the text (B, L)."""
         cfg = self.cfg
         hidden = self.decode(token_outputs[:, :-1], caption_tokens)

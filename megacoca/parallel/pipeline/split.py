@@ -89,8 +89,9 @@ def check_pipeline(cfg, pp: int, micro_batches: int | None = None, split: list[i
                              f"{cfg.vision_layers}")
         empty = [stage for stage, n in enumerate(split[:-1]) if n < 1]
         if empty or split[-1] < 0:
-            raise ValueError(f"parallel.pipeline_split {split} leaves stage {(empty or [pp - 1])[0]} empty (every stage "
-                             "but the last needs at least one ViT block; the last holds the text side)")
+            stage = (empty or [pp - 1])[0]
+            raise ValueError(f"parallel.pipeline_split {split} leaves stage {stage} empty (every stage but the last "
+                             "needs at least one ViT block; the last holds the text side)")
 
 
 def split_stages(cfg, pp: int, split: list[int] | None = None) -> StageSplit:

@@ -102,7 +102,8 @@ def test_missing_val_shards_when_eval_is_on(capsys, shards, tmp_path):
 
 @pytest.mark.parametrize("world, sets, message", [
     (5, ["parallel.pp=5"], "parallel.pp=5: more stages than ViT blocks allow (3 blocks"),
-    (2, ["parallel.pp=2", "schedule.global_batch_size=4"], "parallel.pp=2 needs at least 2 micro-batches per step, got 1"),
+    (2, ["parallel.pp=2", "schedule.global_batch_size=4"],
+     "parallel.pp=2 needs at least 2 micro-batches per step, got 1"),
     (2, ["parallel.pp=2", "parallel.pipeline_split=[3,1]"], "parallel.pipeline_split [3, 1] places 4 ViT blocks"),
     (3, ["parallel.pp=3", "parallel.pipeline_split=[3,0,0]"], "parallel.pipeline_split [3, 0, 0] leaves stage 1 empty"),
     (4, ["parallel.pp=3"], "world size 4 is not divisible by tp 1 x pp 3"),
