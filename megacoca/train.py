@@ -212,10 +212,6 @@ def build_eval_fn(job, model_cfg, dims, tokenizer):
     """The eval hook (megacoca.eval) when eval.every and data.val_shards are set; None otherwise."""
     if not job.eval.every or not job.data.val_shards:
         return None
-    if dims.pp_size > 1:
-        raise ConfigError(f"eval.every={job.eval.every}: evaluation during training is not built for pipeline "
-                          "parallelism yet; pass --set eval.every=0 and evaluate the checkpoint "
-                          "(megacoca eval --checkpoint ...)")
     from megacoca.eval import make_train_eval_fn
 
     return make_train_eval_fn(job, model_cfg, dims, tokenizer)

@@ -324,17 +324,25 @@ def make_train_eval_fn(job, model_cfg, dims, tokenizer, *, max_samples: int = 48
     stopping early, finished rows leaving the batch) depends only on the outputs, which are identical on
     every rank (the same samples, the same parameters, all-reduced tensor-parallel outputs), so every rank
     issues the same collectives. Data-parallel ranks duplicate the work rather than split it: the eval costs
-    one rank's time. Every rank returns the metrics; the trainer logs rank 0's.
+    one rank's time. Every rank returns the metrics; the trainer logs rank 0's. Under pipeline parallelism the
+    last stage evaluates while the stages before it run their share of the image tower on request
+    (megacoca.parallel.pipeline.evaluation).
     """
     eval_set = load_eval_set(job.data.val_shards, model_cfg.image_size, max_samples)
 
-    def eval_fn(engine, step: int) -> dict:
-        model = getattr(engine, "module", engine)
+    def metrics_of(model) -> dict:
         results = evaluate(model, tokenizer, eval_set, batch_size=batch_size, max_new_tokens=max_new_tokens,
                            caption_samples=caption_samples, num_examples=1)
         out = {key: results[key] for key in TRAIN_EVAL_KEYS if results.get(key) is not None}
         if results["samples"]:
             out["sample_caption"] = results["samples"][0]["generated"]
         return out
+
+    def eval_fn(engine, step: int) -> dict:
+        if dims.pp_size > 1:
+            from megacoca.parallel.pipeline.evaluation import pipelined_evaluate
+
+            return pipelined_evaluate(engine, dims, metrics_of, eval_set.images)
+        return metrics_of(getattr(engine, "module", engine))
 
     return eval_fn

@@ -123,13 +123,16 @@ def test_torchrun_four_ranks_tensor_parallel(data):
 
 def test_deepspeed_four_ranks_pipeline_tensor_parallel(data):
     """PP=2 x TP=2 through the deepspeed launcher under ZeRO-3 (each stage its own engine), with the split and
-    the schedule logged, and a checkpoint that `megacoca convert from-deepspeed` merges over stages and tensor
+    the schedule logged, the pipelined eval hook, and a checkpoint that `megacoca convert from-deepspeed` merges over stages and tensor
     ranks into one model directory."""
     run_dir = data / "ds_pp"
     result = _run(["deepspeed", "--num_gpus", "4", "--master_port", _port(), "--module", "megacoca.train",
                    *_train_args(data, run_dir), "--set", "parallel.tp=2", "--set", "parallel.pp=2",
-                   "--set", "schedule.micro_batch_size=2"])
+                   "--set", "schedule.micro_batch_size=2", "--val-shards", str(data / "shapes" / "val"),
+                   "--set", "eval.every=2"])
     _check_trained(result, run_dir, 4, tp=2, pp=2)
+    evals = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if '"eval/' in line]
+    assert [r["step"] for r in evals] == [2] and "eval/zeroshot_top1" in evals[0]  # pipelined eval, logged by rank 0
     assert "pipeline split over 2 stages" in result.stdout and "1F1B over 4 micro-batches" in result.stdout
     converted = _run([os.path.join(BIN, "megacoca"), "convert", "from-deepspeed", "--input",
                       str(run_dir / "checkpoints"), "--output", str(run_dir / "exported")])
