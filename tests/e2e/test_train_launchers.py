@@ -132,7 +132,7 @@ def test_deepspeed_four_ranks_pipeline_tensor_parallel(data):
                    "--set", "eval.every=2"])
     _check_trained(result, run_dir, 4, tp=2, pp=2)
     evals = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if '"eval/' in line]
-    assert [r["step"] for r in evals] == [2] and "eval/zeroshot_top1" in evals[0]  # pipelined eval, logged by rank 0
+    assert [r["step"] for r in evals] == [2] and "eval/zeroshot_top1" in evals[0]  # pipelined eval, by rank 0
     assert "pipeline split over 2 stages" in result.stdout and "1F1B over 4 micro-batches" in result.stdout
     converted = _run([os.path.join(BIN, "megacoca"), "convert", "from-deepspeed", "--input",
                       str(run_dir / "checkpoints"), "--output", str(run_dir / "exported")])
