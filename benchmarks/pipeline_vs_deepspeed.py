@@ -73,6 +73,7 @@ SIDES = {  # name -> (kind, ZeRO stage (None: --ds-zero), text-ahead)
     "megacoca-z1-ta": ("megacoca", 1, -1),
     "megacoca-z3": ("megacoca", 3, 0),
     "megacoca-z3-ta": ("megacoca", 3, -1),
+    "megacoca-z3-kg": ("megacoca", "3 kept gathered", 0),  # parallel.pipeline_keep_gathered
 }
 ALIASES = {"all": list(SIDES), "megacoca": [s for s in SIDES if s.startswith("megacoca")]}
 PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "deepspeed", "deepspeed.pipe", "megacoca.trainer",
@@ -153,8 +154,10 @@ class _NullLogger:
 def job_config(args, m: int, run_dir: str, zero: int, text_ahead: int):
     from megacoca.config.train import build_config
 
+    keep_gathered = zero == "3 kept gathered"
+    zero = 3 if keep_gathered else zero
     base = "zero3_fp32" if zero == 3 else "zero0_fp32"
-    overrides = [
+    overrides = [f"parallel.pipeline_keep_gathered={keep_gathered}",
         f"parallel.deepspeed_config={base}", f"parallel.pp={PP}", f"parallel.text_ahead={text_ahead}",
         f"schedule.steps={args.warmup + args.steps}", f"schedule.global_batch_size={args.micro_batch_size * m}",
         f"schedule.micro_batch_size={args.micro_batch_size}", "schedule.warmup_steps=1", "optim.lr=1e-3",
@@ -284,12 +287,13 @@ def _run_megacoca(args, m, zero, text_ahead, dims, data, reference, tmp, notes):
 
     from megacoca.trainer import Trainer
 
-    job = job_config(args, m, os.path.join(tmp, f"mc_m{m}_z{zero}_ta{text_ahead}"), zero, text_ahead)
+    job = job_config(args, m, os.path.join(tmp, f"mc_m{m}_z{str(zero).replace(' ', '_')}_ta{text_ahead}"), zero,
+                     text_ahead)
     trainer = Trainer(job, _ListLoader(data), dims=dims, logger=_NullLogger())
     runner = trainer.pipeline
     info = {"stage": dims.pp_rank, "text_ahead": runner.text_ahead, "split": trainer.pipeline_split.describe(),
             "zero": zero}
-    if zero != 3 and "weights" not in notes:  # megacoca's initial stage weights against the DeepSpeed side's CoCa
+    if zero not in (3, "3 kept gathered") and "weights" not in notes:  # megacoca's initial stage weights against the DeepSpeed side's CoCa
         state = reference.state_dict()
         diffs = [float((param.detach().float() - state[name].float()).abs().max())
                  for name, param in trainer.engine.module.named_parameters()]

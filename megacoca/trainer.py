@@ -181,8 +181,10 @@ class Trainer:
             text_ahead = job.parallel.text_ahead
             if text_ahead < 0:
                 text_ahead = auto_text_ahead(self.pipeline_split, self.dims.pp_size, self.grad_accum)
+            keep_gathered = job.parallel.pipeline_keep_gathered and zero_stage(self.ds_config) == 3
             self.pipeline = PipelineRunner(self.engine, self.dims, micro_batches=self.grad_accum,
-                                           text_ahead=text_ahead, loss_fn=self.loss_fn, dtype=self.dtype)
+                                           text_ahead=text_ahead, loss_fn=self.loss_fn, dtype=self.dtype,
+                                           keep_gathered=keep_gathered)
         self.step = 0
         self.history: list[dict] = []  # the train records this rank computed (all ranks, for tests)
 

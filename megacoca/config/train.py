@@ -107,6 +107,9 @@ class ParallelConfig:
     # pp > 1: text-tower forwards the last stage runs before its first image input arrives; -1: as many as the
     # cost model says fit in the warm-up wait; 0: off (plain 1F1B, the text tower inside the last stage's forward)
     text_ahead: int = -1
+    # pp > 1 under ZeRO-3: gather each stage's parameters once per step and keep them whole until the optimizer
+    # step (the stage's full parameters in memory during the step) instead of gathering per layer per micro-batch
+    pipeline_keep_gathered: bool = False
     # Without a pipeline: run the unimodal text tower on a CUDA side stream while the image tower runs ("auto":
     # where megacoca.parallel.overlap.overlap_is_safe says so; "off": never)
     overlap_text_tower: Literal["auto", "off"] = "auto"

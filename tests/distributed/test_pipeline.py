@@ -14,6 +14,7 @@ import os
 
 import deepspeed
 import pytest
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 import torch
 import torch.distributed as dist
 from dist_harness import run_ranks
@@ -62,6 +63,7 @@ def _train(rank, world_size, tmp, variant):
     job = _job(os.path.join(tmp, "_".join(map(str, variant))), ds_name, micro, pp=pp, tp=tp, text_ahead=text_ahead,
                split=split)
     job.parallel.activation_checkpointing = checkpointing
+    job.parallel.pipeline_keep_gathered = "keep_gathered" in variant[6:]
     cfg = model_config(model)
     job.model.overrides = cfg.to_dict()
     dims = ParallelDims.from_config(job.parallel, world_size).build()
@@ -73,13 +75,20 @@ def _train(rank, world_size, tmp, variant):
     grads: dict = {}
     real_step = engine.step
 
+    kept: list[bool] = []
+
     def step_capturing_the_first_gradients():
+        if not engine.is_gradient_accumulation_boundary():  # between two backwards of a step
+            kept.append(all(p.ds_status == ZeroParamStatus.AVAILABLE for p in module.parameters()
+                            if hasattr(p, "ds_status")))
         if not grads and engine.is_gradient_accumulation_boundary():
             grads.update(full_tensors(module, dims, deepspeed.utils.safe_get_full_grad))
         real_step()
 
     engine.step = step_capturing_the_first_gradients
     history = trainer.train()
+    if job.parallel.pipeline_keep_gathered:  # whole for the step (plain ZeRO-3 releases layers between uses)
+        assert kept and all(kept), kept
     params = union_over_stages(full_tensors(module, dims, fp32_master), dims)
     grads = union_over_stages(grads, dims)
     names = sorted(name for name, _ in module.named_parameters())
@@ -122,7 +131,7 @@ def _check_text_ahead_is_only_an_order(results, plain, ahead):
 PP2 = [("paper", "zero3_fp32", 2, 1, 0, None), ("paper", "zero3_fp32", 2, 1, 4, None),
        ("open_clip-tied", "zero0_fp32/1", 2, 1, -1, "[2,1]"), ("open_clip-tied", "zero0_fp32", 2, 1, -1, None),
        ("paper", "zero0_fp32/2", 2, 1, -1, "[1,2]"), ("open_clip-tied", "zero3_bf16", 2, 1, -1, None),
-       ("paper", "zero3_fp32", 2, 1, -1, None, "checkpointing")]
+       ("paper", "zero3_fp32", 2, 1, -1, None, "checkpointing"), ("paper", "zero3_fp32", 2, 1, -1, None, "keep_gathered")]
 
 
 @pytest.mark.timeout(600)
@@ -136,7 +145,7 @@ def test_pp2_equals_one_process(tmp_path):
     assert any(n.startswith("text.") for n in stage_names[1]) and not any("embed.patch" in n for n in stage_names[1])
 
 
-PP4 = [("paper", "zero3_fp32", 2, 1, -1, None), ("open_clip-tied", "zero3_fp32", 2, 2, -1, None),
+PP4 = [("paper", "zero3_fp32", 2, 1, -1, None), ("paper", "zero3_fp32", 2, 1, -1, None, "keep_gathered"), ("open_clip-tied", "zero3_fp32", 2, 2, -1, None),
        ("paper", "zero0_fp32/1", 4, 1, 0, None), ("paper", "zero3_fp32", 4, 1, 2, None)]
 
 

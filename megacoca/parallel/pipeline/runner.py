@@ -29,7 +29,8 @@ from megacoca.parallel.pipeline.stage import text_keep
 
 
 class PipelineRunner:
-    def __init__(self, engine, dims, *, micro_batches: int, text_ahead: int, loss_fn, dtype: torch.dtype) -> None:
+    def __init__(self, engine, dims, *, micro_batches: int, text_ahead: int, loss_fn, dtype: torch.dtype,
+                 keep_gathered: bool = False) -> None:
         self.engine = engine
         self.stage = engine.module
         self.dims = dims
@@ -44,6 +45,11 @@ class PipelineRunner:
         self.prev = ranks[s - 1] if s > 0 else None
         self.next = ranks[s + 1] if s < dims.pp_size - 1 else None
         self.actions = stage_actions(s, dims.pp_size, micro_batches, text_ahead)
+        self.gathered = None
+        if keep_gathered:
+            from megacoca.parallel.pipeline.zero3 import GatheredForStep
+
+            self.gathered = GatheredForStep(self.stage)
         # Of the last step: its wall time and the time this stage spent waiting for its neighbours (blocked in a
         # receive or on its pending sends): wait / step is this stage's measured bubble.
         self.last_step_s = 0.0
@@ -81,6 +87,8 @@ class PipelineRunner:
         losses: dict[int, torch.Tensor] = {}
         sums = torch.zeros(4, device=self.device)
         pending = PendingSends()
+        if self.gathered is not None:
+            self.gathered.gather()
 
         def text_of(k: int) -> tuple[torch.Tensor, int]:
             if k not in texts:
@@ -122,8 +130,11 @@ class PipelineRunner:
                     x = inputs.pop(k)
                     send_tensor(x.grad, self.prev, group, pending)
                 texts.pop(k, None)
-                if k == m - 1 and before_last_step is not None:
-                    before_last_step()
+                if k == m - 1:
+                    if self.gathered is not None:
+                        self.gathered.release()
+                    if before_last_step is not None:
+                        before_last_step()
                 engine.step()
         waited = time.perf_counter()
         pending.wait()
