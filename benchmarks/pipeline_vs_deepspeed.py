@@ -134,22 +134,6 @@ class _ListLoader:
         pass
 
 
-class _NullLogger:
-    def info(self, message):
-        pass
-
-    def log_train(self, record):
-        pass
-
-    def log_eval(self, step, metrics):
-        pass
-
-    def resume_at(self, step):
-        pass
-
-    def close(self):
-        pass
-
 
 def job_config(args, m: int, run_dir: str, zero: int, text_ahead: int):
     from megacoca.config.train import build_config
@@ -289,7 +273,7 @@ def _run_megacoca(args, m, zero, text_ahead, dims, data, reference, tmp, notes):
 
     job = job_config(args, m, os.path.join(tmp, f"mc_m{m}_z{str(zero).replace(' ', '_')}_ta{text_ahead}"), zero,
                      text_ahead)
-    trainer = Trainer(job, _ListLoader(data), dims=dims, logger=_NullLogger())
+    trainer = Trainer(job, _ListLoader(data), dims=dims, logger=_silent_logger())
     runner = trainer.pipeline
     info = {"stage": dims.pp_rank, "text_ahead": runner.text_ahead, "split": trainer.pipeline_split.describe(),
             "zero": zero}
@@ -608,5 +592,14 @@ def main() -> None:
     report(args, ranks, load_before, time.perf_counter() - began)
 
 
+
+def _silent_logger():
+    """The Trainer's logger, switched off (a benchmark prints its own report)."""
+    from megacoca.metrics.logger import MetricsLogger
+
+    return MetricsLogger("", enabled=False)
+
+
 if __name__ == "__main__":
     main()
+

@@ -766,22 +766,6 @@ def cmd_comm(args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ step time
-class _NullLogger:
-    def info(self, message):
-        pass
-
-    def log_train(self, record):
-        pass
-
-    def log_eval(self, step, metrics):
-        pass
-
-    def resume_at(self, step):
-        pass
-
-    def close(self):
-        pass
-
 
 class _FixedLoader:
     """`count` pre-built micro-batches of this dp rank, cycled (no data work inside the timed steps)."""
@@ -827,7 +811,7 @@ def _steptime_rank(rank, world_size, tp, cfg_dict, global_batch, warmup, steps, 
     job.model.overrides = cfg_dict
     cfg = CoCaConfig.from_dict(cfg_dict)
     dims = ParallelDims.from_config(job.parallel, world_size).build()
-    trainer = Trainer(job, _FixedLoader(cfg, micro, dims.dp_rank, dims.dp_size), dims=dims, logger=_NullLogger())
+    trainer = Trainer(job, _FixedLoader(cfg, micro, dims.dp_rank, dims.dp_size), dims=dims, logger=_silent_logger())
     batches = trainer._batches()
     times, losses = [], []
     for _ in range(warmup + steps):
@@ -949,5 +933,14 @@ def main(argv=None) -> int:
     return 0
 
 
+
+def _silent_logger():
+    """The Trainer's logger, switched off (a benchmark prints its own report)."""
+    from megacoca.metrics.logger import MetricsLogger
+
+    return MetricsLogger("", enabled=False)
+
+
 if __name__ == "__main__":
     sys.exit(main())
+
