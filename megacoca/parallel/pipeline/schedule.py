@@ -112,3 +112,18 @@ def schedule_table(pp: int, micro_batches: int, text_ahead: int = 0) -> str:
         cells = [f"{kind}{k}" for kind, k in row] + [""] * (width - len(row))
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def timeline_table(pp: int, micro_batches: int, text_ahead: int = 0) -> str:
+    """A markdown table on a common clock: every action takes one slot (a textbook simplification: forward =
+    backward = text forward), a stage waits for its inputs, blank cells are its bubble."""
+    result = simulate(pp, micro_batches, text_ahead, text=1.0, backward_ratio=1.0)
+    width = int(round(result["makespan"]))
+    lines = ["| stage | " + " | ".join(str(t) for t in range(width)) + " |", "|---" * (width + 1) + "|"]
+    for stage, slots in enumerate(result["slots"]):
+        cells = [""] * width
+        for start, end, (kind, k) in slots:
+            for t in range(int(round(start)), int(round(end))):
+                cells[t] = f"{kind}{k}"
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

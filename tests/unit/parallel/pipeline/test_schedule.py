@@ -52,3 +52,12 @@ def test_table_lists_each_stage():
     table = schedule_table(2, 3, text_ahead=1)
     assert table.splitlines()[2].startswith("| 0 | F0 | F1 | B0 |")
     assert "| 1 | T0 | F0 | B0 | T1 | F1 |" in table
+
+
+def test_timeline_puts_every_action_on_a_common_clock():
+    from megacoca.parallel.pipeline.schedule import timeline_table
+
+    plain, ahead = timeline_table(4, 8, 0), timeline_table(4, 8, 3)
+    assert len(plain.splitlines()) == 2 + 4
+    assert plain.splitlines()[0].count("|") - 2 == 38 and ahead.splitlines()[0].count("|") - 2 == 35
+    assert "| 3 | T0 | T1 | T2 | F0 |" in ahead
