@@ -187,8 +187,10 @@ def run(args) -> int:
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     ensure_launch_env()
     init_distributed()
-    from megacoca.trainer import Trainer
     import torch.distributed as dist
+
+    from megacoca.launch.preemption import REQUEUE_EXIT_CODE, PreemptionWatch
+    from megacoca.trainer import Trainer
 
     trainer = None
     try:
@@ -196,7 +198,9 @@ def run(args) -> int:
         loader = build_train_loader(job, model_cfg, dims, tokenizer)
         trainer = Trainer(job, loader, dims=dims, eval_fn=build_eval_fn(job, model_cfg, dims, tokenizer))
         trainer.resume()
+        trainer.preemption = PreemptionWatch().install()
         trainer.train()
+        trainer.preemption.uninstall()
     except BaseException:
         # Leave the process group alone: destroying it can block on peers waiting in a collective. This rank
         # exits with the traceback and the launcher stops the others.
@@ -205,7 +209,7 @@ def run(args) -> int:
         raise
     trainer.close()
     dist.destroy_process_group()
-    return 0
+    return REQUEUE_EXIT_CODE if trainer.preempted else 0
 
 
 def build_eval_fn(job, model_cfg, dims, tokenizer):

@@ -330,6 +330,9 @@ class Trainer:
             dist.all_reduce(count, group=self.dims.dp_group)
         return int(count.item())
 
+    preemption = None  # a megacoca.launch.preemption.PreemptionWatch: stop at a step boundary when it fires
+    preempted = False  # train() stopped early on a preemption signal, after a complete checkpoint
+
     def train(self) -> list[dict]:
         job = self.job
         batches = self._batches()
@@ -362,6 +365,13 @@ class Trainer:
                 self.save()
                 last_saved = self.step
                 window_start, window_steps = time.perf_counter(), 0
+            if self.preemption is not None and self.step < job.schedule.steps and self.preemption.agreed(self.device):
+                if last_saved != self.step:
+                    self.save()
+                self.preempted = True
+                self.logger.info(f"preempted ({', '.join(self.preemption.received) or 'another rank'}): stopped "
+                                 f"after step {self.step} with a complete checkpoint; resume with --resume auto")
+                return self.history
         if self.eval_fn is not None and job.eval.every and last_evaluated != self.step:
             self.evaluate()  # the finished model is always evaluated, on the last step, sharded like the others
         if job.checkpoint.save_final and last_saved != self.step:

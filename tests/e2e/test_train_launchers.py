@@ -178,6 +178,46 @@ def test_pipeline_rank_killed_mid_schedule_ends_the_job(data):
             proc.wait()
 
 
+def test_preemption_signal_under_deepspeed_checkpoints_and_exits_for_requeue(data):
+    """SIGUSR1 to one rank of a `deepspeed --num_gpus 2` run: both ranks stop after the same step, a complete
+    checkpoint is there, the launcher exits with REQUEUE_EXIT_CODE (what slurm/*.sbatch requeue on), and
+    `--resume auto` continues from it to the end."""
+    import signal
+    import time
+
+    from megacoca.launch.preemption import REQUEUE_EXIT_CODE
+
+    run_dir = data / "ds_preempted"
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", _port(), "--module", "megacoca.train",
+           *_train_args(data, run_dir), "--set", "schedule.steps=100000", "--set", "checkpoint.resume=auto"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.time() + 300
+        while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.5)
+        pids = [int(p) for p in subprocess.run(["pgrep", "-f", f"local_rank=1 .*{run_dir}"], capture_output=True,
+                                                text=True).stdout.split()]
+        assert pids, "rank 1 not found"
+        os.kill(pids[0], signal.SIGUSR1)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == REQUEUE_EXIT_CODE, output[-3000:]
+    assert "preempted (" in output
+    steps = [json.loads(line)["step"] for line in open(run_dir / "metrics.jsonl") if '"loss"' in line]
+    assert os.path.isfile(run_dir / "checkpoints" / f"step{steps[-1]:08d}" / "COMPLETE")
+    # the requeued job: the same command with a reachable end, resumed from that checkpoint
+    again = _run(["deepspeed", "--num_gpus", "2", "--master_port", _port(), "--module", "megacoca.train",
+                  *_train_args(data, run_dir), "--set", f"schedule.steps={steps[-1] + 2}",
+                  "--set", "checkpoint.resume=auto"])
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resumed from" in again.stdout and f"step{steps[-1]:08d}" in again.stdout
+
+
 def test_single_process_console_script(data):
     run_dir = data / "single"
     result = _run(["megacoca", "train", *_train_args(data, run_dir), "--set", "schedule.micro_batch_size=8"])

@@ -1,0 +1,68 @@
+"""Preemption for real on 2 gloo ranks (ZeRO-3 bf16, every parameter partitioned; and PP=2): SIGUSR1 (or SIGTERM)
+reaching ONE rank mid-step makes every rank stop after the same step with a complete checkpoint there, and the
+run resumed from it (`resume auto`) logs the same losses and ends with the same weights as a run never
+interrupted. The exit status megacoca.train returns for it is REQUEUE_EXIT_CODE (tests/e2e)."""
+
+import os
+import signal
+
+import pytest
+import torch
+from dist_harness import run_ranks
+from gather import module_values, union_over_stages
+from memory_data import SHARD_ALL, TINY, MemoryLoader
+
+from megacoca.checkpoint import complete_checkpoints
+from megacoca.config.train import build_config
+from megacoca.launch.preemption import PreemptionWatch
+from megacoca.parallel.dims import ParallelDims
+from megacoca.trainer import Trainer
+
+STEPS = 6
+
+
+def _run(rank, world_size, run_dir, signal_at, signum, pp):
+    job = build_config(overrides=[
+        "parallel.deepspeed_config=zero3_bf16", f"parallel.pp={pp}", f"schedule.steps={STEPS}",
+        "schedule.global_batch_size=8", "schedule.micro_batch_size=2", "schedule.warmup_steps=2",
+        "checkpoint.every=0", "checkpoint.resume=auto", f"logging.run_dir={run_dir}", "logging.log_every=1",
+        "logging.tensorboard=false", SHARD_ALL])
+    job.model.overrides = TINY.to_dict()
+    dims = ParallelDims.from_config(job.parallel, world_size).build()
+    trainer = Trainer(job, MemoryLoader(2, dims.dp_rank, dims.dp_size), dims=dims)
+    resumed = trainer.resume()
+    trainer.preemption = PreemptionWatch().install()
+    real_step = trainer.train_step
+
+    def step_then_maybe_signal(batches):
+        result = real_step(batches)
+        if signal_at is not None and trainer.step == signal_at and rank == 1:
+            os.kill(os.getpid(), signum)  # only this rank hears it, in the middle of training
+        return result
+
+    trainer.train_step = step_then_maybe_signal
+    history = trainer.train()
+    trainer.preemption.uninstall()
+    final = union_over_stages(module_values(trainer.engine.module, dims), dims)
+    trainer.close()
+    return {"resumed": resumed, "preempted": trainer.preempted, "steps": [r["step"] for r in history],
+            "loss": [r["loss"] for r in history], "final": final, "position": trainer.train_loader.position,
+            "received": list(trainer.preemption.received)}
+
+
+@pytest.mark.parametrize("signum, pp", [(signal.SIGUSR1, 1), (signal.SIGTERM, 2)], ids=["usr1-dp2", "term-pp2"])
+def test_preempted_run_checkpoints_and_resumes_exactly(tmp_path, signum, pp):
+    whole = run_ranks(_run, 2, tmp_path, str(tmp_path / "whole"), None, signum, pp)
+    stopped = run_ranks(_run, 2, tmp_path, str(tmp_path / "cut"), 3, signum, pp)
+    for rank in range(2):
+        assert stopped[rank]["preempted"] and stopped[rank]["steps"] == [1, 2, 3]  # both ranks, the same step
+        assert stopped[rank]["received"] == ([signal.Signals(signum).name] if rank == 1 else [])
+    assert [step for step, _ in complete_checkpoints(str(tmp_path / "cut" / "checkpoints"))] == [3]
+    resumed = run_ranks(_run, 2, tmp_path, str(tmp_path / "cut"), None, signum, pp)
+    for rank in range(2):
+        assert resumed[rank]["resumed"] and not resumed[rank]["preempted"]
+        assert resumed[rank]["steps"] == [4, 5, 6]
+        assert stopped[rank]["loss"] + resumed[rank]["loss"] == whole[rank]["loss"]
+        assert resumed[rank]["position"] == whole[rank]["position"]
+        for name, value in whole[rank]["final"].items():
+            assert torch.equal(resumed[rank]["final"][name], value), name
