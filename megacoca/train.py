@@ -198,9 +198,13 @@ def run(args) -> int:
         loader = build_train_loader(job, model_cfg, dims, tokenizer)
         trainer = Trainer(job, loader, dims=dims, eval_fn=build_eval_fn(job, model_cfg, dims, tokenizer))
         trainer.resume()
+        # Installed until the process exits: once one rank has stopped for preemption and exits, a launcher
+        # (srun --kill-on-bad-exit, the deepspeed launcher) SIGTERMs the others while they shut down, and they
+        # must still exit with REQUEUE_EXIT_CODE, not die of it.
         trainer.preemption = PreemptionWatch().install()
         trainer.train()
-        trainer.preemption.uninstall()
+        if trainer.preempted:
+            trainer.preemption.ignore_from_now_on()
     except BaseException:
         # Leave the process group alone: destroying it can block on peers waiting in a collective. This rank
         # exits with the traceback and the launcher stops the others.

@@ -7,8 +7,10 @@ the first signal arrived anywhere) to stop together at the same step, write a co
 exit with REQUEUE_EXIT_CODE. The batch script recognises that status and requeues the job, which resumes with
 `--resume auto` exactly where it stopped: the same losses as an uninterrupted run (tested).
 
-The handlers are installed by `megacoca.train` for the duration of training only; a second signal while the
-checkpoint is being written is recorded and otherwise ignored (the save finishes).
+`megacoca.train` installs the handlers for the rest of the process: a second signal while the checkpoint is
+being written is recorded and otherwise ignored (the save finishes), and so is the SIGTERM a launcher sends
+the other ranks when the first one exits with REQUEUE_EXIT_CODE (srun --kill-on-bad-exit, the deepspeed
+launcher), so that every rank exits with it.
 """
 
 from __future__ import annotations
@@ -40,6 +42,14 @@ class PreemptionWatch:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
+
+    def ignore_from_now_on(self) -> None:
+        """After a preemption stop: ignore these signals at the OS level. A Python handler would not do: CPython
+        resets Python-handled signals to their default action when the interpreter shuts down, and a launcher's
+        SIGTERM arriving then (the other ranks are exiting with REQUEUE_EXIT_CODE) would kill this rank with
+        status 143, which the batch script does not requeue (seen under srun)."""
+        for sig in self.signals:
+            signal.signal(sig, signal.SIG_IGN)
 
     def _handle(self, signum, frame) -> None:
         self.received.append(signal.Signals(signum).name)

@@ -1,0 +1,129 @@
+"""slurm/*.sbatch on a real single-node SLURM cluster (Debian's munge, slurmctld and slurmd, installed and started
+by scripts/slurm_cluster.sh as root, stopped after the tests): both batch scripts train the tiny model on 2
+ranks to a complete checkpoint, and a job signalled mid-run (as `--signal=B:USR1@...` does before the time limit)
+checkpoints, requeues itself, resumes and finishes with exactly the losses of an uninterrupted job; bad input
+ends the job with a one-line message."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BIN = os.path.dirname(sys.executable)
+TINY_YAML = """\
+model:
+  overrides: {image_size: 32, patch_size: 8, vision_width: 32, vision_layers: 1, vision_heads: 2,
+              vision_mlp_dim: 64, caption_queries: 8, pooler_heads: 2, context_length: 12, text_width: 32,
+              text_heads: 2, text_mlp_dim: 64, text_layers: 1, decoder_layers: 1, embed_dim: 32}
+schedule: {global_batch_size: 8, micro_batch_size: 4, warmup_steps: 1}
+logging: {log_every: 1, tensorboard: false}
+checkpoint: {every: 0, save_final: true}
+eval: {every: 0}
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.fail("the SLURM tests start munged and slurmd: run them as root (CI does)")
+    root = tmp_path_factory.mktemp("slurm")
+    script = os.path.join(REPO, "scripts", "slurm_cluster.sh")
+    started = subprocess.run(["bash", script, "start", str(root / "cluster"), "2"], capture_output=True, text=True)
+    assert started.returncode == 0, started.stdout + started.stderr
+    subprocess.run([sys.executable, "-m", "megacoca", "data", "synth-shapes", "--out", str(root / "shapes"),
+                    "--train-samples", "64", "--val-samples", "16", "--image-size", "32", "--shard-size", "16",
+                    "--workers", "1"], check=True, capture_output=True)
+    (root / "tiny.yaml").write_text(TINY_YAML)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                                    "MASTER_"))}
+    env.update(SLURM_CONF=str(root / "cluster" / "slurm.conf"), PATH=BIN + os.pathsep + env.get("PATH", ""),
+               MEGACOCA_PYTHON=sys.executable, MEGACOCA_PROCS_PER_NODE="2", OMP_NUM_THREADS="1")
+    yield root, env
+    subprocess.run(["bash", script, "stop", str(root / "cluster")], capture_output=True)
+
+
+def _sbatch(cluster, script, run_dir, *extra, sbatch_args=()):
+    root, env = cluster
+    out = subprocess.run(["sbatch", "--parsable", "-o", str(run_dir) + ".out", *sbatch_args,
+                          os.path.join("slurm", script), "--config", str(root / "tiny.yaml"),
+                          "--train-shards", str(root / "shapes" / "train"), "--run-dir", str(run_dir), *extra],
+                         cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    return out.stdout.strip().split(";")[0]
+
+
+def _state(cluster, job):
+    out = subprocess.run(["scontrol", "show", "job", job], env=cluster[1], capture_output=True, text=True).stdout
+    return dict(re.findall(r"(\w+)=(\S+)", out))
+
+
+def _wait(cluster, job, timeout=300, until=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = _state(cluster, job)
+        if state.get("JobState") in until:
+            return state
+        if state.get("JobState") == "PENDING" and state.get("Reason") == "BeginTime":
+            # a requeued job waits ~2 minutes before it may start again; let it start now
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster[1], check=False,
+                           capture_output=True)
+        time.sleep(1)
+    raise AssertionError(f"job {job} not done within {timeout}s: {_state(cluster, job)}")
+
+
+def _losses(run_dir):
+    return [json.loads(line)["loss"] for line in open(os.path.join(run_dir, "metrics.jsonl")) if '"loss"' in line]
+
+
+@pytest.mark.parametrize("script, sbatch_args", [("train_srun.sbatch", ("--ntasks-per-node", "2")),
+                                                 ("train.sbatch", ("--cpus-per-task", "2"))])
+def test_batch_script_trains_to_a_complete_checkpoint(cluster, script, sbatch_args):
+    run_dir = cluster[0] / script.replace(".", "_")
+    job = _sbatch(cluster, script, run_dir, "--steps", "2", sbatch_args=sbatch_args)
+    state = _wait(cluster, job)
+    log = open(str(run_dir) + ".out").read()
+    assert state["JobState"] == "COMPLETED", log[-3000:]
+    assert "dp=2 pp=1 tp=1 (world 2)" in log and "training exited with status 0" in log
+    assert os.path.isfile(run_dir / "checkpoints" / "step00000002" / "COMPLETE")
+    assert len(_losses(run_dir)) == 2
+
+
+@pytest.mark.timeout(600)
+def test_signalled_job_checkpoints_requeues_and_resumes_exactly(cluster):
+    steps = "24"
+    whole_dir, cut_dir = cluster[0] / "whole", cluster[0] / "cut"
+    whole = _sbatch(cluster, "train_srun.sbatch", whole_dir, "--steps", steps, sbatch_args=("--ntasks-per-node", "2"))
+    _wait(cluster, whole)
+    cut = _sbatch(cluster, "train_srun.sbatch", cut_dir, "--steps", steps, sbatch_args=("--ntasks-per-node", "2"))
+    metrics = cut_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('"loss"') >= 4):
+        time.sleep(0.3)
+    # what `#SBATCH --signal=B:USR1@180` does before the time limit: SIGUSR1 to the batch script
+    subprocess.run(["scancel", "--signal=USR1", "--batch", cut], env=cluster[1], check=True)
+    # Requeued: it passes through a failed/requeued state, waits, runs again, and completes.
+    state = _wait(cluster, cut, timeout=400, until=("COMPLETED",))
+    log = open(str(cut_dir) + ".out").read()
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", log[-3000:]
+    assert "requeueing job" in log and "preempted (SIGUSR1)" in log and "resumed from" in log
+    assert _losses(cut_dir) == _losses(whole_dir)  # steps 1-24 of the two, bit for bit
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--recipe", "no_such_recipe"), "megacoca train: error: unknown recipe 'no_such_recipe'"),
+    (("--set", "parallel.tp=3"), "megacoca train: error: parallel: ParallelDims: tp 3 x pp 1 = 3 exceeds the world "
+                                 "size 2"),
+], ids=["missing-recipe", "layout-larger-than-allocation"])
+def test_bad_input_is_one_line_in_the_job_log(cluster, args, message):
+    run_dir = cluster[0] / ("bad_" + args[-1].replace("=", "_").replace(".", "_"))
+    job = _sbatch(cluster, "train_srun.sbatch", run_dir, *args, sbatch_args=("--ntasks-per-node", "2"))
+    state = _wait(cluster, job, timeout=120)
+    log = open(str(run_dir) + ".out").read()
+    assert state["JobState"] == "FAILED"
+    assert message in log, log[-2000:]
