@@ -7,24 +7,11 @@ import json
 import os
 import socket
 import subprocess
-import sys
 
 import pytest
+from tiny_run import BIN, REPO, make_tiny_run
 
 pytestmark = pytest.mark.slow
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BIN = os.path.dirname(sys.executable)
-TINY_YAML = """\
-model:
-  overrides: {image_size: 32, patch_size: 8, vision_width: 32, vision_layers: 1, vision_heads: 2,
-              vision_mlp_dim: 64, caption_queries: 8, pooler_heads: 2, context_length: 12, text_width: 32,
-              text_heads: 2, text_mlp_dim: 64, text_layers: 1, decoder_layers: 1, embed_dim: 32}
-schedule: {global_batch_size: 8, micro_batch_size: 4, warmup_steps: 1}
-logging: {log_every: 1, tensorboard: false}
-checkpoint: {every: 0, save_final: true, resume: auto}
-eval: {every: 0}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +22,7 @@ def hosts(tmp_path_factory):
     script = os.path.join(REPO, "scripts", "test_hosts.sh")
     started = subprocess.run(["bash", script, "start", str(root)], capture_output=True, text=True)
     assert started.returncode == 0, started.stdout + started.stderr
-    subprocess.run([sys.executable, "-m", "megacoca", "data", "synth-shapes", "--out", str(root / "shapes"),
-                    "--train-samples", "64", "--val-samples", "16", "--image-size", "32", "--shard-size", "16",
-                    "--workers", "1"], check=True, capture_output=True)
-    (root / "tiny.yaml").write_text(TINY_YAML)
+    make_tiny_run(root)
     (root / "ds_env").write_text("GLOO_SOCKET_IFNAME=eth0\nOMP_NUM_THREADS=1\n")
     yield root
     subprocess.run(["bash", script, "stop", str(root)], capture_output=True)
@@ -56,7 +40,7 @@ def _launch(root, steps):
     return subprocess.run(["deepspeed", "--hostfile", str(root / "hostfile"), "--no_ssh_check", "--master_addr",
                            "10.77.0.1", "--master_port", port, "--module", "megacoca.train", "--config",
                            str(root / "tiny.yaml"), "--train-shards", str(root / "shapes" / "train"), "--run-dir",
-                           str(root / "run"), "--steps", str(steps)],
+                           str(root / "run"), "--steps", str(steps), "--resume", "auto"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
 
 

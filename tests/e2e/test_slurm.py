@@ -12,21 +12,9 @@ import sys
 import time
 
 import pytest
+from tiny_run import BIN, REPO, make_tiny_run
 
 pytestmark = pytest.mark.slow
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BIN = os.path.dirname(sys.executable)
-TINY_YAML = """\
-model:
-  overrides: {image_size: 32, patch_size: 8, vision_width: 32, vision_layers: 1, vision_heads: 2,
-              vision_mlp_dim: 64, caption_queries: 8, pooler_heads: 2, context_length: 12, text_width: 32,
-              text_heads: 2, text_mlp_dim: 64, text_layers: 1, decoder_layers: 1, embed_dim: 32}
-schedule: {global_batch_size: 8, micro_batch_size: 4, warmup_steps: 1}
-logging: {log_every: 1, tensorboard: false}
-checkpoint: {every: 0, save_final: true}
-eval: {every: 0}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +25,7 @@ def cluster(tmp_path_factory):
     script = os.path.join(REPO, "scripts", "slurm_cluster.sh")
     started = subprocess.run(["bash", script, "start", str(root / "cluster"), "2"], capture_output=True, text=True)
     assert started.returncode == 0, started.stdout + started.stderr
-    subprocess.run([sys.executable, "-m", "megacoca", "data", "synth-shapes", "--out", str(root / "shapes"),
-                    "--train-samples", "64", "--val-samples", "16", "--image-size", "32", "--shard-size", "16",
-                    "--workers", "1"], check=True, capture_output=True)
-    (root / "tiny.yaml").write_text(TINY_YAML)
+    make_tiny_run(root)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK",
                                                                     "MASTER_"))}
     env.update(SLURM_CONF=str(root / "cluster" / "slurm.conf"), PATH=BIN + os.pathsep + env.get("PATH", ""),

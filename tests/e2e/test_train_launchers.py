@@ -7,33 +7,17 @@ import json
 import os
 import socket
 import subprocess
-import sys
 
 import pytest
+from tiny_run import BIN, REPO, make_tiny_run
 
 pytestmark = pytest.mark.slow
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BIN = os.path.dirname(sys.executable)
-TINY_YAML = """\
-model:
-  overrides: {image_size: 32, patch_size: 8, vision_width: 32, vision_layers: 1, vision_heads: 2,
-              vision_mlp_dim: 64, caption_queries: 8, pooler_heads: 2, context_length: 12, text_width: 32,
-              text_heads: 2, text_mlp_dim: 64, text_layers: 1, decoder_layers: 1, embed_dim: 32}
-schedule: {steps: 2, global_batch_size: 8, micro_batch_size: 4, warmup_steps: 1}
-logging: {log_every: 1, tensorboard: false}
-checkpoint: {every: 0, save_final: true}
-eval: {every: 0}
-"""
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("launchers")
-    subprocess.run([sys.executable, "-m", "megacoca", "data", "synth-shapes", "--out", str(root / "shapes"),
-                    "--train-samples", "64", "--val-samples", "16", "--image-size", "32", "--shard-size", "16",
-                    "--workers", "1"], check=True, capture_output=True, env=_env())
-    (root / "tiny.yaml").write_text(TINY_YAML)
+    make_tiny_run(root, env=_env())
     return root
 
 
