@@ -162,7 +162,6 @@ def deepspeed_layers(model, loss_fn):
     import torch.nn as nn
 
     from megacoca.models.coca.model import JoinedTowers
-    from megacoca.parallel.pipeline.stage import text_keep
 
     class PatchEmbed(nn.Module):
         def __init__(self, embed):
@@ -196,7 +195,7 @@ def deepspeed_layers(model, loss_fn):
 
         def forward(self, inputs):
             hidden, text = inputs
-            keep = text_keep(self.cfg, text)
+            keep = self.text_keep(text)
             image_embedding, caption_tokens = self.image_pooler(hidden)
             text_embedding, token_outputs = self.text(text, keep)
             out = self.joined_outputs(image_embedding, caption_tokens, text_embedding, token_outputs, text, keep)

@@ -9,23 +9,18 @@ import socket
 import subprocess
 
 import pytest
-from tiny_run import BIN, REPO, make_tiny_run
+from tiny_run import BIN, REPO, make_tiny_run, root_service
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory):
-    if os.geteuid() != 0:
-        pytest.fail("the multi-host test makes network namespaces and starts sshd: run it as root (CI does)")
     root = tmp_path_factory.mktemp("hosts")
-    script = os.path.join(REPO, "scripts", "test_hosts.sh")
-    started = subprocess.run(["bash", script, "start", str(root)], capture_output=True, text=True)
-    assert started.returncode == 0, started.stdout + started.stderr
-    make_tiny_run(root)
-    (root / "ds_env").write_text("GLOO_SOCKET_IFNAME=eth0\nOMP_NUM_THREADS=1\n")
-    yield root
-    subprocess.run(["bash", script, "stop", str(root)], capture_output=True)
+    with root_service("test_hosts.sh", root, why="the multi-host test makes network namespaces and starts sshd"):
+        make_tiny_run(root)
+        (root / "ds_env").write_text("GLOO_SOCKET_IFNAME=eth0\nOMP_NUM_THREADS=1\n")
+        yield root
 
 
 def _launch(root, steps):

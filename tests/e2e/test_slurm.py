@@ -12,26 +12,21 @@ import sys
 import time
 
 import pytest
-from tiny_run import BIN, REPO, make_tiny_run
+from tiny_run import BIN, REPO, make_tiny_run, root_service
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    if os.geteuid() != 0:
-        pytest.fail("the SLURM tests start munged and slurmd: run them as root (CI does)")
     root = tmp_path_factory.mktemp("slurm")
-    script = os.path.join(REPO, "scripts", "slurm_cluster.sh")
-    started = subprocess.run(["bash", script, "start", str(root / "cluster"), "2"], capture_output=True, text=True)
-    assert started.returncode == 0, started.stdout + started.stderr
-    make_tiny_run(root)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK",
-                                                                    "MASTER_"))}
-    env.update(SLURM_CONF=str(root / "cluster" / "slurm.conf"), PATH=BIN + os.pathsep + env.get("PATH", ""),
-               MEGACOCA_PYTHON=sys.executable, MEGACOCA_PROCS_PER_NODE="2", OMP_NUM_THREADS="1")
-    yield root, env
-    subprocess.run(["bash", script, "stop", str(root / "cluster")], capture_output=True)
+    with root_service("slurm_cluster.sh", root / "cluster", "2", why="the SLURM tests start munged and slurmd"):
+        make_tiny_run(root)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE",
+                                                                        "LOCAL_RANK", "MASTER_"))}
+        env.update(SLURM_CONF=str(root / "cluster" / "slurm.conf"), PATH=BIN + os.pathsep + env.get("PATH", ""),
+                   MEGACOCA_PYTHON=sys.executable, MEGACOCA_PROCS_PER_NODE="2", OMP_NUM_THREADS="1")
+        yield root, env
 
 
 def _sbatch(cluster, script, run_dir, *extra, sbatch_args=()):

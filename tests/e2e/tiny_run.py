@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -26,3 +27,20 @@ def make_tiny_run(root, env=None) -> None:
                     "--train-samples", "64", "--val-samples", "16", "--image-size", "32", "--shard-size", "16",
                     "--workers", "1"], check=True, capture_output=True, env=env)
     (root / "tiny.yaml").write_text(TINY_YAML)
+
+
+@contextlib.contextmanager
+def root_service(script: str, directory, *args, why: str):
+    """`scripts/<script> start DIRECTORY ARGS...` (a real service these tests need: it must run as root), and
+    `stop DIRECTORY` afterwards, whatever the tests did."""
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.fail(f"{why}: run as root (CI does)")
+    path = os.path.join(REPO, "scripts", script)
+    started = subprocess.run(["bash", path, "start", str(directory), *args], capture_output=True, text=True)
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        yield
+    finally:
+        subprocess.run(["bash", path, "stop", str(directory)], capture_output=True)

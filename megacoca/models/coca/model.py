@@ -45,9 +45,16 @@ def parameter_generator(init_seed: int, name: str) -> torch.Generator:
 
 
 class JoinedTowers:
-    """What runs once both towers are done: the multimodal decoder, the caption head and the loss inputs. Shared
-    by CoCa and a pipeline's last stage (megacoca.parallel.pipeline), which hold `cfg`, `decoder`, `caption_head`
-    and `logit_scale` under the same names."""
+    """What CoCa and a pipeline's last stage (megacoca.parallel.pipeline) share, both holding `cfg`, `decoder`,
+    `caption_head` and `logit_scale` under the same names: how much of the text to run, and what runs once both
+    towers are done (the multimodal decoder, the caption head and the loss inputs)."""
+
+    def text_keep(self, text: torch.Tensor) -> int:
+        """How many leading text positions a forward must run (`trim_text_padding`); a host sync, so it is taken
+        outside the stages."""
+        if not self.cfg.trim_text_padding:
+            return text.shape[1]
+        return kept_text_length(text, self.cfg.pad_id, self.cfg.legacy_cls_mask)
 
     def decode(self, token_outputs: torch.Tensor, caption_tokens: torch.Tensor) -> torch.Tensor:
         """Unimodal token outputs (B, T, width) cross-attending to the caption image tokens -> hidden (B, T, width)."""
@@ -169,13 +176,6 @@ class CoCa(JoinedTowers, nn.Module):
         """text (B, L) -> (unnormalised text embedding (B, E), token outputs (B, keep, width)). `keep` runs only
         the first positions (the rest must be padding: `text_keep`); the CLS stays at position L."""
         return self.text(text, keep)
-
-    def text_keep(self, text: torch.Tensor) -> int:
-        """How many leading text positions a forward must run (`trim_text_padding`); a host sync, so it is taken
-        outside the stages."""
-        if not self.cfg.trim_text_padding:
-            return text.shape[1]
-        return kept_text_length(text, self.cfg.pad_id, self.cfg.legacy_cls_mask)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         embedding, _ = self.image_stage(images)

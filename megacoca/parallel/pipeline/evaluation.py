@@ -17,7 +17,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megacoca.parallel.pipeline.p2p import PendingSends, recv_tensor, send_tensor
-from megacoca.parallel.pipeline.stage import text_keep
 
 DONE, ENCODE = 0, 1
 
@@ -64,7 +63,7 @@ class PipelinedEvalModel:
         return F.normalize(embedding, dim=-1) if normalize else embedding
 
     def encode_text(self, text: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        embedding, _ = self.stage(text=text, keep=text_keep(self.cfg, text), part="text")
+        embedding, _ = self.stage(text=text, keep=self.stage.text_keep(text), part="text")
         return F.normalize(embedding, dim=-1) if normalize else embedding
 
     def finish(self) -> None:

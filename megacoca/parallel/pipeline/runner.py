@@ -25,7 +25,6 @@ import torch.distributed as dist
 
 from megacoca.parallel.pipeline.p2p import PendingSends, recv_tensor, send_tensor
 from megacoca.parallel.pipeline.schedule import stage_actions
-from megacoca.parallel.pipeline.stage import text_keep
 
 
 class PipelineRunner:
@@ -45,6 +44,9 @@ class PipelineRunner:
         self.prev = ranks[s - 1] if s > 0 else None
         self.next = ranks[s + 1] if s < dims.pp_size - 1 else None
         self.actions = stage_actions(s, dims.pp_size, micro_batches, text_ahead)
+        from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+        self.zero_optimizer = isinstance(engine.optimizer, ZeROOptimizer)
         self.gathered = None
         if keep_gathered:
             from megacoca.parallel.pipeline.zero3 import GatheredForStep
@@ -67,9 +69,7 @@ class PipelineRunner:
         state) only when the next forward starts, assuming forwards and backwards alternate. 1F1B runs
         several backwards in a row (the drain, and every backward of stage 0 when it holds all micro-batches),
         and without this each of them would overwrite the previous one's gradients instead of adding to them."""
-        from deepspeed.runtime.base_optimizer import ZeROOptimizer
-
-        if isinstance(self.engine.optimizer, ZeROOptimizer):
+        if self.zero_optimizer:
             self.engine.optimizer.clear_backward_seen_flag()
 
     def step(self, batches, before_last_step=None) -> torch.Tensor:
@@ -93,7 +93,7 @@ class PipelineRunner:
         def text_of(k: int) -> tuple[torch.Tensor, int]:
             if k not in texts:
                 text = micro[k]["text"].to(self.device, non_blocking=True)
-                texts[k] = (text, text_keep(stage.cfg, text))
+                texts[k] = (text, stage.text_keep(text))
             return texts[k]
 
         for kind, k in self.actions:

@@ -83,11 +83,3 @@ class PipelineStage(JoinedTowers, nn.Module):
         text_embedding, token_outputs = text_outputs
         return self.joined_outputs(image_embedding, caption_tokens, text_embedding, token_outputs, text, keep)
 
-
-def text_keep(cfg, text: torch.Tensor) -> int:
-    """The leading text positions a forward runs (CoCa.text_keep, without a CoCa)."""
-    from megacoca.models.coca.text import kept_text_length
-
-    if not cfg.trim_text_padding:
-        return text.shape[1]
-    return kept_text_length(text, cfg.pad_id, cfg.legacy_cls_mask)
