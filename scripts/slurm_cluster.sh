@@ -25,7 +25,9 @@ if [[ $cmd == stop ]]; then stop; exit 0; fi
 if [[ $(id -u) -ne 0 ]]; then echo "slurm_cluster.sh: error: needs root (munged and slurmd)" >&2; exit 2; fi
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null || ! command -v munged >/dev/null \
     || ! command -v sbatch >/dev/null; then
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurmctld slurmd slurm-client munge >/dev/null
+  packages=(slurmctld slurmd slurm-client munge)
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}" >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}" >/dev/null; }
 fi
 mkdir -p "$dir/state" "$dir/spool" "$dir/log"
 host=$(hostname)

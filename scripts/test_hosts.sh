@@ -21,8 +21,11 @@ stop() {
 
 if [[ $cmd == stop ]]; then stop; exit 0; fi
 if [[ $(id -u) -ne 0 ]]; then echo "test_hosts.sh: error: needs root (network namespaces, sshd)" >&2; exit 2; fi
-if ! command -v sshd >/dev/null && [[ ! -x /usr/sbin/sshd ]] || ! command -v pdsh >/dev/null; then
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssh-server openssh-client pdsh >/dev/null
+if [[ ! -x /usr/sbin/sshd ]] || ! command -v pdsh >/dev/null || ! command -v ssh-keygen >/dev/null \
+    || ! command -v ip >/dev/null; then
+  packages=(openssh-server openssh-client pdsh iproute2)
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}" >/dev/null 2>&1 \
+    || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${packages[@]}" >/dev/null; }
 fi
 stop  # a previous run's leftovers
 ip link add mcbr0 type bridge
