@@ -1,12 +1,15 @@
-"""slurm/*.sbatch on a real single-node SLURM cluster (Debian's munge, slurmctld and slurmd, installed and started
-by scripts/slurm_cluster.sh as root, stopped after the tests): both batch scripts train the tiny model on 2
-ranks to a complete checkpoint, and a job signalled mid-run (as `--signal=B:USR1@...` does before the time limit)
-checkpoints, requeues itself, resumes and finishes with exactly the losses of an uninterrupted job; bad input
-ends the job with a one-line message."""
+"""slurm/*.sbatch on a real SLURM cluster (Debian's munge, slurmctld and slurmd, installed and started by
+scripts/slurm_cluster.sh as root, stopped after the tests): this host is one node (partition "debug"), and two
+network namespaces (scripts/test_hosts.sh: mch1 10.77.0.1, mch2 10.77.0.2) with a slurmd each are two more
+(partition "netns"). Both batch scripts train the tiny model on 2 ranks to a complete checkpoint, on one node
+and across the two namespace nodes; a job signalled mid-run (as `--signal=B:USR1@...` does before the time limit)
+checkpoints, requeues itself, resumes and finishes with exactly the losses of an uninterrupted job, and so does
+a chain of two jobs (`--dependency=afterany`); bad input ends the job with a one-line message."""
 
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -20,7 +23,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("slurm")
-    with root_service("slurm_cluster.sh", root / "cluster", "2", why="the SLURM tests start munged and slurmd"):
+    why = "the SLURM tests make network namespaces and start sshd, munged and slurmd"
+    with root_service("test_hosts.sh", root / "hosts", why=why), \
+            root_service("slurm_cluster.sh", root / "cluster", "2", "mch1=10.77.0.1", "mch2=10.77.0.2", why=why):
         make_tiny_run(root)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE",
                                                                         "LOCAL_RANK", "MASTER_"))}
@@ -36,6 +41,23 @@ def _sbatch(cluster, script, run_dir, *extra, sbatch_args=()):
                           "--train-shards", str(root / "shapes" / "train"), "--run-dir", str(run_dir), *extra],
                          cwd=REPO, env=env, capture_output=True, text=True, check=True)
     return out.stdout.strip().split(";")[0]
+
+
+def _occupied_port():
+    """A socket listening on a port of this host (node "debug") from 21000 on, followed by a free one."""
+    for port in range(21000, 22000):
+        sock, after = socket.socket(), socket.socket()
+        try:
+            sock.bind(("0.0.0.0", port))
+            after.bind(("0.0.0.0", port + 1))
+        except OSError:
+            sock.close()
+            continue
+        finally:
+            after.close()
+        sock.listen()
+        return sock, port
+    raise AssertionError("no free port pair in 21000-22000")
 
 
 def _state(cluster, job):
@@ -74,6 +96,25 @@ def test_batch_script_trains_to_a_complete_checkpoint(cluster, script, sbatch_ar
     assert len(_losses(run_dir)) == 2
 
 
+@pytest.mark.parametrize("script, sbatch_args", [("train_srun.sbatch", ("--ntasks-per-node", "1")),
+                                                 ("train.sbatch", ())])
+def test_two_node_allocation_trains_across_the_nodes(cluster, script, sbatch_args):
+    """Two slurmd nodes, each in its own network namespace: one rank per node, talking over the bridge."""
+    run_dir = cluster[0] / ("two_nodes_" + script.replace(".", "_"))
+    job = _sbatch(cluster, script, run_dir, "--steps", "2",
+                  sbatch_args=("-p", "netns", "--nodes", "2", "--export", "ALL,MEGACOCA_PROCS_PER_NODE=1,"
+                               "GLOO_SOCKET_IFNAME=eth0", *sbatch_args))
+    state = _wait(cluster, job)
+    log = open(str(run_dir) + ".out").read()
+    assert state["JobState"] == "COMPLETED", log[-3000:]
+    assert "on 2 node(s) mch1 mch2, rendezvous 10.77.0.1:" in log  # the master is the first node's NodeAddr
+    assert "dp=2 pp=1 tp=1 (world 2)" in log and "training exited with status 0" in log
+    if script == "train.sbatch":  # one deepspeed launcher per node
+        assert "node_rank=0" in log and "node_rank=1" in log
+    assert os.path.isfile(run_dir / "checkpoints" / "step00000002" / "COMPLETE")
+    assert len(_losses(run_dir)) == 2
+
+
 @pytest.mark.timeout(600)
 def test_signalled_job_checkpoints_requeues_and_resumes_exactly(cluster):
     steps = "24"
@@ -93,6 +134,62 @@ def test_signalled_job_checkpoints_requeues_and_resumes_exactly(cluster):
     assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", log[-3000:]
     assert "requeueing job" in log and "preempted (SIGUSR1)" in log and "resumed from" in log
     assert _losses(cut_dir) == _losses(whole_dir)  # steps 1-24 of the two, bit for bit
+
+
+@pytest.mark.timeout(600)
+def test_chain_of_jobs_continues_without_lost_steps(cluster):
+    """The documented chain: the first job, told to stop (as at its time limit), checkpoints and exits without
+    requeueing (MEGACOCA_REQUEUE=0); the next, submitted with --dependency=afterany, resumes and finishes."""
+    root, env = cluster
+    whole_dir, chain_dir = root / "whole", root / "chain"
+    if not (whole_dir / "checkpoints" / "step00000024" / "COMPLETE").exists():  # run alone, not after the test above
+        _wait(cluster, _sbatch(cluster, "train_srun.sbatch", whole_dir, "--steps", "24",
+                               sbatch_args=("--ntasks-per-node", "2")))
+    args = ("--steps", "24")
+    first = _sbatch(cluster, "train_srun.sbatch", chain_dir, *args,
+                    sbatch_args=("--ntasks-per-node", "2", "--export", "ALL,MEGACOCA_REQUEUE=0"))
+    second = _sbatch(cluster, "train_srun.sbatch", chain_dir, *args,
+                     sbatch_args=("--ntasks-per-node", "2", "--dependency", f"afterany:{first}"))
+    metrics = chain_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('"loss"') >= 4):
+        time.sleep(0.3)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", first], env=env, check=True)
+    assert _wait(cluster, first)["JobState"] == "COMPLETED"
+    assert _wait(cluster, second)["JobState"] == "COMPLETED"
+    log = open(str(chain_dir) + ".out").read()
+    assert "not requeueing (MEGACOCA_REQUEUE=0)" in log and "resumed from" in log and "requeueing job" not in log
+    assert _losses(chain_dir) == _losses(whole_dir)
+
+
+def test_rendezvous_port_is_checked_on_the_first_node(cluster):
+    """The derived port skips ports in use; a busy MASTER_PORT, or no free port, is one line and exit 2."""
+    root, env = cluster
+    host = socket.gethostname()
+    busy, port = _occupied_port()
+    with busy:
+        fake_job = dict(env, SLURM_JOB_ID=str(port - 20000), SLURM_JOB_NODELIST=host, SLURMD_NODENAME=host,
+                        MEGACOCA_DIR=REPO)
+        script = "source slurm/common.sh && echo MASTER_PORT=$MASTER_PORT"
+
+        def common(**extra):
+            return subprocess.run(["bash", "-c", script], env=dict(fake_job, **extra), cwd=REPO, capture_output=True,
+                                  text=True)
+
+        chosen = common()
+        assert chosen.returncode == 0 and f"MASTER_PORT={port + 1}" in chosen.stdout, chosen
+        none_free = common(MEGACOCA_PORT_TRIES="1")
+        assert none_free.returncode == 2
+        assert none_free.stderr == f"megacoca slurm: error: no free port on {host} among the 1 from {port} (set MASTER_PORT)\n"
+        # a real job whose MASTER_PORT is in use on its first node fails at once with one line in its log
+        run_dir = root / "busy_port"
+        job = _sbatch(cluster, "train_srun.sbatch", run_dir, sbatch_args=("--ntasks-per-node", "2", "--export",
+                                                                          f"ALL,MASTER_PORT={port}"))
+        state = _wait(cluster, job, timeout=120)
+    log = open(str(run_dir) + ".out").read()
+    assert state["JobState"] == "FAILED"
+    assert log.strip().splitlines()[-1] == (f"megacoca slurm: error: MASTER_PORT {port} is in use on {host}; "
+                                            "choose a free one or unset it")
 
 
 @pytest.mark.parametrize("args, message", [
