@@ -47,10 +47,12 @@ def resolve_path(name_or_path: str) -> str:
 def load_json(name_or_path: str) -> dict:
     path = resolve_path(name_or_path)
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             values = json.load(f)
-    except json.JSONDecodeError as error:
+    except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
         raise ConfigError(f"cannot parse DeepSpeed config {path}: {error}") from None
+    except OSError as error:
+        raise ConfigError(f"cannot read DeepSpeed config {path}: {error.strerror or error}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"DeepSpeed config {path}: expected a JSON object")
     return values
@@ -66,10 +68,64 @@ def zero_stage(ds: dict) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
+def check_json(ds: dict, where: str) -> None:
+    """The keys megacoca reads, and DeepSpeed's own model of the `zero_optimization` section, checked now:
+    DeepSpeed would refuse a misspelt ZeRO key only in `deepspeed.initialize`, after the process group and
+    the model exist. `where` names the file (and overrides) in the one-line error."""
+
+    def fail(key: str, expected: str) -> None:
+        value = ds
+        for part in key.split("."):
+            value = value[part]
+        raise ConfigError(f"DeepSpeed config {where}: {key} must be {expected}, got {value!r}")
+
+    for section in ("zero_optimization", "bf16", "fp16"):
+        if section in ds and not isinstance(ds[section], dict):
+            fail(section, "an object ({...})")
+    for section in ("bf16", "fp16"):
+        if "enabled" in ds.get(section, {}) and not isinstance(ds[section]["enabled"], bool):
+            fail(f"{section}.enabled", "true or false")
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                "gradient_clipping"):
+        value = ds.get(key, "auto")
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            fail(key, "a number or \"auto\"")
+    zero = ds.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or not isinstance(stage, int) or stage not in (0, 1, 2, 3):
+        fail("zero_optimization.stage", "0, 1, 2 or 3")
+    for offload in ("offload_optimizer", "offload_param"):
+        if offload in zero:
+            if not isinstance(zero[offload], dict):
+                fail(f"zero_optimization.{offload}", "an object ({\"device\": \"cpu\", ...})")
+            if zero[offload].get("device", "none") not in (None, "none", "cpu", "nvme"):
+                fail(f"zero_optimization.{offload}.device", "\"none\", \"cpu\" or \"nvme\"")
+    from pydantic import ValidationError
+
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except ValidationError as error:
+        first = error.errors()[0]
+        key = ".".join(["zero_optimization", *(str(part) for part in first["loc"])])
+        if first["type"] == "extra_forbidden":
+            import difflib
+
+            known = {name for name, f in DeepSpeedZeroConfig.model_fields.items() for name in (name, f.alias) if name}
+            close = difflib.get_close_matches(str(first["loc"][-1]), sorted(known), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"DeepSpeed config {where}: {key} is not a ZeRO setting DeepSpeed knows{hint}") from None
+        raise ConfigError(f"DeepSpeed config {where}: {key}: {first['msg']} (got {first.get('input')!r})") from None
+
+
 def build_deepspeed_config(job: JobConfig, dp_size: int, source: dict | None = None) -> dict:
     """The dict handed to `deepspeed.initialize(config=...)`: the JSON plus the derived fields."""
     ds = copy.deepcopy(source if source is not None else load_json(job.parallel.deepspeed_config))
-    apply_overrides(ds, job.parallel.deepspeed_overrides)
+    check_json(ds, job.parallel.deepspeed_config)
+    if job.parallel.deepspeed_overrides:
+        apply_overrides(ds, job.parallel.deepspeed_overrides)
+        check_json(ds, f"{job.parallel.deepspeed_config} + parallel.deepspeed_overrides")
     s = job.schedule
     per_step = s.micro_batch_size * dp_size
     if s.global_batch_size % per_step:
@@ -101,8 +157,6 @@ def build_deepspeed_config(job: JobConfig, dp_size: int, source: dict | None = N
         if forbidden in ds:
             raise ConfigError(f"DeepSpeed config has an {forbidden!r} section; megacoca builds AdamW and the "
                               f"lr schedule from the job config (optim.*, schedule.*): remove it")
-    if zero_stage(ds) not in (0, 1, 2, 3):
-        raise ConfigError(f"zero_optimization.stage must be 0-3, got {zero_stage(ds)}")
     return ds
 
 

@@ -81,6 +81,23 @@ class CoCaConfig:
         def fail(message: str) -> None:
             raise ValueError(f"CoCaConfig: {message}")
 
+        # Sizes first: every check below divides by some of them.
+        for name in ("image_size", "patch_size", "in_channels", "vision_width", "vision_layers", "vision_heads",
+                     "vision_mlp_dim", "caption_queries", "pooler_heads", "vocab_size", "text_width", "text_heads",
+                     "text_mlp_dim", "text_layers", "decoder_layers", "embed_dim"):
+            if getattr(self, name) < 1:
+                fail(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.context_length < 2:
+            fail(f"context_length must be >= 2 (bos + eos), got {self.context_length}")
+        if self.pooler_dim is not None and self.pooler_dim < 1:
+            fail(f"pooler_dim must be >= 1 or null (text_width), got {self.pooler_dim}")
+        if self.patch_size > self.image_size:
+            fail(f"patch_size {self.patch_size} is larger than image_size {self.image_size}")
+        if not (math.isfinite(self.ln_eps) and self.ln_eps > 0):
+            fail(f"ln_eps must be > 0, got {self.ln_eps}")
+        for name in ("init_logit_scale", "max_logit_scale"):
+            if not math.isfinite(getattr(self, name)):
+                fail(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.image_size % self.patch_size:
             fail(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         for name in ("vision", "text"):
@@ -97,9 +114,6 @@ class CoCaConfig:
             fail(f"kernels must be 'auto', 'triton' or 'torch', got {self.kernels!r}")
         if not 0 <= self.pad_id < self.vocab_size:
             fail(f"pad_id {self.pad_id} is outside the vocabulary of {self.vocab_size}")
-        for name in ("vision_layers", "text_layers", "decoder_layers", "context_length", "embed_dim"):
-            if getattr(self, name) < 1:
-                fail(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def replace(self, **changes) -> "CoCaConfig":
         return dataclasses.replace(self, **changes)

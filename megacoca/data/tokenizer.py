@@ -92,6 +92,8 @@ class Tokenizer(_Base):
         import sentencepiece as spm
 
         model_path = os.fspath(model_path)
+        if os.path.isdir(model_path):
+            raise ValueError(f"tokenizer model {model_path} is a directory, not a SentencePiece .model file")
         if not os.path.isfile(model_path):
             raise FileNotFoundError(f"tokenizer model not found: {model_path}")
         if context_length < 2:
@@ -100,7 +102,11 @@ class Tokenizer(_Base):
         self.context_length = int(context_length)
         with open(model_path, "rb") as f:
             self._proto = f.read()
-        self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+        except RuntimeError:  # the protobuf parse failed: SentencePiece says only "INTERNAL: ... ParseFromArray"
+            raise ValueError(f"{model_path} is not a SentencePiece model (it does not parse as one); train one with "
+                             "`megacoca tokenizer train` or use 'clip-bpe'") from None
         self._check_specials()
 
     def _check_specials(self):

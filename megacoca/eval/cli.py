@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
+
+from megacoca.config import inputs
+from megacoca.config.inputs import argument, at_least
 
 
 def register(subparsers) -> None:
@@ -17,36 +19,51 @@ def register(subparsers) -> None:
                     "recall@1/5/10, greedy captions and their correctness (synth-shapes).",
     )
     parser.add_argument("--checkpoint", required=True, help="DeepSpeed checkpoint dir (or one tag dir) or model dir")
-    parser.add_argument("--shards", required=True, help="shard spec: a dir, a file, a brace pattern")
-    parser.add_argument("--tokenizer", required=True, help="SentencePiece .model path or 'clip-bpe'")
-    parser.add_argument("--out", default=None, help="write the metrics JSON here")
-    parser.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N samples")
-    parser.add_argument("--caption-samples", type=int, default=None, help="caption only the first N (default all)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--shards", required=True, type=argument(inputs.shards),
+                        help="shard spec: a dir, a file, a brace pattern")
+    parser.add_argument("--tokenizer", required=True, type=argument(inputs.tokenizer),
+                        help="SentencePiece .model path or 'clip-bpe'")
+    parser.add_argument("--out", default=None, type=argument(inputs.output_file), help="write the metrics JSON here")
+    parser.add_argument("--max-samples", type=at_least(1), default=None, help="evaluate only the first N samples")
+    parser.add_argument("--caption-samples", type=at_least(1), default=None,
+                        help="caption only the first N (default all)")
+    parser.add_argument("--batch-size", type=at_least(1), default=256)
+    parser.add_argument("--max-new-tokens", type=at_least(1), default=20)
     parser.add_argument("--flavor", default=None,
                         help="model flavor, for a DeepSpeed checkpoint that does not record its config")
     parser.add_argument("--model-set", action="append", default=[], metavar="FIELD=VALUE",
                         help="CoCaConfig override with --flavor (repeatable), e.g. vocab_size=512")
-    parser.add_argument("--metrics", default=None, help="a run's metrics.jsonl: draw curves to --curves")
-    parser.add_argument("--curves", default=None, help="PNG path for the loss/eval curves (needs --metrics)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--metrics", default=None,
+                        type=argument(lambda path: inputs.readable_file(path, "metrics file")),
+                        help="a run's metrics.jsonl: draw curves to --curves")
+    parser.add_argument("--curves", default=None, type=argument(inputs.output_file),
+                        help="PNG path for the loss/eval curves (needs --metrics)")
+    parser.add_argument("--threads", type=at_least(1), default=None, help="torch intra-op threads")
     parser.set_defaults(func=run)
 
 
 def _model_config(args):
+    """The CoCaConfig of --flavor and --model-set (None without --flavor); a bad one is a ConfigError."""
+    from megacoca.config.train import ConfigError, ModelChoice, parse_model_overrides
+
     if not args.flavor:
         if args.model_set:
-            raise SystemExit("megacoca eval: --model-set needs --flavor")
+            raise ConfigError("--model-set needs --flavor (the checkpoint's own config is used without it)")
         return None
-    from megacoca.config.train import parse_set
-    from megacoca.models.coca import get_flavor
-
-    overrides = dict(parse_set(item) for item in args.model_set)
-    return get_flavor(args.flavor, **overrides)
+    choice = ModelChoice(flavor=args.flavor, overrides=parse_model_overrides(args.model_set, "--model-set"))
+    try:
+        return choice.build()
+    except ConfigError as error:  # "model.flavor: ..." / "model.overrides: ...": name the arguments instead
+        message = str(error).replace("model.flavor:", "--flavor:").replace("model.overrides:", "--model-set:")
+        raise ConfigError(message) from None
 
 
 def run(args) -> int:
+    from megacoca.config.train import ConfigError
+
+    if args.curves and not args.metrics:
+        raise ConfigError("--curves needs --metrics (a run's metrics.jsonl)")
+    model_config = _model_config(args)  # before anything loads: a bad --flavor/--model-set is one line
     import torch
 
     from megacoca.data.tokenizer import load_tokenizer
@@ -54,11 +71,9 @@ def run(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.curves and not args.metrics:
-        raise SystemExit("megacoca eval: --curves needs --metrics")
     began = time.perf_counter()
     try:
-        model = load_model_for_eval(args.checkpoint, model_config=_model_config(args))
+        model = load_model_for_eval(args.checkpoint, model_config=model_config)
         tokenizer = load_tokenizer(args.tokenizer, model.cfg.context_length)
         if tokenizer.vocab_size > model.cfg.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces but the model's vocabulary is "

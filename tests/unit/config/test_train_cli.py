@@ -2,6 +2,7 @@
 process group or model exists (in-process: these never reach training)."""
 
 import json
+import tarfile
 
 import pytest
 
@@ -15,7 +16,7 @@ TINY = ["--set", "schedule.steps=2", "--set", "schedule.global_batch_size=8", "-
 def shards(tmp_path):
     (tmp_path / "train").mkdir()
     for i in range(2):
-        (tmp_path / "train" / f"{i:05d}.tar").write_bytes(b"")
+        tarfile.open(tmp_path / "train" / f"{i:05d}.tar", "w").close()  # valid (empty) tars: the header is checked
     return str(tmp_path / "train")
 
 

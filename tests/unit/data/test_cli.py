@@ -45,11 +45,15 @@ def test_from_folder_cli(tmp_path, capsys):
 
 
 def test_missing_paths_are_one_line_errors(tmp_path, capsys):
+    """Bad input is refused while the command line is parsed: one line, exit code 2 (tests/unit/config/
+    test_bad_input.py holds the full table)."""
     missing = str(tmp_path / "none")
     assert main(["tokenizer", "train", "--shards", missing, "--vocab-size", "10", "--output",
-                 str(tmp_path / "t")]) == 1
-    assert capsys.readouterr().err.strip() == f"error: shard not found: {missing}"
-    assert main(["data", "from-folder", "--images", missing, "--sidecar", "--out", str(tmp_path / "o")]) == 1
-    assert capsys.readouterr().err.strip() == f"error: images folder not found: {missing}"
-    assert main(["tokenizer", "encode", "--tokenizer", missing + ".model", "hi"]) == 1
+                 str(tmp_path / "t")]) == 2
+    assert capsys.readouterr().err.strip() == \
+        f"megacoca tokenizer train: error: argument --shards: shard not found: {missing}"
+    assert main(["data", "from-folder", "--images", missing, "--sidecar", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip() == \
+        f"megacoca data from-folder: error: argument --images: images folder not found: {missing}"
+    assert main(["tokenizer", "encode", "--tokenizer", missing + ".model", "hi"]) == 2
     assert main(["data"]) == 2
