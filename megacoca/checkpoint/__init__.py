@@ -1,6 +1,8 @@
-"""Checkpoints: save/resume through DeepSpeed with data position and RNG state; consolidation to fp32."""
+"""Checkpoints: crash-safe save/resume through DeepSpeed with data position and RNG state; consolidation to fp32;
+every load weights_only (no file runs code)."""
 
 from megacoca.checkpoint.consolidate import consolidated_state_dict, save_consolidated
+from megacoca.checkpoint.files import BadCheckpointError, CheckpointError, UnsafeCheckpointError, safe_load
 from megacoca.checkpoint.state import (
     complete_checkpoints,
     find_resume_checkpoint,
@@ -9,10 +11,14 @@ from megacoca.checkpoint.state import (
 )
 
 __all__ = [
+    "BadCheckpointError",
+    "CheckpointError",
+    "UnsafeCheckpointError",
     "complete_checkpoints",
     "consolidated_state_dict",
     "find_resume_checkpoint",
     "load_checkpoint",
     "save_checkpoint",
+    "safe_load",
     "save_consolidated",
 ]

@@ -9,6 +9,10 @@ With tensor parallelism the ranks' state dicts are then merged with the layout t
 (`tensor_parallel` in the client state): shards concatenated along their dim and cut to the unpadded size;
 replicated tensors taken once, after checking that every rank holds the same values. Under pipeline
 parallelism each stage is merged so, and the stages' disjoint state dicts are joined.
+
+No file is unpickled beyond tensors and plain data (megacoca.checkpoint.files): megacoca reads with `safe_load`,
+and since DeepSpeed's zero_to_fp32 loads with `weights_only=False`, every file of the tag is checked first.
+The output is safetensors.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import tempfile
 
 import torch
 
+from megacoca.checkpoint.files import checkpoint_files, safe_load, verify_files
 from megacoca.checkpoint.state import COMPLETE, LATEST
 
 
@@ -32,6 +37,7 @@ def resolve_tag_dir(path: str) -> str:
         raise FileNotFoundError(f"no checkpoint directory {path}")
     if not os.path.isfile(os.path.join(path, COMPLETE)):
         raise FileNotFoundError(f"{path} has no {COMPLETE} marker: the save was interrupted")
+    verify_files(checkpoint_files(path))  # before anything (DeepSpeed's zero_to_fp32 too) unpickles one
     return path
 
 
@@ -41,8 +47,7 @@ def client_state(tag_dir: str, mp_rank: int = 0) -> dict:
     files = sorted(glob.glob(os.path.join(tag_dir, f"*mp_rank_{mp_rank:02d}_model_states.pt")))
     if not files:
         return {}
-    # Our own run's file; it holds DeepSpeed objects beyond tensors, hence weights_only=False.
-    state = torch.load(files[0], map_location="cpu", weights_only=False)
+    state = safe_load(files[0])
     return {key: state[key] for key in ("step", "dp_size", "config", "tensor_parallel", "pipeline") if key in state}
 
 
@@ -64,7 +69,7 @@ def _mp_rank_state(tag_dir: str, mp_rank: int, mp_size: int) -> dict[str, torch.
     files = sorted(glob.glob(os.path.join(tag_dir, f"{marker}_model_states.pt")))
     if not files:
         raise FileNotFoundError(f"{tag_dir} holds no DeepSpeed model states for {marker}")
-    return torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    return safe_load(files[0])["module"]
 
 
 def merge_tensor_parallel(states: list[dict], layout: dict) -> dict[str, torch.Tensor]:
@@ -110,14 +115,13 @@ def consolidated_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 
 def save_consolidated(path: str, output: str) -> str:
-    """Write the fp32 state dict to `output` (.safetensors or .pt); returns the path written."""
+    """Write the fp32 state dict to `output` (a .safetensors file: exports are never pickles); returns it."""
+    from safetensors.torch import save_file
+
+    if not output.endswith(".safetensors"):
+        raise ValueError(f"{output}: the consolidated weights are written as safetensors; name it *.safetensors")
     state = consolidated_state_dict(path)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    if output.endswith(".safetensors"):
-        from safetensors.torch import save_file
-
-        # safetensors refuses shared storage (a tied vocabulary head): store each tensor on its own.
-        save_file({name: tensor.contiguous().clone() for name, tensor in state.items()}, output)
-    else:
-        torch.save(state, output)
+    # safetensors refuses shared storage (a tied vocabulary head): store each tensor on its own.
+    save_file({name: tensor.contiguous().clone() for name, tensor in state.items()}, output)
     return output

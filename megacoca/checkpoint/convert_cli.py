@@ -20,6 +20,9 @@ import sys
 
 import torch
 
+from megacoca.config import inputs
+from megacoca.config.inputs import argument
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -29,30 +32,34 @@ def register(subparsers) -> None:
     commands = parser.add_subparsers(dest="convert_command", metavar="FORMAT", required=True)
 
     p = commands.add_parser("from-open-clip", help="open_clip CoCa state dict or checkpoint -> model directory")
-    p.add_argument("--model", required=True,
+    p.add_argument("--model", required=True, type=argument(inputs.open_clip_model),
                    help="open_clip model name (coca_ViT-B-32, coca_ViT-L-14) or the path of its model-config JSON")
-    p.add_argument("--input", required=True, help="state dict or training checkpoint ({'state_dict': ...}) .pt")
-    p.add_argument("--output", required=True, help="directory to write config.json and model.safetensors to")
+    p.add_argument("--input", required=True, type=argument(inputs.weights_file),
+                   help="state dict or training checkpoint ({'state_dict': ...}) .pt")
+    p.add_argument("--output", required=True, type=argument(inputs.output_dir),
+                   help="directory to write config.json and model.safetensors to")
     p.add_argument("--no-check", action="store_true", help="skip comparing outputs with open_clip's model")
     p.set_defaults(func=from_open_clip_command)
 
     p = commands.add_parser("to-open-clip", help="model directory (open_clip layout) -> open_clip state dict")
-    p.add_argument("--input", required=True, help="megacoca model directory")
-    p.add_argument("--output", required=True, help="open_clip state dict to write (.pt)")
-    p.add_argument("--model", default=None,
+    p.add_argument("--input", required=True, type=argument(inputs.model_dir), help="megacoca model directory")
+    p.add_argument("--output", required=True, type=argument(inputs.output_file),
+                   help="open_clip state dict to write (.safetensors, or .pt)")
+    p.add_argument("--model", default=None, type=argument(inputs.open_clip_model),
                    help="open_clip model name to check against (default: the one recorded in the directory)")
     p.add_argument("--no-check", action="store_true", help="skip loading the result into open_clip")
     p.set_defaults(func=to_open_clip_command)
 
     p = commands.add_parser("from-deepspeed", help="megacoca DeepSpeed checkpoint (any ZeRO stage, any tensor-parallel "
                                                    "degree) -> model directory")
-    p.add_argument("--input", required=True,
+    p.add_argument("--input", required=True, type=argument(inputs.deepspeed_checkpoint),
                    help="a checkpoint tag directory (RUN/checkpoints/step00000100) or the checkpoint directory "
                         "(its `latest` is used)")
-    p.add_argument("--output", required=True, help="directory to write config.json and model.safetensors to")
-    p.add_argument("--model-config", default=None,
+    p.add_argument("--output", required=True, type=argument(inputs.output_dir),
+                   help="directory to write config.json and model.safetensors to")
+    p.add_argument("--model-config", default=None, type=argument(inputs.model_config_file),
                    help="CoCaConfig JSON (or a model directory) when the checkpoint's client state has no job config")
-    p.add_argument("--tokenizer", default=None,
+    p.add_argument("--tokenizer", default=None, type=argument(inputs.tokenizer),
                    help="tokenizer spec to record (default: the run's data.tokenizer)")
     p.set_defaults(func=from_deepspeed_command)
 
@@ -149,7 +156,12 @@ def convert_to_open_clip(input_dir: str, output: str, *, model: str | None = Non
         else:
             _build_open_clip(model_config, name).load_state_dict(state, strict=True)
     os.makedirs(os.path.dirname(os.path.abspath(output)) or ".", exist_ok=True)
-    torch.save(state, output)
+    if output.endswith(".safetensors"):  # open_clip reads either; safetensors is never a pickle
+        from safetensors.torch import save_file
+
+        save_file({name: tensor.contiguous().clone() for name, tensor in state.items()}, output)
+    else:
+        torch.save(state, output)  # tensors only: open_clip loads it with weights_only=True
     config_path = os.path.splitext(output)[0] + ".json"
     with open(config_path, "w") as handle:
         json.dump(model_config, handle, indent=4)
@@ -188,8 +200,7 @@ def _read_model_config(path: str):
 def convert_from_deepspeed(input_path: str, output: str, *, model_config: str | None = None,
                            tokenizer: str | None = None) -> str:
     from megacoca.checkpoint.consolidate import client_state, consolidated_state_dict, resolve_tag_dir
-    from megacoca.config.train import JobConfig
-    from megacoca.data.tokenizer import load_tokenizer
+    from megacoca.config.train import ConfigError, JobConfig
     from megacoca.models.coca.loading import save_pretrained, tokenizer_info
     from megacoca.models.coca.model import CoCa
     from megacoca.models.coca.open_clip import NotExpressibleError, open_clip_config
@@ -202,7 +213,14 @@ def convert_from_deepspeed(input_path: str, output: str, *, model_config: str | 
     elif job is not None:
         cfg = job.model_config()
     else:
-        raise ValueError(f"{tag_dir} records no job config in its client state: pass --model-config")
+        raise ConfigError(f"{tag_dir} records no job config in its client state: pass --model-config")
+    # The tokenizer before the weights: a run's data.tokenizer is often a path relative to where it ran.
+    spec = tokenizer or (job.data.tokenizer if job is not None else None)
+    tok = None
+    if spec:
+        where = "--tokenizer" if tokenizer else "the run's data.tokenizer (pass --tokenizer to override)"
+        tokenizer_obj = inputs.keyed(where, inputs.tokenizer, spec, cfg.context_length)
+        tok = tokenizer_info(spec, cfg.context_length, tokenizer_obj.bos_id, tokenizer_obj.eos_id, tokenizer_obj.pad_id)
     state = consolidated_state_dict(tag_dir)  # fp32, merged over the ZeRO partitions and tensor-parallel shards
     state = {key[len("module."):] if key.startswith("module.") else key: value for key, value in state.items()}
     if cfg.tie_word_embeddings and "caption_head.weight" not in state:
@@ -210,11 +228,6 @@ def convert_from_deepspeed(input_path: str, output: str, *, model_config: str | 
     with torch.device("meta"):
         CoCa(cfg).load_state_dict(state, strict=True, assign=True)  # every key, every shape
 
-    spec = tokenizer or (job.data.tokenizer if job is not None else None)
-    tok = None
-    if spec:
-        tokenizer_obj = load_tokenizer(spec, cfg.context_length)
-        tok = tokenizer_info(spec, cfg.context_length, tokenizer_obj.bos_id, tokenizer_obj.eos_id, tokenizer_obj.pad_id)
     try:
         open_clip_meta = {"model_name": None, "model_config": open_clip_config(cfg)}
     except NotExpressibleError:

@@ -3,14 +3,28 @@
 Layout under `checkpoint_dir`:
 
     step00000040/              DeepSpeed's files (model, ZeRO optimizer shards, zero_to_fp32.py)
-        megacoca_rank00001.pt  per-rank client state: data position (the loader's state_dict), RNG states
-        COMPLETE               written by rank 0 only after every rank returned from save_checkpoint
+        megacoca_rank00001.pt  per-rank client state, tensors and plain data only: data position (the loader's
+                               state_dict), RNG states
+        COMPLETE               written by rank 0 only after every rank's files are on disk
     latest                     tag of the newest COMPLETE checkpoint (atomic rename), what zero_to_fp32 reads
 
 DeepSpeed's own client state (in the dp-rank-0 model file of each model-parallel rank) carries the step, the
-dp size, the resolved job config and the tensor-parallel layout (how to merge the TP ranks' shards). DeepSpeed writes its `latest` from rank 0 before the other ranks have finished, so megacoca
-saves with `save_latest=False` and writes the marker and `latest` itself after a barrier: a crash mid-save
-leaves a tag without COMPLETE, which `--resume auto` ignores, and the previous checkpoint stays intact.
+dp size, the resolved job config and the tensor-parallel layout (how to merge the TP ranks' shards).
+
+A save, in order (the names are megacoca.launch.faults points, where tests kill a rank or fill the disk):
+rank 0 removes any earlier files of the same tag (a partial save, or a complete one being written again: its
+COMPLETE marker goes first), then save:begin; DeepSpeed writes its files (save:after_model_states,
+save:after_optim_states) with `save_latest=False`, since DeepSpeed writes its `latest` from rank 0 before the
+other ranks have finished; every rank writes its megacoca file (save:after_rank_file); the ranks agree that
+every write succeeded; rank 0 writes COMPLETE (save:before_complete, save:after_complete), then `latest`
+(save:after_latest), then prunes. A process killed anywhere before COMPLETE leaves a tag without it, which
+`--resume auto` never chooses (Trainer.resume reports it) and the next save removes; the previous checkpoint is
+untouched. A write that fails (full disk, read-only directory) on any rank stops every rank at the agreement
+with the same one-line CheckpointError; the partial tag is removed and the previous checkpoint is untouched.
+
+Loading never unpickles code (megacoca.checkpoint.files): before DeepSpeed reads anything, the ranks check
+every file of the tag between them (weights_only, mmap: no tensor bytes read) and agree; DeepSpeed's own loads
+then go through the guarded checkpoint engine, `weights_only=True` as well.
 """
 
 from __future__ import annotations
@@ -18,11 +32,23 @@ from __future__ import annotations
 import os
 import random
 import re
-import shutil
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from megacoca.checkpoint.files import (
+    BadCheckpointError,
+    CheckpointError,
+    UnsafeCheckpointError,
+    checkpoint_files,
+    describe_write_error,
+    guard,
+    remove_tree,
+    safe_load,
+    verify_files,
+)
+from megacoca.launch import faults
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -38,7 +64,12 @@ def _rank_file(tag_dir: str, rank: int) -> str:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, numpy, torch (and CUDA) RNG states as tensors and plain data (a weights_only load reads them)."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -46,23 +77,37 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = (numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                       numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    np.random.set_state(numpy_state)  # else np.random.get_state() itself, as files before the dict held it
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def complete_checkpoints(checkpoint_dir: str) -> list[tuple[int, str]]:
-    """(step, tag directory) of every COMPLETE checkpoint, oldest first."""
+def _tags(checkpoint_dir: str) -> list[tuple[int, str, bool]]:
+    """(step, tag directory, complete) of every step* directory, oldest first."""
     if not os.path.isdir(checkpoint_dir):
         return []
     found = []
     for name in os.listdir(checkpoint_dir):
         match = TAG_PATTERN.match(name)
         path = os.path.join(checkpoint_dir, name)
-        if match and os.path.isfile(os.path.join(path, COMPLETE)):
-            found.append((int(match.group(1)), path))
+        if match and os.path.isdir(path):
+            found.append((int(match.group(1)), path, os.path.isfile(os.path.join(path, COMPLETE))))
     return sorted(found)
+
+
+def complete_checkpoints(checkpoint_dir: str) -> list[tuple[int, str]]:
+    """(step, tag directory) of every COMPLETE checkpoint, oldest first."""
+    return [(step, path) for step, path, complete in _tags(checkpoint_dir) if complete]
+
+
+def incomplete_checkpoints(checkpoint_dir: str) -> list[tuple[int, str]]:
+    """(step, tag directory) of every tag without COMPLETE (its save was interrupted), oldest first."""
+    return [(step, path) for step, path, complete in _tags(checkpoint_dir) if not complete]
 
 
 def find_resume_checkpoint(job) -> str | None:
@@ -92,64 +137,115 @@ def pipeline_layout(module, job) -> dict | None:
     return {"pp": module.pp, "tp": job.parallel.tp, "stage": module.stage, "vision_blocks": list(module.block_indices)}
 
 
+def _failures(failure) -> list[tuple[int, object]]:
+    """Collective: (rank, failure) of every rank whose `failure` is not None (a message, or a tuple)."""
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, failure)
+    return [(rank, value) for rank, value in enumerate(everyone) if value is not None]
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def save_checkpoint(engine, job, step: int, train_loader=None, *, dp_size: int) -> str:
-    """Every rank calls this. Returns the tag directory."""
+    """Every rank calls this. Returns the tag directory; raises CheckpointError on every rank if a write failed
+    on any (the previous complete checkpoint is untouched)."""
     checkpoint_dir = job.checkpoint_dir
     tag = tag_for(step)
+    tag_dir = os.path.join(checkpoint_dir, tag)
+    rank = dist.get_rank()
     from megacoca.parallel.tensor import tensor_parallel_layout
 
+    files = guard(engine)
+    files.error = None
+    try:
+        if rank == 0 and os.path.isdir(tag_dir):
+            remove_tree(tag_dir, COMPLETE)
+        faults.point("save:begin")
+    except OSError as error:
+        files.error = f"{error.strerror or error} clearing {tag_dir}"
+    dist.barrier()  # the tag is gone on disk before any rank writes into it
     client_state = {"step": step, "dp_size": dp_size, "config": job.to_dict(),
                     "tensor_parallel": tensor_parallel_layout(engine.module),
                     "pipeline": pipeline_layout(engine.module, job)}
     engine.save_checkpoint(checkpoint_dir, tag=tag, client_state=client_state, save_latest=False)
-    tag_dir = os.path.join(checkpoint_dir, tag)
-    rank = dist.get_rank()
-    os.makedirs(tag_dir, exist_ok=True)
-    local = {"step": step, "rng": rng_state(),
-             "data": train_loader.state_dict() if hasattr(train_loader, "state_dict") else None}
-    tmp = _rank_file(tag_dir, rank) + ".tmp"
-    torch.save(local, tmp)
-    os.replace(tmp, _rank_file(tag_dir, rank))
-    dist.barrier()  # every rank's DeepSpeed files and client file are on disk
-    if rank == 0:
-        with open(os.path.join(tag_dir, COMPLETE), "w") as f:
-            f.write(f"{step}\n")
-        tmp = os.path.join(checkpoint_dir, LATEST + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(tag)
-        os.replace(tmp, os.path.join(checkpoint_dir, LATEST))
-        prune(checkpoint_dir, job.checkpoint.keep, newest_step=step)
-    dist.barrier()
+    error = files.error
+    if error is None:
+        path = _rank_file(tag_dir, rank)
+        try:
+            local = {"step": step, "rng": rng_state(),
+                     "data": train_loader.state_dict() if hasattr(train_loader, "state_dict") else None}
+            torch.save(local, path + ".tmp")
+            os.replace(path + ".tmp", path)
+            faults.point("save:after_rank_file")
+        except (OSError, RuntimeError) as exc:
+            error = describe_write_error(exc, path)
+    failed = _failures(error)  # every rank's DeepSpeed files and client file are on disk, or every rank raises
+    if not failed and rank == 0:
+        try:
+            faults.point("save:before_complete")
+            _write_text(os.path.join(tag_dir, COMPLETE), f"{step}\n")
+            faults.point("save:after_complete")
+            _write_text(os.path.join(checkpoint_dir, LATEST), tag)
+            faults.point("save:after_latest")
+            prune(checkpoint_dir, job.checkpoint.keep, newest_step=step)
+        except OSError as exc:
+            error = f"{exc.strerror or exc} writing {exc.filename or checkpoint_dir}"
+    failed = failed or _failures(error)
+    if failed:
+        complete = os.path.isfile(os.path.join(tag_dir, COMPLETE))
+        if rank == 0 and not complete:
+            remove_tree(tag_dir, COMPLETE)  # a partial save only takes space (on a full disk, needed space)
+        previous = [s for s, _ in complete_checkpoints(checkpoint_dir) if s != step]
+        kept = (f"step {step} is complete but `latest` may be stale" if complete else
+                f"the previous complete checkpoint (step {previous[-1]}) is intact" if previous else
+                "there is no earlier complete checkpoint")
+        first_rank, message = failed[0]
+        more = f" (and on {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
+        raise CheckpointError(f"checkpoint save of step {step} failed on rank {first_rank}: {message}{more}; "
+                              f"{kept}")
     return tag_dir
 
 
 def prune(checkpoint_dir: str, keep: int, newest_step: int) -> None:
-    """Delete complete checkpoints beyond the newest `keep`, and incomplete ones older than the newest."""
-    complete = complete_checkpoints(checkpoint_dir)
-    doomed = [path for _, path in complete[:-keep]] if keep else []
-    for name in os.listdir(checkpoint_dir):
-        match = TAG_PATTERN.match(name)
-        path = os.path.join(checkpoint_dir, name)
-        if match and int(match.group(1)) < newest_step and not os.path.isfile(os.path.join(path, COMPLETE)):
-            doomed.append(path)
+    """Delete complete checkpoints beyond the newest `keep`, and incomplete ones older than the newest. Each loses
+    its COMPLETE marker before its files, so a kill midway leaves an incomplete tag, never a broken complete one."""
+    doomed = [path for _, path in complete_checkpoints(checkpoint_dir)[:-keep]] if keep else []
+    doomed += [path for step, path in incomplete_checkpoints(checkpoint_dir) if step < newest_step]
     for path in doomed:
-        shutil.rmtree(path, ignore_errors=True)
+        remove_tree(path, COMPLETE)
 
 
 def load_checkpoint(engine, tag_dir: str, train_loader=None, *, dp_size: int) -> dict:
-    """Every rank calls this; restores engine (model, optimizer, lr schedule), data position and RNG."""
+    """Every rank calls this; restores engine (model, optimizer, lr schedule), data position and RNG. Raises
+    UnsafeCheckpointError on every rank, before DeepSpeed reads anything, if any file of the tag holds more
+    than tensors and plain data."""
     checkpoint_dir, tag = os.path.split(tag_dir.rstrip("/"))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    failure = None
+    try:
+        verify_files(checkpoint_files(tag_dir)[rank::world])  # each file read by one rank
+    except BadCheckpointError as error:
+        failure = (isinstance(error, UnsafeCheckpointError), str(error))
+    failed = _failures(failure)
+    if failed:
+        unsafe, message = failed[0][1]
+        raise (UnsafeCheckpointError if unsafe else BadCheckpointError)(f"resume from {tag_dir}: {message}")
+    guard(engine)
     load_path, client_state = engine.load_checkpoint(checkpoint_dir, tag=tag)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag_dir}")
     client_state = client_state or {}
-    rank = dist.get_rank()
     rank_file = _rank_file(tag_dir, rank)
     saved_dp = client_state.get("dp_size")
     if saved_dp != dp_size or not os.path.isfile(rank_file):
         raise RuntimeError(f"checkpoint {tag_dir} was saved with dp={saved_dp}; this run has dp={dp_size}: exact "
                            "resume (data position, RNG) needs the same data-parallel size")
-    local = torch.load(rank_file, map_location="cpu", weights_only=False)
+    local = safe_load(rank_file)
     if local.get("data") is not None and hasattr(train_loader, "load_state_dict"):
         train_loader.load_state_dict(local["data"])
     set_rng_state(local["rng"])

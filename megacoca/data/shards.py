@@ -21,16 +21,31 @@ decoding, at most one shard per stream to fast-forward). The state is per rank: 
 Bad samples (undecodable image, empty caption, non-UTF-8 text, missing image or caption) are skipped and
 counted in `loader.skipped`; a tar that cannot be read to the end counts as `corrupt_shard` (the samples
 before the damage are kept). A missing local shard path raises FileNotFoundError when the loader is built.
+
+Remote shards (`pipe:CMD`, `http(s)://` read with curl, other webdataset schemes): a command that exits
+non-zero, a connection that fails, or a stream that stays silent for `shard_timeout` seconds (the command is
+killed) is a failed attempt; the shard is opened again (`shard_retries` times at most, counted in
+`loader.shard_retries`, `retry_delay` x attempt seconds apart) and the samples already emitted are skipped without
+decoding, so a shard that succeeds on a retry gives exactly the samples of an undisturbed read. After the last
+attempt the rest of the shard is skipped, logged with the url and the error, and counted as `failed_shard`.
+The read timeout covers `pipe:` and http(s) streams; a local file on a hung filesystem is the watchdog's.
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import io
 import json
 import logging
 import os
 import random
+import select
+import shlex
+import signal
+import subprocess
+import tempfile
+import time
 from collections import Counter
 from typing import Any, Callable, Iterator, Sequence
 
@@ -46,7 +61,12 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 CAPTION_EXTENSIONS = ("txt",)
-SKIP_REASONS = ("corrupt_image", "empty_caption", "non_utf8_text", "missing_image", "missing_caption", "corrupt_shard")
+SKIP_REASONS = ("corrupt_image", "empty_caption", "non_utf8_text", "missing_image", "missing_caption", "corrupt_shard",
+                "failed_shard")
+RETRY_COUNT = "shard_retry"  # failed attempts at remote shards, kept with the skip counts (not a skip reason)
+SHARD_RETRIES = 3  # defaults: attempts after the first at a remote shard,
+SHARD_TIMEOUT_S = 120.0  # seconds a remote stream may stay silent,
+RETRY_DELAY_S = 1.0  # and the pause before retry k (k x this)
 SHARD_PATTERNS = ("*.tar", "*.tar.gz", "*.tgz")
 STATE_VERSION = 1
 
@@ -87,45 +107,148 @@ def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     return urls
 
 
-def read_shard(url: str, on_error: Callable[[Exception], None] | None = None) -> Iterator[dict[str, Any]]:
-    """Raw samples of one tar shard, in file order: dicts with `__key__`, `__url__` and one bytes value per
-    extension (lower-cased). Uses webdataset's tar reading; the first read error ends the shard and is
-    passed to `on_error` (re-raised if None)."""
+class ShardFailedError(OSError):
+    """A remote shard that failed on every attempt (the message names it and the last error)."""
 
-    failed = []
 
-    def handler(exn):  # the first error ends the shard (webdataset stops when a handler returns False)
-        if on_error is None:
-            raise exn
-        if not failed:
-            failed.append(exn)
-            on_error(exn)
-        return False
+class _CommandStream(io.RawIOBase):
+    """The stdout of a shell command, read with a timeout. No byte for `timeout` seconds: the command (its whole
+    process group) is killed and TimeoutError raised. close() raises OSError if the command exited non-zero,
+    with the end of its stderr; closed before the command finished (the reader stopped early), it is killed."""
 
-    stream = None
+    def __init__(self, command: str, timeout: float | None):
+        self.command, self.timeout = command, timeout
+        self.stderr = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=self.stderr,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.fd = self.proc.stdout.fileno()
+        self.eof = False
+
+    def __str__(self) -> str:  # webdataset appends "@ <stream>" to a read error's message
+        return "its output"
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.timeout is not None:
+            ready, _, _ = select.select([self.fd], [], [], self.timeout)
+            if not ready:
+                self._kill()
+                raise TimeoutError(f"no data for {self.timeout:g}s, killed")
+        data = os.read(self.fd, len(buffer))
+        buffer[: len(data)] = data
+        self.eof = self.eof or not data
+        return len(data)
+
+    def _kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                self.proc.kill()
+        self.proc.wait()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            if not self.eof:
+                self._kill()  # stopped early, or failed: nothing more is wanted from it
+            else:
+                try:
+                    self.proc.wait(timeout=self.timeout)
+                except subprocess.TimeoutExpired:
+                    self._kill()
+                    raise TimeoutError(f"closed its output but did not exit within {self.timeout:g}s, "
+                                       "killed") from None
+                if self.proc.returncode != 0:
+                    self.stderr.seek(0)
+                    tail = " ".join(self.stderr.read()[-300:].decode("utf-8", "replace").split())
+                    raise OSError(f"exited with status {self.proc.returncode}" + (f": {tail}" if tail else ""))
+        finally:
+            self.proc.stdout.close()
+            self.stderr.close()
+            super().close()
+
+
+def _open_shard(url: str, timeout: float | None):
+    """A binary stream of the shard: a local file, a `pipe:` command or curl (with the read timeout), or
+    webdataset's gopen for other schemes. A command's stream is unbuffered: tarfile asks for 10 KiB at a time
+    and takes the short reads a pipe gives, so a sample is out as soon as its bytes are."""
+    if url.startswith("pipe:"):
+        return _CommandStream(url[len("pipe:"):], timeout)
+    if url.startswith(("http://", "https://")):
+        connect = f" --connect-timeout {max(int(timeout), 1)}" if timeout is not None else ""
+        return _CommandStream(f"curl -f -s -S -L{connect} {shlex.quote(url)}", timeout)
+    return gopen(url, "rb")
+
+
+def _read_once(url: str, timeout: float | None) -> Iterator[dict[str, Any]]:
+    """One attempt at a shard: raw samples until the end, or the first error (raised). A sample is given when
+    the next one's first file arrives (webdataset's grouping), the last one only once the stream closed cleanly:
+    a stream cut short (a command that then exits non-zero) never gives a sample with some of its files missing."""
+
+    def reraise(exn):
+        raise exn
+
+    stream = _open_shard(url, timeout)
+    ended, last = [], None
     try:
-        stream = gopen(url, "rb")
-
         def files():
-            for item in tar_file_iterator(stream, handler=handler):
+            for item in tar_file_iterator(stream, handler=reraise):
                 item["__url__"] = url
                 yield item
+            ended.append(True)
 
-        yield from group_by_keys(files(), handler=handler)
-    except Exception as exn:  # truncated / unreadable tar: keep what was read, report the rest
-        handler(exn)
+        for sample in group_by_keys(files(), handler=reraise):
+            if ended:
+                last = sample  # grouped because the files ran out: complete only if the stream ends cleanly
+            else:
+                yield sample
     finally:
-        if stream is not None:
-            try:
-                stream.close()
-            except Exception as exn:  # e.g. a pipe: that exited non-zero
-                handler(exn)
+        stream.close()  # a command that failed raises here, after its output was read
+    if last is not None:
+        yield last
 
 
-def iter_samples(spec, on_error: Callable[[Exception], None] | None = None) -> Iterator[dict[str, Any]]:
-    """All raw samples of a shard spec in order (no shuffle, no decode): for tokenizer training, eval, tools."""
+def read_shard(url: str, on_error: Callable[[Exception], None] | None = None, *, retries: int = SHARD_RETRIES,
+               timeout: float | None = SHARD_TIMEOUT_S, retry_delay: float = RETRY_DELAY_S,
+               on_retry: Callable[[Exception], None] | None = None) -> Iterator[dict[str, Any]]:
+    """Raw samples of one tar shard, in file order: dicts with `__key__`, `__url__` and one bytes value per
+    extension (lower-cased). Uses webdataset's tar reading. A local shard's first read error ends it. A remote
+    shard's failed attempt (see the module doc) is passed to `on_retry` and the shard read again, skipping the
+    samples already given, `retries` times at most; then the rest is given up as a ShardFailedError. The error
+    that ends a shard is passed to `on_error` (re-raised if None)."""
+    attempts = retries + 1 if _is_remote(url) else 1
+    emitted = 0
+    for attempt in range(1, attempts + 1):
+        try:
+            for index, sample in enumerate(_read_once(url, timeout)):
+                if index >= emitted:  # a retry passes over what an earlier attempt gave
+                    emitted += 1
+                    yield sample
+            return
+        except Exception as exn:  # truncated / unreadable tar, failed command, timeout
+            error = exn
+        if attempt < attempts:
+            log.warning("shard %s: attempt %d of %d failed (%s); retrying", url, attempt, attempts, error)
+            if on_retry is not None:
+                on_retry(error)
+            time.sleep(retry_delay * attempt)
+    if attempts > 1:
+        error = ShardFailedError(f"{url}: failed {attempts} times, rest of the shard skipped after {emitted} "
+                                 f"samples; last error: {' '.join(str(error).split())}")
+    if on_error is None:
+        raise error
+    on_error(error)
+
+
+def iter_samples(spec, on_error: Callable[[Exception], None] | None = None, **read_options) -> Iterator[dict[str, Any]]:
+    """All raw samples of a shard spec in order (no shuffle, no decode): for tokenizer training, eval, tools.
+    `read_options`: read_shard's retries, timeout, retry_delay."""
     for url in expand_shards(spec):
-        yield from read_shard(url, on_error=on_error)
+        yield from read_shard(url, on_error=on_error, **read_options)
 
 
 def decode_caption(raw: dict[str, Any]) -> tuple[str | None, str | None]:
@@ -171,8 +294,9 @@ class _Streams:
     """Everything a loader worker needs (picklable): the deterministic order and the batch packing."""
 
     def __init__(self, urls, batch_size, tokenizer, transform, dp_rank, dp_size, num_streams, seed, shuffle,
-                 shuffle_buffer, epochs, with_json):
+                 shuffle_buffer, epochs, with_json, read_options):
         self.urls = urls
+        self.read_options = read_options  # read_shard's retries, timeout, retry_delay
         self.batch_size = batch_size
         self.tokenizer = tokenizer
         self.transform = transform
@@ -197,8 +321,8 @@ class _Streams:
         """Global shard indices read by `stream` of this rank in `epoch`."""
         return self.epoch_order(epoch)[self.dp_rank :: self.dp_size][stream :: self.num_streams]
 
-    def shard_samples(self, epoch: int, shard: int, on_error) -> Iterator[dict]:
-        samples = read_shard(self.urls[shard], on_error=on_error)
+    def shard_samples(self, epoch: int, shard: int, on_error, on_retry=None) -> Iterator[dict]:
+        samples = read_shard(self.urls[shard], on_error=on_error, on_retry=on_retry, **self.read_options)
         if not self.shuffle:
             return samples
         rng = random.Random(f"megacoca-samples:{self.seed}:{epoch}:{shard}")
@@ -252,8 +376,15 @@ class _Streams:
         skipped = Counter({k: int(v) for k, v in start.get("skipped", {}).items()})
 
         def on_error(exn):
-            skipped["corrupt_shard"] += 1
-            log.warning("corrupt or unreadable shard (rest of it skipped): %s", exn)
+            if isinstance(exn, ShardFailedError):
+                skipped["failed_shard"] += 1
+                log.warning("remote shard skipped: %s", exn)
+            else:
+                skipped["corrupt_shard"] += 1
+                log.warning("corrupt or unreadable shard (rest of it skipped): %s", exn)
+
+        def on_retry(exn):
+            skipped[RETRY_COUNT] += 1
 
         pending = []
         while self.epochs is None or epoch < self.epochs:
@@ -261,7 +392,7 @@ class _Streams:
             full_epoch, valid = shard_pos == 0 and sample_pos == 0, 0
             while shard_pos < len(shards):
                 shard = shards[shard_pos]
-                for index, raw in enumerate(self.shard_samples(epoch, shard, on_error)):
+                for index, raw in enumerate(self.shard_samples(epoch, shard, on_error, on_retry)):
                     if index < sample_pos:  # fast-forward after a resume: no decoding
                         continue
                     sample_pos = index + 1
@@ -321,6 +452,8 @@ class ShardLoader:
         shuffle_buffer: in-shard shuffle buffer (samples); >= samples per shard means a full permutation.
         epochs: None = endless (epochs roll over); N = stop after N epochs (each stream's last partial
             batch is dropped).
+        shard_retries, shard_timeout, retry_delay: remote shards (`pipe:`, URLs): attempts after a failed one,
+            seconds a stream may stay silent (None: forever), pause before retry k (k x this); see the module doc.
     """
 
     def __init__(
@@ -341,6 +474,9 @@ class ShardLoader:
         prefetch_factor: int = 2,
         pin_memory: bool = False,
         multiprocessing_context=None,
+        shard_retries: int = SHARD_RETRIES,
+        shard_timeout: float | None = SHARD_TIMEOUT_S,
+        retry_delay: float = RETRY_DELAY_S,
     ):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -352,6 +488,10 @@ class ShardLoader:
             raise ValueError(f"seed must be >= 0, got {seed}")
         if transform is None:
             raise ValueError("ShardLoader needs an image transform (e.g. megacoca.data.transforms.ImageTransform)")
+        if shard_retries < 0:
+            raise ValueError(f"shard_retries must be >= 0, got {shard_retries}")
+        if shard_timeout is not None and not shard_timeout > 0:
+            raise ValueError(f"shard_timeout must be > 0 seconds (or None), got {shard_timeout}")
         self.urls = expand_shards(shards)
         self.num_workers = int(num_workers)
         num_streams = max(self.num_workers, 1)
@@ -362,7 +502,9 @@ class ShardLoader:
                 "or use fewer workers"
             )
         self._streams = _Streams(self.urls, int(batch_size), tokenizer, transform, int(dp_rank), int(dp_size),
-                                 num_streams, int(seed), bool(shuffle), int(shuffle_buffer), epochs, with_json)
+                                 num_streams, int(seed), bool(shuffle), int(shuffle_buffer), epochs, with_json,
+                                 {"retries": int(shard_retries), "timeout": shard_timeout,
+                                  "retry_delay": float(retry_delay)})
         self.prefetch_factor = prefetch_factor
         self.pin_memory = pin_memory
         self.multiprocessing_context = multiprocessing_context
@@ -379,11 +521,17 @@ class ShardLoader:
 
     @property
     def skipped(self) -> dict[str, int]:
-        """Bad samples skipped so far, by reason (summed over this rank's streams, up to the last batch)."""
+        """Bad samples skipped so far, by reason (summed over this rank's streams, up to the last batch);
+        `corrupt_shard` and `failed_shard` count shards."""
         total = Counter({reason: 0 for reason in SKIP_REASONS})
         for position in self._positions:
             total.update(position["skipped"])
-        return dict(total)
+        return {reason: total[reason] for reason in SKIP_REASONS}
+
+    @property
+    def shard_retries(self) -> int:
+        """Retries of remote shards so far (failed attempts that were followed by another)."""
+        return sum(position["skipped"].get(RETRY_COUNT, 0) for position in self._positions)
 
     @property
     def epoch(self) -> int:
@@ -401,7 +549,8 @@ class ShardLoader:
 
     def samples_per_epoch(self, epoch: int = 0) -> int:
         """Samples (valid or not) in this rank's shards for `epoch`; reads every tar header of them."""
-        return sum(1 for url in self.rank_shards(epoch) for _ in read_shard(url, on_error=lambda exn: None))
+        return sum(1 for url in self.rank_shards(epoch)
+                   for _ in read_shard(url, on_error=lambda exn: None, **self._streams.read_options))
 
     # ---- iteration --------------------------------------------------------------------------------
     def _reset_position(self):

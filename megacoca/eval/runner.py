@@ -32,9 +32,8 @@ CONFIG_KEYS = ("model_config", "config", "job_config", "job")  # where a checkpo
 
 # ------------------------------------------------------------------------------------------ model loading
 def _is_converted_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "config.json")) and any(
-        os.path.isfile(os.path.join(path, name)) for name in ("model.safetensors", "pytorch_model.bin")
-    )
+    """A model directory: config.json + model.safetensors (never a pickled pytorch_model.bin)."""
+    return os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "model.safetensors"))
 
 
 def resolve_tag_dir(path: str) -> str:
@@ -75,11 +74,14 @@ def _model_config_from(value: Any):
 
 def deepspeed_model_config(tag_dir: str):
     """The CoCaConfig a megacoca DeepSpeed checkpoint was trained with: the resolved job config that the trainer
-    keeps in DeepSpeed's client state (`config`), else a config json next to the checkpoint."""
+    keeps in DeepSpeed's client state (`config`), else a config json next to the checkpoint. The file is read
+    with `weights_only` (megacoca.checkpoint.files.safe_load): a checkpoint from elsewhere cannot run code."""
+    from megacoca.checkpoint.files import safe_load
+
     ckpt_dir = os.path.dirname(tag_dir)
     states = sorted(glob.glob(os.path.join(tag_dir, "*model_states.pt")))
     if states:
-        state = torch.load(states[0], map_location="cpu", weights_only=False)
+        state = safe_load(states[0])
         for holder in (state, state.get("client_state") or {}):
             for key in CONFIG_KEYS:
                 cfg = _model_config_from(holder.get(key)) if key in holder else None

@@ -132,15 +132,21 @@ def test_coca_vit_b32_matches_open_clip(tmp_path):
     check_outputs_match(reference, loaded, images, text)
 
 
-def test_round_trip_gives_identical_tensors(tmp_path):
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_round_trip_gives_identical_tensors(tmp_path, suffix):
     config = tiny_open_clip_config()
     reference = build_tiny(config)
     config_path = tmp_path / "tiny.json"
     config_path.write_text(json.dumps(config))
     directory = convert(tmp_path, str(config_path), reference.state_dict(), as_checkpoint=False)
-    out = tmp_path / "back" / "tiny_export.pt"
+    out = tmp_path / "back" / f"tiny_export{suffix}"
     assert cli(["convert", "to-open-clip", "--input", directory, "--output", str(out)]) == 0
-    back = torch.load(out, weights_only=True)
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        back = load_file(str(out))
+    else:
+        back = torch.load(out, weights_only=True)  # tensors only: no pickled code to trust
     original = reference.state_dict()
     assert set(back) == set(original)
     for key, tensor in original.items():

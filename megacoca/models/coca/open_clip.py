@@ -359,7 +359,9 @@ def read_open_clip_state(path: str | os.PathLike) -> dict:
 
         state = load_file(os.fspath(path))
     else:
-        state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        from megacoca.checkpoint.files import safe_load
+
+        state = safe_load(os.fspath(path))  # weights_only: a file from elsewhere cannot run code
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

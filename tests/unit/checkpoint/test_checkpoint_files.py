@@ -67,3 +67,27 @@ def test_rng_round_trip():
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     set_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_a_kill_while_pruning_leaves_the_old_checkpoint_incomplete_never_broken(tmp_path, monkeypatch):
+    """Pruning takes COMPLETE away before the files: SIGKILLed in between (megacoca.launch.faults), the old tag
+    is incomplete, never chosen by resume auto, and the next save's prune removes it."""
+    import os
+    import signal
+
+    old, new = _fake(tmp_path, 1), _fake(tmp_path, 2)
+    monkeypatch.setenv("MEGACOCA_FAULTS", "kill_at=remove:after_unmark")
+    pid = os.fork()
+    if pid == 0:
+        try:
+            prune(str(tmp_path), keep=1, newest_step=2)
+        finally:
+            os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    monkeypatch.delenv("MEGACOCA_FAULTS")
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert (old / "mp_rank_00_model_states.pt").exists() and not (old / COMPLETE).exists()
+    assert complete_checkpoints(str(tmp_path)) == [(2, str(new))]
+    assert find_resume_checkpoint(_job(tmp_path, "auto")) == str(new)
+    prune(str(tmp_path), keep=1, newest_step=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [tag_for(2)]

@@ -188,7 +188,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, num_workers):
     batches = list(loader)
     assert sorted(k for b in batches for k in b["keys"]) == ["good0", "good0", "good1", "good1"]
     assert loader.skipped == {"corrupt_image": 4, "empty_caption": 2, "non_utf8_text": 2, "missing_image": 2,
-                              "missing_caption": 2, "corrupt_shard": 0}
+                              "missing_caption": 2, "corrupt_shard": 0, "failed_shard": 0}
     assert loader.state_dict()["streams"][0]["skipped"]  # counts travel with the checkpoint
 
 
@@ -231,3 +231,57 @@ def test_resume_with_finite_epochs_and_uneven_workers(tmp_path):
         resumed = loader()
         resumed.load_state_dict(first.state_dict())
         assert head + keys_of(list(resumed)) == reference, f"resume after {k} batches"
+
+
+# ---- remote shards: retries, skips, timeouts ---------------------------------------------------------------
+FLAKY = """n=$(cat "$2" 2>/dev/null || echo 0); echo $((n + 1)) > "$2"
+if [ "$n" -lt "$3" ]; then head -c "$4" "$1"; echo "flaky: connection reset" >&2; exit 1; fi
+cat "$1"
+"""
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_remote_shard_failing_twice_then_read_whole_gives_the_undisturbed_samples(tmp_path, num_workers):
+    """A command that dies twice mid-shard (after some samples went out) and then succeeds: retried, the samples
+    already given passed over, so the batches are exactly those of the local shards (shuffled alike)."""
+    paths, _ = write_shards(tmp_path / "d", 4, 6)
+    (tmp_path / "flaky.sh").write_text(FLAKY)
+    flaky = [f"pipe:sh {tmp_path / 'flaky.sh'} {p} {tmp_path / f'count{i}'} 2 8000" for i, p in enumerate(paths)]
+    reference = make_loader(paths, batch_size=2, seed=3, epochs=1, num_workers=num_workers)
+    remote = make_loader(flaky, batch_size=2, seed=3, epochs=1, num_workers=num_workers, retry_delay=0)
+    assert keys_of(list(remote)) == keys_of(list(reference))
+    assert remote.shard_retries == 8 and remote.skipped["failed_shard"] == 0
+    assert remote.state_dict()["streams"][0]["skipped"]["shard_retry"] > 0  # travels with the checkpoint
+
+
+def test_remote_shard_failing_every_time_is_skipped_and_reported(tmp_path, caplog):
+    """`pipe:false` and a refused connection: each tried 1 + shard_retries times, then skipped, counted and
+    logged with its url; the good shard is read whole."""
+    paths, keys = write_shards(tmp_path / "d", 1, 6)
+    bad = ["pipe:false", "http://127.0.0.1:9/nothing.tar"]
+    loader = make_loader([paths[0]] + bad, batch_size=2, shuffle=False, epochs=1, shard_retries=2, retry_delay=0)
+    assert [k for b in loader for k in b["keys"]] == keys
+    assert loader.skipped["failed_shard"] == 2 and loader.shard_retries == 4
+    skipped = [r.getMessage() for r in caplog.records if "remote shard skipped" in r.getMessage()]
+    assert len(skipped) == 2 and "pipe:false: failed 3 times" in skipped[0] and "status 1" in skipped[0]
+    assert bad[1] in skipped[1]
+    with pytest.raises(OSError, match="pipe:false: failed 3 times"):  # without on_error, the error is raised
+        list(iter_samples("pipe:false", retries=2, retry_delay=0))
+
+
+def test_a_stalled_remote_shard_times_out_instead_of_hanging(tmp_path):
+    """A command that sends part of a shard then stalls: killed (with its children) after shard_timeout of
+    silence, retried, then skipped; the samples before the stall are kept once."""
+    import subprocess
+    import time
+
+    paths, keys = write_shards(tmp_path / "d", 2, 6)
+    stall = f"pipe:sh -c 'head -c 8000 {paths[1]}; sleep 59.4321'"
+    loader = make_loader([paths[0], stall], batch_size=1, shuffle=False, epochs=1, shard_timeout=0.5,
+                         shard_retries=1, retry_delay=0)
+    began = time.monotonic()
+    got = [k for b in loader for k in b["keys"]]
+    assert time.monotonic() - began < 10
+    assert got[:6] == keys[:6] and 0 < len(got) - 6 < 6 and got[6:] == keys[6:len(got)]
+    assert loader.skipped["failed_shard"] == 1 and loader.shard_retries == 1
+    assert subprocess.run(["pgrep", "-f", "sleep 59.4321"], capture_output=True).returncode == 1  # none left
