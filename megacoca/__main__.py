@@ -1,4 +1,5 @@
 from megacoca.cli import main
+from megacoca.train import exit_process
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_process(main())

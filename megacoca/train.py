@@ -70,7 +70,11 @@ def ensure_launch_env() -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
 
 
-def init_distributed() -> None:
+def init_distributed(timeout_s: float | None = None) -> None:
+    """The default process group; `timeout_s` (fault.collective_timeout_s) bounds the rendezvous and every
+    collective of it, so a rank that stops cannot hold the others forever (megacoca.launch.watchdog)."""
+    from datetime import timedelta
+
     import deepspeed
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
@@ -80,12 +84,16 @@ def init_distributed() -> None:
     accelerator = get_accelerator()
     if accelerator.device_name() == "cuda":
         accelerator.set_device(int(os.environ["LOCAL_RANK"]))
-    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False)
+    kwargs = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False,
+                               **kwargs)
 
 
 def check_inputs(job, world_size: int):
-    """Everything that can be wrong with the input, checked before any rank builds a model or a process group.
-    Returns the (unbuilt) ParallelDims of the job."""
+    """Everything that can be wrong with the input, checked before any rank builds a model or a process group:
+    the config's values, the DeepSpeed JSON, the layout, and the files behind them (shards, resume checkpoint,
+    the run and checkpoint directories). Returns the (unbuilt) ParallelDims of the job."""
+    from megacoca.config import inputs
     from megacoca.config.deepspeed import build_deepspeed_config
     from megacoca.config.train import ConfigError
     from megacoca.parallel.dims import ParallelDims
@@ -98,18 +106,11 @@ def check_inputs(job, world_size: int):
         check_layout(job.model_config(), dims)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    from megacoca.data.shards import expand_shards
 
     if not job.data.train_shards:
         raise ConfigError("data.train_shards is empty: pass --train-shards DIR (e.g. from "
                           "`megacoca data synth-shapes --out data/shapes`)")
-
-    try:
-        urls = expand_shards(job.data.train_shards)
-    except (FileNotFoundError, ValueError) as error:
-        raise ConfigError(f"data.train_shards: {error}") from None
-    if not urls:
-        raise ConfigError(f"data.train_shards: no .tar shards match {job.data.train_shards!r}")
+    urls = inputs.keyed("data.train_shards", inputs.shards, job.data.train_shards)
     from megacoca.checkpoint.state import find_resume_checkpoint
 
     try:
@@ -122,11 +123,18 @@ def check_inputs(job, world_size: int):
                           f"num_workers {max(job.data.num_workers, 1)} readers; write more shards or use fewer workers")
     if job.eval.every and job.data.val_shards:
         try:
-            if not expand_shards(job.data.val_shards):
-                raise FileNotFoundError(f"no .tar shards match {job.data.val_shards!r}")
-        except (FileNotFoundError, ValueError) as error:
+            inputs.shards(job.data.val_shards)
+        except ConfigError as error:
             raise ConfigError(f"data.val_shards: {error} (eval.every={job.eval.every}: pass --val-shards DIR "
                               "or --set eval.every=0)") from None
+    inputs.keyed("logging.run_dir", inputs.writable_dir, job.run_dir, "run directory")
+    inputs.keyed("checkpoint.dir", inputs.writable_dir, job.checkpoint_dir, "checkpoint directory")
+    from megacoca.launch import faults
+
+    try:
+        faults.active()  # a malformed MEGACOCA_FAULTS is refused here, not at the step it names
+    except faults.FaultSpecError as error:
+        raise ConfigError(str(error)) from None
     return dims
 
 
@@ -149,7 +157,8 @@ def build_train_loader(job, model_cfg, dims, tokenizer):
 
     return ShardLoader(job.data.train_shards, job.schedule.micro_batch_size, tokenizer,
                        ImageTransform(model_cfg.image_size, train=True), dp_rank=dims.dp_rank,
-                       dp_size=dims.dp_size, num_workers=job.data.num_workers, seed=job.seed)
+                       dp_size=dims.dp_size, num_workers=job.data.num_workers, seed=job.seed,
+                       shard_retries=job.data.shard_retries, shard_timeout=job.data.shard_timeout_s or None)
 
 
 def run(args) -> int:
@@ -176,9 +185,10 @@ def run(args) -> int:
                 print(json.dumps(job.to_dict(), indent=2))
             return 0
         dims = check_inputs(job, world_size)
-        from megacoca.data import load_tokenizer
+        from megacoca.config import inputs
 
-        tokenizer = load_tokenizer(job.data.tokenizer, job.model_config().context_length)
+        tokenizer = inputs.keyed("data.tokenizer", inputs.tokenizer, job.data.tokenizer,
+                                 job.model_config().context_length)
         model_cfg = resolve_model_to_tokenizer(job, tokenizer)
     except (ConfigError, FileNotFoundError, ValueError) as error:
         return fail(" ".join(str(error).split()))
@@ -186,7 +196,9 @@ def run(args) -> int:
     # DeepSpeed 0.19 calls torch's deprecated collective names every step: one warning per call, per rank.
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     ensure_launch_env()
-    init_distributed()
+    init_distributed(job.fault.collective_timeout_s)
+    global _process_group_made
+    _process_group_made = True
     import torch.distributed as dist
 
     from megacoca.launch.preemption import REQUEUE_EXIT_CODE, PreemptionWatch
@@ -194,7 +206,9 @@ def run(args) -> int:
 
     trainer = None
     try:
-        dims.build()
+        from datetime import timedelta
+
+        dims.build(timeout=timedelta(seconds=job.fault.collective_timeout_s))
         loader = build_train_loader(job, model_cfg, dims, tokenizer)
         trainer = Trainer(job, loader, dims=dims, eval_fn=build_eval_fn(job, model_cfg, dims, tokenizer))
         trainer.resume()
@@ -205,11 +219,18 @@ def run(args) -> int:
         trainer.train()
         if trainer.preempted:
             trainer.preemption.ignore_from_now_on()
-    except BaseException:
+    except BaseException as error:
         # Leave the process group alone: destroying it can block on peers waiting in a collective. This rank
         # exits with the traceback and the launcher stops the others.
         if trainer is not None:
             trainer.close()
+        from megacoca.checkpoint import CheckpointError
+        from megacoca.step_guard import BadStepsError
+
+        # a failed save, an unsafe resume file, too many skipped steps: every rank raised it, one line says it
+        if isinstance(error, (CheckpointError, BadStepsError)):
+            fail(" ".join(str(error).split()))
+            return error.exit_code
         raise
     trainer.close()
     dist.destroy_process_group()
@@ -226,11 +247,33 @@ def build_eval_fn(job, model_cfg, dims, tokenizer):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m megacoca.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from megacoca.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="python -m megacoca.train", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help (0), or a bad argument (2) whose one line argparse printed
+        return stop.code if isinstance(stop.code, int) else 2
+    return run(args)
+
+
+_process_group_made = False
+
+
+def exit_process(code: int) -> None:
+    """End the process with `code`. Once this process has had a process group, without the interpreter's
+    teardown: gloo's worker threads can then still hold work (ZeRO-3's prefetches) whose tensors, freed during
+    finalization, abort the process ("terminate called without an active exception", SIGABRT). That turned a
+    finished run's status into 134 and a preempted run's 75 (requeue) into a failure, now and then on a loaded
+    machine. Everything megacoca writes is closed by then (Trainer.close, the process group destroyed)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if _process_group_made:
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -11,6 +11,7 @@ scales the loss, reduces the gradients, clips and steps the optimizer and the lr
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from typing import Callable, Iterable
@@ -23,6 +24,7 @@ from megacoca.config.deepspeed import build_deepspeed_config, offloads_optimizer
 from megacoca.config.train import JobConfig
 from megacoca.metrics.records import train_record
 from megacoca.parallel.dims import ParallelDims
+from megacoca.step_guard import BadStepsError, StepGuard, inject_loss_faults
 
 EvalFn = Callable[[torch.nn.Module, int], dict]
 
@@ -162,7 +164,9 @@ class Trainer:
             dist_init_required=False,
         )
         self.device = self.engine.device
-        self.loss_fn = CoCaLoss(job.optim.contrastive_weight, job.optim.caption_weight)
+        self.coca_loss = CoCaLoss(job.optim.contrastive_weight, job.optim.caption_weight)
+        self.guard = StepGuard(job.fault.max_bad_steps, job.fault.loss_spike_factor, job.fault.loss_spike_window)
+        self.guard.wrap_client_optimizer(self.engine.optimizer)
         if self.grad_accum != self.engine.gradient_accumulation_steps():
             raise RuntimeError(f"DeepSpeed accumulates {self.engine.gradient_accumulation_steps()} micro-batches, the "
                                f"job {self.grad_accum}")
@@ -184,7 +188,7 @@ class Trainer:
             keep_gathered = job.parallel.pipeline_keep_gathered and zero_stage(self.ds_config) == 3
             self.pipeline = PipelineRunner(self.engine, self.dims, micro_batches=self.grad_accum,
                                            text_ahead=text_ahead, loss_fn=self.loss_fn, dtype=self.dtype,
-                                           keep_gathered=keep_gathered)
+                                           keep_gathered=keep_gathered, loss_gate=self._gate)
         self.step = 0
         self.history: list[dict] = []  # the train records this rank computed (all ranks, for tests)
 
@@ -218,10 +222,17 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ resume
 
     def resume(self) -> bool:
-        """Apply checkpoint.resume ("none", "auto" or a path); returns whether a checkpoint was loaded."""
+        """Apply checkpoint.resume ("none", "auto" or a path); returns whether a checkpoint was loaded. Tags whose
+        save was interrupted are never chosen; they are reported here and removed by a later save. Raises
+        megacoca.checkpoint.CheckpointError (one line, on every rank) for a file that is not tensors and data."""
         from megacoca.checkpoint import find_resume_checkpoint, load_checkpoint
+        from megacoca.checkpoint.state import incomplete_checkpoints
 
         target = find_resume_checkpoint(self.job)
+        if self.job.checkpoint.resume == "auto":
+            for _, partial in incomplete_checkpoints(self.job.checkpoint_dir):
+                self.logger.info(f"resume auto: ignoring {partial}: its save was interrupted (no COMPLETE marker); "
+                                 "a later save removes it")
         if target is None:
             if self.job.checkpoint.resume == "auto":
                 self.logger.info(f"resume auto: no complete checkpoint in {self.job.checkpoint_dir}; starting fresh")
@@ -233,6 +244,8 @@ class Trainer:
         return True
 
     def save(self) -> str:
+        """A complete checkpoint of this step, or megacoca.checkpoint.CheckpointError on every rank (one line;
+        the previous complete checkpoint untouched) when a write failed on any rank."""
         from megacoca.checkpoint import save_checkpoint
 
         return save_checkpoint(self.engine, self.job, self.step, self.train_loader, dp_size=self.dims.dp_size)
@@ -248,35 +261,51 @@ class Trainer:
             if not produced:
                 raise RuntimeError("the training data loader produced no batch")
 
-    def forward_backward(self, batch: dict) -> torch.Tensor:
-        """One micro-batch: forward, CoCa loss, backward (DeepSpeed scales it by the accumulation steps).
-        Returns (loss, loss_contrastive, loss_caption, logit_scale) detached, on the device."""
+    def loss_fn(self, out, dp_group=None):
+        """The CoCa loss of a micro-batch of the step being computed (with MEGACOCA_FAULTS' injected faults)."""
+        loss, parts = self.coca_loss(out, dp_group=dp_group)
+        return inject_loss_faults(loss, self.step + 1), parts
+
+    def _gate(self, loss: torch.Tensor, last_micro: bool, step_loss_sum: torch.Tensor) -> torch.Tensor:
+        return self.guard.gate(loss, last_micro, step_loss_sum, self.grad_accum, self.dims.dp_group)
+
+    def forward_backward(self, batch: dict, sums: torch.Tensor, last_micro: bool = True) -> torch.Tensor:
+        """One micro-batch: forward, CoCa loss, backward (DeepSpeed scales it by the accumulation steps) of the
+        loss the step guard lets through. Adds (loss, loss_contrastive, loss_caption, logit_scale), detached, to
+        `sums` (on the device) and returns it."""
         images = batch["images"].to(self.device, dtype=self.dtype, non_blocking=True)
         text = batch["text"].to(self.device, non_blocking=True)
         out = self.engine(images, text)
         loss, parts = self.loss_fn(out, dp_group=self.dims.dp_group)
-        self.engine.backward(loss)
-        return torch.stack([loss.detach().float(), parts["loss_contrastive"].float(), parts["loss_caption"].float(),
-                            parts["logit_scale"].float()])
+        sums += torch.stack([loss.detach().float(), parts["loss_contrastive"].float(), parts["loss_caption"].float(),
+                             parts["logit_scale"].float()])
+        self.engine.backward(self._gate(loss, last_micro, sums[0]))
+        return sums
 
     def train_step(self, batches) -> dict:
+        """One optimizer step; `skipped` is why the step guard skipped its update (the same on every rank), or
+        None."""
         sums = torch.zeros(4, device=self.device)  # stays on the device: no host sync per micro-batch
         lr = self.optimizer.param_groups[0]["lr"]
         own_norm = None
+        self.guard.before_step(self.engine)
         if self.pipeline is not None:
             sums = self.pipeline.step(batches, before_last_step=self._pipeline_grad_norm_hook)
             own_norm = self._pipeline_own_norm
         else:
             for micro in range(self.grad_accum):
-                sums += self.forward_backward(next(batches))
-                if micro == self.grad_accum - 1 and self._needs_own_grad_norm:
+                last = micro == self.grad_accum - 1
+                self.forward_backward(next(batches), sums, last)
+                if last and self._needs_own_grad_norm:
                     own_norm = self._replicated_grad_norm()
+                    self.guard.own_skip = not math.isfinite(own_norm)
                 self.engine.step()
         self.step += 1
+        skipped = self.guard.after_step(self.engine, self.step, sums, self.device)
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is None:
             grad_norm = own_norm
-        return {"sums": sums, "lr": lr, "grad_norm": grad_norm}
+        return {"sums": sums, "lr": lr, "grad_norm": grad_norm, "skipped": skipped}
 
     _pipeline_own_norm = None
 
@@ -290,6 +319,8 @@ class Trainer:
     def _pipeline_grad_norm_hook(self) -> None:
         """Called by the pipeline runner after the step's last backward, before the optimizer step."""
         self._pipeline_own_norm = self._replicated_grad_norm() if self._needs_own_grad_norm else None
+        if self._pipeline_own_norm is not None:
+            self.guard.own_skip = not math.isfinite(self._pipeline_own_norm)
 
     @property
     def _needs_own_grad_norm(self) -> bool:
@@ -331,18 +362,32 @@ class Trainer:
         return int(count.item())
 
     preemption = None  # a megacoca.launch.preemption.PreemptionWatch: stop at a step boundary when it fires
+    watchdog = None  # the megacoca.launch.watchdog.StepWatchdog of the running train(): `with watchdog.paused():`
     preempted = False  # train() stopped early on a preemption signal, after a complete checkpoint
 
     def train(self) -> list[dict]:
+        """The step loop, under the step watchdog (megacoca.launch.watchdog, armed in each step but the first, not
+        in eval or saves) and with the straggler report (megacoca.metrics.stragglers) in the logged records."""
+        from megacoca.launch.watchdog import StepWatchdog
+
+        with StepWatchdog.for_job(self.job, self.rank, self.dims.world_size) as self.watchdog:
+            return self._train()
+
+    def _train(self) -> list[dict]:
+        from megacoca.metrics.stragglers import StragglerMonitor
+
         job = self.job
-        batches = self._batches()
+        stragglers = StragglerMonitor(job.fault.straggler_factor, self.device)
+        batches = stragglers.timed(self._batches(), self.step)
         last_saved = self.step if self.step else -1
         last_evaluated = self.step if self.step else -1
         window_start, window_steps = time.perf_counter(), 0
         while self.step < job.schedule.steps:
+            self.watchdog.begin_step(self.step + 1)
             result = self.train_step(batches)
             window_steps += 1
-            if self.step % job.logging.log_every == 0 or self.step == job.schedule.steps:
+            skipped = result["skipped"]
+            if skipped or self.step % job.logging.log_every == 0 or self.step == job.schedule.steps:
                 losses = self._reduce(result["sums"])
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
@@ -354,9 +399,17 @@ class Trainer:
                     skipped_samples=self._skipped_samples())
                 if self.pipeline is not None:
                     record["pipeline_idle"] = self._pipeline_idle()
+                straggler = stragglers.report(self.step, elapsed / window_steps)
+                if straggler is not None:
+                    record["straggler"] = straggler
+                if skipped:
+                    record.update(skipped_step=True, skip_reason=skipped, skipped_steps=self.guard.skipped_total)
                 self.history.append(record)
                 self.logger.log_train(record)
                 window_start, window_steps = time.perf_counter(), 0
+            self.watchdog.end_step()
+            if self.guard.should_stop:
+                self._stop_for_bad_steps(last_saved)
             if self.eval_fn is not None and job.eval.every and self.step % job.eval.every == 0:
                 self.evaluate()
                 last_evaluated = self.step
@@ -377,6 +430,16 @@ class Trainer:
         if job.checkpoint.save_final and last_saved != self.step:
             self.save()
         return self.history
+
+    def _stop_for_bad_steps(self, last_saved: int) -> None:
+        """Too many skipped steps in a row: save the state (the weights, optimizer and lr schedule of the last good
+        step, the data position past the bad batches) and raise BadStepsError on every rank."""
+        from megacoca.checkpoint.state import tag_for
+
+        where = self.save() if last_saved != self.step else os.path.join(self.job.checkpoint_dir, tag_for(self.step))
+        message = (f"{self.guard.describe_stop()}; saved the last good state (weights of step "
+                   f"{self.guard.bad_in_row[0][0] - 1}) as {where}; stopping")
+        raise BadStepsError(message)
 
     def evaluate(self) -> dict:
         self.engine.eval()

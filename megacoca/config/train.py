@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -49,6 +50,10 @@ class DataConfig:
     val_shards: str = ""
     tokenizer: str = "clip-bpe"  # "clip-bpe" or a SentencePiece .model path
     num_workers: int = 0
+    # Remote shards (`pipe:`, URLs): a failed command or connection is retried this many times, then the shard
+    # is skipped and counted; a stream silent for shard_timeout_s seconds is a failed attempt (0: no timeout).
+    shard_retries: int = 3
+    shard_timeout_s: float = 120.0
 
 
 @dataclass
@@ -119,6 +124,27 @@ class ParallelConfig:
 
 
 @dataclass
+class FaultConfig:
+    """What the trainer does when a step goes wrong (megacoca.step_guard, megacoca.launch)."""
+
+    # A step whose loss or gradient norm is NaN/inf is skipped on every rank (no update, optimizer state and lr
+    # schedule untouched); after this many such steps in a row the run saves the last good state and stops.
+    max_bad_steps: int = 3
+    # Skip a step whose loss exceeds loss_spike_factor x the mean of the last loss_spike_window good steps'
+    # losses (0 disables; the window must fill first). Counts toward max_bad_steps like a non-finite one.
+    loss_spike_factor: float = 0.0
+    loss_spike_window: int = 50
+    # Hung ranks (megacoca.launch.watchdog): every collective and the rendezvous give up after
+    # collective_timeout_s; a train step (not the first, not eval or a save) making no progress for
+    # watchdog_timeout_s ends the job, naming the stalled rank (0: no watchdog). The watchdog must be the shorter.
+    collective_timeout_s: float = 1800.0
+    watchdog_timeout_s: float = 600.0
+    # Name a rank whose step time exceeds straggler_factor x the median rank's, every log interval
+    # (megacoca.metrics.stragglers; 0: off).
+    straggler_factor: float = 1.5
+
+
+@dataclass
 class JobConfig:
     name: str = "coca_tiny_cpu"
     seed: int = 0
@@ -130,6 +156,7 @@ class JobConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
     @property
     def run_dir(self) -> str:
@@ -147,12 +174,19 @@ class JobConfig:
 
     def validate(self, world_size: int | None = None) -> None:
         """Checks that need no process group; with `world_size`, also the batch split over ranks."""
-        s, o, p = self.schedule, self.optim, self.parallel
+        s, o, p, d = self.schedule, self.optim, self.parallel, self.data
 
         def require(ok: bool, message: str) -> None:
             if not ok:
                 raise ConfigError(message)
 
+        require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        require(d.num_workers >= 0, f"data.num_workers must be >= 0 (0 reads in the training process), got "
+                                    f"{d.num_workers}")
+        require(d.shard_retries >= 0, f"data.shard_retries must be >= 0, got {d.shard_retries}")
+        require(math.isfinite(d.shard_timeout_s) and d.shard_timeout_s >= 0,
+                f"data.shard_timeout_s must be >= 0 seconds (0: no timeout), got {d.shard_timeout_s}")
+        require(bool(d.tokenizer), "data.tokenizer is empty: use 'clip-bpe' or the path of a SentencePiece .model")
         require(s.steps >= 1, f"schedule.steps must be >= 1, got {s.steps}")
         require(s.micro_batch_size >= 1, f"schedule.micro_batch_size must be >= 1, got {s.micro_batch_size}")
         require(s.global_batch_size >= 1, f"schedule.global_batch_size must be >= 1, got {s.global_batch_size}")
@@ -160,17 +194,43 @@ class JobConfig:
         require(0.0 <= s.min_lr_ratio <= 1.0, f"schedule.min_lr_ratio must be in [0, 1], got {s.min_lr_ratio}")
         require(s.decay in ("cosine", "linear", "constant"),
                 f"schedule.decay must be 'cosine', 'linear' or 'constant', got {s.decay!r}")
+        for name in ("lr", "weight_decay", "eps", "grad_clip", "contrastive_weight", "caption_weight"):
+            require(math.isfinite(getattr(o, name)), f"optim.{name} must be a finite number, got {getattr(o, name)}")
         require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
         require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+        require(o.eps > 0, f"optim.eps must be > 0, got {o.eps}")
         require(o.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 disables), got {o.grad_clip}")
         require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
                 f"optim.betas must be two numbers in [0, 1), got {list(o.betas)}")
+        require(o.contrastive_weight >= 0 and o.caption_weight >= 0 and o.contrastive_weight + o.caption_weight > 0,
+                f"optim.contrastive_weight and optim.caption_weight must be >= 0 and not both 0, got "
+                f"{o.contrastive_weight} and {o.caption_weight}")
+        require(p.text_ahead >= -1, f"parallel.text_ahead must be -1 (cost model), 0 (off) or a positive count, "
+                                    f"got {p.text_ahead}")
+        require(p.pipeline_split is None or len(p.pipeline_split) == max(p.pp, 1),
+                f"parallel.pipeline_split {p.pipeline_split} lists {len(p.pipeline_split or [])} stages but "
+                f"parallel.pp={p.pp} (null lets the cost model split)")
         require(p.precision in ("auto", "bf16", "fp32"),
                 f"parallel.precision must be 'auto', 'bf16' or 'fp32', got {p.precision!r}")
         require(self.checkpoint.every >= 0, f"checkpoint.every must be >= 0, got {self.checkpoint.every}")
         require(self.checkpoint.keep >= 0, f"checkpoint.keep must be >= 0, got {self.checkpoint.keep}")
         require(self.logging.log_every >= 1, f"logging.log_every must be >= 1, got {self.logging.log_every}")
         require(self.eval.every >= 0, f"eval.every must be >= 0, got {self.eval.every}")
+        f = self.fault
+        require(f.max_bad_steps >= 1, f"fault.max_bad_steps must be >= 1, got {f.max_bad_steps}")
+        require(math.isfinite(f.loss_spike_factor) and (f.loss_spike_factor == 0 or f.loss_spike_factor > 1),
+                f"fault.loss_spike_factor must be 0 (off) or > 1, got {f.loss_spike_factor}")
+        require(f.loss_spike_window >= 1, f"fault.loss_spike_window must be >= 1, got {f.loss_spike_window}")
+        require(math.isfinite(f.collective_timeout_s) and f.collective_timeout_s > 0,
+                f"fault.collective_timeout_s must be > 0 seconds, got {f.collective_timeout_s}")
+        require(math.isfinite(f.watchdog_timeout_s) and 0 <= f.watchdog_timeout_s < f.collective_timeout_s,
+                f"fault.watchdog_timeout_s must be >= 0 (0: off) and below fault.collective_timeout_s "
+                f"{f.collective_timeout_s:g} (the watchdog must fire first to name the stalled rank), got "
+                f"{f.watchdog_timeout_s}")
+        require(math.isfinite(f.straggler_factor) and (f.straggler_factor == 0 or f.straggler_factor > 1),
+                f"fault.straggler_factor must be 0 (off) or > 1, got {f.straggler_factor}")
+        require(bool(self.logging.run_dir), "logging.run_dir is empty (default runs/{name})")
+        self.model_config()  # model.flavor and model.overrides, one line each (ConfigError)
         if world_size is not None:
             from megacoca.parallel.dims import ParallelDims
 
@@ -279,10 +339,16 @@ def coca_giant_a100() -> JobConfig:
 
 def load_file(path: str) -> dict:
     """A YAML or JSON file of nested overrides; a top-level `recipe: NAME` picks the base recipe."""
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path} is a directory")
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
-    with open(path) as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else "not UTF-8 text"
+        raise ConfigError(f"cannot read config file {path}: {reason}") from None
     try:
         if path.endswith(".json"):
             values = json.loads(text)
@@ -312,6 +378,19 @@ def parse_set(assignment: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     return key, value
+
+
+def parse_model_overrides(assignments: list[str], where: str) -> dict[str, Any]:
+    """`FIELD=VALUE` strings (e.g. `megacoca eval --model-set`) -> CoCaConfig overrides, each field name and value
+    checked against CoCaConfig's fields and types; a bad one is a one-line ConfigError naming `where`."""
+    overrides = {}
+    for assignment in assignments:
+        name, sep, _ = assignment.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"{where} expects FIELD=VALUE (e.g. vocab_size=512), got {assignment!r}")
+        name, value = parse_set(assignment)
+        overrides[name] = _check_model_override(name, value, f"{where} {name}")
+    return overrides
 
 
 def build_config(recipe_name: str | None = None, config_file: str | None = None,

@@ -2,7 +2,8 @@
 
 Every record is one JSON object per line; training records carry at least
 step, loss, loss_contrastive, loss_caption, logit_scale, lr, grad_norm, samples_per_s, tflops_per_device,
-mfu (null when the device's peak is unknown) and skipped_samples. Eval records carry step and `eval/...`.
+mfu (null when the device's peak is unknown) and skipped_samples, and `straggler` when one rank held the others
+up (megacoca.metrics.stragglers). Eval records carry step and `eval/...`.
 Other ranks get a logger whose methods do nothing, so callers never branch on rank.
 """
 
@@ -125,6 +126,11 @@ class MetricsLogger:
             line += f" | MFU {100 * record['mfu']:.1f}%"
         if record.get("skipped_samples"):
             line += f" | skipped {record['skipped_samples']}"
+        if record.get("skipped_step"):
+            line += f" | SKIPPED: {record.get('skip_reason')}"
+        if record.get("straggler"):
+            slow = record["straggler"]
+            line += f" | straggler rank {slow['rank']} ({slow['step_s']:.3g} s/step, median {slow['median_s']:.3g})"
         if record.get("pipeline_idle"):
             line += " | stage idle " + "/".join(f"{100 * idle:.0f}%" for idle in record["pipeline_idle"])
         return line + f" | ETA {eta}"

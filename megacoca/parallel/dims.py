@@ -71,8 +71,9 @@ class ParallelDims:
             "mp": [grid[d].flatten().tolist() for d in range(self.dp)],
         }
 
-    def build(self) -> "ParallelDims":
-        """Create the process groups; every rank must call this (new_group is collective)."""
+    def build(self, timeout=None) -> "ParallelDims":
+        """Create the process groups; every rank must call this (new_group is collective). `timeout` (a
+        timedelta): how long their collectives wait for a peer (None: torch's default, not the world group's)."""
         if not dist.is_initialized():
             raise RuntimeError("ParallelDims.build() needs an initialised default process group")
         if dist.get_world_size() != self.world_size:
@@ -84,7 +85,7 @@ class ParallelDims:
                 if len(ranks) == self.world_size:
                     group = dist.group.WORLD  # no second communicator over the same ranks
                 else:
-                    group = dist.new_group(ranks)
+                    group = dist.new_group(ranks, timeout=timeout)
                 if self.rank in ranks:
                     self.groups[kind] = (group, ranks)
         return self

@@ -29,8 +29,11 @@ from megacoca.parallel.pipeline.schedule import stage_actions
 
 class PipelineRunner:
     def __init__(self, engine, dims, *, micro_batches: int, text_ahead: int, loss_fn, dtype: torch.dtype,
-                 keep_gathered: bool = False) -> None:
+                 keep_gathered: bool = False, loss_gate=None) -> None:
+        """`loss_gate(loss, last_micro, step_loss_sum)`, when given, returns the loss the last stage
+        backpropagates (megacoca.step_guard.StepGuard.gate)."""
         self.engine = engine
+        self.loss_gate = loss_gate
         self.stage = engine.module
         self.dims = dims
         self.micro_batches = micro_batches
@@ -120,7 +123,10 @@ class PipelineRunner:
             else:  # "B"
                 engine.set_gradient_accumulation_boundary(k == m - 1)
                 if stage.is_last:
-                    engine.backward(losses.pop(k))
+                    loss = losses.pop(k)
+                    if self.loss_gate is not None:
+                        loss = self.loss_gate(loss, k == m - 1, sums[0])
+                    engine.backward(loss)
                 else:
                     y = outputs.pop(k)
                     grad = self._recv(self.next)
