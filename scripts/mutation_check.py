@@ -137,6 +137,28 @@ MUTATIONS = [
         "        progress = 0.0\n",
         ("tests/unit/config/test_optim_schedule.py",),
     ),
+    Mutation(
+        "step_guard_lets_a_nonfinite_loss_through", "an inf loss is backpropagated as is (its gradients are finite)",
+        "megacoca/step_guard.py",
+        "        return loss * gate\n",
+        "        return loss\n",
+        ("tests/distributed/test_step_guard.py::test_bad_steps_are_skipped_on_every_rank_with_nothing_changed",),
+    ),
+    Mutation(
+        "zero0_torch_optimizer_never_skips", "ZeRO-0 fp32's torch optimizer steps on NaN gradients",
+        "megacoca/step_guard.py",
+        "            optimizer.overflow = self.own_skip\n",
+        "            optimizer.overflow = False\n",
+        ("tests/distributed/test_step_guard.py::test_bad_steps_are_skipped_on_every_rank_with_nothing_changed",),
+    ),
+    Mutation(
+        "pruned_checkpoint_keeps_its_marker", "a pruned checkpoint loses its files before its COMPLETE marker",
+        "megacoca/checkpoint/files.py",
+        "    try:\n        os.remove(os.path.join(path, marker))\n    except FileNotFoundError:\n        pass\n"
+        "    faults.point(\"remove:after_unmark\")\n",
+        "    faults.point(\"remove:after_unmark\")\n",
+        ("tests/unit/checkpoint",),
+    ),
 ]
 
 
