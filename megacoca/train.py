@@ -79,38 +79,17 @@ def init_distributed(timeout_s: float | None = None) -> None:
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
+    from megacoca.launch.deepspeed_comm import without_shared_memory_allreduce
+
     if dist.is_initialized():
         return
     accelerator = get_accelerator()
     if accelerator.device_name() == "cuda":
         accelerator.set_device(int(os.environ["LOCAL_RANK"]))
     kwargs = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+    without_shared_memory_allreduce()
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(), auto_mpi_discovery=False,
                                **kwargs)
-    unlink_shared_memory_buffer()
-
-
-def unlink_shared_memory_buffer() -> None:
-    """DeepSpeed's CPU all-reduce for single-host jobs (deepspeed_shm_comm, used when LOCAL_SIZE equals the world
-    size, as the deepspeed launcher sets it) maps a 69 MB file per rank in /dev/shm, named after the rendezvous,
-    and never removes it: every CPU job left its ranks' files behind until /dev/shm (this machine's RAM) was
-    full (256 files, 17 GB, seen on the 24 GB CI box). Its initialize returns only after mapping every peer's
-    file, so after a barrier each rank removes its own name; the mappings stay valid until the process ends,
-    however it ends."""
-    import torch.distributed as dist
-    from deepspeed import comm
-
-    backend = getattr(comm.comm, "cdb", None)
-    local_size, world_size = os.environ.get("LOCAL_SIZE"), os.environ.get("WORLD_SIZE")
-    if getattr(backend, "shm_comm_op", None) is None or local_size is None or local_size != world_size:
-        return
-    dist.barrier()
-    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
-    try:
-        os.remove(name)
-    except FileNotFoundError:
-        pass
 
 
 def check_inputs(job, world_size: int):

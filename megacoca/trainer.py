@@ -155,6 +155,9 @@ class Trainer:
 
                 model = PipelineStage(model, self.pipeline_split, self.dims.pp_rank)
         optimizer = build_optimizer(model, job, self.ds_config)
+        from megacoca.launch.deepspeed_comm import without_shared_memory_allreduce
+
+        without_shared_memory_allreduce()
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,

@@ -101,6 +101,9 @@ def zero3_partitioner(ds_config: dict, dims: ParallelDims):
     if not deepspeed.comm.is_initialized():
         # zero.Init reads the data-parallel size through deepspeed.comm; over a torch process group that
         # deepspeed.initialize has not wrapped yet it would silently assume 1 rank.
+        from megacoca.launch.deepspeed_comm import without_shared_memory_allreduce
+
+        without_shared_memory_allreduce()
         deepspeed.init_distributed(dist_backend=torch_dist.get_backend(), dist_init_required=False)
     dtype = precision_dtype(ds_config)
 
