@@ -4,22 +4,25 @@ __version__ = "0.1.0"
 
 
 def load(path, **kwargs):
-    """Load a converted or exported model directory (config.json + model.safetensors) in eval mode."""
-    from megacoca.models.coca.loading import load_pretrained
+    """The model at `path` in eval mode: a model directory (config.json + model.safetensors), an open_clip
+    directory (open_clip_config.json + weights) or a DeepSpeed checkpoint of a megacoca run, of any layout (the
+    checkpoint directory or one tag directory). Keywords: device, dtype, kernels, model_config
+    (megacoca.checkpoint.loader.load)."""
+    from megacoca.checkpoint.loader import load as load_model
 
-    return load_pretrained(path, **kwargs)
+    return load_model(path, **kwargs)
 
 
-def load_tokenizer(model_or_directory):
-    """The tokenizer a model directory recorded (config.json "tokenizer"), for a model from `load` or the
-    directory itself."""
+def load_tokenizer(model_or_path):
+    """The tokenizer a model records (config.json "tokenizer"), for a model from `load` or the path itself."""
     from megacoca.data.tokenizer import load_tokenizer as load_spec
-    from megacoca.models.coca.loading import read_config
 
-    if isinstance(model_or_directory, (str, bytes)) or hasattr(model_or_directory, "__fspath__"):
-        info = read_config(model_or_directory).get("tokenizer") or {}
+    if isinstance(model_or_path, (str, bytes)) or hasattr(model_or_path, "__fspath__"):
+        from megacoca.checkpoint.loader import open_source
+
+        info = open_source(model_or_path).tokenizer or {}
     else:
-        info = getattr(model_or_directory, "tokenizer_info", None) or {}
+        info = getattr(model_or_path, "tokenizer_info", None) or {}
     if not info.get("spec"):
-        raise ValueError("this model directory records no tokenizer")
+        raise ValueError("this model records no tokenizer")
     return load_spec(info["spec"], info.get("context_length"))

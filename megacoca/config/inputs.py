@@ -314,3 +314,26 @@ def deepspeed_checkpoint(path: str) -> None:
         resolve_tag_dir(path)
     except (FileNotFoundError, ValueError) as error:
         raise ConfigError(one_line(error)) from None
+
+
+def model_source(path: str) -> None:
+    """What megacoca.checkpoint.loader opens: a model directory, an open_clip directory (open_clip_config.json) or
+    a complete DeepSpeed checkpoint (a directory with `latest`, or a tag directory)."""
+    readable_dir(path, "model directory or checkpoint")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return model_dir(path)
+    if os.path.isfile(os.path.join(path, "open_clip_config.json")):
+        json_file(os.path.join(path, "open_clip_config.json"), "open_clip model config")
+        return None
+    if any(os.path.isfile(os.path.join(path, name)) for name in ("latest", "COMPLETE")):
+        return deepspeed_checkpoint(path)
+    raise ConfigError(f"{path} is not a megacoca model directory (no config.json), an open_clip directory (no "
+                      "open_clip_config.json) or a DeepSpeed checkpoint (no `latest`, no COMPLETE)")
+
+
+def open_clip_output(path: str) -> None:
+    """Where `megacoca convert to-open-clip` writes: a directory, or a state-dict file (.safetensors / .pt)."""
+    if path.endswith((".safetensors", ".pt")):
+        return output_file(path)
+    return writable_dir(path, "output directory")
+

@@ -18,7 +18,8 @@ def register(subparsers) -> None:
                     "model dir) on webdataset shards: zero-shot top-1 (synth-shapes classes), image<->text "
                     "recall@1/5/10, greedy captions and their correctness (synth-shapes).",
     )
-    parser.add_argument("--checkpoint", required=True, help="DeepSpeed checkpoint dir (or one tag dir) or model dir")
+    parser.add_argument("--checkpoint", required=True,
+                        help="DeepSpeed checkpoint dir (or one tag dir) of any layout, model dir or open_clip dir")
     parser.add_argument("--shards", required=True, type=argument(inputs.shards),
                         help="shard spec: a dir, a file, a brace pattern")
     parser.add_argument("--tokenizer", required=True, type=argument(inputs.tokenizer),

@@ -1,16 +1,14 @@
 """Evaluate a CoCa model on a set of shards: zero-shot classification, retrieval and captioning.
 
-`load_model_for_eval(path)` takes a converted model directory (config.json + weights, `megacoca.load`) or a
-DeepSpeed checkpoint of a megacoca run (consolidated to fp32 with DeepSpeed's
-`get_fp32_state_dict_from_zero_checkpoint`). `load_eval_set` reads shards in order, `evaluate` returns the
-metrics dict that `megacoca eval` writes as JSON. The trainer's periodic eval can call `evaluate` directly.
+`load_model_for_eval(path)` is `megacoca.load` in fp32: a model directory or a DeepSpeed checkpoint of a megacoca
+run, of any layout (megacoca.checkpoint.loader, the one loader eval and convert share). `load_eval_set` reads
+shards in order, `evaluate` returns the metrics dict that `megacoca eval` writes as JSON. The trainer's periodic
+eval can call `evaluate` directly.
 """
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -27,115 +25,15 @@ from megacoca.eval.captioning import (
 from megacoca.eval.retrieval import retrieval_metrics
 from megacoca.eval.zeroshot import attribute_accuracy, class_embeddings, topk_accuracy, zeroshot_logits
 
-CONFIG_KEYS = ("model_config", "config", "job_config", "job")  # where a checkpoint may keep its config
-
 
 # ------------------------------------------------------------------------------------------ model loading
-def _is_converted_dir(path: str) -> bool:
-    """A model directory: config.json + model.safetensors (never a pickled pytorch_model.bin)."""
-    return os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "model.safetensors"))
-
-
-def resolve_tag_dir(path: str) -> str:
-    """The tag directory of a DeepSpeed checkpoint: `path` itself, or the `latest` tag of a checkpoint dir."""
-    from megacoca.checkpoint.consolidate import resolve_tag_dir as resolve  # checks the COMPLETE marker
-
-    path = os.path.normpath(path)
-    is_ds = glob.glob(os.path.join(path, "*model_states.pt")) or os.path.isfile(os.path.join(path, "latest"))
-    if not is_ds:
-        raise FileNotFoundError(
-            f"{path}: neither a converted model dir (config.json + model.safetensors) nor a DeepSpeed checkpoint "
-            "(a dir with `latest`, or a tag dir with *model_states.pt)"
-        )
-    return resolve(path)
-
-
-def _model_config_from(value: Any):
-    """A CoCaConfig from whatever a checkpoint stored: a CoCaConfig, its dict, or a JobConfig (dict)."""
-    from megacoca.config.model import CoCaConfig
-
-    if isinstance(value, CoCaConfig):
-        return value
-    if hasattr(value, "model_config"):
-        return value.model_config()
-    if isinstance(value, dict):
-        if "model" in value and isinstance(value["model"], dict):  # a JobConfig as a dict: its model choice
-            from megacoca.config.train import ModelChoice
-
-            choice = value["model"]
-            return ModelChoice(flavor=choice.get("flavor", "coca_tiny"),
-                               overrides=dict(choice.get("overrides") or {})).build()
-        try:
-            return CoCaConfig.from_dict(value)
-        except (TypeError, ValueError):
-            return None
-    return None
-
-
-def deepspeed_model_config(tag_dir: str):
-    """The CoCaConfig a megacoca DeepSpeed checkpoint was trained with: the resolved job config that the trainer
-    keeps in DeepSpeed's client state (`config`), else a config json next to the checkpoint. The file is read
-    with `weights_only` (megacoca.checkpoint.files.safe_load): a checkpoint from elsewhere cannot run code."""
-    from megacoca.checkpoint.files import safe_load
-
-    ckpt_dir = os.path.dirname(tag_dir)
-    states = sorted(glob.glob(os.path.join(tag_dir, "*model_states.pt")))
-    if states:
-        state = safe_load(states[0])
-        for holder in (state, state.get("client_state") or {}):
-            for key in CONFIG_KEYS:
-                cfg = _model_config_from(holder.get(key)) if key in holder else None
-                if cfg is not None:
-                    return cfg
-    for name in ("model_config.json", "config.json", "job_config.json"):
-        for where in (tag_dir, ckpt_dir, os.path.dirname(ckpt_dir)):
-            path = os.path.join(where, name)
-            if os.path.isfile(path):
-                with open(path) as f:
-                    cfg = _model_config_from(json.load(f))
-                if cfg is not None:
-                    return cfg
-    raise ValueError(f"{tag_dir}: no model config found in the checkpoint; pass --flavor (and --model-set)")
-
-
-def consolidated_state(tag_dir: str) -> dict:
-    """fp32 state dict of a DeepSpeed checkpoint (megacoca.checkpoint's consolidation)."""
-    from megacoca.checkpoint import consolidated_state_dict
-
-    return consolidated_state_dict(tag_dir)
-
-
-def _strip_prefix(state: dict, prefix: str = "module.") -> dict:
-    if state and all(k.startswith(prefix) for k in state):
-        return {k[len(prefix):]: v for k, v in state.items()}
-    return state
-
-
 def load_model_for_eval(path: str, *, model_config=None, device: str | torch.device = "cpu"):
-    """An eval-mode fp32 CoCa from a converted model dir or a DeepSpeed checkpoint (dir or tag dir)."""
-    from megacoca.models.coca import CoCa
+    """An eval-mode fp32 model from anything `megacoca.load` opens (megacoca.checkpoint.loader: a model
+    directory, an open_clip directory, a DeepSpeed checkpoint of any layout). `model_config`: for a DeepSpeed
+    checkpoint that records no job config."""
+    from megacoca.checkpoint.loader import load
 
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    if os.path.isdir(path) and _is_converted_dir(path):
-        import megacoca
-
-        model = megacoca.load(path)
-    else:
-        tag_dir = resolve_tag_dir(path)
-        cfg = model_config or deepspeed_model_config(tag_dir)
-        state = _strip_prefix(consolidated_state(tag_dir))
-        model = CoCa(cfg)
-        try:
-            missing, unexpected = model.load_state_dict(state, strict=False)
-        except RuntimeError as error:  # shape mismatches
-            raise ValueError(f"{path}: checkpoint does not fit the model: {' '.join(str(error).split())}") from None
-        # A tied vocabulary head is saved once, under either name.
-        missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "caption_head.weight")]
-        if missing or unexpected:
-            raise ValueError(f"{path}: checkpoint does not fit the model: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
-    return model.float().to(device).eval()
+    return load(path, model_config=model_config, device=device, dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------------------------- eval data

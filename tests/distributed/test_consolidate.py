@@ -9,7 +9,8 @@ import torch
 from dist_harness import run_ranks
 from memory_data import SHARD_ALL, TINY, MemoryLoader, assert_partitioned
 
-from megacoca.checkpoint import consolidated_state_dict, save_consolidated
+from megacoca.checkpoint import consolidated_state_dict
+from megacoca.checkpoint.export import export_model_directory
 from megacoca.config.train import build_config
 from megacoca.trainer import Trainer
 
@@ -40,7 +41,8 @@ def test_consolidated_matches_trained_parameters(tmp_path, ds_name):
     for name, value in final.items():
         assert state[name].dtype == torch.float32
         assert torch.equal(state[name].to(dtype).float(), value), name
-    out = save_consolidated(str(checkpoints / "step00000002"), str(tmp_path / "model.safetensors"))
+    out = export_model_directory(str(checkpoints / "step00000002"), str(tmp_path / "exported"))  # streamed
     from safetensors.torch import load_file
 
-    assert load_file(out).keys() == state.keys() and os.path.getsize(out) > 0
+    written = load_file(os.path.join(out, "model.safetensors"))
+    assert written.keys() == state.keys() and all(torch.equal(written[k], v) for k, v in state.items())

@@ -2,8 +2,10 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import open_clip
 
@@ -66,35 +68,57 @@ def train_and_gather(rank, world_size, job_dict, reference_path):
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_zero3_checkpoint_exports_to_open_clip(tmp_path):
-    from megacoca.models.coca.loading import load_pretrained
+    """from-deepspeed gives exactly the trained weights (fp32) or their bf16 rounding; to-open-clip writes a
+    directory that open_clip's own create_model_and_transforms("local-dir:...") loads, with the same image and
+    text features and caption logits as megacoca's model, its preprocessing and its tokenizer."""
+    import megacoca
+    from megacoca.data.transforms import ImageTransform
 
     job = job_config(tmp_path, OPEN_CLIP_TINY)
     run_ranks(train_and_gather, 2, tmp_path, job.to_dict(), str(tmp_path / "gathered.pt"), timeout=90)
     reference = torch.load(tmp_path / "gathered.pt", weights_only=True)
     checkpoints = tmp_path / "run" / "checkpoints"
 
-    directory = tmp_path / "exported"
+    directory, half = tmp_path / "exported", tmp_path / "exported_bf16"
     assert cli(["convert", "from-deepspeed", "--input", str(checkpoints), "--output", str(directory)]) == 0
+    assert cli(["convert", "from-deepspeed", "--input", str(checkpoints), "--output", str(half),
+                "--dtype", "bf16"]) == 0
     config = json.loads((directory / "config.json").read_text())
     assert config["source"]["step"] == 2 and config["tokenizer"]["spec"] == "clip-bpe"
-    loaded = load_pretrained(directory)
-    state = loaded.state_dict()
-    assert set(state) == set(reference)
+    assert config["dtype"] == "float32" and json.loads((half / "config.json").read_text())["dtype"] == "bfloat16"
+    loaded = megacoca.load(directory)
+    state, state_bf16 = loaded.state_dict(), megacoca.load(half).state_dict()
+    assert set(state) == set(reference) == set(state_bf16)
     for name, tensor in reference.items():  # the export is exactly the trained (gathered) weights
         assert torch.equal(state[name], tensor.float()), name
+        assert state_bf16[name].dtype == torch.bfloat16 and torch.equal(state_bf16[name], tensor.bfloat16()), name
     assert not torch.equal(reference["logit_scale"], torch.full((1,), loaded.cfg.init_logit_scale)), "not trained?"
 
-    exported = tmp_path / "open_clip" / "coca_export.pt"
-    assert cli(["convert", "to-open-clip", "--input", str(directory), "--output", str(exported)]) == 0  # strict load
-    open_clip.add_model_config(str(exported.with_suffix(".json")))
-    theirs = open_clip.create_model("coca_export", pretrained=str(exported)).eval()
+    # From the model directory and straight from the DeepSpeed checkpoint: the same open_clip directory.
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     text = torch.randint(1, 64, (2, 12), generator=torch.Generator().manual_seed(1))
     text[0, 7:] = 0
     with torch.no_grad():
-        a, b = theirs(images, text), loaded(images, text)
-    for key in ("image_features", "text_features", "logits"):
-        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-5 * a[key].abs().max().item())
+        ours = loaded(images, text)
+    for source, name in ((directory, "open_clip_dir"), (checkpoints, "open_clip_from_ds")):
+        out = tmp_path / name
+        assert cli(["convert", "to-open-clip", "--input", str(source), "--output", str(out)]) == 0
+        assert sorted(p.name for p in out.iterdir()) == ["open_clip_config.json", "open_clip_model.safetensors"]
+        theirs, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+        theirs.eval()
+        with torch.no_grad():
+            got = theirs(images, text)
+        for key in ("image_features", "text_features", "logits"):
+            torch.testing.assert_close(got[key], ours[key], rtol=1e-5, atol=1e-5 * ours[key].abs().max().item())
+        # open_clip's eval preprocessing is megacoca's (an image at the model's size: no resampling involved)
+        image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+        torch.testing.assert_close(preprocess(image), ImageTransform(32, train=False)(image), rtol=0, atol=1e-5)
+        tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
+        captions = ["a red circle", "two blue squares"]
+        assert torch.equal(tokenizer(captions), megacoca.load_tokenizer(loaded).encode(captions))
+    # megacoca reads the open_clip directory back: the same tensors.
+    back = megacoca.load(tmp_path / "open_clip_dir").state_dict()
+    assert all(torch.equal(back[name], tensor) for name, tensor in state.items())
 
 
 @pytest.mark.slow

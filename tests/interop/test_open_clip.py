@@ -159,6 +159,35 @@ def test_round_trip_gives_identical_tensors(tmp_path, suffix):
     assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in original.items())
 
 
+def test_open_clip_directory_loads_as_local_dir_and_from_the_hub(tmp_path, monkeypatch):
+    """`to-open-clip DIR` writes open_clip's hub layout: create_model_and_transforms loads it as "local-dir:DIR"
+    and, uploaded as it is, as "hf-hub:ORG/REPO" (here: a hub cache holding it, offline). megacoca loads it too."""
+    import huggingface_hub
+
+    config = tiny_open_clip_config()
+    reference = build_tiny(config)
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    directory = convert(tmp_path, str(tmp_path / "c.json"), reference.state_dict(), as_checkpoint=False)
+    out = tmp_path / "open_clip_dir"
+    assert cli(["convert", "to-open-clip", "--input", directory, "--output", str(out)]) == 0
+    revision = "0" * 40
+    repo = tmp_path / "hub" / "models--someone--coca-tiny"
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    for name in ("open_clip_config.json", "open_clip_model.safetensors"):
+        (repo / "snapshots" / revision / name).write_bytes((out / name).read_bytes())
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    for name, kwargs in ((f"local-dir:{out}", {}), ("hf-hub:someone/coca-tiny", {"cache_dir": str(tmp_path / "hub")})):
+        model, _, preprocess = open_clip.create_model_and_transforms(name, **kwargs)
+        state = model.state_dict()
+        assert all(torch.equal(state[key], value) for key, value in reference.state_dict().items()), name
+        assert preprocess.transforms[0].size == 32
+    back = megacoca.load(out, kernels="torch")
+    assert back.tokenizer_info["eos_id"] == 49407
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in megacoca.load(directory).state_dict().items())
+
+
 def test_adapter_functions_round_trip_in_memory():
     config = tiny_open_clip_config()
     reference = build_tiny(config)

@@ -3,22 +3,29 @@
 config.json:
     {"format": "megacoca", "format_version": 1,
      "model": {CoCaConfig fields},
+     "dtype": "float32" | "bfloat16" (what model.safetensors holds; informational, the file says it too),
      "tokenizer": {"spec": "clip-bpe" | "<sentencepiece .model path>", "context_length": L,
                    "bos_id": ..., "eos_id": ..., "pad_id": ...} or null,
      "open_clip": {"model_name": "coca_ViT-B-32" | null, "model_config": {...}} or null,
      "source": {where the weights came from}}
 
-`load_pretrained(dir)` returns a `PretrainedCoCa` (a CoCa with the same parameters) in eval mode: its forward
-defaults to `caption_loss=False`, returning open_clip's outputs (`image_features`, `text_features`, `logits`
-(B, L-1, V), `logit_scale`, `labels`), and it has `generate(images, ...)` with the tokenizer's special ids. The
-model knows the tokenizer's ids only (`tokenizer_info`); `megacoca.load_tokenizer(model)` loads the tokenizer
-itself, from megacoca.data.
+A tied vocabulary head is stored once (under the token embedding's name). `megacoca.load(dir)`
+(megacoca.checkpoint.loader) returns a `PretrainedCoCa` (a CoCa with the same parameters) in eval mode: its
+forward defaults to `caption_loss=False`, returning open_clip's outputs (`image_features`, `text_features`,
+`logits` (B, L-1, V), `logit_scale`, `labels`), and it has `generate(images, ...)` with the tokenizer's special
+ids. The model knows the tokenizer's ids only (`tokenizer_info`); `megacoca.load_tokenizer(model)` loads the
+tokenizer itself, from megacoca.data.
+
+`write_safetensors` writes a .safetensors file tensor by tensor from an iterator (the header, which lists every
+tensor's shape and offset, is computed first from the expected shapes): what the streaming exports use.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import struct
+from typing import Iterable
 
 import torch
 
@@ -67,13 +74,99 @@ def clip_bpe_tokenizer_info(cfg: CoCaConfig) -> dict:
     return tokenizer_info("clip-bpe", cfg.context_length, 49406, 49407, cfg.pad_id)
 
 
+def model_tensors(cfg: CoCaConfig) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of every tensor a model directory of `cfg` holds (a tied head once), in the model's order."""
+    with torch.device("meta"):
+        state = CoCa(cfg).state_dict()
+    if cfg.tie_word_embeddings:
+        state.pop(TIED_KEY, None)
+    return {name: tuple(tensor.shape) for name, tensor in state.items()}
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+def write_safetensors(path: str, spec: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                      tensors: Iterable[tuple[str, torch.Tensor]], metadata: dict | None = None) -> str:
+    """Write `path` (.safetensors) from an iterator of (name, tensor), holding one tensor at a time: `spec`
+    ({name: (shape, dtype)}) fixes the header, each tensor is cast to its dtype and written at its offset as it
+    comes. Every name of `spec` must come exactly once with its shape; otherwise ValueError, and nothing is left
+    at `path` (the file is written as `path`.tmp and renamed when complete)."""
+    order = sorted(spec, key=lambda name: -torch.empty((), dtype=spec[name][1]).element_size())  # stable
+    header: dict = {"__metadata__": {str(k): str(v) for k, v in (metadata or {"format": "pt"}).items()}}
+    offsets, position = {}, 0
+    for name in order:
+        shape, dtype = spec[name]
+        size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                        "data_offsets": [position, position + size]}
+        offsets[name] = position
+        position += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    base = 8 + len(encoded)
+    tmp = path + ".tmp"
+    written: set[str] = set()
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(struct.pack("<Q", len(encoded)))
+            handle.write(encoded)
+            handle.truncate(base + position)
+            for name, tensor in tensors:
+                if name not in spec:
+                    raise ValueError(f"{name} is not a tensor of this model")
+                if name in written:
+                    raise ValueError(f"{name} came twice")
+                shape, dtype = spec[name]
+                if tuple(tensor.shape) != tuple(shape):
+                    raise ValueError(f"{name} has shape {tuple(tensor.shape)}; the model's is {tuple(shape)}")
+                data = tensor.detach().to(device="cpu", dtype=dtype).contiguous().reshape(-1)
+                if data.numel():
+                    handle.seek(base + offsets[name])
+                    handle.write(data.view(torch.uint8).numpy())
+                written.add(name)
+                del tensor, data
+            missing = [name for name in spec if name not in written]
+            if missing:
+                more = f" ... ({len(missing)} in all)" if len(missing) > 5 else ""
+                raise ValueError(f"missing {', '.join(missing[:5])}{more}")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def write_config(directory: str, cfg: CoCaConfig, *, dtype: torch.dtype | None = None, tokenizer: dict | None = None,
+                 open_clip: dict | None = None, source: dict | None = None) -> str:
+    """config.json of a model directory, written atomically (after the weights: a directory with a config.json
+    is complete)."""
+    config = {
+        "format": "megacoca",
+        "format_version": FORMAT_VERSION,
+        "model": cfg.to_dict(),
+        "dtype": str(dtype).replace("torch.", "") if dtype is not None else None,
+        "tokenizer": tokenizer,
+        "open_clip": open_clip,
+        "source": source or {},
+    }
+    tmp = os.path.join(directory, CONFIG_NAME + ".tmp")
+    with open(tmp, "w") as handle:
+        json.dump(config, handle, indent=2, sort_keys=False)
+        handle.write("\n")
+    os.replace(tmp, os.path.join(directory, CONFIG_NAME))
+    return directory
+
+
 def save_pretrained(
     model_or_state: "CoCa | dict", directory: str | os.PathLike, cfg: CoCaConfig | None = None, *,
     tokenizer: dict | None = None, open_clip: dict | None = None, source: dict | None = None,
 ) -> str:
     """Write config.json and model.safetensors to `directory`; a state dict needs its `cfg`. Returns directory."""
-    from safetensors.torch import save_file
-
     if isinstance(model_or_state, torch.nn.Module):
         cfg = cfg or model_or_state.cfg
         state = model_or_state.state_dict()
@@ -87,23 +180,11 @@ def save_pretrained(
         state.pop(TIED_KEY, None)  # the same tensor as the token embedding; re-tied on load
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    # safetensors wants contiguous tensors that share no storage.
-    save_file({name: tensor.detach().cpu().contiguous().clone() for name, tensor in state.items()},
-              os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
-    config = {
-        "format": "megacoca",
-        "format_version": FORMAT_VERSION,
-        "model": cfg.to_dict(),
-        "tokenizer": tokenizer,
-        "open_clip": open_clip,
-        "source": source or {},
-    }
-    tmp = os.path.join(directory, CONFIG_NAME + ".tmp")
-    with open(tmp, "w") as handle:
-        json.dump(config, handle, indent=2, sort_keys=False)
-        handle.write("\n")
-    os.replace(tmp, os.path.join(directory, CONFIG_NAME))
-    return directory
+    spec = {name: (tuple(tensor.shape), tensor.dtype) for name, tensor in state.items()}
+    write_safetensors(os.path.join(directory, WEIGHTS_NAME), spec, state.items())
+    dtypes = {tensor.dtype for tensor in state.values() if tensor.is_floating_point()}
+    return write_config(directory, cfg, dtype=dtypes.pop() if len(dtypes) == 1 else None, tokenizer=tokenizer,
+                        open_clip=open_clip, source=source)
 
 
 def read_config(directory: str | os.PathLike) -> dict:
@@ -117,31 +198,3 @@ def read_config(directory: str | os.PathLike) -> dict:
     if config.get("format_version", 0) > FORMAT_VERSION:
         raise ValueError(f"{path} has format_version {config['format_version']}; this megacoca reads <= {FORMAT_VERSION}")
     return config
-
-
-def read_state(directory: str | os.PathLike, cfg: CoCaConfig) -> dict:
-    from safetensors.torch import load_file
-
-    state = load_file(os.path.join(os.fspath(directory), WEIGHTS_NAME))
-    if cfg.tie_word_embeddings and TIED_KEY not in state and TIED_SOURCE in state:
-        state[TIED_KEY] = state[TIED_SOURCE]
-    return state
-
-
-def load_pretrained(
-    directory: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-    kernels: str | None = None,
-) -> PretrainedCoCa:
-    """The model in `directory`, in eval mode. `kernels` overrides CoCaConfig.kernels ("auto"/"triton"/"torch")."""
-    config = read_config(directory)
-    cfg = CoCaConfig.from_dict(config["model"])
-    if kernels is not None:
-        cfg = cfg.replace(kernels=kernels)
-    with torch.device("meta"):
-        model = PretrainedCoCa(cfg, config.get("tokenizer"))
-    state = read_state(directory, cfg)
-    model.load_state_dict(state, strict=True, assign=True)
-    if cfg.tie_word_embeddings:  # assign=True replaced both Parameters; make them one again
-        model.caption_head.weight = model.text.embed.token_embedding.weight
-    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
-    return model.eval()

@@ -9,6 +9,8 @@
   when its key width differs), its `x @ proj` matrices are transposed into Linear weights, and its 0-dim
   `logit_scale` becomes shape [1] (DeepSpeed cannot broadcast a 0-dim parameter). Every key is accounted for:
   an unknown or missing key raises with the list.
+- `to_open_clip_stream(items, cfg)`: the same from an iterator of (name, tensor), one open_clip tensor out as soon
+  as its parts are in (a fused q/k/v waits for its three); `open_clip_shapes(cfg)`: {open_clip name: shape}.
 - `read_open_clip_state(path)`: a bare state dict or a training checkpoint (`{"state_dict": ...}`), with DDP
   `module.` and torch.compile `_orig_mod.` prefixes removed.
 
@@ -28,7 +30,7 @@ from megacoca.config.model import CoCaConfig
 
 __all__ = [
     "NotExpressibleError", "config_from_open_clip", "open_clip_config", "from_open_clip", "to_open_clip",
-    "read_open_clip_state", "resolve_open_clip_config",
+    "read_open_clip_state", "resolve_open_clip_config", "to_open_clip_stream", "open_clip_shapes",
 ]
 
 CLIP_BPE_IDS = {"bos_id": 49406, "eos_id": 49407, "pad_id": 0}
@@ -349,6 +351,38 @@ def to_open_clip(state: dict, cfg: CoCaConfig) -> dict:
     plan = _plan(cfg)
     _check_keys(state, [key for mine, _, _, _ in plan.items for key in mine], "megacoca")
     return {theirs: to_theirs(tuple(state[k] for k in mine)) for mine, theirs, _, to_theirs in plan.items}
+
+
+def to_open_clip_stream(items, cfg: CoCaConfig):
+    """(open_clip name, tensor) from an iterator of megacoca (name, tensor), in the order their parts complete;
+    KeyError for a name the plan does not know, or (at the end) parts that never came."""
+    plan = _plan(cfg)
+    owner = {key: index for index, (mine, _, _, _) in enumerate(plan.items) for key in mine}
+    pending: dict[int, dict[str, torch.Tensor]] = {}
+    done = set()
+    for name, tensor in items:
+        if name not in owner:
+            raise KeyError(f"the megacoca state dict does not match the config: unexpected {name}")
+        index = owner[name]
+        mine, theirs, _, to_theirs = plan.items[index]
+        parts = pending.setdefault(index, {})
+        parts[name] = tensor
+        if len(parts) == len(mine):
+            yield theirs, to_theirs(tuple(parts[key] for key in mine))
+            del pending[index]
+            done.add(index)
+    missing = [key for index, (mine, _, _, _) in enumerate(plan.items) if index not in done for key in mine]
+    if missing:
+        _check_keys([key for key in owner if key not in missing], list(owner), "megacoca")
+
+
+def open_clip_shapes(cfg: CoCaConfig) -> dict[str, tuple[int, ...]]:
+    """{open_clip name: shape} of the open_clip state dict `to_open_clip` gives for `cfg`, without any data."""
+    from megacoca.models.coca.model import CoCa
+
+    with torch.device("meta"):
+        state = CoCa(cfg).state_dict()
+        return {name: tuple(tensor.shape) for name, tensor in to_open_clip(state, cfg).items()}
 
 
 def read_open_clip_state(path: str | os.PathLike) -> dict:

@@ -142,8 +142,11 @@ CASES = [
      "argument --input: {emptydir} is not a megacoca model directory (no config.json)"),
     ("convert to-open-clip --input {bad_model_dir} --output {tmp}/x.pt",
      "{bad_model_dir}/config.json: not a megacoca model config"),
-    ("convert to-open-clip --output {emptydir} --input {bad_model_dir}",
-     "argument --output: output file {emptydir} is a directory"),
+    ("convert to-open-clip --output {a_file} --input {bad_model_dir}",
+     "argument --output: output directory {a_file} is a file, not a directory"),
+    ("convert to-open-clip --output {emptydir}/x.pt --input {ckpt_no_states}",
+     "{ckpt_no_states}/step00000001 is incomplete: {ckpt_no_states}/step00000001/mp_rank_00_model_states.pt "
+     "(DeepSpeed's model states of model-parallel rank 0) is missing"),
     ("convert from-deepspeed --input {emptydir} --output {tmp}/m",
      "argument --input: {emptydir} has no COMPLETE marker"),
     ("convert from-deepspeed --model-config {not_a_coca_json} --input {ckpt} --output {tmp}/m",
@@ -211,10 +214,14 @@ def files(tmp_path_factory):
     (tmp / "bad_model_dir").mkdir()
     (tmp / "bad_model_dir" / "config.json").write_text(json.dumps({"format": "megacoca", "model": {"nope": 1}}))
     paths["bad_model_dir"] = str(tmp / "bad_model_dir")
-    (tmp / "ckpt" / "step00000001").mkdir(parents=True)  # complete, but without model-states files
-    (tmp / "ckpt" / "step00000001" / "COMPLETE").write_text("1\n")
-    (tmp / "ckpt" / "latest").write_text("step00000001")
-    paths["ckpt"] = str(tmp / "ckpt")
+    for name in ("ckpt", "ckpt_no_states"):  # complete, with an empty module and no job config / without files
+        (tmp / name / "step00000001").mkdir(parents=True)
+        (tmp / name / "step00000001" / "COMPLETE").write_text("1\n")
+        (tmp / name / "latest").write_text("step00000001")
+        paths[name] = str(tmp / name)
+    import torch
+
+    torch.save({"module": {}, "step": 1}, tmp / "ckpt" / "step00000001" / "mp_rank_00_model_states.pt")
     return paths
 
 

@@ -155,7 +155,7 @@ def test_evaluate_without_shapes_attributes_skips_zeroshot_and_matching():
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         runner.load_model_for_eval(str(tmp_path / "nope"))
-    with pytest.raises(FileNotFoundError, match="neither a converted model dir"):
+    with pytest.raises(FileNotFoundError, match="is neither a model directory"):
         runner.load_model_for_eval(str(tmp_path))
 
 
