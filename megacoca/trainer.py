@@ -240,7 +240,8 @@ class Trainer:
             if self.job.checkpoint.resume == "auto":
                 self.logger.info(f"resume auto: no complete checkpoint in {self.job.checkpoint_dir}; starting fresh")
             return False
-        state = load_checkpoint(self.engine, target, self.train_loader, dp_size=self.dims.dp_size)
+        state = load_checkpoint(self.engine, target, self.train_loader, dp_size=self.dims.dp_size,
+                                pp_size=self.dims.pp_size, tp_size=self.dims.tp_size)
         self.step = state["step"]
         self.logger.resume_at(self.step)
         self.logger.info(f"resumed from {target} at step {self.step}")

@@ -220,12 +220,36 @@ def prune(checkpoint_dir: str, keep: int, newest_step: int) -> None:
         remove_tree(path, COMPLETE)
 
 
-def load_checkpoint(engine, tag_dir: str, train_loader=None, *, dp_size: int) -> dict:
+def check_resumable(tag_dir: str, *, dp_size: int, pp_size: int = 1, tp_size: int = 1, zero3: bool) -> None:
+    """BadCheckpointError (one line, the same on every rank: they read the same files) unless the tag holds every
+    file of its layout, including each rank's megacoca file, and that layout is this run's: exact resume needs
+    the same dp x pp x tp and the same ZeRO-3-or-not partitioning of the model states."""
+    from megacoca.checkpoint.consolidate import check_complete
+
+    layout = check_complete(tag_dir)
+    here = f"dp={dp_size} x pp={pp_size} x tp={tp_size}"
+    if (layout.dp, layout.pp, layout.tp) != (dp_size, pp_size, tp_size) or layout.zero3 != zero3:
+        stage = lambda is3: "ZeRO-3" if is3 else "ZeRO-0/1/2"  # noqa: E731
+        raise BadCheckpointError(
+            f"resume from {tag_dir}: it was written by {layout.describe()} ranks under {stage(layout.zero3)}, this "
+            f"run is {here} under {stage(zero3)}; resuming under another layout is not supported yet (resume with "
+            "the checkpoint's layout, or start from its weights: `megacoca convert from-deepspeed`)")
+    for rank in range(dp_size * pp_size * tp_size):
+        if not os.path.isfile(_rank_file(tag_dir, rank)):
+            raise BadCheckpointError(f"resume from {tag_dir}: it is incomplete: {_rank_file(tag_dir, rank)} (rank "
+                                     f"{rank}'s data position and RNG state) is missing")
+
+
+def load_checkpoint(engine, tag_dir: str, train_loader=None, *, dp_size: int, pp_size: int = 1,
+                    tp_size: int = 1) -> dict:
     """Every rank calls this; restores engine (model, optimizer, lr schedule), data position and RNG. Raises
-    UnsafeCheckpointError on every rank, before DeepSpeed reads anything, if any file of the tag holds more
-    than tensors and plain data."""
+    BadCheckpointError on every rank, before DeepSpeed reads anything, if the tag lacks a file of its layout or
+    was written by another layout (`check_resumable`), and UnsafeCheckpointError if any file of the tag holds
+    more than tensors and plain data."""
     checkpoint_dir, tag = os.path.split(tag_dir.rstrip("/"))
     rank, world = dist.get_rank(), dist.get_world_size()
+    check_resumable(tag_dir, dp_size=dp_size, pp_size=pp_size, tp_size=tp_size,
+                    zero3=engine.zero_optimization_stage() == 3)
     failure = None
     try:
         verify_files(checkpoint_files(tag_dir)[rank::world])  # each file read by one rank
@@ -240,12 +264,7 @@ def load_checkpoint(engine, tag_dir: str, train_loader=None, *, dp_size: int) ->
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag_dir}")
     client_state = client_state or {}
-    rank_file = _rank_file(tag_dir, rank)
-    saved_dp = client_state.get("dp_size")
-    if saved_dp != dp_size or not os.path.isfile(rank_file):
-        raise RuntimeError(f"checkpoint {tag_dir} was saved with dp={saved_dp}; this run has dp={dp_size}: exact "
-                           "resume (data position, RNG) needs the same data-parallel size")
-    local = safe_load(rank_file)
+    local = safe_load(_rank_file(tag_dir, rank))
     if local.get("data") is not None and hasattr(train_loader, "load_state_dict"):
         train_loader.load_state_dict(local["data"])
     set_rng_state(local["rng"])
