@@ -137,6 +137,20 @@ def pipeline_layout(module, job) -> dict | None:
     return {"pp": module.pp, "tp": job.parallel.tp, "stage": module.stage, "vision_blocks": list(module.block_indices)}
 
 
+def optimizer_param_names(engine) -> list[list[str]] | None:
+    """Per param group, the names of the parameters a client torch optimizer holds (ZeRO-0: DeepSpeed saves its
+    state dict keyed by position, megacoca.checkpoint.full_state reads it by name); None for DeepSpeed's own
+    optimizers, whose groups are flat partitions."""
+    names = {id(param): name for name, param in engine.module.named_parameters()}
+    groups = getattr(engine.optimizer, "param_groups", None) or []
+    if type(engine.optimizer).__module__.startswith("deepspeed") or not groups:
+        return None
+    try:
+        return [[names[id(param)] for param in group["params"]] for group in groups]
+    except KeyError:
+        return None
+
+
 def _failures(failure) -> list[tuple[int, object]]:
     """Collective: (rank, failure) of every rank whose `failure` is not None (a message, or a tuple)."""
     everyone: list = [None] * dist.get_world_size()
@@ -171,7 +185,8 @@ def save_checkpoint(engine, job, step: int, train_loader=None, *, dp_size: int) 
     dist.barrier()  # the tag is gone on disk before any rank writes into it
     client_state = {"step": step, "dp_size": dp_size, "config": job.to_dict(),
                     "tensor_parallel": tensor_parallel_layout(engine.module),
-                    "pipeline": pipeline_layout(engine.module, job)}
+                    "pipeline": pipeline_layout(engine.module, job),
+                    "optimizer_param_names": optimizer_param_names(engine)}
     engine.save_checkpoint(checkpoint_dir, tag=tag, client_state=client_state, save_latest=False)
     error = files.error
     if error is None:

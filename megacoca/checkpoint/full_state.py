@@ -1,0 +1,113 @@
+"""A checkpoint's training state without its layout: per single-device parameter name, the fp32 master weight and
+Adam's two moments, whole (every ZeRO partition, tensor-parallel shard and pipeline stage joined), and Adam's
+step. The reading half of resuming under another layout (issue 10 §1; the writing half, into a new layout's
+ZeRO partitions, is not built yet).
+
+- ZeRO-1/2/3 (and DeepSpeed's bf16 optimizer): the base optimizer's state is kept per flat fp32 partition with
+  the master weights' own layout (ZeRO-3: `optimizer_state_dict.state[i]` beside `fp32_flat_groups[i]`;
+  ZeRO-1/2: `base_optimizer_state.state[i]` beside `single_partition_of_fp32_groups[i]`), so DeepSpeed's own
+  zero_to_fp32 merge, given the moments' partitions in place of the masters', rebuilds each moment per
+  parameter, padding and alignment included.
+- ZeRO-0 (a client torch optimizer DeepSpeed steps as is): the module holds the weights and the model-states file
+  the optimizer's state dict, keyed by position; the names of those positions are what the client state's
+  `optimizer_param_names` records at save (megacoca.checkpoint.state).
+- Tensor-parallel shards and pipeline stages are joined as the weights are (megacoca.checkpoint.consolidate).
+
+Every file is checked first (`open_tag`: complete, tensors and plain data only).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+
+import torch
+
+from megacoca.checkpoint.consolidate import Layout, _merge, _strip, client_state, open_tag
+from megacoca.checkpoint.files import BadCheckpointError, safe_load
+
+KINDS = ("fp32", "exp_avg", "exp_avg_sq")
+
+
+def _zero_rank_states(tag_dir: str, layout: Layout, mp_rank: int) -> tuple[dict[str, dict], int]:
+    """One model-parallel rank of a ZeRO checkpoint: {kind: {name: tensor}} and Adam's step."""
+    from deepspeed.utils import zero_to_fp32
+
+    tag = os.path.basename(tag_dir)
+    marker = f"mp_rank_{mp_rank:02d}"
+    with tempfile.TemporaryDirectory(prefix="megacoca_full_state_") as scratch:
+        os.makedirs(os.path.join(scratch, tag))
+        for name in layout.model_states(mp_rank):
+            os.symlink(os.path.abspath(os.path.join(tag_dir, name)),
+                       os.path.join(scratch, tag, name.replace(marker, "mp_rank_00")))
+        model_states = zero_to_fp32.parse_model_states(
+            zero_to_fp32.get_model_state_files(os.path.join(scratch, tag)))
+    optim = [safe_load(os.path.join(tag_dir, name), mmap=True)["optimizer_state_dict"]
+             for name in layout.optim_states(mp_rank)]
+    stage = int(optim[0]["zero_stage"])
+    world = optim[0]["partition_count"]
+    world = max(world) if isinstance(world, list) else world
+    if stage == 3:
+        masters, inner = "fp32_flat_groups", "optimizer_state_dict"
+    else:
+        masters, inner = "single_partition_of_fp32_groups", "base_optimizer_state"
+    states: dict[str, dict] = {}
+    for kind in KINDS:
+        flats = [o[masters] if kind == "fp32" else [o[inner]["state"][i][kind] for i in range(len(o[masters]))]
+                 for o in optim]
+        if stage == 3:
+            merged = zero_to_fp32._get_fp32_state_dict_from_zero3_checkpoint(world, flats, model_states, False)
+        else:
+            merged = zero_to_fp32._get_fp32_state_dict_from_zero2_checkpoint(
+                world, flats, model_states, False, optim[0].get("param_alignment_paddings"))
+        buffers = set(model_states[0].buffers)
+        states[kind] = {name: value.contiguous() for name, value in merged.items() if name not in buffers}
+    step = optim[0][inner]["state"][0]["step"]
+    return states, int(step)
+
+
+def _zero0_rank_states(tag_dir: str, layout: Layout, mp_rank: int) -> tuple[dict[str, dict], int]:
+    """One model-parallel rank of a ZeRO-0 checkpoint (the client torch optimizer's state by position)."""
+    path = os.path.join(tag_dir, layout.model_states(mp_rank)[0])
+    saved = safe_load(path, mmap=True)
+    names = saved.get("optimizer_param_names")
+    optimizer = saved.get("optimizer")
+    if not names or not optimizer:
+        raise BadCheckpointError(f"{path} holds no optimizer state with parameter names (ZeRO-0 checkpoints "
+                                 "written before megacoca recorded them): its moments cannot be read by name")
+    positions = [index for group in optimizer["param_groups"] for index in group["params"]]
+    ordered = [name for group in names for name in group]
+    if len(positions) != len(ordered):
+        raise BadCheckpointError(f"{path}: the optimizer holds {len(positions)} parameters, the recorded names "
+                                 f"{len(ordered)}: the checkpoint is inconsistent")
+    module = saved["module"]
+    states: dict[str, dict] = {kind: {} for kind in KINDS}
+    step = 0
+    for index, name in zip(positions, ordered):
+        state = optimizer["state"].get(index, {})
+        states["fp32"][name] = module[name].float()
+        for kind in KINDS[1:]:
+            states[kind][name] = state[kind].float() if kind in state else torch.zeros_like(module[name].float())
+        step = max(step, int(state.get("step", 0)))
+    return states, step
+
+
+def iter_full_state(path: str) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """(single-device name, {"fp32", "exp_avg", "exp_avg_sq"}) of every trained parameter of a checkpoint (tag or
+    checkpoint directory) of any layout, one parameter at a time (a pipeline stage's ranks at a time in memory)."""
+    tag_dir, layout = open_tag(path)
+    read = _zero_rank_states if layout.zero else _zero0_rank_states
+    for stage in range(layout.pp):
+        ranks = [read(tag_dir, layout, stage * layout.tp + rank)[0] for rank in range(layout.tp)]
+        tp_layout = (client_state(tag_dir, stage * layout.tp).get("tensor_parallel") or {}).get("params", {})
+        for name in ranks[0]["fp32"]:
+            yield _strip(name), {kind: _merge(f"{name} ({kind})", [state[kind][name] for state in ranks],
+                                              tp_layout.get(name)) for kind in KINDS}
+
+
+def adam_step(path: str) -> int:
+    """Adam's step count in a checkpoint (the optimizer steps taken, skipped ones not counted)."""
+    tag_dir, layout = open_tag(path)
+    read = _zero_rank_states if layout.zero else _zero0_rank_states
+    return read(tag_dir, layout, 0)[1]
