@@ -103,7 +103,7 @@ def iter_full_state(path: str) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
         tp_layout = (client_state(tag_dir, stage * layout.tp).get("tensor_parallel") or {}).get("params", {})
         for name in ranks[0]["fp32"]:
             yield _strip(name), {kind: _merge(f"{name} ({kind})", [state[kind][name] for state in ranks],
-                                              tp_layout.get(name)) for kind in KINDS}
+                                              tp_layout.get(name)).detach() for kind in KINDS}
 
 
 def adam_step(path: str) -> int:
