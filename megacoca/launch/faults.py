@@ -94,14 +94,19 @@ def parse(text: str) -> dict[str, list[str]]:
     return faults
 
 
+def _rank_prefix(target: str) -> tuple[int | None, str]:
+    """`[rankR@]REST` -> (R or None, REST)."""
+    if "@" not in target:
+        return None, target
+    head, rest = target.split("@", 1)
+    if not head.startswith("rank") or not head[4:].isdigit():
+        raise FaultSpecError(f"{ENV}: {head!r} in {head}@{rest} is not rankR")
+    return int(head[4:]), rest
+
+
 def _point_target(target: str) -> tuple[int | None, str, int]:
     """`[rankR@]NAME[#N]` -> (R or None, NAME, N)."""
-    rank = None
-    if "@" in target:
-        head, target = target.split("@", 1)
-        if not head.startswith("rank") or not head[4:].isdigit():
-            raise FaultSpecError(f"{ENV}: {head!r} in {head}@{target} is not rankR")
-        rank = int(head[4:])
+    rank, target = _rank_prefix(target)
     name, _, count = target.partition("#")
     if count and not count.isdigit():
         raise FaultSpecError(f"{ENV}: {target!r}: the count after # is not a number")
@@ -110,13 +115,8 @@ def _point_target(target: str) -> tuple[int | None, str, int]:
 
 def _step_target(kind: str, target: str) -> tuple[int | None, int, float]:
     """`[rankR@]STEP[:F]` -> (R or None, STEP, F); F only for loss_scale (1.0 for the others)."""
-    rank = None
-    if "@" in target:
-        head, target = target.split("@", 1)
-        if not head.startswith("rank") or not head[4:].isdigit():
-            raise FaultSpecError(f"{ENV}: {head!r} in {head}@{target} is not rankR")
-        rank = int(head[4:])
-    step, _, factor = target.partition(":")
+    rank, rest = _rank_prefix(target)
+    step, _, factor = rest.partition(":")
     if not step.isdigit() or (kind == "loss_scale") != bool(factor):
         syntax = "[rankR@]STEP:FACTOR" if kind == "loss_scale" else "[rankR@]STEP"
         raise FaultSpecError(f"{ENV}: {kind}={target}: expected {syntax}")
@@ -129,16 +129,14 @@ def _step_target(kind: str, target: str) -> tuple[int | None, int, float]:
 
 def _seconds_target(kind: str, target: str) -> tuple[int | None, float]:
     """`[rankR@]SECONDS` -> (R or None, SECONDS)."""
-    rank, _, seconds = target.rpartition("@")
-    if rank and (not rank.startswith("rank") or not rank[4:].isdigit()):
-        raise FaultSpecError(f"{ENV}: {rank!r} in {target} is not rankR")
+    rank, seconds = _rank_prefix(target)
     try:
         value = float(seconds)
     except ValueError:
         value = -1.0
     if not value >= 0 or value == float("inf"):
         raise FaultSpecError(f"{ENV}: {kind}={target}: expected [rankR@]SECONDS (a number >= 0)")
-    return (int(rank[4:]) if rank else None), value
+    return rank, value
 
 
 def slow_s() -> float:
