@@ -25,6 +25,7 @@ line naming it.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
@@ -134,6 +135,15 @@ def resolve_tag_dir(path: str) -> str:
 
 def open_tag(path: str) -> tuple[str, Layout]:
     """(tag directory, layout) of a checkpoint or tag directory, checked as `resolve_tag_dir` says."""
+    tag_dir, layout = locate_tag(path)
+    verify_files(checkpoint_files(tag_dir))  # before anything (DeepSpeed's zero_to_fp32 too) unpickles one
+    return tag_dir, layout
+
+
+def locate_tag(path: str) -> tuple[str, Layout]:
+    """(tag directory, layout) of a checkpoint or tag directory: COMPLETE, and every file of its layout there
+    (what the CLI checks while parsing arguments; `open_tag` also checks every file's contents, once, when the
+    checkpoint is read)."""
     path = path.rstrip("/") or "/"
     if os.path.isfile(os.path.join(path, LATEST)) and not os.path.isfile(os.path.join(path, COMPLETE)):
         with open(os.path.join(path, LATEST)) as f:
@@ -142,9 +152,7 @@ def open_tag(path: str) -> tuple[str, Layout]:
         raise FileNotFoundError(f"no checkpoint directory {path}")
     if not os.path.isfile(os.path.join(path, COMPLETE)):
         raise FileNotFoundError(f"{path} has no {COMPLETE} marker: the save was interrupted")
-    layout = check_complete(path)
-    verify_files(checkpoint_files(path))  # before anything (DeepSpeed's zero_to_fp32 too) unpickles one
-    return path, layout
+    return path, check_complete(path)
 
 
 def client_state(tag_dir: str, mp_rank: int = 0) -> dict:
@@ -168,15 +176,25 @@ def _rank_tensors(tag_dir: str, layout: Layout, mp_rank: int) -> dict:
         return safe_load(os.path.join(tag_dir, layout.model_states(mp_rank)[0]), mmap=True)["module"]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    names = layout.model_states(mp_rank) + layout.optim_states(mp_rank)
+    with as_mp_rank_00(tag_dir, names, mp_rank) as scratch_tag:
+        # The files are mapped when read: the tensors outlive the links.
+        return get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(scratch_tag),
+                                                        tag=os.path.basename(scratch_tag), lazy_mode=True)
+
+
+@contextlib.contextmanager
+def as_mp_rank_00(tag_dir: str, names: list[str], mp_rank: int) -> Iterator[str]:
+    """A scratch tag directory in which the files `names` of model-parallel rank `mp_rank` appear (as links) under
+    rank 00's names: DeepSpeed's zero_to_fp32 only knows model-parallel rank 00."""
     tag = os.path.basename(tag_dir)
     marker = f"mp_rank_{mp_rank:02d}"
     with tempfile.TemporaryDirectory(prefix="megacoca_consolidate_") as scratch:
         os.makedirs(os.path.join(scratch, tag))
-        for name in layout.model_states(mp_rank) + layout.optim_states(mp_rank):
+        for name in names:
             os.symlink(os.path.abspath(os.path.join(tag_dir, name)),
                        os.path.join(scratch, tag, name.replace(marker, "mp_rank_00")))
-        # The files are mapped when read: the tensors outlive the links.
-        return get_fp32_state_dict_from_zero_checkpoint(scratch, tag=tag, lazy_mode=True)
+        yield os.path.join(scratch, tag)
 
 
 def _materialize(value) -> torch.Tensor:

@@ -19,12 +19,11 @@ Every file is checked first (`open_tag`: complete, tensors and plain data only).
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator
 
 import torch
 
-from megacoca.checkpoint.consolidate import Layout, _merge, _strip, client_state, open_tag
+from megacoca.checkpoint.consolidate import Layout, _merge, _strip, as_mp_rank_00, client_state, open_tag
 from megacoca.checkpoint.files import BadCheckpointError, safe_load
 
 KINDS = ("fp32", "exp_avg", "exp_avg_sq")
@@ -34,15 +33,8 @@ def _zero_rank_states(tag_dir: str, layout: Layout, mp_rank: int) -> tuple[dict[
     """One model-parallel rank of a ZeRO checkpoint: {kind: {name: tensor}} and Adam's step."""
     from deepspeed.utils import zero_to_fp32
 
-    tag = os.path.basename(tag_dir)
-    marker = f"mp_rank_{mp_rank:02d}"
-    with tempfile.TemporaryDirectory(prefix="megacoca_full_state_") as scratch:
-        os.makedirs(os.path.join(scratch, tag))
-        for name in layout.model_states(mp_rank):
-            os.symlink(os.path.abspath(os.path.join(tag_dir, name)),
-                       os.path.join(scratch, tag, name.replace(marker, "mp_rank_00")))
-        model_states = zero_to_fp32.parse_model_states(
-            zero_to_fp32.get_model_state_files(os.path.join(scratch, tag)))
+    with as_mp_rank_00(tag_dir, layout.model_states(mp_rank), mp_rank) as scratch_tag:
+        model_states = zero_to_fp32.parse_model_states(zero_to_fp32.get_model_state_files(scratch_tag))
     optim = [safe_load(os.path.join(tag_dir, name), mmap=True)["optimizer_state_dict"]
              for name in layout.optim_states(mp_rank)]
     stage = int(optim[0]["zero_stage"])

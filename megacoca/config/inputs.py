@@ -306,12 +306,13 @@ def model_config_file(path: str) -> None:
 
 
 def deepspeed_checkpoint(path: str) -> None:
-    """A complete megacoca DeepSpeed checkpoint: a tag directory, or a checkpoint directory with `latest`."""
-    from megacoca.checkpoint.consolidate import resolve_tag_dir
+    """A complete megacoca DeepSpeed checkpoint: a tag directory, or a checkpoint directory with `latest` (every file
+    of its layout there; their contents are checked once, when the checkpoint is read)."""
+    from megacoca.checkpoint.consolidate import locate_tag
 
     readable_dir(path, "checkpoint directory")
     try:
-        resolve_tag_dir(path)
+        locate_tag(path)
     except (FileNotFoundError, ValueError) as error:
         raise ConfigError(one_line(error)) from None
 
