@@ -1,7 +1,7 @@
 """Data: webdataset shards with an exactly resumable position, image transforms, tokenizers, synth-shapes.
 
 Public API (docs/design.md, "Data contract"):
-- `ShardLoader`, `expand_shards`, `iter_samples`, `SKIP_REASONS` (megacoca.data.shards)
+- `ShardLoader`, `reshard_states`, `expand_shards`, `iter_samples`, `SKIP_REASONS` (megacoca.data.shards)
 - `ImageTransform`, `image_transform`, `load_image`, `CLIP_MEAN`, `CLIP_STD` (megacoca.data.transforms)
 - `Tokenizer` (SentencePiece), `ClipBpeTokenizer`, `TokenizerLike`, `load_tokenizer`, `train_sentencepiece`
   (megacoca.data.tokenizer)
@@ -14,6 +14,7 @@ import importlib
 
 _EXPORTS = {
     "ShardLoader": "shards",
+    "reshard_states": "shards",
     "expand_shards": "shards",
     "iter_samples": "shards",
     "SKIP_REASONS": "shards",

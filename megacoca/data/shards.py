@@ -13,10 +13,27 @@ Order (all deterministic for `seed`; `W = max(num_workers, 1)` "streams"):
 - train-time random crops use a numpy Generator seeded with (seed, e, shard, sample index).
 
 Position: each batch carries its stream's position after the batch, (epoch, shard index in the stream's
-list, samples of that shard already emitted) plus the stream's cumulative skip counts. The loader keeps the
-last consumed batch's position per stream and whose turn is next; `state_dict()` returns them and a new
-loader with `load_state_dict()` produces exactly the batch that would have come next (re-reading, without
-decoding, at most one shard per stream to fast-forward). The state is per rank: save every rank's.
+list, samples of that shard already emitted, counted from the shard's first sample) plus the stream's
+cumulative skip counts. The loader keeps the last consumed batch's position per stream and whose turn is
+next; `state_dict()` returns them and a new loader with `load_state_dict()` produces exactly the batch that
+would have come next (re-reading, without decoding, at most one shard per stream to fast-forward). The state
+is per rank: save every rank's.
+
+Re-split for another dp size or worker count (`reshard_states(all old ranks' states, dp_size, num_workers)`,
+the batch size may change too): the leftover epochs are those from the slowest old stream's epoch to the
+fastest's (and any epoch a previous re-split planned). For each, the new state carries a plan: the pieces in
+the epoch's shard order that no old stream consumed, each shard not read to the end by its old reader from
+the sample that reader stopped at (0 if it had not started it; shards it had passed are gone), dealt like
+shards (new rank `i` takes pieces `i::dp_size`, its stream `w` takes `w::W`; a reader with none moves on).
+Every new stream starts at the slowest epoch; the epochs after the leftover ones follow the normal order at
+the new size. A piece started at sample k continues the shard's shuffled order, and crops stay seeded by the
+sample's index in it. Guaranteed, within each leftover epoch: the new ranks together read exactly the samples
+no old rank consumed, each once. "Consumed" is exact because positions are at batch boundaries: a sample is
+either in a batch the old loader handed out before `state_dict()` or unread (there is no partial batch; a
+batch prefetched but not handed out counts as unread). Earlier epochs were consumed whole by the old ranks.
+Not guaranteed: the order of the samples, which rank reads which, and the batches' composition differ from a
+run that kept its size (with finite `epochs`, each stream's last partial batch of the last epoch is dropped as
+always). The same dp size and worker count gives back the states unchanged (an exact resume).
 
 Bad samples (undecodable image, empty caption, non-UTF-8 text, missing image or caption) are skipped and
 counted in `loader.skipped`; a tar that cannot be read to the end counts as `corrupt_shard` (the samples
@@ -33,6 +50,7 @@ The read timeout covers `pipe:` and http(s) streams; a local file on a hung file
 
 from __future__ import annotations
 
+import copy
 import glob
 import hashlib
 import io
@@ -68,7 +86,7 @@ SHARD_RETRIES = 3  # defaults: attempts after the first at a remote shard,
 SHARD_TIMEOUT_S = 120.0  # seconds a remote stream may stay silent,
 RETRY_DELAY_S = 1.0  # and the pause before retry k (k x this)
 SHARD_PATTERNS = ("*.tar", "*.tar.gz", "*.tgz")
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: adds the re-split plan (version 1 states load as having none)
 
 
 def _is_remote(url: str) -> bool:
@@ -308,6 +326,7 @@ class _Streams:
         self.shuffle_buffer = shuffle_buffer
         self.epochs = epochs
         self.with_json = with_json
+        self.plan: dict[int, list[tuple[int, int]]] = {}  # epoch -> pieces (index in epoch_order, first sample)
         self.draft_size = getattr(transform, "size", None)
         self.transform_takes_rng = bool(getattr(transform, "accepts_rng", False))
 
@@ -317,9 +336,21 @@ class _Streams:
             random.Random(f"megacoca-shards:{self.seed}:{epoch}").shuffle(order)
         return order
 
+    def epoch_pieces(self, epoch: int) -> list[tuple[int, int]]:
+        """(global shard index, first sample) of every reader's pieces in `epoch`, in the order they are dealt:
+        the planned leftovers of a re-split epoch, else every shard of the epoch's order from sample 0."""
+        order = self.epoch_order(epoch)
+        if epoch in self.plan:
+            return [(order[k], first) for k, first in self.plan[epoch]]
+        return [(shard, 0) for shard in order]
+
+    def stream_pieces(self, epoch: int, stream: int) -> list[tuple[int, int]]:
+        """(global shard index, first sample) read by `stream` of this rank in `epoch`."""
+        return self.epoch_pieces(epoch)[self.dp_rank :: self.dp_size][stream :: self.num_streams]
+
     def stream_shards(self, epoch: int, stream: int) -> list[int]:
         """Global shard indices read by `stream` of this rank in `epoch`."""
-        return self.epoch_order(epoch)[self.dp_rank :: self.dp_size][stream :: self.num_streams]
+        return [shard for shard, _ in self.stream_pieces(epoch, stream)]
 
     def shard_samples(self, epoch: int, shard: int, on_error, on_retry=None) -> Iterator[dict]:
         samples = read_shard(self.urls[shard], on_error=on_error, on_retry=on_retry, **self.read_options)
@@ -388,10 +419,12 @@ class _Streams:
 
         pending = []
         while self.epochs is None or epoch < self.epochs:
-            shards = self.stream_shards(epoch, stream)
-            full_epoch, valid = shard_pos == 0 and sample_pos == 0, 0
-            while shard_pos < len(shards):
-                shard = shards[shard_pos]
+            pieces = self.stream_pieces(epoch, stream)
+            # a planned (re-split) epoch holds leftovers, possibly none or all bad: it cannot spin forever
+            full_epoch, valid = epoch not in self.plan and shard_pos == 0 and sample_pos == 0, 0
+            while shard_pos < len(pieces):
+                shard, first = pieces[shard_pos]
+                sample_pos = max(sample_pos, first)  # a leftover piece starts where its old reader stopped
                 for index, raw in enumerate(self.shard_samples(epoch, shard, on_error, on_retry)):
                     if index < sample_pos:  # fast-forward after a resume: no decoding
                         continue
@@ -410,7 +443,7 @@ class _Streams:
             if full_epoch and valid == 0:
                 raise RuntimeError(
                     f"rank {self.dp_rank} stream {stream}: no valid sample in a whole epoch of shards "
-                    f"{[self.urls[i] for i in shards]}; skipped so far: {dict(skipped)}"
+                    f"{[self.urls[i] for i, _ in pieces]}; skipped so far: {dict(skipped)}"
                 )
             epoch, shard_pos = epoch + 1, 0
         # finite epochs: a last position-only item, so skips after the last full batch are counted too
@@ -446,7 +479,7 @@ class ShardLoader:
             (megacoca.data.transforms.ImageTransform does).
         dp_rank, dp_size: this rank and the data-parallel size.
         num_workers: DataLoader worker processes (0 = in this process). Part of the order: resume with the
-            same value.
+            same value, or re-split the states with `reshard_states`.
         seed: drives shard order, in-shard shuffle and train-time crops.
         shuffle: False reads shards and samples in the given order (eval).
         shuffle_buffer: in-shard shuffle buffer (samples); >= samples per shard means a full permutation.
@@ -542,21 +575,29 @@ class ShardLoader:
     def batches_consumed(self) -> int:
         return self._batches
 
+    def _rank_pieces(self, epoch: int) -> list[tuple[int, int]]:
+        return self._streams.epoch_pieces(epoch)[self.dp_rank :: self.dp_size]
+
     def rank_shards(self, epoch: int) -> list[str]:
-        """The shard urls this rank reads in `epoch`."""
-        order = self._streams.epoch_order(epoch)
-        return [self.urls[i] for i in order[self.dp_rank :: self.dp_size]]
+        """The shard urls this rank reads in `epoch` (in an epoch planned by a re-split, some from a later
+        sample on: see `reshard_states`)."""
+        return [self.urls[shard] for shard, _ in self._rank_pieces(epoch)]
 
     def samples_per_epoch(self, epoch: int = 0) -> int:
-        """Samples (valid or not) in this rank's shards for `epoch`; reads every tar header of them."""
-        return sum(1 for url in self.rank_shards(epoch)
-                   for _ in read_shard(url, on_error=lambda exn: None, **self._streams.read_options))
+        """Samples (valid or not) this rank reads in `epoch`; reads every tar header of its shards."""
+        total = 0
+        for shard, first in self._rank_pieces(epoch):
+            count = sum(1 for _ in read_shard(self.urls[shard], on_error=lambda exn: None,
+                                              **self._streams.read_options))
+            total += max(count - first, 0)
+        return total
 
     # ---- iteration --------------------------------------------------------------------------------
     def _reset_position(self):
         self._positions = [{"epoch": 0, "shard": 0, "sample": 0, "skipped": {}} for _ in range(self.num_streams)]
         self._turn = 0
         self._batches = 0
+        self._streams.plan = {}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """Batches from the current position on; with finite `epochs`, iterating a finished loader starts
@@ -594,7 +635,9 @@ class ShardLoader:
         return hashlib.sha1(names.encode()).hexdigest()[:16]
 
     def state_dict(self) -> dict[str, Any]:
-        """The position after the last consumed batch (plain ints/strs/dicts: torch.save or json)."""
+        """The position after the last consumed batch (plain ints/strs/dicts: torch.save or json). `plan` is
+        the re-split plan this loader was given (`reshard_states`; `{}` if none): `{str(epoch): [[k, first
+        sample], ...]}`, `k` indexing the epoch's shard order, the same on every rank."""
         return {
             "version": STATE_VERSION,
             "seed": self.seed,
@@ -610,13 +653,21 @@ class ShardLoader:
                 {"epoch": p["epoch"], "shard": p["shard"], "sample": p["sample"], "skipped": dict(p["skipped"])}
                 for p in self._positions
             ],
+            "plan": _plan_to_state(self._streams.plan),
         }
+
+    def load_resplit_state(self, states: Sequence[dict[str, Any]]) -> None:
+        """Continue from the states of every data-parallel rank of a run with another dp size or num_workers
+        (`states[r]`: old dp rank r's `state_dict()`), re-split for this loader by `reshard_states`."""
+        self.load_state_dict(reshard_states(states, self.dp_size, self.num_workers)[self.dp_rank])
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from `state` (from `state_dict()` of a loader with the same shards, seed, dp_rank,
-        dp_size and num_workers; the batch size may differ: positions count samples)."""
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"unsupported data-loader state version {state.get('version')!r} (expected {STATE_VERSION})")
+        dp_size and num_workers, or from `reshard_states` for this dp size and num_workers; the batch size
+        may differ: positions count samples). Version 1 states (no plan) are accepted."""
+        if state.get("version") not in (1, STATE_VERSION):
+            raise ValueError(f"unsupported data-loader state version {state.get('version')!r} "
+                             f"(expected 1 or {STATE_VERSION})")
         expected = {
             "seed": self.seed,
             "dp_rank": self.dp_rank,
@@ -640,3 +691,119 @@ class ShardLoader:
         ]
         self._turn = int(state["turn"]) % self.num_streams
         self._batches = int(state.get("batches", 0))
+        self._streams.plan = _parse_plan(state.get("plan", {}), len(self.urls))
+
+
+def _parse_plan(plan: dict, num_shards: int) -> dict[int, list[tuple[int, int]]]:
+    """A state's plan (str or int epoch keys, [k, first sample] pieces) -> {epoch: [(k, first), ...]}."""
+    try:
+        parsed = {int(epoch): [(int(k), int(first)) for k, first in pieces] for epoch, pieces in plan.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise ValueError("data-loader state has a malformed re-split plan (want {epoch: [[k, sample], ...]})") from None
+    for epoch, pieces in parsed.items():
+        bad = [piece for piece in pieces if not (0 <= piece[0] < num_shards and piece[1] >= 0)]
+        if epoch < 0 or bad or len({k for k, _ in pieces}) != len(pieces):
+            raise ValueError(f"data-loader state's re-split plan for epoch {epoch} does not fit {num_shards} "
+                             "shards (or repeats one)")
+    return parsed
+
+
+def _plan_to_state(plan: dict[int, list[tuple[int, int]]]) -> dict[str, list[list[int]]]:
+    return {str(epoch): [[k, first] for k, first in plan[epoch]] for epoch in sorted(plan)}
+
+
+def reshard_states(states: Sequence[dict[str, Any]], dp_size: int, num_workers: int) -> list[dict[str, Any]]:
+    """Each new dp rank's loader state for a run resumed with `dp_size` ranks of `num_workers` workers, from
+    `states[r]` = `ShardLoader.state_dict()` of old dp rank r (every old rank, in rank order).
+
+    The result's element i loads into `ShardLoader(same shards and seed, dp_rank=i, dp_size=dp_size,
+    num_workers=num_workers)`; within the leftover epochs the new ranks read every sample the old ones had
+    not consumed exactly once (the module doc's "Re-split" says what is and is not guaranteed). States that
+    carry a plan (re-split before) are re-split with it honoured. Skip counts are summed onto new rank 0's
+    first stream, so totals over the ranks are kept; `batches` of every new rank starts at the largest old
+    rank's count and counts on. The same dp size and num_workers gives back copies of the states (version 2).
+    A bad input (no states, a state of an unknown version, states of different runs, a missing or misplaced
+    rank) raises ValueError with a line naming the problem.
+    """
+    if not states:
+        raise ValueError("reshard_states needs the data-loader state of every old dp rank, got none")
+    if dp_size < 1 or num_workers < 0:
+        raise ValueError(f"reshard_states needs dp_size >= 1 and num_workers >= 0, got {dp_size} and {num_workers}")
+    for rank, state in enumerate(states):
+        version = state.get("version") if isinstance(state, dict) else None
+        if version not in (1, STATE_VERSION):
+            raise ValueError(f"states[{rank}]: unsupported data-loader state version {version!r} "
+                             f"(expected 1 or {STATE_VERSION})")
+    first = states[0]
+    num_shards = int(first["num_shards"])
+    plans = [_parse_plan(state.get("plan", {}), num_shards) for state in states]
+    for rank, state in enumerate(states):
+        for name in ("seed", "shards_fingerprint", "num_shards", "dp_size", "num_workers"):
+            if state.get(name) != first.get(name):
+                raise ValueError(f"data-loader states of different runs: {name} is {first.get(name)!r} in "
+                                 f"states[0], {state.get(name)!r} in states[{rank}]")
+        if plans[rank] != plans[0]:
+            raise ValueError(f"data-loader states of different runs: states[0] and states[{rank}] have "
+                             "different re-split plans")
+    old_dp, old_workers = int(first["dp_size"]), int(first["num_workers"])
+    old_streams = max(old_workers, 1)
+    if len(states) != old_dp:
+        raise ValueError(f"got {len(states)} data-loader states for dp_size={old_dp}: pass every old dp rank's, "
+                         "in rank order")
+    for rank, state in enumerate(states):
+        if state.get("dp_rank") != rank:
+            raise ValueError(f"states[{rank}] is dp rank {state.get('dp_rank')!r}'s: pass every old dp rank's "
+                             "state once, in rank order")
+        if len(state["streams"]) != old_streams:
+            raise ValueError(f"states[{rank}] has {len(state['streams'])} streams, num_workers={old_workers} "
+                             f"makes {old_streams}")
+    new_streams = max(num_workers, 1)
+    if num_shards < dp_size * new_streams:
+        raise ValueError(f"{num_shards} shards cannot feed dp_size={dp_size} x num_workers={new_streams} "
+                         f"(= {dp_size * new_streams} readers, each needs >= 1 shard)")
+    if dp_size == old_dp and num_workers == old_workers:
+        return [dict(copy.deepcopy(state), version=STATE_VERSION, plan=_plan_to_state(plans[0]))
+                for state in states]
+
+    # item j of an epoch's pieces belongs to old rank j % D, its stream (j // D) % W, at index j // (D W)
+    positions = [[(int(p["epoch"]), int(p["shard"]), int(p["sample"])) for p in state["streams"]]
+                 for state in states]
+    epochs = [position[0] for rank in positions for position in rank]
+    slowest = min(epochs)
+    whole = [(k, 0) for k in range(num_shards)]
+    plan = {}
+    for epoch in range(slowest, max(epochs + list(plans[0])) + 1):
+        leftover = []
+        for j, (k, start) in enumerate(plans[0].get(epoch, whole)):
+            reached, index, sample = positions[j % old_dp][j // old_dp % old_streams]
+            at = j // (old_dp * old_streams)
+            if reached > epoch or (reached == epoch and at < index):
+                continue  # its old reader passed it
+            if reached == epoch and at == index:
+                start = max(start, sample)  # its old reader stopped inside it
+            leftover.append((k, start))
+        if leftover != whole:  # an untouched epoch is just the normal order at the new size
+            plan[epoch] = leftover
+
+    skipped: Counter = Counter()
+    for state in states:
+        for stream in state["streams"]:
+            skipped.update({reason: int(count) for reason, count in stream.get("skipped", {}).items()})
+    return [
+        {
+            "version": STATE_VERSION,
+            "seed": first["seed"],
+            "dp_rank": rank,
+            "dp_size": dp_size,
+            "num_workers": num_workers,
+            "num_shards": num_shards,
+            "shards_fingerprint": first["shards_fingerprint"],
+            "batch_size": first.get("batch_size"),
+            "batches": max(int(state.get("batches", 0)) for state in states),
+            "turn": 0,
+            "streams": [{"epoch": slowest, "shard": 0, "sample": 0,
+                         "skipped": dict(skipped) if rank == stream == 0 else {}} for stream in range(new_streams)],
+            "plan": _plan_to_state(plan),
+        }
+        for rank in range(dp_size)
+    ]
