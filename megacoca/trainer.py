@@ -244,7 +244,8 @@ class Trainer:
                                 pp_size=self.dims.pp_size, tp_size=self.dims.tp_size)
         self.step = state["step"]
         self.logger.resume_at(self.step)
-        self.logger.info(f"resumed from {target} at step {self.step}")
+        reshaped = f", reshaped {state['reshaped']}" if state.get("reshaped") else ""
+        self.logger.info(f"resumed from {target} at step {self.step}{reshaped}")
         return True
 
     def save(self) -> str:

@@ -174,13 +174,25 @@ def _rank_tensors(tag_dir: str, layout: Layout, mp_rank: int) -> dict:
     assemble themselves on `.contiguous()`), or the memory-mapped module of a ZeRO-0 file."""
     if not layout.zero:
         return safe_load(os.path.join(tag_dir, layout.model_states(mp_rank)[0]), mmap=True)["module"]
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     names = layout.model_states(mp_rank) + layout.optim_states(mp_rank)
-    with as_mp_rank_00(tag_dir, names, mp_rank) as scratch_tag:
+    with as_mp_rank_00(tag_dir, names, mp_rank) as scratch_tag, quiet_zero_to_fp32() as zero_to_fp32:
         # The files are mapped when read: the tensors outlive the links.
-        return get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(scratch_tag),
-                                                        tag=os.path.basename(scratch_tag), lazy_mode=True)
+        return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(
+            os.path.dirname(scratch_tag), tag=os.path.basename(scratch_tag), lazy_mode=True)
+
+
+@contextlib.contextmanager
+def quiet_zero_to_fp32():
+    """DeepSpeed's zero_to_fp32 module, its progress bars off (they went to the stderr of every command that read a
+    ZeRO-3 checkpoint, and of every rank resuming under another layout)."""
+    from deepspeed.utils import zero_to_fp32
+
+    bar = zero_to_fp32.tqdm
+    zero_to_fp32.tqdm = lambda iterable, *args, **kwargs: iterable
+    try:
+        yield zero_to_fp32
+    finally:
+        zero_to_fp32.tqdm = bar
 
 
 @contextlib.contextmanager

@@ -3,13 +3,16 @@
     megacoca convert from-deepspeed --input RUN/checkpoints[/stepN] --output DIR [--dtype bf16]
     megacoca convert to-open-clip --input DIR|RUN/checkpoints --output OPEN_CLIP_DIR
     megacoca convert from-open-clip --model coca_ViT-B-32 --input open_clip.pt --output DIR
+    megacoca convert reshape --input RUN/checkpoints[/stepN] --output DIR --tp N --pp M
 
 A model directory holds `config.json` and `model.safetensors` (megacoca.models.coca.loading); load it with
 `megacoca.load(DIR)`. `from-deepspeed` takes a checkpoint of any layout (dp/tp/pp, ZeRO 0-3, bf16 or fp32) and
 streams it tensor by tensor. `to-open-clip` takes a model directory or a DeepSpeed checkpoint and writes a
 directory in open_clip's hub layout (open_clip_config.json + open_clip_model.safetensors):
 `open_clip.create_model_and_transforms("local-dir:OPEN_CLIP_DIR")` loads it, and so does `hf-hub:ORG/REPO` once
-it is uploaded as it is. An --output ending in .safetensors or .pt writes the bare open_clip state dict instead,
+it is uploaded as it is. `reshape` writes a layout-free checkpoint (masters, Adam moments, lr schedule, step, data
+position: megacoca.checkpoint.reshape) that `megacoca train --resume DIR` continues at any layout; `--tp`/`--pp`
+are checked against the model. (`--resume` of a checkpoint of another layout reshapes it directly too.) An --output ending in .safetensors or .pt writes the bare open_clip state dict instead,
 with its model config beside it (`<stem>.json`: `open_clip.add_model_config(<json>)`, then
 `open_clip.create_model(<stem>, pretrained=<file>)`).
 """
@@ -72,6 +75,19 @@ def register(subparsers) -> None:
                    help="tokenizer spec to record (default: the run's data.tokenizer)")
     p.set_defaults(func=from_deepspeed_command)
 
+    p = commands.add_parser("reshape", help="megacoca DeepSpeed checkpoint (any layout) -> layout-free checkpoint "
+                                            "that resumes at another tensor/pipeline/data-parallel layout")
+    p.add_argument("--input", required=True, type=argument(inputs.deepspeed_checkpoint),
+                   help="a checkpoint tag directory (RUN/checkpoints/step00000100) or the checkpoint directory "
+                        "(its `latest` is used)")
+    p.add_argument("--output", required=True, type=argument(inputs.output_dir),
+                   help="directory to write the layout-free checkpoint to (OUTPUT/latest, OUTPUT/stepN/)")
+    p.add_argument("--tp", required=True, type=argument(inputs.positive_int),
+                   help="the tensor-parallel degree the run will resume at (checked against the model)")
+    p.add_argument("--pp", default="1", type=argument(inputs.positive_int),
+                   help="the pipeline-parallel degree the run will resume at (default 1; checked against the model)")
+    p.set_defaults(func=reshape_command)
+
 
 def from_open_clip_command(args) -> int:
     from megacoca.checkpoint.export import import_open_clip
@@ -110,4 +126,20 @@ def from_deepspeed_command(args) -> int:
     out = export_model_directory(args.input, args.output, dtype=args.dtype, model_config=args.model_config,
                                  tokenizer=args.tokenizer)
     print(f"wrote {out}/config.json and {out}/model.safetensors ({args.dtype})")
+    return 0
+
+
+def reshape_command(args) -> int:
+    from megacoca.checkpoint.reshape import describe, read_layout_free_state, write_layout_free
+
+    try:
+        tag_dir = write_layout_free(args.input, args.output, tp=int(args.tp), pp=int(args.pp))
+    except ValueError as error:  # the model does not split at --tp / --pp
+        print(f"megacoca convert reshape: {error}", file=sys.stderr)
+        return 2
+    state = read_layout_free_state(tag_dir)
+    print(f"wrote {tag_dir}: step {state.step}, {len(state.param_names)} parameters (fp32 masters and Adam moments), "
+          f"lr schedule and the data position of {describe(state.source)}; resume with\n"
+          f"  megacoca train ... --resume {os.path.abspath(args.output)} --set parallel.tp={args.tp} "
+          f"--set parallel.pp={args.pp}  (any data-parallel size and ZeRO stage)")
     return 0

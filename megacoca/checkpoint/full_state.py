@@ -1,7 +1,7 @@
 """A checkpoint's training state without its layout: per single-device parameter name, the fp32 master weight and
 Adam's two moments, whole (every ZeRO partition, tensor-parallel shard and pipeline stage joined), and Adam's
-step. The reading half of resuming under another layout (issue 10 §1; the writing half, into a new layout's
-ZeRO partitions, is not built yet).
+step. The reading half of resuming under another layout; the writing half, into a new layout's ZeRO partitions,
+is megacoca.checkpoint.reshape.
 
 - ZeRO-1/2/3 (and DeepSpeed's bf16 optimizer): the base optimizer's state is kept per flat fp32 partition with
   the master weights' own layout (ZeRO-3: `optimizer_state_dict.state[i]` beside `fp32_flat_groups[i]`;
@@ -23,7 +23,15 @@ from collections.abc import Iterator
 
 import torch
 
-from megacoca.checkpoint.consolidate import Layout, _merge, _strip, as_mp_rank_00, client_state, open_tag
+from megacoca.checkpoint.consolidate import (
+    Layout,
+    _merge,
+    _strip,
+    as_mp_rank_00,
+    client_state,
+    open_tag,
+    quiet_zero_to_fp32,
+)
 from megacoca.checkpoint.files import BadCheckpointError, safe_load
 
 KINDS = ("fp32", "exp_avg", "exp_avg_sq")
@@ -31,9 +39,8 @@ KINDS = ("fp32", "exp_avg", "exp_avg_sq")
 
 def _zero_rank_states(tag_dir: str, layout: Layout, mp_rank: int) -> tuple[dict[str, dict], int]:
     """One model-parallel rank of a ZeRO checkpoint: {kind: {name: tensor}} and Adam's step."""
-    from deepspeed.utils import zero_to_fp32
-
-    with as_mp_rank_00(tag_dir, layout.model_states(mp_rank), mp_rank) as scratch_tag:
+    with as_mp_rank_00(tag_dir, layout.model_states(mp_rank), mp_rank) as scratch_tag, \
+            quiet_zero_to_fp32() as zero_to_fp32:
         model_states = zero_to_fp32.parse_model_states(zero_to_fp32.get_model_state_files(scratch_tag))
     optim = [safe_load(os.path.join(tag_dir, name), mmap=True)["optimizer_state_dict"]
              for name in layout.optim_states(mp_rank)]
@@ -49,7 +56,8 @@ def _zero_rank_states(tag_dir: str, layout: Layout, mp_rank: int) -> tuple[dict[
         flats = [o[masters] if kind == "fp32" else [o[inner]["state"][i][kind] for i in range(len(o[masters]))]
                  for o in optim]
         if stage == 3:
-            merged = zero_to_fp32._get_fp32_state_dict_from_zero3_checkpoint(world, flats, model_states, False)
+            with quiet_zero_to_fp32():
+                merged = zero_to_fp32._get_fp32_state_dict_from_zero3_checkpoint(world, flats, model_states, False)
         else:
             merged = zero_to_fp32._get_fp32_state_dict_from_zero2_checkpoint(
                 world, flats, model_states, False, optim[0].get("param_alignment_paddings"))
@@ -99,7 +107,11 @@ def iter_full_state(path: str) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
 
 
 def adam_step(path: str) -> int:
-    """Adam's step count in a checkpoint (the optimizer steps taken, skipped ones not counted)."""
+    """Adam's step count in a checkpoint (the optimizer steps taken, skipped ones not counted), read without
+    reading the tensors."""
     tag_dir, layout = open_tag(path)
-    read = _zero_rank_states if layout.zero else _zero0_rank_states
-    return read(tag_dir, layout, 0)[1]
+    if not layout.zero:
+        return _zero0_rank_states(tag_dir, layout, 0)[1]  # the module file, mapped
+    optim = safe_load(os.path.join(tag_dir, layout.optim_states(0)[0]), mmap=True)["optimizer_state_dict"]
+    inner = "optimizer_state_dict" if int(optim["zero_stage"]) == 3 else "base_optimizer_state"
+    return int(optim[inner]["state"][0]["step"])

@@ -172,6 +172,9 @@ def save_checkpoint(engine, job, step: int, train_loader=None, *, dp_size: int) 
     tag = tag_for(step)
     tag_dir = os.path.join(checkpoint_dir, tag)
     rank = dist.get_rank()
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+
+    from megacoca.checkpoint.universal import universal_checkpoint_info
     from megacoca.parallel.tensor import tensor_parallel_layout
 
     files = guard(engine)
@@ -186,7 +189,8 @@ def save_checkpoint(engine, job, step: int, train_loader=None, *, dp_size: int) 
     client_state = {"step": step, "dp_size": dp_size, "config": job.to_dict(),
                     "tensor_parallel": tensor_parallel_layout(engine.module),
                     "pipeline": pipeline_layout(engine.module, job),
-                    "optimizer_param_names": optimizer_param_names(engine)}
+                    "optimizer_param_names": optimizer_param_names(engine),
+                    UNIVERSAL_CHECKPOINT_INFO: universal_checkpoint_info(engine.module)}  # for ds_to_universal
     engine.save_checkpoint(checkpoint_dir, tag=tag, client_state=client_state, save_latest=False)
     error = files.error
     if error is None:
@@ -235,36 +239,36 @@ def prune(checkpoint_dir: str, keep: int, newest_step: int) -> None:
         remove_tree(path, COMPLETE)
 
 
-def check_resumable(tag_dir: str, *, dp_size: int, pp_size: int = 1, tp_size: int = 1, zero3: bool) -> None:
-    """BadCheckpointError (one line, the same on every rank: they read the same files) unless the tag holds every
-    file of its layout, including each rank's megacoca file, and that layout is this run's: exact resume needs
-    the same dp x pp x tp and the same ZeRO-3-or-not partitioning of the model states."""
+def check_resumable(tag_dir: str):
+    """The checkpoint's layout, after checking (BadCheckpointError, one line naming the file, the same on every
+    rank: they read the same files) that the tag holds every file of that layout, including each of its ranks'
+    megacoca file. Its layout need not be this run's: another one is resumed through
+    megacoca.checkpoint.reshape."""
     from megacoca.checkpoint.consolidate import check_complete
 
     layout = check_complete(tag_dir)
-    here = f"dp={dp_size} x pp={pp_size} x tp={tp_size}"
-    if (layout.dp, layout.pp, layout.tp) != (dp_size, pp_size, tp_size) or layout.zero3 != zero3:
-        stage = lambda is3: "ZeRO-3" if is3 else "ZeRO-0/1/2"  # noqa: E731
-        raise BadCheckpointError(
-            f"resume from {tag_dir}: it was written by {layout.describe()} ranks under {stage(layout.zero3)}, this "
-            f"run is {here} under {stage(zero3)}; resuming under another layout is not supported yet (resume with "
-            "the checkpoint's layout, or start from its weights: `megacoca convert from-deepspeed`)")
-    for rank in range(dp_size * pp_size * tp_size):
+    for rank in range(layout.dp * layout.pp * layout.tp):
         if not os.path.isfile(_rank_file(tag_dir, rank)):
             raise BadCheckpointError(f"resume from {tag_dir}: it is incomplete: {_rank_file(tag_dir, rank)} (rank "
                                      f"{rank}'s data position and RNG state) is missing")
+    return layout
 
 
 def load_checkpoint(engine, tag_dir: str, train_loader=None, *, dp_size: int, pp_size: int = 1,
                     tp_size: int = 1) -> dict:
     """Every rank calls this; restores engine (model, optimizer, lr schedule), data position and RNG. Raises
-    BadCheckpointError on every rank, before DeepSpeed reads anything, if the tag lacks a file of its layout or
-    was written by another layout (`check_resumable`), and UnsafeCheckpointError if any file of the tag holds
-    more than tensors and plain data."""
+    BadCheckpointError on every rank, before DeepSpeed reads anything, if the tag lacks a file of its layout
+    (`check_resumable`), and UnsafeCheckpointError if any file of the tag holds more than tensors and plain data.
+    A checkpoint of another layout or ZeRO stage, or a layout-free one (`megacoca convert reshape`), is reshaped
+    into this one (megacoca.checkpoint.reshape); the result's "reshaped" then says from what to what."""
+    from megacoca.checkpoint.reshape import is_layout_free, load_reshaped, needs_reshape
+
     checkpoint_dir, tag = os.path.split(tag_dir.rstrip("/"))
     rank, world = dist.get_rank(), dist.get_world_size()
-    check_resumable(tag_dir, dp_size=dp_size, pp_size=pp_size, tp_size=tp_size,
-                    zero3=engine.zero_optimization_stage() == 3)
+    if not is_layout_free(tag_dir):
+        check_resumable(tag_dir)
+    if needs_reshape(tag_dir, engine, dp_size=dp_size, pp_size=pp_size, tp_size=tp_size)[0]:
+        return load_reshaped(engine, tag_dir, train_loader, dp_size=dp_size, pp_size=pp_size, tp_size=tp_size)
     failure = None
     try:
         verify_files(checkpoint_files(tag_dir)[rank::world])  # each file read by one rank

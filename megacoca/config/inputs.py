@@ -236,6 +236,16 @@ def output_file(path: str, what: str = "output file") -> None:
     writable_dir(os.path.dirname(os.path.abspath(path)), f"directory of the {what}")
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise ConfigError(f"expected a positive integer, got {value}")
+    return value
+
+
 def output_dir(path: str) -> None:
     writable_dir(path, "output directory")
 

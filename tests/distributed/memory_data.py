@@ -60,7 +60,16 @@ class MemoryLoader:
             yield batch
 
     def state_dict(self) -> dict:
-        return {"position": self.position}
+        return {"position": self.position, "dp_size": self.dp_size, "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict) -> None:
         self.position = state["position"]
+
+    def load_resplit_state(self, states: list[dict]) -> None:
+        """Continue from every old dp rank's state under this loader's dp size and batch size: the global batches
+        consumed so far are skipped (they must fill a whole number of this loader's global batches)."""
+        consumed = {state["position"] * state["dp_size"] * state["batch_size"] for state in states}
+        assert len(consumed) == 1 and len(states) == states[0]["dp_size"], states
+        per_batch = self.dp_size * self.batch_size
+        assert consumed.pop() % per_batch == 0
+        self.position = states[0]["position"] * states[0]["dp_size"] * states[0]["batch_size"] // per_batch
