@@ -217,3 +217,55 @@ def test_data_position_is_resplit(tmp_path):
     assert len(before) == 16 and len(after) == 80
     assert not set(before) & set(after)
     assert len(set(before + after)) == 96
+
+
+def _resume_error(rank, world_size, run_dir, layout, resume, cfg):
+    from megacoca.checkpoint import CheckpointError
+
+    job = build_config(overrides=[
+        f"parallel.deepspeed_config={layout['ds']}", f"parallel.tp={layout.get('tp', 1)}", "schedule.steps=24",
+        "schedule.global_batch_size=8", f"schedule.micro_batch_size={layout['micro']}",
+        f"checkpoint.resume={resume}", f"logging.run_dir={run_dir}", "logging.tensorboard=false"])
+    job.model.overrides = cfg.to_dict()
+    dims = ParallelDims.from_config(job.parallel, world_size).build()
+    trainer = Trainer(job, MemoryLoader(layout["micro"], dims.dp_rank, dims.dp_size, cfg), dims=dims)
+    try:
+        trainer.resume()
+    except CheckpointError as error:
+        return str(error)
+    finally:
+        trainer.close()
+    return None
+
+
+def test_bad_checkpoints_are_one_line(tmp_path, capsys):
+    """A source missing a rank's megacoca file, a layout-free checkpoint missing or with a truncated parameter
+    file, and one of another model: each refused with one line naming the file or the parameter."""
+    from megacoca.cli import main as cli
+
+    source, out = str(tmp_path / "source"), str(tmp_path / "out")
+    run_ranks(_run, 2, tmp_path, source, dict(ZERO1, dp=2, micro=4), 2, "none")
+    tag = _tag(source, 2)
+    assert cli(["convert", "reshape", "--input", tag, "--output", out, "--tp", "1"]) == 0
+    layout_free = os.path.join(out, "step00000002")
+    capsys.readouterr()
+
+    os.rename(os.path.join(tag, "megacoca_rank00001.pt"), os.path.join(tmp_path, "moved.pt"))
+    assert cli(["convert", "reshape", "--input", tag, "--output", str(tmp_path / "x"), "--tp", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and os.path.join(tag, "megacoca_rank00001.pt") + " (rank 1's data position" in err, err
+
+    one = dict(ZERO1, dp=1, micro=8)
+    weight = os.path.join(layout_free, "zero", "logit_scale", "exp_avg.pt")
+    data = open(weight, "rb").read()
+    open(weight, "wb").write(data[: len(data) // 2])
+    error = run_ranks(_resume_error, 1, tmp_path, str(tmp_path / "r1"), one, out, CFG)[0]
+    assert error is not None and "\n" not in error and weight in error, error
+    os.remove(weight)
+    error = run_ranks(_resume_error, 1, tmp_path, str(tmp_path / "r2"), one, out, CFG)[0]
+    assert error == f"{layout_free} is incomplete: {weight} is missing", error
+    open(weight, "wb").write(data)
+
+    other = CFG.replace(text_mlp_dim=96)
+    error = run_ranks(_resume_error, 1, tmp_path, str(tmp_path / "r3"), one, out, other)[0]
+    assert error is not None and "the model configs differ" in error and "\n" not in error, error

@@ -73,6 +73,22 @@ def test_deepspeed_hostfile_module_file(data):
     _check_trained(result, run_dir, 2)
 
 
+def test_deepspeed_resume_under_another_layout(data):
+    """A dp=2 ZeRO-3 checkpoint resumed through the launcher at TP=2 (dp=1) under ZeRO-1: the run says what it
+    reshaped and continues from step 2."""
+    first, second = data / "reshape_dp2", data / "reshape_tp2"
+    result = _run(["deepspeed", "--num_gpus", "2", "--master_port", _port(), "--module", "megacoca.train",
+                   *_train_args(data, first)])
+    _check_trained(result, first, 2)
+    result = _run(["deepspeed", "--num_gpus", "2", "--master_port", _port(), "--module", "megacoca.train",
+                   *_train_args(data, second), "--set", "parallel.tp=2", "--deepspeed-config", "zero1_bf16",
+                   "--resume", str(first / "checkpoints"), "--steps", "4"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert ("at step 2, reshaped dp=2 x pp=1 x tp=1 ZeRO-3 -> dp=1 x pp=1 x tp=2 ZeRO-1" in result.stdout)
+    records = [r for r in map(json.loads, open(second / "metrics.jsonl")) if "loss" in r]
+    assert [r["step"] for r in records] == [3, 4] and all(r["loss"] > 0 for r in records)
+
+
 def test_torchrun(data):
     run_dir = data / "torchrun"
     result = _run(["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "megacoca.train",
