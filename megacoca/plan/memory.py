@@ -1,0 +1,299 @@
+"""Memory per rank of a CoCa training layout: model states by ZeRO stage, activations by tower, DeepSpeed's buffers.
+
+Model states (per rank of pipeline stage s, tensor rank 0; P = that stage's parameter elements on one tensor rank,
+from the project's own meta-device build: megacoca.plan.params; e = 2 bytes in bf16, 4 in fp32; dp = the
+data-parallel size; B = `reduce_bucket_size`), as DeepSpeed 0.19.8 keeps them with megacoca's configs, and as
+measured by megacoca.plan.measure on CPU ranks:
+
+| ZeRO | weights | gradients | fp32 masters + Adam m, v | step temporaries (G: largest param group) |
+|---|---|---|---|---|
+| 0 (fp32 only) | 4P | 4P after backward (+ 4P flattened for the all-reduce) | 8P (the weights are the masters) | 3 x 4 x largest tensor |
+| 1 | eP | 2eB (both reduce buckets, allocated whole) (+ eP carried between micro-batches) | 12P/dp | 2 x 4G/dp |
+| 2 | eP | 2eB + eP/dp | 12P/dp | 2 x 4G/dp |
+| 3 | eP/dp + persistent tensors whole | eB + eP/dp | 12P/dp | 3 x 4G/dp |
+
+ZeRO-3 gathers the weights for forward and backward; with DeepSpeed's default `stage3_max_live_parameters` (1e9)
+a model up to that size stays gathered whole through both, and at the end of forward the all-gather's output and
+the parameters' storage are both live (2eP; eP in backward). Larger models hold up to max_live + prefetch bucket.
+
+Activations (saved for backward; the per-layer counts follow megacoca/models/coca/layers.py, the Korthikanti et
+al. 2022 accounting without dropout and with a fused attention kernel that saves q, k, v, its output and the
+log-sum-exp but no L x L scores; checked against what autograd really saves, tests/unit/plan/test_memory.py). A
+self-attention block over s tokens of width W, MLP width M, tensor degree t keeps, in elements:
+
+    b * s * (2W + (4 or 5) W / t) + b * s * (2W + 2M / t)    (LayerNorm in/out stay whole on every tensor rank;
+                                                              q, k, v, the attention output (+ its transpose copy
+                                                              for causal attention); fc1 out, GELU out)
+
+A cross-attention block over c context tokens of width D: b s (W + 3W/t) + b c (D + 2W/t) + b s (W + 2M/t). With
+activation checkpointing (each ViT block, text block and decoder layer) a block keeps only its input, b s W, and
+the block being recomputed in backward holds its full activations. The caption loss on torch kernels keeps fp32
+log-probabilities (4 b (L-1) V/t bytes) and, while it runs backward, (8 + e) b (L-1) V/t; the Triton kernel keeps
+none. Under a pipeline stage s of pp holds min(m, pp - s) micro-batches' activations (1F1B), the last stage also
+the text tower of `text_ahead` more, and every stage the input batches of all m micro-batches (the pipeline takes
+them up front); without one, micro-batches run one after the other.
+
+The peak is the largest of four moments: the end of forward, backward, ZeRO-0's gradient all-reduce and the
+optimizer step, each the always-live states plus what that moment adds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megacoca.plan.params import stage_tensors, vit_blocks_per_stage
+
+MB = 1e6
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A training layout: degrees, ZeRO stage, per-rank micro-batch and accumulation, precision, recompute."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    zero: int = 1
+    micro_batch: int = 1
+    grad_accum: int = 1
+    precision: str = "bf16"
+    checkpointing: bool = False
+    text_ahead: int = 0
+    kernels: str = "torch"  # "triton": the fused caption loss keeps no logits
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.dp
+
+    def describe(self) -> str:
+        return (f"tp={self.tp} pp={self.pp} dp={self.dp} ZeRO-{self.zero} {self.precision} micro={self.micro_batch}"
+                f" x accum {self.grad_accum}" + (" ckpt" if self.checkpointing else "")
+                + (f" text-ahead {self.text_ahead}" if self.text_ahead else ""))
+
+
+@dataclass(frozen=True)
+class ZeroBuffers:
+    """The DeepSpeed buffer sizes (elements) that memory depends on; defaults as in ds_configs/*.json and
+    DeepSpeed 0.19.8's own defaults."""
+
+    reduce_bucket: int = 50_000_000
+    prefetch_bucket: int = 50_000_000
+    persistence_threshold: int = 100_000
+    max_live_parameters: int = 1_000_000_000
+    allreduce_bucket: int = 500_000_000  # ZeRO-0's flattened gradient all-reduce
+
+    @classmethod
+    def from_ds_config(cls, ds: dict) -> "ZeroBuffers":
+        zero = ds.get("zero_optimization", {})
+        return cls(int(zero.get("reduce_bucket_size", cls.reduce_bucket)),
+                   int(zero.get("stage3_prefetch_bucket_size", cls.prefetch_bucket)),
+                   int(zero.get("stage3_param_persistence_threshold", cls.persistence_threshold)),
+                   int(zero.get("stage3_max_live_parameters", cls.max_live_parameters)))
+
+
+@dataclass
+class StageMemory:
+    """Bytes per rank of one pipeline stage at its peak, by category (the tracker's categories,
+    megacoca.plan.measure): `phase` is when the peak falls ("forward/backward", "gradient all-reduce", "step")."""
+
+    stage: int
+    params: float
+    grads: float
+    optimizer: float
+    activations: float
+    transient: float
+    phase: str = ""
+    detail: dict = field(default_factory=dict)
+
+    @property
+    def states(self) -> float:
+        return self.params + self.grads + self.optimizer
+
+    @property
+    def peak(self) -> float:
+        return self.states + self.activations + self.transient
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def state_bytes(numels, sharded: int, layout: Layout, buffers: ZeroBuffers, groups=()) -> dict:
+    """What one rank holding the parameters `numels` (one tensor rank of one stage) keeps: "params", "grads" and
+    "optimizer" at all times, and what the moments of a step add (measured with megacoca.plan.measure):
+    "gathered" / "gathered_backward" (ZeRO-3's whole weights: at the end of forward both the all-gather's output
+    and the parameters' storage are live, in backward one copy), "accumulated" (gradients carried between
+    micro-batches), "buckets" (ZeRO-1/2's reduce buckets and gradient partition, allocated in backward after the
+    loss's, freed before the step), "step_grads" and "step" (the optimizer step's gradient partition and
+    temporaries: three buffers the size of the largest param group's fp32 partition), "all_grads" and "reduce"
+    (ZeRO-0's gradients after backward and their flattened all-reduce copy)."""
+    e = 2 if layout.precision == "bf16" else 4
+    p = sum(numels)
+    dp = layout.dp
+    part = sum(_ceil_div(n, dp) for n in numels)  # ZeRO-3 pads each tensor; ZeRO-1/2 pad the flat group (tiny)
+    step = 3 * 4 * _ceil_div(max(groups) if groups else p, dp)
+    accumulating = layout.grad_accum > 1
+    out = {"params": 0.0, "grads": 0.0, "optimizer": 0.0, "gathered": 0.0, "gathered_backward": 0.0,
+           "accumulated": 0.0, "buckets": 0.0, "step_grads": 0.0, "step": step, "all_grads": 0.0, "reduce": 0.0}
+    if layout.zero == 0:
+        if layout.precision != "fp32":
+            raise ValueError("ZeRO-0 trains in fp32 here (bf16 needs ZeRO-1 or more)")
+        out.update(params=4 * p, optimizer=8 * p, accumulated=4 * p if accumulating else 0.0, all_grads=4 * p,
+                   reduce=4 * min(p, buffers.allreduce_bucket), step=3 * 4 * (max(numels) if numels else 0),
+                   step_grads=4 * p)
+    elif layout.zero in (1, 2):
+        out.update(params=e * p, optimizer=12 * _ceil_div(p, dp),
+                   accumulated=e * p if layout.zero == 1 and accumulating else 0.0,
+                   buckets=2 * e * buffers.reduce_bucket + (e * _ceil_div(p, dp) if layout.zero == 2 else 0.0),
+                   step_grads=e * _ceil_div(p, dp))
+    else:
+        persistent = sum(n for n in numels if n <= buffers.persistence_threshold)
+        live = min(p - persistent, buffers.max_live_parameters + buffers.prefetch_bucket)
+        out.update(params=e * part + e * persistent, grads=e * buffers.reduce_bucket + e * part,
+                   optimizer=12 * part, gathered=2 * e * live, gathered_backward=e * live)
+    return out
+
+
+def _self_block(b: int, s: int, w: int, m: int | None, t: int, copy: bool = True) -> float:
+    """Elements a self-attention block saves (m None: no MLP). `copy`: the attention output's transpose back to
+    (B, L, width) is a copy (measured on CPU for causal attention; not for the ViT's, whose kernel output is
+    already in that layout)."""
+    elements = b * s * (2 * w + (5 if copy else 4) * w / t)  # ln_1 in/out; q, k, v, attention out (+ copy)
+    if m:
+        elements += b * s * (2 * w + 2 * m / t)  # ln_2 in/out; fc1 out, GELU out
+    return elements
+
+
+def _cross_block(b: int, s: int, w: int, m: int, c: int, d: int, t: int) -> float:
+    """Elements a cross-attention block saves: queries s x w, context c x d (the context itself is saved once
+    for all layers, by the poolers' count). Measured on CPU: the LayerNorm outputs, q, the attention output and
+    its copy; the context's LayerNorm output, k, v; the MLP's input, fc1 out, GELU out."""
+    return b * s * (w + 3 * w / t) + b * c * (d + 2 * w / t) + b * s * (w + 2 * m / t)
+
+
+def activation_parts(cfg, layout: Layout, text_tokens: int | None = None) -> dict[str, dict]:
+    """Per part of the model: {"saved": elements one micro-batch keeps without recompute, "blocks": how many
+    repeated blocks, "block": elements of one block, "block_input": elements of one block's input}."""
+    b, t = layout.micro_batch, layout.tp
+    n, wv, mv = cfg.image_tokens, cfg.vision_width, cfg.vision_mlp_dim
+    length = cfg.context_length if text_tokens is None else text_tokens
+    wt, mt, d = cfg.text_width, cfg.text_mlp_dim, cfg.pooled_width
+    q = cfg.caption_queries
+    caption_tokens = q if cfg.pooler_layout == "paper" else q - 1
+    parts = {}
+    parts["vision_embed"] = {"saved": b * cfg.in_channels * cfg.image_size ** 2 + (1 if cfg.vision_ln_pre else 0)
+                             * b * n * wv, "blocks": 0, "block": 0, "block_input": 0}
+    vit = _self_block(b, n, wv, mv, t, copy=False)
+    parts["vision_blocks"] = {"saved": cfg.vision_layers * vit, "blocks": cfg.vision_layers, "block": vit,
+                              "block_input": b * n * wv}
+    pooler = b * n * 2 * wv + b * n * 2 * d / t + b * q * 3 * d / t  # ln_k in/out, k, v; q, out, copy
+    if cfg.pooler_layout == "paper":
+        pooler += b * q * 2 * d + b * q * 2 * d / t + 3 * b * d / t + 2 * b * d
+    else:
+        pooler += 2 * b * q * d  # ln_post in/out
+    parts["poolers"] = {"saved": pooler, "blocks": 0, "block": 0, "block_input": 0}
+    text = _self_block(b, length + 1, wt, mt, t)
+    parts["text_blocks"] = {"saved": cfg.text_layers * text + b * (length + 1) * wt, "blocks": cfg.text_layers,
+                            "block": text, "block_input": b * (length + 1) * wt}
+    self_mlp = mt if cfg.decoder_mlp_after_self_attn else None
+    layer = _self_block(b, length - 1, wt, self_mlp, t) + _cross_block(b, length - 1, wt, mt, caption_tokens, d, t)
+    parts["decoder"] = {"saved": cfg.decoder_layers * layer + b * (length - 1) * wt, "blocks": cfg.decoder_layers,
+                        "block": layer, "block_input": b * (length - 1) * wt}
+    return parts
+
+
+def _stage_parts(cfg, layout: Layout, stage: int, parts: dict) -> dict[str, dict]:
+    """The parts (ViT blocks scaled to the stage's share) that pipeline stage `stage` runs."""
+    if layout.pp == 1:
+        return parts
+    blocks = vit_blocks_per_stage(cfg, layout.pp)[stage]
+    out = {}
+    if stage == 0:
+        out["vision_embed"] = parts["vision_embed"]
+    vit = dict(parts["vision_blocks"])
+    vit["saved"] = blocks * vit["block"]
+    vit["blocks"] = blocks
+    out["vision_blocks"] = vit
+    if stage == layout.pp - 1:
+        for name in ("poolers", "text_blocks", "decoder"):
+            out[name] = parts[name]
+    return out
+
+
+def predict(cfg, layout: Layout, buffers: ZeroBuffers | None = None, *, text_tokens: int | None = None
+            ) -> list[StageMemory]:
+    """Memory per rank at the peak of every pipeline stage (tensor rank 0) of `layout`; the job's peak is the
+    largest. The peak is the largest of three moments: forward/backward (the weights, as ZeRO-3 gathers them,
+    the live activations, the gradients carried between micro-batches, the backward's transient), ZeRO-0's
+    gradient all-reduce (every gradient plus its flattened copy) and the optimizer step (its temporaries).""" 
+    buffers = buffers or ZeroBuffers()
+    e = 2 if layout.precision == "bf16" else 4
+    parts = activation_parts(cfg, layout, text_tokens)
+    stages = stage_tensors(cfg, layout.tp, layout.pp)
+    loss_saved = loss_transient = 0.0
+    if layout.kernels != "triton":
+        logits = layout.micro_batch * (cfg.context_length - 1 if text_tokens is None else text_tokens - 1) \
+            * _ceil_div(cfg.vocab_size, layout.tp)
+        loss_saved, loss_transient = 4 * logits, 8 * logits  # log-probabilities; their and the logits' gradient
+
+    out = []
+    for s, tensors in enumerate(stages):
+        states = state_bytes(tensors.numels, tensors.sharded, layout, buffers, tensors.groups)
+        mine = _stage_parts(cfg, layout, s, parts)
+        if layout.checkpointing:
+            saved = sum(part["blocks"] * part["block_input"] + part["saved"] - part["blocks"] * part["block"]
+                        for part in mine.values())
+            recompute = max((part["block"] for part in mine.values() if part["blocks"]), default=0.0)
+        else:
+            saved = sum(part["saved"] for part in mine.values())
+            recompute = 0.0
+        in_flight = 1 if layout.pp == 1 else min(layout.grad_accum, layout.pp - s)
+        # the input batches: one micro-batch at a time, but a pipeline step takes all m of them up front (every
+        # stage: fp32 images, int64 token ids)
+        batch_inputs = layout.micro_batch * (4 * cfg.in_channels * cfg.image_size ** 2 + 8 * cfg.context_length)
+        activations = e * saved * in_flight + batch_inputs * (layout.grad_accum if layout.pp > 1 else 1)
+        last = s == len(stages) - 1
+        if last and layout.text_ahead:
+            activations += e * parts["text_blocks"]["saved"] * layout.text_ahead
+        if last:
+            activations += loss_saved * in_flight
+        without_loss = activations - (loss_saved * in_flight if last else 0.0)
+        recomputed = e * recompute
+        moments = {  # (params, grads, activations, transient) added to the always-live states
+            "end of forward": (states["gathered"], 0.0, activations, states["accumulated"]),
+            # the buckets exist from the first micro-batch's backward until the step: in a later micro-batch's
+            # loss backward too
+            "loss backward": (states["gathered_backward"], states["buckets"] if layout.grad_accum > 1 else 0.0,
+                              activations, states["accumulated"] + (loss_transient if last else 0.0)),
+            "backward": (states["gathered_backward"], states["buckets"], without_loss,
+                         states["accumulated"] + recomputed),
+            "gradient all-reduce": (0.0, states["all_grads"], 0.0, states["reduce"]),
+            "step": (0.0, states["step_grads"], 0.0, states["step"]),
+        }
+        phase = max(moments, key=lambda k: sum(moments[k]))
+        more_params, more_grads, live, transient = moments[phase]
+        out.append(StageMemory(stage=s, params=states["params"] + more_params, grads=states["grads"] + more_grads,
+                               optimizer=states["optimizer"], activations=live, transient=transient, phase=phase,
+                               detail={"parameters": tensors.elements, "in_flight": in_flight,
+                                       "activations": activations, "recompute": e * recompute,
+                                       "gathered": states["gathered"], "step": states["step"],
+                                       "loss": loss_saved if last else 0.0}))
+    return out
+
+
+def peak(cfg, layout: Layout, buffers: ZeroBuffers | None = None, **kwargs) -> float:
+    return max(stage.peak for stage in predict(cfg, layout, buffers, **kwargs))
+
+
+def default_text_ahead(cfg, pp: int, micro_batches: int) -> int:
+    """The text-ahead the trainer runs with by default (parallel.text_ahead = -1): the cost model's."""
+    if pp == 1:
+        return 0
+    from megacoca.parallel.pipeline.schedule import auto_text_ahead
+    from megacoca.parallel.pipeline.split import split_stages
+
+    return auto_text_ahead(split_stages(cfg, pp), pp, micro_batches)

@@ -1,0 +1,76 @@
+"""What one rank holds of the model under a tensor x pipeline layout, from the project's own code on the meta device.
+
+`stage_tensors(cfg, tp, pp)`: per pipeline stage, the element count of every distinct parameter on one
+tensor-parallel rank (tensor rank 0: the ranks differ only in which vocabulary rows are padding), built the way
+training builds it: CoCa on the meta device, swapped by `apply_tensor_parallel` at degree `tp`, cut into stages by
+`PipelineStage` with the cost-model split. Nothing is allocated and no process group is needed, so the layouts of
+a 512-GPU run are read on a laptop. Cached per (config, tp, pp).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from types import SimpleNamespace
+
+import torch
+
+
+@dataclass(frozen=True)
+class StageTensors:
+    """One pipeline stage on one tensor-parallel rank: `numels` of its distinct parameters (a tied weight once),
+    `sharded` the elements of tensor-parallel ones (the rest are whole on every tensor rank)."""
+
+    numels: tuple[int, ...]
+    sharded: int
+    groups: tuple[int, ...] = ()  # elements of each optimizer param group (megacoca.trainer.param_groups)
+
+    @property
+    def elements(self) -> int:
+        return sum(self.numels)
+
+
+def stage_tensors(cfg, tp: int, pp: int) -> tuple[StageTensors, ...]:
+    return _stage_tensors(json.dumps(cfg.to_dict(), sort_keys=True), tp, pp)
+
+
+@lru_cache(maxsize=64)
+def _stage_tensors(key: str, tp: int, pp: int) -> tuple[StageTensors, ...]:
+    from megacoca.config.model import CoCaConfig
+    from megacoca.models.coca import CoCa
+    from megacoca.parallel.pipeline.split import split_stages
+    from megacoca.parallel.pipeline.stage import PipelineStage
+    from megacoca.parallel.tensor import apply_tensor_parallel
+
+    cfg = CoCaConfig.from_dict(json.loads(key))
+    rng = torch.get_rng_state()
+    with torch.device("meta"):
+        model = CoCa(cfg)
+    torch.set_rng_state(rng)
+    if tp > 1:
+        apply_tensor_parallel(model, SimpleNamespace(tp_group=None, tp_rank=0, tp_size=tp))
+    stages = [model] if pp == 1 else [PipelineStage(model, split_stages(cfg, pp), s) for s in range(pp)]
+    from megacoca.trainer import param_groups
+
+    out = []
+    for stage in stages:
+        params = list(stage.parameters())  # distinct Parameters (a tied weight once)
+        groups = tuple(sum(p.numel() for p in group["params"]) for group in param_groups(stage, 0.0))
+        out.append(StageTensors(tuple(p.numel() for p in params if p.requires_grad),
+                                sum(p.numel() for p in params if p.requires_grad and hasattr(p, "tp_shard")),
+                                groups))
+    return tuple(out)
+
+
+def vit_blocks_per_stage(cfg, pp: int) -> tuple[int, ...]:
+    """How many ViT blocks each pipeline stage runs (the cost-model split)."""
+    return _vit_blocks(json.dumps(cfg.to_dict(), sort_keys=True), pp)
+
+
+@lru_cache(maxsize=64)
+def _vit_blocks(key: str, pp: int) -> tuple[int, ...]:
+    from megacoca.config.model import CoCaConfig
+    from megacoca.parallel.pipeline.split import split_stages
+
+    return tuple(len(blocks) for blocks in split_stages(CoCaConfig.from_dict(json.loads(key)), pp).blocks)
