@@ -19,6 +19,8 @@ T(k)); ("B", k) backward of k.
 
 from __future__ import annotations
 
+from collections import deque
+
 Action = tuple[str, int]
 
 
@@ -67,7 +69,7 @@ def simulate(pp: int, micro_batches: int, text_ahead: int = 0, *, forward: list[
     forward = list(forward or [1.0] * pp)
     done: dict[tuple[str, int, int], float] = {}
     clock = [0.0] * pp
-    queues = [stage_actions(s, pp, micro_batches, text_ahead) for s in range(pp)]
+    queues = [deque(stage_actions(s, pp, micro_batches, text_ahead)) for s in range(pp)]
     slots: list[list[tuple[float, float, Action]]] = [[] for _ in range(pp)]
     progress = True
     while progress:
@@ -93,10 +95,10 @@ def simulate(pp: int, micro_batches: int, text_ahead: int = 0, *, forward: list[
                 slots[s].append((ready, ready + cost, (kind, k)))
                 clock[s] = ready + cost
                 done[(kind, s, k)] = clock[s]
-                queues[s].pop(0)
+                queues[s].popleft()
                 progress = True
     if any(queues):
-        raise RuntimeError(f"schedule deadlocks: {[q[:1] for q in queues]}")
+        raise RuntimeError(f"schedule deadlocks: {[list(q)[:1] for q in queues]}")
     makespan = max(clock)
     idle = [1.0 - sum(end - start for start, end, _ in stage) / makespan for stage in slots]
     return {"slots": slots, "makespan": makespan, "idle": idle}
