@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "megacoca.eval.cli",
     "megacoca.data.cli",
     "megacoca.checkpoint.convert_cli",
+    "megacoca.plan.cli",
 )
 
 

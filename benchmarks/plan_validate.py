@@ -1,0 +1,117 @@
+"""The planner's predictions (megacoca.plan.memory, megacoca.plan.timing) against measurements of real training steps
+(benchmarks/plan_measure.py's JSON): peak memory per rank, and step time under a calibrated CPU profile.
+
+    .venv/bin/python benchmarks/plan_measure.py --json /tmp/fitted.json              # measure (2-3 min each)
+    .venv/bin/python benchmarks/plan_measure.py --holdout --model small long_text --json /tmp/holdout.json
+    .venv/bin/python benchmarks/plan_measure.py --fresh --model open_clip_odd small --json /tmp/fresh.json
+    .venv/bin/python -m megacoca plan --calibrate /tmp/cpu2.json --ranks 2            # a profile per world size
+    .venv/bin/python -m megacoca plan --calibrate /tmp/cpu4.json --ranks 4
+    .venv/bin/python benchmarks/plan_validate.py /tmp/fitted.json /tmp/holdout.json /tmp/fresh.json \\
+        --profile 2=/tmp/cpu2.json --profile 4=/tmp/cpu4.json
+
+Prints one markdown table per file (measured and predicted peak MB per rank with the predicted moment, measured
+and predicted step seconds) and, per model, the Spearman rank correlation of the layouts' step times and whether
+the fastest agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from itertools import groupby
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from plan_measure import MODELS  # noqa: E402
+
+from megacoca.plan.memory import Layout, ZeroBuffers, default_text_ahead, predict  # noqa: E402
+from megacoca.plan.profile import DeviceProfile  # noqa: E402
+from megacoca.plan.timing import predict_time  # noqa: E402
+
+
+def layout_of(row: dict) -> tuple[Layout, ZeroBuffers]:
+    """The planner's Layout and buffers for a measured row (its config overrides; the last of a key wins)."""
+    values = dict(item.split("=", 1) for item in row["overrides"])
+    ds = values["parallel.deepspeed_config"]
+    tp, pp = int(values.get("parallel.tp", 1)), int(values.get("parallel.pp", 1))
+    dp = row["world_size"] // (tp * pp)
+    micro, batch = int(values["schedule.micro_batch_size"]), int(values["schedule.global_batch_size"])
+    accum = batch // (micro * dp)
+    zero = int(values.get("parallel.deepspeed_overrides.zero_optimization.stage", ds[4]))
+    prefix = "parallel.deepspeed_overrides.zero_optimization."
+    buffers = ZeroBuffers(reduce_bucket=int(values.get(prefix + "reduce_bucket_size", 50_000_000)),
+                          persistence_threshold=int(values.get(prefix + "stage3_param_persistence_threshold",
+                                                               100_000)))
+    layout = Layout(tp=tp, pp=pp, dp=dp, zero=zero, micro_batch=micro, grad_accum=accum,
+                    precision="fp32" if "fp32" in ds else "bf16",
+                    checkpointing=values.get("parallel.activation_checkpointing") == "true",
+                    text_ahead=default_text_ahead(MODELS[row["model"]], pp, accum))
+    return layout, buffers
+
+
+def spearman(xs: list[float], ys: list[float]) -> float:
+    n = len(xs)
+    if n < 2:
+        return 1.0
+    rank = lambda values: {i: r for r, i in enumerate(sorted(range(n), key=lambda i: values[i]))}  # noqa: E731
+    rx, ry = rank(xs), rank(ys)
+    return 1 - 6 * sum((rx[i] - ry[i]) ** 2 for i in range(n)) / (n * (n * n - 1))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("json", nargs="+", help="benchmarks/plan_measure.py --json outputs")
+    parser.add_argument("--profile", action="append", default=[], metavar="WORLD=PATH",
+                        help="a calibrated profile for layouts of that many ranks (repeatable); none: memory only")
+    args = parser.parse_args(argv)
+    profiles = {int(k): DeviceProfile.load(v) for k, v in (item.split("=", 1) for item in args.profile)}
+    worst_memory, timed = 0.0, []
+    for path in args.json:
+        data = json.load(open(path))
+        print(f"\n{os.path.basename(path)}: {data['header']}\n")
+        print("| model | layout | rank (dp,pp,tp) | measured peak MB | predicted MB | ratio | predicted moment "
+              "| measured step s | predicted s | ratio |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for row in data["layouts"]:
+            cfg = MODELS[row["model"]]
+            layout, buffers = layout_of(row)
+            memory = predict(cfg, layout, buffers)
+            profile = profiles.get(row["world_size"])
+            seconds = predict_time(cfg, layout, profile).seconds if profile else None
+            ranks = row["ranks"] if isinstance(row["ranks"], list) else [row["ranks"]]
+            measured_s = max(rank["step_time_s"] for rank in ranks)
+            seen = set()
+            for rank in ranks:
+                stage = memory[rank.get("pp_rank", 0)]
+                key = (rank.get("pp_rank", 0), round(rank["peak_bytes"], -4))
+                if key in seen:
+                    continue  # identical ranks (data-parallel peers) once
+                seen.add(key)
+                ratio = stage.peak / rank["peak_bytes"]
+                worst_memory = max(worst_memory, abs(ratio - 1))
+                coords = f"{rank['rank']} ({rank['dp_rank']},{rank['pp_rank']},{rank['tp_rank']})"
+                time_cells = (f"{measured_s:.3f} | {seconds:.3f} | {seconds / measured_s:.2f}" if seconds else
+                              f"{measured_s:.3f} | - | -")
+                print(f"| {row['model']} | {row['layout']} | {coords} | {rank['peak_bytes'] / 1e6:.2f} | "
+                      f"{stage.peak / 1e6:.2f} | {ratio:.3f} | {stage.phase} | {time_cells} |")
+            if seconds:
+                timed.append((row["model"], row["layout"], measured_s, seconds))
+    print(f"\nmemory: largest deviation {100 * worst_memory:.1f}% over every rank of every layout")
+    if timed:
+        worst = max(abs(p / m - 1) for *_, m, p in timed)
+        print(f"time: largest deviation {100 * worst:.1f}% over {len(timed)} layouts")
+        for model, group in groupby(sorted(timed), key=lambda r: r[0]):
+            rows = list(group)
+            rho = spearman([r[2] for r in rows], [r[3] for r in rows])
+            fastest = min(rows, key=lambda r: r[2])[1], min(rows, key=lambda r: r[3])[1]
+            print(f"  {model}: Spearman {rho:.2f} over {len(rows)} layouts; fastest measured {fastest[0]}, "
+                  f"predicted {fastest[1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""`megacoca plan`: the command line only; the model is megacoca.plan.memory / timing / search.
+
+    megacoca plan --flavor coca_giant --cluster a100-80gb --gpus 512 --global-batch 65536
+    megacoca plan --flavor coca_base --cluster my_h100.json --gpus 64 --global-batch 4096 --emit-config base.yaml
+    megacoca plan --calibrate cpu.json --ranks 2          # measure this machine into a profile
+
+Prints the fastest layouts that fit in memory (tensor x pipeline x data-parallel degrees, ZeRO stage,
+micro-batch x accumulation, activation checkpointing, text-ahead) with the predicted peak memory per GPU, step
+rate, MFU against the device's datasheet peak, contrastive negatives per image and what limits each. The
+profile used (a preset's published efficiencies, or a calibrated one) is named in the header.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from megacoca.config import inputs
+from megacoca.config.inputs import argument
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("plan", help="which parallel layout trains a CoCa fastest in memory",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--flavor", default="coca_giant", help="model flavor (megacoca.config.flavors)")
+    parser.add_argument("--set", dest="model_overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a CoCaConfig field on top of the flavor (repeatable)")
+    parser.add_argument("--cluster", default="a100-80gb",
+                        help="a preset (a100-40gb, a100-80gb, h100, h200) or a profile JSON from --calibrate")
+    parser.add_argument("--gpus", type=argument(inputs.positive_int), default="512", help="GPUs in the job")
+    parser.add_argument("--gpus-per-node", type=argument(inputs.positive_int), default=None,
+                        help="GPUs per node (default: the profile's)")
+    parser.add_argument("--global-batch", type=argument(inputs.positive_int), default="65536",
+                        help="samples per optimizer step")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--kernels", choices=("triton", "torch"), default="triton",
+                        help="triton: the fused caption loss keeps no logits (what `auto` does on CUDA)")
+    parser.add_argument("--min-negatives", type=int, default=0,
+                        help="only layouts with at least this many contrastive negatives per image")
+    parser.add_argument("--memory-fraction", type=float, default=0.9,
+                        help="share of the device memory a layout may use (default 0.9)")
+    parser.add_argument("--top", type=int, default=10, help="layouts to print (default 10)")
+    parser.add_argument("--emit-config", default=None, metavar="PATH",
+                        help="write the best layout as a config file for `megacoca train --config PATH`")
+    parser.add_argument("--json", default=None, metavar="PATH", help="write every fitting layout as JSON")
+    parser.add_argument("--calibrate", default=None, metavar="PATH",
+                        help="measure this machine into a profile JSON instead of planning")
+    parser.add_argument("--ranks", type=argument(inputs.positive_int), default="2",
+                        help="--calibrate: ranks measured at once (default 2)")
+    parser.set_defaults(func=plan_command)
+
+
+def _model_config(args):
+    from megacoca.config.flavors import get_flavor
+    from megacoca.config.train import ConfigError
+
+    overrides = {}
+    for item in args.model_overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    try:
+        return get_flavor(args.flavor, **overrides), overrides
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"--flavor/--set: {error}") from None
+
+
+def plan_command(args) -> int:
+    from megacoca.config.train import ConfigError
+    from megacoca.metrics.flops import train_flops_per_sample
+    from megacoca.plan.profile import get_profile
+    from megacoca.plan.search import emit_config, plan
+
+    if args.calibrate:
+        import dataclasses
+
+        from megacoca.plan.calibrate import calibrate, save_profile
+
+        # both precisions: a profile plans fp32 and bf16 layouts alike
+        profiles = [calibrate(ranks=int(args.ranks), precision=precision) for precision in ("fp32", "bf16")]
+        profile = dataclasses.replace(profiles[0], matmul_flops={**profiles[0].matmul_flops,
+                                                                 **profiles[1].matmul_flops},
+                                      peak_flops={**profiles[0].peak_flops, **profiles[1].peak_flops})
+        save_profile(profile, args.calibrate)
+        rates = ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in profile.matmul_flops.items())
+        print(f"wrote {args.calibrate}: matmuls {rates} per rank; {profile.source}")
+        return 0
+    cfg, overrides = _model_config(args)
+    try:
+        profile = get_profile(args.cluster)
+    except ValueError as error:
+        raise ConfigError(f"--cluster: {error}") from None
+    if args.gpus_per_node:
+        profile = profile.with_nodes(int(args.gpus_per_node))
+    gpus, batch = int(args.gpus), int(args.global_batch)
+    plans, too_big = plan(cfg, profile, gpus, batch, args.precision, kernels=args.kernels,
+                          memory_fraction=args.memory_fraction, min_negatives=args.min_negatives)
+    params = sum(p.numel() for p in _meta_params(cfg))
+    print(f"{args.flavor}: {params / 1e6:,.0f}M parameters, {train_flops_per_sample(cfg) / 1e12:.3g} TFLOP per "
+          f"sample (train) | {gpus} GPUs ({profile.gpus_per_node} per node, {profile.memory_bytes / 1e9:.0f} GB "
+          f"each) | global batch {batch:,} | {args.precision}, {args.kernels} kernels")
+    print(f"profile {profile.name}: {profile.source}")
+    if not plans:
+        print(f"no layout fits in {args.memory_fraction:.0%} of {profile.memory_bytes / 1e9:.0f} GB ({too_big} valid "
+              "layouts were too big)", file=sys.stderr)
+        return 1
+    header = ["#", "tp", "pp", "dp", "ZeRO", "micro x accum", "ckpt", "text-ahead", "peak GB", "samples/s",
+              "/GPU", "MFU", "negatives", "limited by (beyond compute)"]
+    rows = []
+    for index, item in enumerate(plans[: args.top], start=1):
+        layout, time = item.layout, item.time
+        rows.append([str(index), str(layout.tp), str(layout.pp), str(layout.dp), str(layout.zero),
+                     f"{layout.micro_batch} x {layout.grad_accum}", "yes" if layout.checkpointing else "no",
+                     str(layout.text_ahead) if layout.pp > 1 else "-", f"{item.peak_bytes / 1e9:.1f}",
+                     f"{time.samples_per_s:,.0f}", f"{time.samples_per_s_per_gpu:.1f}",
+                     "-" if time.mfu is None else f"{100 * time.mfu:.1f}%", f"{item.negatives:,}", item.limit()])
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print(f"{len(plans)} layouts fit, {too_big} more were valid but too big")
+    if args.emit_config:
+        config = emit_config(plans[0], args.flavor, overrides)
+        with open(args.emit_config, "w") as f:
+            if args.emit_config.endswith((".yaml", ".yml")):
+                import yaml
+
+                yaml.safe_dump(config, f, sort_keys=False)
+            else:
+                json.dump(config, f, indent=1)
+        print(f"wrote {args.emit_config}: `megacoca train --config {args.emit_config}` runs layout #1 on {gpus} "
+              "GPUs")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([{"layout": vars(item.layout), "peak_bytes": item.peak_bytes,
+                        "stages": [vars(stage) for stage in item.memory], "step_s": item.time.seconds,
+                        "samples_per_s": item.time.samples_per_s, "mfu": item.time.mfu, "parts": item.time.parts}
+                       for item in plans], f, indent=1, default=str)
+    return 0
+
+
+def _meta_params(cfg):
+    import torch
+
+    from megacoca.models.coca import CoCa
+
+    rng = torch.get_rng_state()
+    with torch.device("meta"):
+        model = CoCa(cfg)
+    torch.set_rng_state(rng)
+    return list(model.parameters())

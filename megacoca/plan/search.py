@@ -1,0 +1,126 @@
+"""Every valid layout of a CoCa on a cluster, with its memory and step time, best first.
+
+Valid: the tensor degree splits every attention and MLP (megacoca.parallel.tensor.check_tensor_parallel) and
+stays inside a node; the pipeline has no more stages than ViT blocks allow and at least as many micro-batches
+as stages; tp x pp divides the GPU count; the data-parallel size divides the global batch; the per-rank
+micro-batch divides what is left. ZeRO 1-3 in bf16 (0-3 in fp32), activation checkpointing off and on, the
+pipeline's text-ahead as the trainer chooses it (`auto_text_ahead`). A layout fits when its largest stage's
+peak memory is at most `memory_fraction` of the device's (the rest: the CUDA context, the allocator's
+fragmentation, NCCL's buffers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megacoca.plan.memory import Layout, StageMemory, ZeroBuffers, predict
+from megacoca.plan.profile import DeviceProfile
+from megacoca.plan.timing import StepTime, predict_time
+
+MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+@dataclass
+class Plan:
+    layout: Layout
+    memory: list[StageMemory]
+    time: StepTime
+
+    @property
+    def peak_bytes(self) -> float:
+        return max(stage.peak for stage in self.memory)
+
+    @property
+    def negatives(self) -> int:
+        """Contrastive negatives per image: each micro-batch is gathered over the data-parallel ranks."""
+        return self.layout.micro_batch * self.layout.dp - 1
+
+    def limit(self) -> str:
+        """What limits the layout: the largest share of its step time beyond the matmuls."""
+        parts = {k: v for k, v in self.time.parts.items() if not k.startswith("compute")}
+        main = max(parts, key=lambda k: parts[k])
+        share = parts[main] / self.time.seconds
+        if share < 0.05:
+            return "compute (every other cost < 5%)"
+        return f"{main} {100 * share:.0f}%"
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def layouts(cfg, gpus: int, global_batch: int, precision: str, gpus_per_node: int, *, kernels: str = "torch",
+            zero_stages=None, tp_values=None, pp_values=None, checkpointing=(False, True)):
+    from megacoca.parallel.pipeline.schedule import auto_text_ahead
+    from megacoca.parallel.pipeline.split import check_pipeline, split_stages
+    from megacoca.parallel.tensor import check_tensor_parallel
+
+    stages = zero_stages or ((0, 1, 2, 3) if precision == "fp32" else (1, 2, 3))
+    for tp in tp_values or [d for d in _divisors(gpus_per_node) if gpus % d == 0]:
+        try:
+            check_tensor_parallel(cfg, tp)
+        except ValueError:
+            continue
+        for pp in pp_values or [p for p in (1, 2, 4, 8, 16) if gpus % (tp * p) == 0]:
+            if gpus % (tp * pp):
+                continue
+            try:
+                check_pipeline(cfg, pp)
+            except ValueError:
+                continue
+            dp = gpus // (tp * pp)
+            if global_batch % dp:
+                continue
+            per_rank = global_batch // dp
+            split = split_stages(cfg, pp) if pp > 1 else None
+            for micro in MICRO_BATCHES:
+                if per_rank % micro:
+                    continue
+                accum = per_rank // micro
+                if pp > 1 and accum < pp:
+                    continue
+                text_ahead = auto_text_ahead(split, pp, accum) if pp > 1 else 0
+                for zero in stages:
+                    for ckpt in checkpointing:
+                        yield Layout(tp=tp, pp=pp, dp=dp, zero=zero, micro_batch=micro, grad_accum=accum,
+                                     precision=precision, checkpointing=ckpt, text_ahead=text_ahead,
+                                     kernels=kernels)
+
+
+def plan(cfg, profile: DeviceProfile, gpus: int, global_batch: int, precision: str = "bf16", *,
+         kernels: str = "triton", buffers: ZeroBuffers | None = None, memory_fraction: float = 0.9,
+         min_negatives: int = 0, **choices) -> tuple[list[Plan], int]:
+    """(the layouts that fit, fastest first; how many valid layouts did not fit)."""
+    fitting, too_big = [], 0
+    budget = memory_fraction * profile.memory_bytes
+    for layout in layouts(cfg, gpus, global_batch, precision, profile.gpus_per_node, kernels=kernels, **choices):
+        if layout.micro_batch * layout.dp - 1 < min_negatives:
+            continue
+        memory = predict(cfg, layout, buffers)
+        if max(stage.peak for stage in memory) > budget:
+            too_big += 1
+            continue
+        fitting.append(Plan(layout, memory, predict_time(cfg, layout, profile)))
+    fitting.sort(key=lambda p: (-p.time.samples_per_s, p.peak_bytes))
+    return fitting, too_big
+
+
+def emit_config(plan_: Plan, flavor: str | None, model_overrides: dict | None = None) -> dict:
+    """The chosen layout as nested overrides for `megacoca train --config FILE`."""
+    layout = plan_.layout
+    ds = {0: "zero0_fp32", 1: "zero1_bf16", 2: "zero2_bf16", 3: "zero3_bf16" if layout.precision == "bf16"
+          else "zero3_fp32"}[layout.zero]
+    parallel = {"deepspeed_config": ds, "tp": layout.tp, "pp": layout.pp,
+                "activation_checkpointing": layout.checkpointing}
+    if layout.precision == "fp32" and layout.zero in (1, 2):
+        parallel["deepspeed_config"] = "zero0_fp32"
+        parallel["deepspeed_overrides"] = {"zero_optimization.stage": layout.zero}
+    if layout.pp > 1:
+        parallel["text_ahead"] = layout.text_ahead
+    model = {"flavor": flavor} if flavor else {}
+    if model_overrides:
+        model["overrides"] = dict(model_overrides)
+    if layout.kernels != "torch":
+        model.setdefault("overrides", {})["kernels"] = "auto"
+    return {"model": model, "parallel": parallel,
+            "schedule": {"global_batch_size": layout.global_batch, "micro_batch_size": layout.micro_batch}}
