@@ -77,15 +77,9 @@ def plan_command(args) -> int:
     from megacoca.plan.search import emit_config, plan
 
     if args.calibrate:
-        import dataclasses
-
         from megacoca.plan.calibrate import calibrate, save_profile
 
-        # both precisions: a profile plans fp32 and bf16 layouts alike
-        profiles = [calibrate(ranks=int(args.ranks), precision=precision) for precision in ("fp32", "bf16")]
-        profile = dataclasses.replace(profiles[0], matmul_flops={**profiles[0].matmul_flops,
-                                                                 **profiles[1].matmul_flops},
-                                      peak_flops={**profiles[0].peak_flops, **profiles[1].peak_flops})
+        profile = calibrate(ranks=int(args.ranks))  # both precisions: one profile plans fp32 and bf16 layouts
         save_profile(profile, args.calibrate)
         rates = ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in profile.matmul_flops.items())
         print(f"wrote {args.calibrate}: matmuls {rates} per rank; {profile.source}")

@@ -38,6 +38,9 @@ class DeviceProfile:
     # each ZeRO stage ({"0": s, "1": s, "2": s, "3": s}): gradient hooks and bucket copies (1/2), the per-module
     # gather and release with its collective (3)
     tensor_overhead_s: dict = field(default_factory=lambda: {"0": 0.0, "1": 0.0, "2": 0.0, "3": 0.0})
+    # achieved FLOP/s of whole transformer blocks, forward + backward, per precision (a calibrated profile): the
+    # matmuls and the memory-bound work between them together; None: matmul rate + elementwise bytes / memory_bw
+    block_flops: dict | None = None
 
     def block_overhead(self, precision: str) -> float:
         value = self.block_overhead_s

@@ -141,12 +141,15 @@ def predict_time(cfg, layout: Layout, profile: DeviceProfile) -> StepTime:
         recompute = 0.0
         if layout.checkpointing:
             recompute = flops  # every block's forward again (the poolers and heads are not recomputed: small)
-        fwd = flops * b / t / rate
-        bwd = (2 * flops + recompute) * b / t / rate
+        measured_blocks = (profile.block_flops or {}).get(layout.precision)
+        block_rate = measured_blocks or rate
+        fwd = flops * b / t / block_rate
+        bwd = (2 * flops + recompute) * b / t / block_rate
         overhead = (vit_blocks + other_blocks) * profile.block_overhead(layout.precision) \
-            * (4 / 3 if layout.checkpointing else 1) + tensors[s] * profile.tensor_overhead(layout.zero) \
-            + e * b / t * _elementwise_elements(
-            cfg, vit_blocks, s == pp - 1, layout.checkpointing) / profile.memory_bw
+            * (4 / 3 if layout.checkpointing else 1) + tensors[s] * profile.tensor_overhead(layout.zero)
+        if not measured_blocks:  # the work between the matmuls, unless the block rate already holds it
+            overhead += e * b / t * _elementwise_elements(cfg, vit_blocks, s == pp - 1,
+                                                          layout.checkpointing) / profile.memory_bw
         comm = vit_comm * (vit_blocks / max(cfg.vision_layers, 1)) + (rest_comm if s == pp - 1 else 0.0)
         fwd += overhead / 3 + comm / 2 + (p2p if s > 0 else 0.0)
         bwd += 2 * overhead / 3 + comm / 2 + (p2p if s < pp - 1 else 0.0)

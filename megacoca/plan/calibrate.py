@@ -1,0 +1,777 @@
+"""`megacoca plan --calibrate`: measure this machine's DeviceProfile (issue 11, "Calibration").
+
+`calibrate(ranks)` forks `ranks` processes (2 when ranks == 1, for the collectives; from a forkserver that
+imported torch, and on a CPU DeepSpeed, once; FileStore rendezvous, no ports), each a CPU rank with `threads`
+threads (gloo) or one GPU (nccl), and measures what the planner's time model (megacoca.plan.timing) divides by,
+every rank at the same time, so that the figures describe one rank among `ranks` co-located ones (on a CPU they
+share its cores).
+Both precisions are measured (fp32 and bf16, and fp16 when asked for), so that one profile plans fp32 and bf16
+layouts:
+
+- matmul_flops[precision]: 2 m k n / seconds of the pair (T x W) @ (W x 4W), (T x 4W) @ (4W x W), the MLP of a
+  transformer block, T tokens, W over a sweep; the median over W of each W's median over repetitions (after two
+  warm-up calls), averaged over the ranks.
+- memory_bw: (read + written bytes) / seconds of copying one large tensor into another.
+- block_overhead_s[precision]: forward + backward of a SelfAttentionBlock (module and inputs in that precision:
+  bf16 on a CPU pays casts and non-GEMM kernels fp32 does not) at a few batch sizes, fitted as
+  time = overhead + FLOPs / matmul_flops[precision] (FLOPs as megacoca.metrics.flops counts them; the slope fixed
+  at the measured rate, as the planner uses it), the intercept (>= 0).
+- tensor_overhead_s[stage], step_overhead_s[stage] for ZeRO stages 0-3: real DeepSpeed engines on all the ranks
+  (ds_configs zero0_fp32, zero1/2/3_bf16 as megacoca trains with them; ZeRO-3 with
+  stage3_param_persistence_threshold 0, so that every tensor is partitioned) of a toy model of many small tensors
+  and negligible FLOPs (K blocks of Linear(W, W) + LayerNorm(W), 4 tensors each, at two or more K), trained as
+  megacoca's trainer does (engine(x), engine.backward, engine.step after every micro-batch, `accum` micro-batches
+  per step). Per micro-batch (one that is not the last of its step) forward + backward + step, fitted as
+  a + tensors x slope: tensor_overhead = slope - the same slope of plain torch forward + backward of the same
+  model in the same precision (>= 0), what DeepSpeed adds per parameter tensor (ZeRO-1/2 gradient hooks and
+  bucket copies, ZeRO-3's per-module gather and release and its collectives). Per step, the boundary's
+  engine.step plus the last micro-batch's excess over the others (the gradient reduction happens there), fitted
+  as b + tensors x c: step_overhead = b + TYPICAL_TENSORS x c (a small CoCa's tensor count) minus the 32 bytes
+  per parameter of that model the planner already streams at memory_bw (>= 0): flat-buffer copies, gradient
+  norm, overflow check, the post-step all-gather. Each figure is the slowest rank's median.
+- intra_node_bw, collective_latency_s: all-reduce of 4 KB .. 64 MB, fitted as a ring,
+  time = latency + 2 (n-1)/n bytes / bus bandwidth, minimising relative residuals (so that the small sizes fix
+  the latency and the large ones the bandwidth). With ranks == 1 there is no collective to run: a CPU
+  profile measures the collectives and the engines over 2 processes after the compute (the second idles until
+  then), a GPU profile over 2 GPUs if there are 2, else it takes the link figures of the GPU's preset and runs the
+  engines on one GPU; `source` says which.
+- inter_node_bw: one host cannot measure it: equal to intra_node_bw, and `source` says so.
+- peak_flops: the datasheet figure of a known GPU (megacoca.metrics.peak); a CPU has none, so the measured
+  matmul rate (MFU against it is then a fraction of the achieved GEMM rate).
+- memory_bytes: GPU memory, or host RAM / ranks. gpus_per_node: ranks on a CPU, the GPU count on CUDA.
+
+`quick=True` shrinks every size and repetition count so that the whole run takes seconds (tests).
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import multiprocessing as mp
+import os
+import pickle
+import platform
+import queue as queue_module
+import socket
+import statistics
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+
+from megacoca.plan.profile import PRESETS, DeviceProfile
+
+DTYPES = ("fp32", "bf16", "fp16")
+ALWAYS = ("fp32", "bf16")  # measured by every calibration, whatever precision it is asked for
+# the forkserver imports these once (a rank's fork then starts in well under a second)
+PRELOAD = ["torch", "torch.distributed", "megacoca.models.coca.layers"]
+# and on a CPU DeepSpeed too (its optimizer check imports its Muon optimizer, whose module calls torch.compile at
+# import: inductor, seconds on a small CPU). Not with GPUs: importing DeepSpeed picks its accelerator with
+# torch.cuda.is_available(), which initialises the CUDA driver, and a process forked after that cannot use CUDA
+PRELOAD_CPU = [*PRELOAD, "torch._dynamo", "deepspeed", "deepspeed.runtime.zero.muon.muon_optimizer",
+               "deepspeed.runtime.zero.stage_1_and_2", "deepspeed.runtime.zero.stage3"]
+_ADAM_BYTES_PER_PARAM = 32  # megacoca.plan.timing's optimizer stream: fp32 master, gradient, two moments, in and out
+# the DeepSpeed config megacoca trains each ZeRO stage with (ds_configs/), and its precision
+ENGINE_CONFIGS = {0: ("zero0_fp32", "fp32"), 1: ("zero1_bf16", "bf16"), 2: ("zero2_bf16", "bf16"),
+                  3: ("zero3_bf16", "bf16")}
+TYPICAL_TENSORS = 120  # parameter tensors of a small CoCa on one rank: where the step fit is read off
+_TENSORS_PER_BLOCK = 4  # the toy's Linear(W, W) + LayerNorm(W): weight, bias, weight, bias
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What one calibration runs: shapes, repetitions, the minimum seconds of one timed repetition."""
+
+    widths: tuple[int, ...]  # W of the matmul sweep
+    tokens: int  # T of the matmul sweep
+    reps: int
+    min_rep_s: float  # a timed repetition repeats its call until it lasts this long (short calls on a GPU)
+    copy_bytes: int
+    block_width: int
+    block_heads: int
+    block_seq: int
+    block_batches: tuple[int, ...]
+    engine_width: int  # W of the toy model the DeepSpeed engines train
+    engine_blocks: tuple[int, ...]  # its sizes K (blocks of 4 tensors)
+    engine_micro_batch: int
+    engine_accum: int  # micro-batches per step
+    engine_warmup_steps: int
+    engine_steps: int  # timed steps
+    allreduce_bytes: tuple[int, ...]
+    allreduce_reps: int  # more than `reps`: a small collective is cheap and its time noisy on a busy machine
+
+
+def sizes_for(device: str, quick: bool) -> Sizes:
+    kb, mb = 1 << 10, 1 << 20
+    engine = dict(engine_width=32, engine_micro_batch=4)
+    if quick:
+        engine.update(engine_blocks=(8, 32), engine_accum=2, engine_warmup_steps=2, engine_steps=4)
+    else:
+        engine.update(engine_blocks=(8, 16, 32, 48), engine_accum=4, engine_warmup_steps=2, engine_steps=12)
+    if device == "cpu":
+        if quick:
+            return Sizes(widths=(128, 256), tokens=1024, reps=3, min_rep_s=0.01, copy_bytes=64 * mb,
+                         block_width=128, block_heads=4, block_seq=64, block_batches=(2, 4, 8),
+                         allreduce_bytes=tuple(4 * kb * 4 ** i for i in range(6)),  # 4 KB .. 4 MB
+                         allreduce_reps=7, **engine)
+        # coca_tiny's ViT block (W 128, 4 heads, 64 image tokens) at micro-batches up to coca_tiny_cpu's 32
+        return Sizes(widths=(128, 256, 512, 1024), tokens=2048, reps=5, min_rep_s=0.05, copy_bytes=256 * mb,
+                     block_width=128, block_heads=4, block_seq=64, block_batches=(8, 16, 32),
+                     allreduce_bytes=tuple(4 * kb * 4 ** i for i in range(8)),  # 4 KB .. 64 MB
+                     allreduce_reps=9, **engine)
+    if quick:
+        return Sizes(widths=(1024, 4096), tokens=2048, reps=3, min_rep_s=0.01, copy_bytes=256 * mb,
+                     block_width=512, block_heads=8, block_seq=128, block_batches=(1, 4, 16),
+                     allreduce_bytes=tuple(4 * kb * 4 ** i for i in range(6)), allreduce_reps=5, **engine)
+    return Sizes(widths=(1024, 2048, 4096, 8192), tokens=2048, reps=10, min_rep_s=0.05, copy_bytes=1 << 30,
+                 block_width=1024, block_heads=16, block_seq=256, block_batches=(1, 4, 16),
+                 allreduce_bytes=tuple(4 * kb * 4 ** i for i in range(8)), allreduce_reps=10, **engine)
+
+
+def measured_precisions(precision: str) -> tuple[str, ...]:
+    """fp32 and bf16 always, and `precision` if it is neither."""
+    return ALWAYS + ((precision,) if precision not in ALWAYS else ())
+
+
+# --- fits (pure functions, tested on made-up numbers) -----------------------------------------------------------
+
+
+def _weighted_line(x: list[float], y: list[float], w: list[float]) -> tuple[float, float]:
+    """Weighted least squares y = a + b x: (a, b)."""
+    sw = sum(w)
+    mx = sum(wi * xi for wi, xi in zip(w, x)) / sw
+    my = sum(wi * yi for wi, yi in zip(w, y)) / sw
+    sxx = sum(wi * (xi - mx) ** 2 for wi, xi in zip(w, x))
+    if sxx <= 0:
+        raise ValueError("a line through points that all have the same x")
+    b = sum(wi * (xi - mx) * (yi - my) for wi, xi, yi in zip(w, x, y)) / sxx
+    return my - b * mx, b
+
+
+def fit_overhead(flops: list[float], seconds: list[float], rate: float | None = None) -> tuple[float, float]:
+    """Fit seconds = overhead + flops / rate: (overhead >= 0, rate).
+
+    With `rate` given only the overhead is fitted (the mean of seconds - flops / rate), which makes the planner's
+    overhead + flops / rate right on average over these points; else both, by least squares. An intercept below
+    zero (noise, or a rate that rises with the size) is reported as 0, the rate then refitted through the origin.
+    """
+    if len(flops) != len(seconds) or not flops:
+        raise ValueError("fit_overhead needs as many times as FLOP counts, at least one")
+    if rate is not None:
+        return max(statistics.fmean(s - f / rate for f, s in zip(flops, seconds)), 0.0), rate
+    overhead, slope = _weighted_line(flops, seconds, [1.0] * len(flops))
+    if overhead < 0:
+        overhead, slope = 0.0, sum(f * s for f, s in zip(flops, seconds)) / sum(f * f for f in flops)
+    if slope <= 0:
+        raise ValueError(f"time does not grow with FLOPs ({list(zip(flops, seconds))}): no rate to fit")
+    return overhead, 1.0 / slope
+
+
+def fit_ring(nbytes: list[float], seconds: list[float], ranks: int) -> tuple[float, float, float]:
+    """Fit all-reduce times to a ring, time = latency + 2 (n-1)/n bytes / busbw: (latency >= 0, busbw, residual).
+
+    Relative residuals are minimised (weights 1/time^2), so that microsecond calls at 4 KB weigh as much as the
+    tens of milliseconds at 64 MB; `residual` is the largest |fit - time| / time.
+    """
+    if ranks < 2:
+        raise ValueError("a ring all-reduce needs at least 2 ranks")
+    x = [2 * (ranks - 1) / ranks * b for b in nbytes]
+    weights = [1.0 / s ** 2 for s in seconds]
+    latency, slope = _weighted_line(x, seconds, weights)
+    if latency < 0:
+        latency = 0.0
+        slope = (sum(w * xi * s for w, xi, s in zip(weights, x, seconds))
+                 / sum(w * xi * xi for w, xi in zip(weights, x)))
+    if slope <= 0:
+        raise ValueError(f"all-reduce time does not grow with its size ({list(zip(nbytes, seconds))})")
+    residual = max(abs(latency + slope * xi - s) / s for xi, s in zip(x, seconds))
+    return latency, 1.0 / slope, residual
+
+
+def fit_line(x: list[float], y: list[float]) -> tuple[float, float]:
+    """Least squares y = a + b x: (a, b)."""
+    if len(x) != len(y) or len(x) < 2:
+        raise ValueError("a line needs as many y as x, at least two")
+    return _weighted_line(x, y, [1.0] * len(x))
+
+
+@dataclass(frozen=True)
+class EngineFit:
+    """One ZeRO stage's engine timings fitted against the parameter tensor count (seconds)."""
+
+    micro: tuple[float, float]  # (a, slope) of a micro-batch's forward + backward + step under DeepSpeed
+    baseline: tuple[float, float]  # (a, slope) of plain torch forward + backward of the same models
+    step: tuple[float, float]  # (b, c) of the step's own cost (the boundary's step and reduction)
+    tensor_overhead: float  # micro slope - baseline slope, >= 0
+    step_at_typical: float  # b + typical_tensors x c
+    stream: float  # the optimizer stream the planner already counts at typical_tensors
+    step_overhead: float  # step_at_typical - stream, >= 0
+
+
+def fit_engine(tensors: list[int], micro: list[float], step: list[float], baseline: list[float],
+               params_per_tensor: float, memory_bw: float, typical_tensors: int = TYPICAL_TENSORS) -> EngineFit:
+    """Fit one ZeRO stage's per-micro-batch and per-step engine times at several tensor counts (see the module
+    docstring): tensor_overhead = the micro-batch slope minus the plain torch slope; step_overhead = the step fit at
+    `typical_tensors` minus 32 bytes per parameter of a model that size (params_per_tensor x typical_tensors) at
+    `memory_bw`. Both floored at 0 (noise on a busy machine can tilt a two-point line either way)."""
+    micro_fit, baseline_fit, step_fit = fit_line(tensors, micro), fit_line(tensors, baseline), fit_line(tensors, step)
+    at_typical = step_fit[0] + typical_tensors * step_fit[1]
+    stream = _ADAM_BYTES_PER_PARAM * params_per_tensor * typical_tensors / memory_bw
+    return EngineFit(micro_fit, baseline_fit, step_fit, max(micro_fit[1] - baseline_fit[1], 0.0), at_typical, stream,
+                     max(at_typical - stream, 0.0))
+
+
+def block_train_flops(batch: int, seq: int, width: int, mlp_dim: int) -> int:
+    """Forward + backward FLOPs of one SelfAttentionBlock, counted as megacoca.metrics.flops counts a ViT layer:
+    2 N (4 W^2 + 2 W M) dense plus 2 (2 S^2 W) attention scores per sequence, times 3."""
+    tokens = batch * seq
+    forward = 2 * tokens * (4 * width * width + 2 * width * mlp_dim) + batch * 2 * (2 * seq * seq * width)
+    return 3 * forward
+
+
+# --- one rank's measurements --------------------------------------------------------------------------------------
+
+
+class _Timer:
+    """Times a call on every rank of the default process group at once (group=True), or on this rank alone."""
+
+    def __init__(self, device, reps: int, min_rep_s: float, group: bool) -> None:
+        self.device, self.reps, self.min_rep_s, self.group = device, reps, min_rep_s, group
+
+    def _barrier(self) -> None:
+        if self.group:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def _agree(self, inner: int) -> int:
+        """The largest repeat count of any rank: the same on all (a collective must be called as often on each)."""
+        if not self.group:
+            return inner
+        import torch
+        import torch.distributed as dist
+
+        count = torch.tensor([float(inner)], device=self.device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        return int(count.item())
+
+    def _sync(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, fn) -> float:
+        """Median seconds of one call of fn over `reps` repetitions after two warm-up calls; a repetition repeats the
+        call until it lasts min_rep_s (the longest count of any rank), and starts together on all ranks."""
+        fn()  # warm-up (first-call work: allocation, kernel compilation, lazy init)
+        self._sync()
+        start = time.perf_counter()
+        fn()
+        self._sync()
+        inner = self._agree(max(1, math.ceil(self.min_rep_s / max(time.perf_counter() - start, 1e-9))))
+        times = []
+        for _ in range(self.reps):
+            self._barrier()
+            self._sync()
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            self._sync()
+            times.append((time.perf_counter() - start) / inner)
+        return statistics.median(times)
+
+
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _dtype(precision: str):
+    import torch
+
+    return getattr(torch, _DTYPES[precision])
+
+
+def _measure_compute(timer: _Timer, sizes: Sizes, precisions: tuple[str, ...], device) -> dict:
+    import torch
+
+    from megacoca.models.coca.layers import SelfAttentionBlock
+
+    out: dict = {"matmul": {}, "block": {}}
+    for precision in precisions:
+        dtype = _dtype(precision)
+        out["matmul"][precision] = {}
+        for width in sizes.widths:
+            x = torch.randn(sizes.tokens, width, device=device, dtype=dtype)
+            up = torch.randn(width, 4 * width, device=device, dtype=dtype) / width ** 0.5
+            down = torch.randn(4 * width, width, device=device, dtype=dtype) / (2 * width)
+            out["matmul"][precision][width] = timer(lambda: (x @ up) @ down)
+            del x, up, down
+
+    src = torch.empty(sizes.copy_bytes // 4, device=device, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src).fill_(0.0)
+    out["copy"] = timer(lambda: dst.copy_(src))
+    del src, dst
+
+    w, heads, seq = sizes.block_width, sizes.block_heads, sizes.block_seq
+    for precision in precisions:
+        dtype = _dtype(precision)
+        torch.manual_seed(0)
+        block = SelfAttentionBlock(w, heads, 4 * w, 1e-5, "auto").to(device=device, dtype=dtype)
+        params = list(block.parameters())
+        out["block"][precision] = {}
+        for batch in sizes.block_batches:
+            x = torch.randn(batch, seq, w, device=device, dtype=dtype, requires_grad=True)
+            grad = torch.randn(batch, seq, w, device=device, dtype=dtype)
+
+            def forward_backward():
+                x.grad = None
+                for p in params:
+                    p.grad = None  # zero_grad(set_to_none=True): backward allocates them, as in training
+                block(x).backward(grad)
+
+            out["block"][precision][batch] = timer(forward_backward)
+        del block, params
+    return out
+
+
+def toy_model(width: int, blocks: int):
+    """The engines' model: `blocks` x (Linear(W, W), LayerNorm(W)), 4 small tensors each, negligible FLOPs."""
+    import torch
+
+    return torch.nn.Sequential(*(layer for _ in range(blocks)
+                                 for layer in (torch.nn.Linear(width, width), torch.nn.LayerNorm(width))))
+
+
+def engine_config(stage: int, sizes: Sizes, dp: int) -> dict:
+    """The DeepSpeed config megacoca trains ZeRO `stage` with, batch fields for the toy, every tensor partitioned."""
+    from megacoca.config.deepspeed import load_json
+
+    ds = load_json(ENGINE_CONFIGS[stage][0])
+    ds.update(train_micro_batch_size_per_gpu=sizes.engine_micro_batch,
+              gradient_accumulation_steps=sizes.engine_accum,
+              train_batch_size=sizes.engine_micro_batch * sizes.engine_accum * dp,
+              gradient_clipping=1.0)  # megacoca's default optim.grad_clip: the step computes the gradient norm
+    if stage == 3:
+        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    return ds
+
+
+def _measure_engines(sizes: Sizes, device, sync) -> dict:
+    """Every rank at once: per ZeRO stage and toy size K, the medians of a micro-batch (not the last of its step:
+    forward, backward, step), of the last one (forward, backward) and of the step that follows it; per precision
+    and K, plain torch forward + backward of the same model. Seconds on this rank."""
+    import logging
+    import warnings
+
+    import torch
+    import torch.distributed as dist
+
+    import deepspeed
+    from megacoca.launch.deepspeed_comm import without_shared_memory_allreduce
+
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    without_shared_memory_allreduce()
+    width, accum = sizes.engine_width, sizes.engine_accum
+
+    def loss_of(out):
+        return out.float().square().mean()
+
+    def timed(fn) -> float:
+        dist.barrier()
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - start
+
+    out: dict = {"baseline": {}, "engine": {}, "params": {}}
+    for precision in sorted({p for _, p in ENGINE_CONFIGS.values()}):
+        dtype = _dtype(precision)
+        out["baseline"][precision] = {}
+        for blocks in sizes.engine_blocks:
+            torch.manual_seed(0)
+            model = toy_model(width, blocks).to(device=device, dtype=dtype)
+            x = torch.randn(sizes.engine_micro_batch, width, device=device, dtype=dtype)
+            times = []
+            for step in range(sizes.engine_warmup_steps + sizes.engine_steps):
+                for _ in range(accum):
+                    seconds = timed(lambda: loss_of(model(x)).backward())
+                    if step >= sizes.engine_warmup_steps:
+                        times.append(seconds)
+                model.zero_grad(set_to_none=True)
+            out["baseline"][precision][blocks] = statistics.median(times)
+            del model
+
+    dp = dist.get_world_size()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # DeepSpeed's deprecated torch.distributed spellings
+        for stage, (_, precision) in ENGINE_CONFIGS.items():
+            dtype = _dtype(precision)
+            for blocks in sizes.engine_blocks:
+                torch.manual_seed(0)
+                model = toy_model(width, blocks)
+                out["params"][blocks] = sum(p.numel() for p in model.parameters())
+                decay = [p for p in model.parameters() if p.dim() > 1]  # as megacoca.trainer.param_groups
+                no_decay = [p for p in model.parameters() if p.dim() <= 1]
+                optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
+                                               {"params": no_decay, "weight_decay": 0.0}], lr=1e-4)
+                engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                  config=engine_config(stage, sizes, dp), dist_init_required=False)
+                x = torch.randn(sizes.engine_micro_batch, width, device=engine.device, dtype=dtype)
+
+                def micro_batch():
+                    engine.backward(loss_of(engine(x)))
+                    engine.step()  # not a boundary: the engine only counts it
+
+                times: dict[str, list[float]] = {"micro": [], "last": [], "step": []}
+                for step in range(sizes.engine_warmup_steps + sizes.engine_steps):
+                    step_times = [("micro", timed(micro_batch)) for _ in range(accum - 1)]
+                    step_times.append(("last", timed(lambda: engine.backward(loss_of(engine(x))))))
+                    step_times.append(("step", timed(engine.step)))
+                    if step >= sizes.engine_warmup_steps:
+                        for kind, seconds in step_times:
+                            times[kind].append(seconds)
+                out["engine"][(stage, blocks)] = {kind: statistics.median(t) for kind, t in times.items()}
+                engine.destroy()
+                del engine, optimizer, model
+    return out
+
+
+def _measure_allreduce(timer: _Timer, sizes: Sizes, device) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    out = {}
+    for nbytes in sizes.allreduce_bytes:
+        tensor = torch.ones(nbytes // 4, device=device, dtype=torch.float32)
+        out[nbytes] = timer(lambda: dist.all_reduce(tensor))
+    return out
+
+
+def _rank_main(rank: int, world: int, store_path: str, compute_ranks: int, device_type: str,
+               precisions: tuple[str, ...], sizes: Sizes, threads: int, collectives: bool) -> dict:
+    """One rank: compute measurements if rank < compute_ranks (all of them at once), then the DeepSpeed engines on
+    every rank, then the all-reduce sweep (if `collectives`)."""
+    import torch
+    import torch.distributed as dist
+
+    if device_type == "cuda":
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+    else:
+        torch.set_num_threads(threads)
+        device = torch.device("cpu")
+    # what a launcher sets and DeepSpeed reads (its accelerator, its comm backend); the group itself comes from here
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
+    kwargs = {"device_id": device} if device_type == "cuda" else {}
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", store=dist.FileStore(store_path, world),
+                            rank=rank, world_size=world, timeout=datetime.timedelta(minutes=15), **kwargs)
+    try:
+        result: dict = {}
+        if rank < compute_ranks:  # all compute ranks at once (a lone rank 0 when ranks == 1)
+            result.update(_measure_compute(_Timer(device, sizes.reps, sizes.min_rep_s, compute_ranks > 1), sizes,
+                                           precisions, device))
+        dist.barrier()
+        sync = (lambda: torch.cuda.synchronize(device)) if device_type == "cuda" else (lambda: None)
+        result["engines"] = _measure_engines(sizes, device, sync)
+        if collectives:
+            dist.barrier()
+            timer = _Timer(device, sizes.allreduce_reps, sizes.min_rep_s, True)
+            result["allreduce"] = _measure_allreduce(timer, sizes, device)
+        return result
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _entry(rank: int, results, args) -> None:
+    try:
+        results.put((rank, "ok", pickle.dumps(_rank_main(rank, *args))))
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        results.put((rank, "error", traceback.format_exc()))
+
+
+def _run(world: int, args: tuple, timeout: float, preload: list[str] = PRELOAD) -> list[dict]:
+    """_rank_main(rank, world, store_path, *args) on `world` processes forked from a forkserver (`preload` imported
+    once there, if this process starts it), with a FileStore rendezvous in a temporary directory; the results in
+    rank order."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(preload)
+    results = ctx.Queue()
+    with tempfile.TemporaryDirectory(prefix="megacoca_calibrate_") as store_dir:
+        full_args = (world, os.path.join(store_dir, "filestore"), *args)
+        procs = [ctx.Process(target=_entry, args=(rank, results, full_args)) for rank in range(world)]
+        for proc in procs:
+            proc.start()
+        collected: dict[int, tuple[str, bytes | str]] = {}
+        deadline = time.monotonic() + timeout
+        while len(collected) < world and time.monotonic() < deadline:
+            try:
+                rank, status, value = results.get(timeout=1)
+            except queue_module.Empty:
+                if any(p.exitcode is not None and rank not in collected for rank, p in enumerate(procs)):
+                    time.sleep(1)  # a rank died without a word (killed, or a crash below Python): the others
+                    if results.empty():  # would wait for it until the rendezvous times out
+                        break
+                continue
+            collected[rank] = (status, value)
+            if status == "error":
+                break
+        for proc in procs:
+            proc.join(timeout=5 if len(collected) == world else 0.5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    errors = [f"rank {rank}:\n{value}" for rank, (status, value) in sorted(collected.items()) if status == "error"]
+    if errors:
+        raise RuntimeError("calibration failed on " + "\n".join(errors))
+    if len(collected) < world:
+        missing = sorted(set(range(world)) - set(collected))
+        raise RuntimeError(f"calibration: ranks {missing} gave no result: a crash, or a hang past {timeout:g} s "
+                           f"(exit codes {[p.exitcode for p in procs]})")
+    return [pickle.loads(collected[rank][1]) for rank in range(world)]
+
+
+# --- the profile -------------------------------------------------------------------------------------------------
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "CPU"
+
+
+def _host_memory() -> float:
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def _gpu_preset(name: str, memory: float) -> DeviceProfile | None:
+    upper = name.upper()
+    if "H200" in upper:
+        return PRESETS["h200"]
+    if "H100" in upper:
+        return PRESETS["h100"]
+    if "A100" in upper:
+        return PRESETS["a100-80gb" if memory > 60e9 else "a100-40gb"]
+    return None
+
+
+def _si(value: float, unit: str) -> str:
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            return f"{value / scale:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}"
+
+
+@dataclass
+class Measurement:
+    """What the ranks measured (`results`, one dict per process, rank order) and where: build_profile's input."""
+
+    ranks: int  # compute ranks (the first `ranks` results)
+    world: int  # processes of the all-reduce sweep (0: none ran)
+    processes: int  # processes that ran the DeepSpeed engines (all of them)
+    precisions: tuple[str, ...]  # measured: fp32, bf16 (and the one asked for)
+    device: str  # "cpu" or "cuda"
+    device_name: str
+    memory_bytes: float
+    gpus_per_node: int
+    threads: int  # CPU threads per rank (0 on CUDA)
+    quick: bool
+    sizes: Sizes
+    results: list
+    seconds: float  # wall time of the measurements
+
+
+def measure(ranks: int = 1, precision: str = "fp32", device: str | None = None, quick: bool = False, *,
+            threads: int | None = None, timeout: float = 900) -> Measurement:
+    """Run the measurements on `ranks` co-located ranks (see the module docstring); fp32 and bf16 are measured
+    whatever `precision` says (fp16 as well when it is asked for)."""
+    import torch
+
+    if ranks < 1:
+        raise ValueError(f"ranks must be >= 1, got {ranks}")
+    if precision not in DTYPES:
+        raise ValueError(f"precision must be one of {', '.join(DTYPES)}, got {precision!r}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device='cuda' but torch sees no CUDA device")
+        gpus = torch.cuda.device_count()
+        if ranks > gpus:
+            raise ValueError(f"{ranks} ranks but {gpus} GPU(s): one rank per GPU")
+        props = torch.cuda.get_device_properties(0)
+        device_name, memory_bytes, gpus_per_node, threads = props.name, float(props.total_memory), gpus, 0
+        world = max(ranks, min(2, gpus))
+    else:
+        threads = threads or int(os.environ.get("OMP_NUM_THREADS") or 1)
+        device_name, memory_bytes, gpus_per_node = _cpu_name(), _host_memory() / ranks, ranks
+        world = max(ranks, 2)
+    sizes = sizes_for(device, quick)
+    precisions = measured_precisions(precision)
+    started = time.perf_counter()
+    results = _run(world, (ranks, device, precisions, sizes, threads, world >= 2), timeout,
+                   PRELOAD_CPU if device == "cpu" else PRELOAD)
+    return Measurement(ranks, world if world >= 2 else 0, world, precisions, device, device_name, memory_bytes,
+                       gpus_per_node, threads, quick, sizes, results, time.perf_counter() - started)
+
+
+def _fit_engines(m: Measurement, memory_bw: float) -> dict[int, EngineFit]:
+    """Per ZeRO stage, the engine fit of the slowest process's medians (see the module docstring)."""
+    sizes, runs = m.sizes, [r["engines"] for r in m.results]
+    blocks = sizes.engine_blocks
+    tensors = [_TENSORS_PER_BLOCK * k for k in blocks]
+    params_per_tensor = runs[0]["params"][blocks[-1]] / tensors[-1]
+    fits = {}
+    for stage, (_, precision) in ENGINE_CONFIGS.items():
+        def slowest(kind: str, k: int) -> float:
+            return max(run["engine"][(stage, k)][kind] for run in runs)
+
+        micro = [slowest("micro", k) for k in blocks]
+        # the step's own cost: the boundary's engine.step, and what the last micro-batch costs beyond the others
+        # (ZeRO-0/1 reduce the gradients there)
+        step = [slowest("step", k) + max(slowest("last", k) - slowest("micro", k), 0.0) for k in blocks]
+        baseline = [max(run["baseline"][precision][k] for run in runs) for k in blocks]
+        fits[stage] = fit_engine(tensors, micro, step, baseline, params_per_tensor, memory_bw)
+    return fits
+
+
+def build_profile(m: Measurement) -> tuple[DeviceProfile, dict]:
+    """The DeviceProfile of a measurement, and the fits behind it (rates per width, block fits per precision,
+    engine fits per ZeRO stage, the ring fit's residual) for tests and reports."""
+    import torch
+
+    from megacoca.metrics.peak import peak_flops
+
+    sizes, compute = m.sizes, m.results[: m.ranks]
+    notes: list[str] = []
+    per_width = {p: {w: statistics.fmean(16 * sizes.tokens * w * w / r["matmul"][p][w] for r in compute)
+                     for w in sizes.widths} for p in m.precisions}
+    matmul = {p: statistics.median(rates.values()) for p, rates in per_width.items()}
+    copy_bw = statistics.fmean(2 * sizes.copy_bytes / r["copy"] for r in compute)
+
+    w = sizes.block_width
+    block_flops = [block_train_flops(b, sizes.block_seq, w, 4 * w) for b in sizes.block_batches]
+    block_times, block_overhead, block_free = {}, {}, {}
+    for p in m.precisions:
+        block_times[p] = [statistics.fmean(r["block"][p][b] for r in compute) for b in sizes.block_batches]
+        block_overhead[p] = fit_overhead(block_flops, block_times[p], rate=matmul[p])[0]
+        block_free[p] = fit_overhead(block_flops, block_times[p])
+
+    engines = _fit_engines(m, copy_bw)
+
+    residual = None
+    if m.world:
+        counts = sizes.allreduce_bytes
+        ar_times = [statistics.fmean(r["allreduce"][n] for r in m.results) for n in counts]
+        latency, busbw, residual = fit_ring(list(counts), ar_times, m.world)
+        backend = "nccl" if m.device == "cuda" else "gloo"
+        allreduce_note = (f"all-reduce ({backend}, {m.world} ranks, {counts[0] >> 10} KB .. {counts[-1] >> 20} MB) "
+                          f"fitted as a ring: {latency * 1e6:.0f} us + bytes / {_si(busbw, 'B/s')} bus bandwidth, "
+                          f"largest residual {residual:.0%}")
+        if m.world > m.ranks:
+            allreduce_note += (f" (over {m.world} processes: ranks=1 runs no collective; the second process idled "
+                               "during the compute measurements)")
+    else:
+        preset = _gpu_preset(m.device_name, m.memory_bytes)
+        if preset is None:
+            raise ValueError(f"one {m.device_name}: no all-reduce to measure and no preset to take the link "
+                             "figures from; calibrate with 2 GPUs or start from a preset profile")
+        latency, busbw = preset.collective_latency_s, preset.intra_node_bw
+        allreduce_note = (f"all-reduce NOT measured (one GPU): latency and intra-node bandwidth of the {preset.name} "
+                          "preset")
+    notes.append("inter-node bandwidth NOT measured (one host): set equal to the intra-node figure")
+
+    if m.device == "cuda":
+        peaks = {p: v for p in m.precisions if (v := peak_flops(m.device_name, p)) is not None}
+        for p in m.precisions:
+            if p not in peaks:
+                peaks[p] = matmul[p]
+                notes.append(f"no datasheet {p} peak for {m.device_name}: peak_flops[{p}] is the measured matmul rate")
+        where = f"{m.ranks} x {m.device_name} (of {m.gpus_per_node})"
+    else:
+        peaks = dict(matmul)
+        notes.append("a CPU has no datasheet peak: peak_flops is the measured matmul rate")
+        where = f"{m.ranks} CPU rank(s) x {m.threads} thread(s) on {m.device_name} ({os.cpu_count()} CPUs)"
+
+    def us(seconds: float) -> str:
+        return f"{seconds * 1e6:.0f} us"
+
+    rates = "; ".join(f"{p} " + ", ".join(f"{w}: {_si(r, 'FLOP/s')}" for w, r in per_width[p].items())
+                      for p in m.precisions)
+    blocks_note = "; ".join(f"{p} {us(block_overhead[p])} (a free fit: {us(block_free[p][0])} + FLOPs / "
+                            f"{_si(block_free[p][1], 'FLOP/s')})" for p in m.precisions)
+    k = sizes.engine_blocks
+    engine_where = (f"{m.processes} processes ({'nccl' if m.device == 'cuda' else 'gloo'})"
+                    + (" (ranks=1: the engines ran over 2)" if m.processes > m.ranks else ""))
+    engines_note = "; ".join(
+        f"ZeRO-{s} ({ENGINE_CONFIGS[s][0]}) micro-batch {us(f.micro[0])} + {us(f.micro[1])}/tensor (torch "
+        f"{us(f.baseline[1])}/tensor), step {us(f.step[0])} + {us(f.step[1])}/tensor = {us(f.step_at_typical)} at "
+        f"{TYPICAL_TENSORS}" for s, f in engines.items())
+    source = (
+        f"calibrated by `megacoca plan --calibrate` on {socket.gethostname()}, {where}, torch {torch.__version__}, "
+        f"DeepSpeed {_deepspeed_version()}, {datetime.date.today().isoformat()}, "
+        f"{'quick, ' if m.quick else ''}{m.seconds:.0f} s. "
+        f"matmul ({', '.join(m.precisions)}): (T x W) @ (W x 4W) and back, T = {sizes.tokens}, all ranks at once, "
+        f"median of {sizes.reps} after 2 warm-ups; per W {rates}; the median over W. "
+        f"block overhead: SelfAttentionBlock W {w} x {sizes.block_seq} tokens in each precision, batches "
+        f"{', '.join(map(str, sizes.block_batches))}, forward + backward = overhead + FLOPs / that precision's matmul "
+        f"rate: {blocks_note}. "
+        f"DeepSpeed engines on {engine_where}: a toy of K x (Linear + LayerNorm) W {sizes.engine_width}, K "
+        f"{', '.join(map(str, k))} ({', '.join(str(_TENSORS_PER_BLOCK * b) for b in k)} tensors), micro-batch "
+        f"{sizes.engine_micro_batch}, {sizes.engine_accum} micro-batches per step, median of {sizes.engine_steps} "
+        f"steps after {sizes.engine_warmup_steps}, the slowest rank: {engines_note}; tensor overhead = micro-batch "
+        f"slope - torch slope, step overhead = the step at {TYPICAL_TENSORS} tensors - "
+        f"{_ADAM_BYTES_PER_PARAM} B/parameter at memory_bw. "
+        f"memory_bw: a {sizes.copy_bytes >> 20} MB copy, read + write. {allreduce_note}. " + ". ".join(notes) + "."
+    )
+    kind = "cpu" if m.device == "cpu" else m.device_name.replace(" ", "-").lower()
+    profile = DeviceProfile(
+        name=f"calibrated-{kind}-{m.ranks}r", peak_flops=peaks, matmul_flops=matmul,
+        # a whole block (matmuls and the work between them) as the free fit sees it: its intercept and its rate
+        block_overhead_s={p: max(block_free[p][0], 0.0) for p in m.precisions},
+        block_flops={p: block_free[p][1] for p in m.precisions},
+        step_overhead_s={str(s): f.step_overhead for s, f in engines.items()},
+        tensor_overhead_s={str(s): f.tensor_overhead for s, f in engines.items()},
+        intra_node_bw=busbw, inter_node_bw=busbw, collective_latency_s=latency, memory_bw=copy_bw,
+        memory_bytes=m.memory_bytes, gpus_per_node=m.gpus_per_node, source=source)
+    fits = {"matmul_per_width": per_width, "block_flops": block_flops, "block_seconds": block_times,
+            "block_free_fit": block_free, "engines": engines, "allreduce_residual": residual}
+    return profile, fits
+
+
+def _deepspeed_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("deepspeed")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def calibrate(ranks: int = 1, precision: str = "fp32", device: str | None = None, quick: bool = False, *,
+              threads: int | None = None, timeout: float = 900) -> DeviceProfile:
+    """Measure this machine (CPU, or the local GPUs) as `ranks` co-located ranks; see the module docstring.
+
+    precision: kept for compatibility; fp32 and bf16 are both measured whatever it says (one profile plans
+    layouts in either), and fp16 as well when it is asked for. threads: CPU threads per rank; default
+    OMP_NUM_THREADS if set, else 1 (what torchrun and megacoca's rank harnesses give each CPU rank). timeout:
+    seconds before ranks that have not finished are killed.
+    """
+    return build_profile(measure(ranks, precision, device, quick, threads=threads, timeout=timeout))[0]
+
+
+def save_profile(profile: DeviceProfile, path: str) -> None:
+    """Write the profile as JSON (DeviceProfile.load / get_profile read it back), replacing any file there."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as f:
+        f.write(profile.to_json() + "\n")
+    os.replace(f.name, path)
