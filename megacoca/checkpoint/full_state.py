@@ -93,10 +93,11 @@ def _zero0_rank_states(tag_dir: str, layout: Layout, mp_rank: int) -> tuple[dict
     return states, step
 
 
-def iter_full_state(path: str) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+def iter_full_state(path: str, layout: Layout | None = None) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
     """(single-device name, {"fp32", "exp_avg", "exp_avg_sq"}) of every trained parameter of a checkpoint (tag or
-    checkpoint directory) of any layout, one parameter at a time (a pipeline stage's ranks at a time in memory)."""
-    tag_dir, layout = open_tag(path)
+    checkpoint directory) of any layout, one parameter at a time (a pipeline stage's ranks at a time in memory).
+    With `layout`, `path` is a tag directory that `open_tag` has already checked."""
+    tag_dir, layout = open_tag(path) if layout is None else (path, layout)
     read = _zero_rank_states if layout.zero else _zero0_rank_states
     for stage in range(layout.pp):
         ranks = [read(tag_dir, layout, stage * layout.tp + rank)[0] for rank in range(layout.tp)]
@@ -106,10 +107,10 @@ def iter_full_state(path: str) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
                                               tp_layout.get(name)).detach() for kind in KINDS}
 
 
-def adam_step(path: str) -> int:
+def adam_step(path: str, layout: Layout | None = None) -> int:
     """Adam's step count in a checkpoint (the optimizer steps taken, skipped ones not counted), read without
-    reading the tensors."""
-    tag_dir, layout = open_tag(path)
+    reading the tensors. With `layout`, `path` is a tag directory that `open_tag` has already checked."""
+    tag_dir, layout = open_tag(path) if layout is None else (path, layout)
     if not layout.zero:
         return _zero0_rank_states(tag_dir, layout, 0)[1]  # the module file, mapped
     optim = safe_load(os.path.join(tag_dir, layout.optim_states(0)[0]), mmap=True)["optimizer_state_dict"]

@@ -105,7 +105,7 @@ def read_training_state(tag_dir: str, layout: Layout) -> TrainingState:
     # ranks are laid out (dp, pp, tp): old data-parallel rank d's loader is on rank d * pp * tp (and its peers)
     data = [rank_files[d * layout.pp * layout.tp].get("data") for d in range(layout.dp)]
     return TrainingState(
-        step=int(states.get("step", rank_files[0]["step"])), adam_step=adam_step(tag_dir),
+        step=int(states.get("step", rank_files[0]["step"])), adam_step=adam_step(tag_dir, layout),
         global_steps=int(states.get("global_steps", 0)), global_samples=int(states.get("global_samples", 0)),
         skipped_steps=int(states.get("skipped_steps", 0)), lr_scheduler=states.get("lr_scheduler"), data=data,
         rng=[files["rng"] for files in rank_files], source=source_layout(tag_dir, layout),
@@ -135,7 +135,7 @@ def write_layout_free(source: str, output: str, *, tp: int, pp: int) -> str:
     shutil.rmtree(scratch, ignore_errors=True)
     os.makedirs(os.path.join(scratch, "zero"))
     names = []
-    for name, kinds in iter_full_state(tag_dir):
+    for name, kinds in iter_full_state(tag_dir, layout):
         folder = os.path.join(scratch, "zero", name)
         os.makedirs(folder)
         for kind in KINDS:
@@ -331,7 +331,7 @@ def load_reshaped(engine, tag_dir: str, train_loader, *, dp_size: int, pp_size: 
     else:
         tag_dir, layout = open_tag(tag_dir)
         state = read_training_state(tag_dir, layout)
-        items = iter_full_state(tag_dir)
+        items = iter_full_state(tag_dir, layout)  # every file was checked once, by open_tag above
     writer = _EngineWriter(engine)
     names = set()
     for name, kinds in items:

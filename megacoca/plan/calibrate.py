@@ -740,6 +740,8 @@ def build_profile(m: Measurement) -> tuple[DeviceProfile, dict]:
         block_flops={p: block_free[p][1] for p in m.precisions},
         step_overhead_s={str(s): f.step_overhead for s, f in engines.items()},
         tensor_overhead_s={str(s): f.tensor_overhead for s, f in engines.items()},
+        # the fixed part of a micro-batch under each stage beyond plain torch's (collective latencies, hooks)
+        micro_overhead_s={str(s): max(f.micro[0] - f.baseline[0], 0.0) for s, f in engines.items()},
         intra_node_bw=busbw, inter_node_bw=busbw, collective_latency_s=latency, memory_bw=copy_bw,
         memory_bytes=m.memory_bytes, gpus_per_node=m.gpus_per_node, source=source)
     fits = {"matmul_per_width": per_width, "block_flops": block_flops, "block_seconds": block_times,

@@ -38,6 +38,9 @@ class DeviceProfile:
     # each ZeRO stage ({"0": s, "1": s, "2": s, "3": s}): gradient hooks and bucket copies (1/2), the per-module
     # gather and release with its collective (3)
     tensor_overhead_s: dict = field(default_factory=lambda: {"0": 0.0, "1": 0.0, "2": 0.0, "3": 0.0})
+    # seconds per micro-batch that DeepSpeed's engine adds under each ZeRO stage whatever the model's size (its
+    # collectives' latencies, hook bookkeeping): {"0": s, ...}
+    micro_overhead_s: dict = field(default_factory=lambda: {"0": 0.0, "1": 0.0, "2": 0.0, "3": 0.0})
     # achieved FLOP/s of whole transformer blocks, forward + backward, per precision (a calibrated profile): the
     # matmuls and the memory-bound work between them together; None: matmul rate + elementwise bytes / memory_bw
     block_flops: dict | None = None
@@ -52,6 +55,9 @@ class DeviceProfile:
 
     def tensor_overhead(self, zero: int) -> float:
         return float(self.tensor_overhead_s.get(str(zero), 0.0))
+
+    def micro_overhead(self, zero: int) -> float:
+        return float(self.micro_overhead_s.get(str(zero), 0.0))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)

@@ -4,7 +4,8 @@ Per micro-batch of b samples on pipeline stage s and one tensor rank:
 - compute: the stage's forward FLOPs (megacoca.metrics.flops; the pipeline split's cost model) x b / tp, three
   times (backward = 2 x forward), plus the recomputed block forwards under activation checkpointing, at the
   profile's matmul rate; the memory-bound work between the matmuls (LayerNorms, residual adds, GELU:
-  `_elementwise_elements`) at the profile's memory bandwidth; and the profile's fixed cost per transformer block;
+  `_elementwise_elements`) at the profile's memory bandwidth (a calibrated profile's whole-block rate holds both);
+  the profile's fixed costs per transformer block, per parameter tensor and per micro-batch (DeepSpeed's engine);
 - tensor parallelism: the all-reduces Megatron's scheme issues (megacoca.plan.comm.analytic_comm, split between
   the stages like the blocks), each a ring: latency + 2 (t-1)/t x bytes / bandwidth, on the critical path;
 - pipeline: the stage's activations (b x image tokens x width) sent forward and their gradient back.
@@ -146,7 +147,8 @@ def predict_time(cfg, layout: Layout, profile: DeviceProfile) -> StepTime:
         fwd = flops * b / t / block_rate
         bwd = (2 * flops + recompute) * b / t / block_rate
         overhead = (vit_blocks + other_blocks) * profile.block_overhead(layout.precision) \
-            * (4 / 3 if layout.checkpointing else 1) + tensors[s] * profile.tensor_overhead(layout.zero)
+            * (4 / 3 if layout.checkpointing else 1) + tensors[s] * profile.tensor_overhead(layout.zero) \
+            + profile.micro_overhead(layout.zero)
         if not measured_blocks:  # the work between the matmuls, unless the block rate already holds it
             overhead += e * b / t * _elementwise_elements(cfg, vit_blocks, s == pp - 1,
                                                           layout.checkpointing) / profile.memory_bw
