@@ -767,7 +767,61 @@ def calibrate(ranks: int = 1, precision: str = "fp32", device: str | None = None
     OMP_NUM_THREADS if set, else 1 (what torchrun and megacoca's rank harnesses give each CPU rank). timeout:
     seconds before ranks that have not finished are killed.
     """
-    return build_profile(measure(ranks, precision, device, quick, threads=threads, timeout=timeout))[0]
+    profile = build_profile(measure(ranks, precision, device, quick, threads=threads, timeout=timeout))[0]
+    if ranks >= 2 and not quick:
+        profile = calibrate_trainer(profile, ranks, timeout=timeout)
+    return profile
+
+
+# The trainer calibration's model: coca_tiny cut to 2 ViT blocks, 1 text block and 1 decoder layer (the planner's
+# validation models are others: benchmarks/plan_measure.py).
+TRAINER_CALIBRATION = {"flavor": "coca_tiny", "vision_layers": 2, "text_layers": 1, "decoder_layers": 1,
+                       "kernels": "torch"}
+_TRAINER_CONFIGS = {0: ("zero0_fp32", []), 1: ("zero1_bf16", []), 2: ("zero2_bf16", []),
+                    3: ("zero3_bf16", ["parallel.deepspeed_overrides.zero_optimization."
+                                       "stage3_param_persistence_threshold=0"])}
+
+
+def calibrate_trainer(profile: DeviceProfile, ranks: int, micro_batch: int = 4, accums: tuple = (1, 3),
+                      timeout: float = 900) -> DeviceProfile:
+    """What megacoca's Trainer costs beyond the engine and the blocks, per ZeRO stage: real training steps of a
+    small CoCa (TRAINER_CALIBRATION) on `ranks` ranks at two accumulation counts, each step time minus the time
+    model's prediction with `profile`, fitted as per step + per micro-batch (the contrastive all-gather, the loss,
+    the step guard's and the logger's reductions, the batch itself); added to `step_overhead_s` and
+    `micro_overhead_s` (floored at 0)."""
+    import dataclasses
+
+    from megacoca.config.flavors import get_flavor
+    from megacoca.plan.measure import measure_layout
+    from megacoca.plan.memory import Layout
+    from megacoca.plan.timing import predict_time
+
+    choice = dict(TRAINER_CALIBRATION)
+    cfg = get_flavor(choice.pop("flavor"), **choice)
+    step, micro, notes = dict(profile.step_overhead_s), dict(profile.micro_overhead_s), []
+    for zero, (ds, extra) in _TRAINER_CONFIGS.items():
+        residuals = []
+        for accum in accums:
+            overrides = [f"parallel.deepspeed_config={ds}", f"schedule.micro_batch_size={micro_batch}",
+                         f"schedule.global_batch_size={micro_batch * ranks * accum}", *extra]
+            measured = max(rank["step_time_s"] for rank in
+                           measure_layout(overrides, ranks, cfg, steps=4, timeout=timeout))
+            layout = Layout(dp=ranks, zero=zero, micro_batch=micro_batch, grad_accum=accum,
+                            precision="fp32" if zero == 0 else "bf16")
+            residuals.append(measured - predict_time(cfg, layout, profile).seconds)
+        (a1, r1), (a2, r2) = zip(accums, residuals)
+        per_micro = (r2 - r1) / (a2 - a1)
+        per_step = r1 - a1 * per_micro
+        if per_step < 0:
+            per_step, per_micro = 0.0, max(statistics.fmean(r / a for r, a in zip(residuals, accums)), 0.0)
+        per_micro = max(per_micro, 0.0)
+        step[str(zero)] = step.get(str(zero), 0.0) + per_step
+        micro[str(zero)] = micro.get(str(zero), 0.0) + per_micro
+        notes.append(f"ZeRO-{zero} +{per_step * 1e3:.1f} ms/step +{per_micro * 1e3:.1f} ms/micro-batch")
+    source = (profile.source + f"; the Trainer beyond the engine (real steps of coca_tiny cut to "
+              f"{cfg.vision_layers}/{cfg.text_layers}/{cfg.decoder_layers} layers, micro-batch {micro_batch}, "
+              f"accumulation {' and '.join(map(str, accums))}, minus the time model): " + ", ".join(notes))
+    return dataclasses.replace(profile, step_overhead_s=step, micro_overhead_s=micro, source=source)
 
 
 def save_profile(profile: DeviceProfile, path: str) -> None:

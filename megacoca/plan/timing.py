@@ -148,7 +148,7 @@ def predict_time(cfg, layout: Layout, profile: DeviceProfile) -> StepTime:
         bwd = (2 * flops + recompute) * b / t / block_rate
         overhead = (vit_blocks + other_blocks) * profile.block_overhead(layout.precision) \
             * (4 / 3 if layout.checkpointing else 1) + tensors[s] * profile.tensor_overhead(layout.zero) \
-            + profile.micro_overhead(layout.zero)
+            + (profile.micro_overhead(layout.zero) if s == pp - 1 else 0.0)  # the loss's side of the model
         if not measured_blocks:  # the work between the matmuls, unless the block rate already holds it
             overhead += e * b / t * _elementwise_elements(cfg, vit_blocks, s == pp - 1,
                                                           layout.checkpointing) / profile.memory_bw
