@@ -209,6 +209,28 @@ def as_mp_rank_00(tag_dir: str, names: list[str], mp_rank: int) -> Iterator[str]
         yield os.path.join(scratch, tag)
 
 
+def shared_params(tag_dir: str, layout: Layout, mp_ranks) -> dict[str, str]:
+    """Tied names (a name -> the parameter it shares), from the model states of any of `mp_ranks`: DeepSpeed records
+    the pair on some tensor-parallel ranks only (measured: ZeRO-1 at TP=2 keeps it on rank 0), so a rank's
+    consolidated state may lack the alias its peers hold."""
+    pairs: dict[str, str] = {}
+    for mp_rank in mp_ranks:
+        state = safe_load(os.path.join(tag_dir, layout.model_states(mp_rank)[0]), mmap=True)
+        pairs.update({_strip(k): _strip(v) for k, v in (state.get("shared_params") or {}).items()})
+    return pairs
+
+
+def tensor_of(state: dict, name: str, aliases: dict[str, str]):
+    """`state[name]`, or the tensor it is tied to when this rank's state lacks the alias; None if neither."""
+    if name in state:
+        return state[name]
+    target = aliases.get(_strip(name))
+    for key in (target, f"module.{target}") if target else ():
+        if key in state:
+            return state[key]
+    return None
+
+
 def _materialize(value) -> torch.Tensor:
     return value.contiguous()  # a GatheredTensor assembles itself; a tensor is returned as it is
 
@@ -241,6 +263,8 @@ def iter_consolidated(path: str, layout: Layout | None = None) -> Iterator[tuple
     for stage in range(layout.pp):
         ranks = [_rank_tensors(tag_dir, layout, stage * layout.tp + rank) for rank in range(layout.tp)]
         tp_layout = (client_state(tag_dir, stage * layout.tp).get("tensor_parallel") or {}).get("params", {})
+        aliases = shared_params(tag_dir, layout, range(stage * layout.tp, (stage + 1) * layout.tp)) \
+            if layout.tp > 1 else {}
         for name in list(ranks[0]):
             key = _strip(name)
             if key in seen:
@@ -252,11 +276,13 @@ def iter_consolidated(path: str, layout: Layout | None = None) -> Iterator[tuple
                 if not layout.zero:
                     tensor = tensor.clone()  # not a view of a mapped file that a later save could remove
             else:
-                missing = [rank for rank, state in enumerate(ranks) if name not in state]
+                shards = [tensor_of(state, name, aliases) for state in ranks]
+                missing = [rank for rank, shard in enumerate(shards) if shard is None]
                 if missing:
                     raise BadCheckpointError(f"{name} is missing from tensor-parallel rank {missing[0]} of pipeline "
                                              f"stage {stage}: the checkpoint is inconsistent")
-                tensor = _merge(key, [_materialize(state[name]) for state in ranks], tp_layout.get(name))
+                entry = tp_layout.get(name) or tp_layout.get(aliases.get(key, ""))
+                tensor = _merge(key, [_materialize(shard) for shard in shards], entry)
             yield key, tensor
         del ranks
 

@@ -31,6 +31,8 @@ from megacoca.checkpoint.consolidate import (
     client_state,
     open_tag,
     quiet_zero_to_fp32,
+    shared_params,
+    tensor_of,
 )
 from megacoca.checkpoint.files import BadCheckpointError, safe_load
 
@@ -102,9 +104,18 @@ def iter_full_state(path: str, layout: Layout | None = None) -> Iterator[tuple[s
     for stage in range(layout.pp):
         ranks = [read(tag_dir, layout, stage * layout.tp + rank)[0] for rank in range(layout.tp)]
         tp_layout = (client_state(tag_dir, stage * layout.tp).get("tensor_parallel") or {}).get("params", {})
+        aliases = shared_params(tag_dir, layout, range(stage * layout.tp, (stage + 1) * layout.tp)) \
+            if layout.tp > 1 else {}
         for name in ranks[0]["fp32"]:
-            yield _strip(name), {kind: _merge(f"{name} ({kind})", [state[kind][name] for state in ranks],
-                                              tp_layout.get(name)).detach() for kind in KINDS}
+            entry = tp_layout.get(name) or tp_layout.get(aliases.get(_strip(name), ""))
+            merged = {}
+            for kind in KINDS:
+                shards = [tensor_of(state[kind], name, aliases) for state in ranks]
+                if any(shard is None for shard in shards):
+                    raise BadCheckpointError(f"{name} ({kind}) is missing from a tensor-parallel rank of pipeline "
+                                             f"stage {stage}: the checkpoint is inconsistent")
+                merged[kind] = _merge(f"{name} ({kind})", shards, entry).detach()
+            yield _strip(name), merged
 
 
 def adam_step(path: str, layout: Layout | None = None) -> int:

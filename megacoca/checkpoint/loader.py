@@ -151,12 +151,20 @@ class DeepSpeedCheckpoint(Source):
 
     def __init__(self, path: str, model_config=None) -> None:
         from megacoca.checkpoint.consolidate import client_state, open_tag
+        from megacoca.checkpoint.reshape import describe, find_layout_free, read_layout_free_state
         from megacoca.config.train import ConfigError, JobConfig
 
         from megacoca.models.coca.open_clip import open_clip_config
 
-        self.tag_dir, self.layout = open_tag(path)  # complete, every file there and safe to read
-        client = client_state(self.tag_dir)
+        self.layout_free = None
+        layout_free_dir = find_layout_free(path)
+        if layout_free_dir is not None:  # `megacoca convert reshape`'s output: one file per parameter and kind
+            self.tag_dir, self.layout = layout_free_dir, None
+            self.layout_free = read_layout_free_state(self.tag_dir)
+            client = {"config": self.layout_free.config, "step": self.layout_free.step}
+        else:
+            self.tag_dir, self.layout = open_tag(path)  # complete, every file there and safe to read
+            client = client_state(self.tag_dir)
         self.job = None
         try:
             self.job = JobConfig.from_dict(client["config"]) if client.get("config") else None
@@ -177,7 +185,9 @@ class DeepSpeedCheckpoint(Source):
             open_clip_meta = None  # a paper-layout model: `to-open-clip` refuses it with the reasons
         super().__init__(path, cfg, open_clip=open_clip_meta, info={
             "from": "deepspeed", "checkpoint": os.path.abspath(self.tag_dir), "step": client.get("step"),
-            "layout": self.layout.describe(), "run": self.job.name if self.job is not None else None,
+            "layout": self.layout.describe() if self.layout is not None else
+            f"layout-free (from {describe(self.layout_free.source)})",
+            "run": self.job.name if self.job is not None else None,
         })
         self.tokenizer = self.tokenizer_info(strict=False)
 
@@ -208,7 +218,19 @@ class DeepSpeedCheckpoint(Source):
     def tensors(self):
         from megacoca.checkpoint.consolidate import iter_consolidated
 
+        if self.layout_free is not None:
+            return self._layout_free_tensors()
         return iter_consolidated(self.tag_dir, self.layout)
+
+    def _layout_free_tensors(self):
+        """The weights, and a tied head under its second name too (as DeepSpeed's consolidation gives it)."""
+        from megacoca.checkpoint.reshape import iter_layout_free_weights
+
+        tie = self.cfg.tie_word_embeddings and "caption_head.weight" not in self.layout_free.param_names
+        for name, tensor in iter_layout_free_weights(self.tag_dir, self.layout_free):
+            yield name, tensor
+            if tie and name == "text.embed.token_embedding.weight":
+                yield "caption_head.weight", tensor
 
 
 # ---- one entry ----------------------------------------------------------------------------------------------

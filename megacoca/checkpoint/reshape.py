@@ -167,6 +167,24 @@ def _model_config(config: dict | None):
     return JobConfig.from_dict(config).model_config()
 
 
+def find_layout_free(path: str) -> str | None:
+    """The tag directory of a complete layout-free checkpoint at `path` (the tag, or the directory whose `latest`
+    names it), else None."""
+    path = path.rstrip("/") or "/"
+    if os.path.isfile(os.path.join(path, LATEST)) and not os.path.isfile(os.path.join(path, COMPLETE)):
+        with open(os.path.join(path, LATEST)) as f:
+            path = os.path.join(path, f.read().strip())
+    if is_layout_free(path) and os.path.isfile(os.path.join(path, COMPLETE)):
+        return path
+    return None
+
+
+def iter_layout_free_weights(tag_dir: str, state: TrainingState) -> Iterator[tuple[str, torch.Tensor]]:
+    """(single-device name, fp32 weight) of a layout-free checkpoint, one at a time (mapped files)."""
+    for name, kinds in _iter_layout_free(tag_dir, state.param_names, kinds=("fp32",)):
+        yield name, kinds["fp32"].clone()
+
+
 def read_layout_free_state(tag_dir: str) -> TrainingState:
     with open(os.path.join(tag_dir, LAYOUT_FREE)) as f:
         meta = json.load(f)
@@ -178,10 +196,11 @@ def read_layout_free_state(tag_dir: str) -> TrainingState:
     return TrainingState(**safe_load(path))
 
 
-def _iter_layout_free(tag_dir: str, names) -> Iterator[tuple[str, dict]]:
+def _iter_layout_free(tag_dir: str, names, kinds=KINDS) -> Iterator[tuple[str, dict]]:
+    wanted = kinds
     for name in names:
         kinds = {}
-        for kind in KINDS:
+        for kind in wanted:
             path = os.path.join(tag_dir, "zero", name, f"{kind}.pt")
             if not os.path.isfile(path):
                 raise BadCheckpointError(f"{tag_dir} is incomplete: {path} is missing")
@@ -363,7 +382,7 @@ def load_reshaped(engine, tag_dir: str, train_loader, *, dp_size: int, pp_size: 
 def _check_same_model(names: set[str], engine) -> None:
     """The source's parameters are the model's, across every pipeline stage (each rank checks its own stage's in
     the writer; here the union)."""
-    held = {_strip(name) for name, _ in engine.module.named_parameters()}
+    held = {_strip(name) for name, _ in engine.module.named_parameters(remove_duplicate=False)}  # tied: both
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, sorted(held))
     model = set().union(*map(set, everyone))

@@ -320,7 +320,11 @@ def deepspeed_checkpoint(path: str) -> None:
     of its layout there; their contents are checked once, when the checkpoint is read)."""
     from megacoca.checkpoint.consolidate import locate_tag
 
+    from megacoca.checkpoint.reshape import find_layout_free
+
     readable_dir(path, "checkpoint directory")
+    if find_layout_free(path) is not None:  # `megacoca convert reshape`'s output
+        return
     try:
         locate_tag(path)
     except (FileNotFoundError, ValueError) as error:

@@ -29,7 +29,8 @@ CFG = TINY.replace(vision_layers=2, vision_heads=2, text_heads=2)
 STEPS = 24  # A's steps; B resumes A at step 2 and C resumes B at step 4: 20 steps continued after each reshape
 
 
-def _run(rank, world_size, run_dir, layout, steps, resume):
+def _run(rank, world_size, run_dir, layout, steps, resume, cfg=None):
+    cfg = cfg or CFG
     ds, tp, pp, micro = layout["ds"], layout.get("tp", 1), layout.get("pp", 1), layout["micro"]
     overrides = [f"parallel.deepspeed_config={ds}", f"parallel.tp={tp}", f"parallel.pp={pp}",
                  f"schedule.steps={steps}", "schedule.global_batch_size=8", f"schedule.micro_batch_size={micro}",
@@ -39,9 +40,9 @@ def _run(rank, world_size, run_dir, layout, steps, resume):
     if "stage" in layout:
         overrides.append(f"parallel.deepspeed_overrides.zero_optimization.stage={layout['stage']}")
     job = build_config(overrides=overrides)
-    job.model.overrides = CFG.to_dict()
+    job.model.overrides = cfg.to_dict()
     dims = ParallelDims.from_config(job.parallel, world_size).build()
-    loader = MemoryLoader(micro, dims.dp_rank, dims.dp_size, CFG)
+    loader = MemoryLoader(micro, dims.dp_rank, dims.dp_size, cfg)
     trainer = Trainer(job, loader, dims=dims)
     messages = []
     info = trainer.logger.info
@@ -147,6 +148,14 @@ def test_offline_reshape_through_the_cli(tmp_path, capsys):
     _assert_same_state(_tag(source, 2), _tag(resumed, 2))
     for step, loss in ran["loss"].items():
         assert loss == pytest.approx(original["loss"][step], rel=2e-6), step
+
+    # the one loader reads the layout-free directory too: the weights equal the source checkpoint's
+    import megacoca
+
+    want, got = megacoca.load(_tag(source, 2)).state_dict(), megacoca.load(reshaped).state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert cli(["convert", "from-deepspeed", "--input", reshaped, "--output", str(tmp_path / "exported")]) == 0
+    assert "layout-free (from dp=2 x pp=1 x tp=1 ZeRO-3)" in (tmp_path / "exported" / "config.json").read_text()
 
     # --tp that does not divide the heads: one line naming the layer (a subprocess: the real exit and stderr)
     result = subprocess.run([sys.executable, "-m", "megacoca", "convert", "reshape", "--input", _tag(source, 2),
@@ -269,3 +278,22 @@ def test_bad_checkpoints_are_one_line(tmp_path, capsys):
     other = CFG.replace(text_mlp_dim=96)
     error = run_ranks(_resume_error, 1, tmp_path, str(tmp_path / "r3"), one, out, other)[0]
     assert error is not None and "the model configs differ" in error and "\n" not in error, error
+
+
+def test_tied_head_round_trip(tmp_path):
+    """A model whose caption head is the token embedding (coca_giant's layout): reshaped TP=2 -> DP=2 and back into
+    a model through the layout-free directory, the head under both names."""
+    import megacoca
+    from megacoca.cli import main as cli
+
+    tied = CFG.replace(tie_word_embeddings=True)
+    source, reshaped = str(tmp_path / "source"), str(tmp_path / "reshaped")
+    run_ranks(_run, 2, tmp_path, source, dict(ZERO1, dp=1, tp=2, micro=8), 2, "none", tied)
+    ran = run_ranks(_run, 2, tmp_path, str(tmp_path / "dp2"), dict(ZERO1, dp=2, micro=4), 4, _tag(source, 2), tied)[0]
+    assert ran["reshaped"] and sorted(ran["loss"]) == [3, 4]
+    _assert_same_state(_tag(source, 2), _tag(str(tmp_path / "dp2"), 2))
+    assert cli(["convert", "reshape", "--input", _tag(source, 2), "--output", reshaped, "--tp", "1"]) == 0
+    model = megacoca.load(reshaped)
+    assert model.caption_head.weight is model.text.embed.token_embedding.weight
+    want = megacoca.load(_tag(source, 2)).state_dict()
+    assert all(torch.equal(want[k], v) for k, v in model.state_dict().items())
