@@ -47,16 +47,12 @@ from __future__ import annotations
 
 import datetime
 import math
-import multiprocessing as mp
 import os
-import pickle
 import platform
-import queue as queue_module
 import socket
 import statistics
 import tempfile
 import time
-import traceback
 from dataclasses import dataclass
 
 from megacoca.plan.profile import PRESETS, DeviceProfile
@@ -485,52 +481,14 @@ def _rank_main(rank: int, world: int, store_path: str, compute_ranks: int, devic
             dist.destroy_process_group()
 
 
-def _entry(rank: int, results, args) -> None:
-    try:
-        results.put((rank, "ok", pickle.dumps(_rank_main(rank, *args))))
-    except BaseException:  # noqa: BLE001 - reported to the parent
-        results.put((rank, "error", traceback.format_exc()))
-
-
 def _run(world: int, args: tuple, timeout: float, preload: list[str] = PRELOAD) -> list[dict]:
-    """_rank_main(rank, world, store_path, *args) on `world` processes forked from a forkserver (`preload` imported
-    once there, if this process starts it), with a FileStore rendezvous in a temporary directory; the results in
-    rank order."""
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(preload)
-    results = ctx.Queue()
-    with tempfile.TemporaryDirectory(prefix="megacoca_calibrate_") as store_dir:
-        full_args = (world, os.path.join(store_dir, "filestore"), *args)
-        procs = [ctx.Process(target=_entry, args=(rank, results, full_args)) for rank in range(world)]
-        for proc in procs:
-            proc.start()
-        collected: dict[int, tuple[str, bytes | str]] = {}
-        deadline = time.monotonic() + timeout
-        while len(collected) < world and time.monotonic() < deadline:
-            try:
-                rank, status, value = results.get(timeout=1)
-            except queue_module.Empty:
-                if any(p.exitcode is not None and rank not in collected for rank, p in enumerate(procs)):
-                    time.sleep(1)  # a rank died without a word (killed, or a crash below Python): the others
-                    if results.empty():  # would wait for it until the rendezvous times out
-                        break
-                continue
-            collected[rank] = (status, value)
-            if status == "error":
-                break
-        for proc in procs:
-            proc.join(timeout=5 if len(collected) == world else 0.5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-    errors = [f"rank {rank}:\n{value}" for rank, (status, value) in sorted(collected.items()) if status == "error"]
-    if errors:
-        raise RuntimeError("calibration failed on " + "\n".join(errors))
-    if len(collected) < world:
-        missing = sorted(set(range(world)) - set(collected))
-        raise RuntimeError(f"calibration: ranks {missing} gave no result: a crash, or a hang past {timeout:g} s "
-                           f"(exit codes {[p.exitcode for p in procs]})")
-    return [pickle.loads(collected[rank][1]) for rank in range(world)]
+    """_rank_main(rank, world, store_path, *args) on `world` forked processes (megacoca.plan._ranks: `preload`
+    imported once in the forkserver, if this call starts it), each setting up its own process group; the results
+    in rank order."""
+    from megacoca.plan._ranks import run_ranks
+
+    return run_ranks(_rank_main, world, *args, timeout=timeout, init=False, preload=preload,
+                     what="calibration failed on ")
 
 
 # --- the profile -------------------------------------------------------------------------------------------------
