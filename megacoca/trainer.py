@@ -84,13 +84,9 @@ def build_optimizer(model: torch.nn.Module, job: JobConfig, ds_config: dict) -> 
 
 def _meta_parameter_count(cfg) -> int:
     """Parameters of the whole single-device CoCa of `cfg` (built on the meta device: no memory)."""
-    from megacoca.models.coca import CoCa
+    from megacoca.parallel.build import meta_model
 
-    state = torch.get_rng_state()
-    with torch.device("meta"):
-        model = CoCa(cfg)
-    torch.set_rng_state(state)  # the count must not change the weights the real build draws
-    return model.num_params()
+    return meta_model(cfg).num_params()  # the count must not change the weights the real build draws
 
 
 class Trainer:

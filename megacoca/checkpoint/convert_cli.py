@@ -27,6 +27,8 @@ from megacoca.config import inputs
 from megacoca.config.inputs import argument
 
 DTYPE_CHOICES = ("fp32", "bf16")
+DEEPSPEED_INPUT_HELP = ("a checkpoint tag directory (RUN/checkpoints/step00000100) or the checkpoint directory (its "
+                        "`latest` is used)")
 
 
 def register(subparsers) -> None:
@@ -63,8 +65,7 @@ def register(subparsers) -> None:
     p = commands.add_parser("from-deepspeed", help="megacoca DeepSpeed checkpoint (any ZeRO stage, tensor- and "
                                                    "pipeline-parallel degree) -> model directory")
     p.add_argument("--input", required=True, type=argument(inputs.deepspeed_checkpoint),
-                   help="a checkpoint tag directory (RUN/checkpoints/step00000100) or the checkpoint directory "
-                        "(its `latest` is used)")
+                   help=DEEPSPEED_INPUT_HELP)
     p.add_argument("--output", required=True, type=argument(inputs.output_dir),
                    help="directory to write config.json and model.safetensors to")
     p.add_argument("--dtype", default="fp32", choices=DTYPE_CHOICES,
@@ -78,8 +79,7 @@ def register(subparsers) -> None:
     p = commands.add_parser("reshape", help="megacoca DeepSpeed checkpoint (any layout) -> layout-free checkpoint "
                                             "that resumes at another tensor/pipeline/data-parallel layout")
     p.add_argument("--input", required=True, type=argument(inputs.deepspeed_checkpoint),
-                   help="a checkpoint tag directory (RUN/checkpoints/step00000100) or the checkpoint directory "
-                        "(its `latest` is used)")
+                   help=DEEPSPEED_INPUT_HELP)
     p.add_argument("--output", required=True, type=argument(inputs.output_dir),
                    help="directory to write the layout-free checkpoint to (OUTPUT/latest, OUTPUT/stepN/)")
     p.add_argument("--tp", required=True, type=argument(inputs.positive_int),

@@ -393,12 +393,14 @@ def _check_same_model(names: set[str], engine) -> None:
                                  ": the model configs differ")
 
 
-def needs_reshape(tag_dir: str, engine, *, dp_size: int, pp_size: int, tp_size: int) -> tuple[bool, dict | None]:
+def needs_reshape(tag_dir: str, engine, *, dp_size: int, pp_size: int, tp_size: int,
+                  layout: Layout | None = None) -> tuple[bool, dict | None]:
     """(whether `tag_dir` must be loaded through `load_reshaped`, its layout): a layout-free checkpoint, or one
-    written by another dp x pp x tp or ZeRO stage."""
+    written by another dp x pp x tp or ZeRO stage. With `layout`, the tag's files were already found complete."""
     if is_layout_free(tag_dir):
         return True, None
-    tag_dir, layout = locate_tag(tag_dir)
+    if layout is None:
+        tag_dir, layout = locate_tag(tag_dir)
     source = source_layout(tag_dir, layout)
     here = {"dp": dp_size, "pp": pp_size, "tp": tp_size, "zero_stage": engine.zero_optimization_stage()}
     return any(source[key] != here[key] for key in here), source

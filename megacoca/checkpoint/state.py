@@ -265,9 +265,8 @@ def load_checkpoint(engine, tag_dir: str, train_loader=None, *, dp_size: int, pp
 
     checkpoint_dir, tag = os.path.split(tag_dir.rstrip("/"))
     rank, world = dist.get_rank(), dist.get_world_size()
-    if not is_layout_free(tag_dir):
-        check_resumable(tag_dir)
-    if needs_reshape(tag_dir, engine, dp_size=dp_size, pp_size=pp_size, tp_size=tp_size)[0]:
+    layout = None if is_layout_free(tag_dir) else check_resumable(tag_dir)
+    if needs_reshape(tag_dir, engine, dp_size=dp_size, pp_size=pp_size, tp_size=tp_size, layout=layout)[0]:
         return load_reshaped(engine, tag_dir, train_loader, dp_size=dp_size, pp_size=pp_size, tp_size=tp_size)
     failure = None
     try:

@@ -31,9 +31,7 @@ off) is why frozen parameters, which have no optimizer state, get no pattern. Th
 from __future__ import annotations
 
 import re
-from types import SimpleNamespace
 
-import torch
 import torch.nn as nn
 from deepspeed.checkpoint.constants import (
     AUTOTP_UNSUPPORTED_PARAMETER_PATTERNS,
@@ -54,18 +52,12 @@ def _whole_model(module: nn.Module) -> nn.Module:
     """The whole model as this run's tensor parallelism shards it: `module` itself when it is the whole model and
     tensor-parallel, else the same config built on the meta device and swapped by `apply_tensor_parallel` at this
     run's degree (tp = 1 holds no `tp_shard`; a pipeline stage holds only its own parameters)."""
-    from megacoca.models.coca import CoCa
-    from megacoca.parallel.tensor import apply_tensor_parallel
+    from megacoca.parallel.build import meta_model
 
     shards = [param.tp_shard for param in module.parameters() if hasattr(param, "tp_shard")]
     if shards and not hasattr(module, "block_indices"):  # block_indices: a PipelineStage
         return module
-    rng = torch.get_rng_state()
-    with torch.device("meta"):
-        whole = CoCa(module.cfg)  # its init seed is drawn from the global generator: restored below
-    torch.set_rng_state(rng)
-    apply_tensor_parallel(whole, SimpleNamespace(tp_group=None, tp_rank=0, tp_size=shards[0].size if shards else 1))
-    return whole
+    return meta_model(module.cfg, shards[0].size if shards else 1)
 
 
 def universal_checkpoint_info(module: nn.Module) -> dict:

@@ -34,6 +34,24 @@ TP_ATTRIBUTES = ("tensor_model_parallel", "partition_dim", "partition_stride", "
 TRIM_AFTER_BYTES = 128 * 2**20
 
 
+def meta_model(cfg, tp: int | None = None) -> nn.Module:
+    """The single-device CoCa of `cfg` on the meta device (no memory), built without moving torch's global generator
+    (the real build draws its init seed from it); with `tp`, swapped to the tensor-parallel layers of that degree as
+    tensor rank 0 (shapes and `tp_shard`s only: no process group is needed). For counting and planning."""
+    from types import SimpleNamespace
+
+    from megacoca.models.coca import CoCa
+    from megacoca.parallel.tensor import apply_tensor_parallel
+
+    state = torch.get_rng_state()
+    with torch.device("meta"):
+        model = CoCa(cfg)
+    torch.set_rng_state(state)
+    if tp is not None:
+        apply_tensor_parallel(model, SimpleNamespace(tp_group=None, tp_rank=0, tp_size=tp))
+    return model
+
+
 def _malloc_trim():
     """glibc's malloc_trim(0) where it exists (Linux); a no-op elsewhere."""
     global _LIBC

@@ -73,6 +73,7 @@ def _model_config(args):
 def plan_command(args) -> int:
     from megacoca.config.train import ConfigError
     from megacoca.metrics.flops import train_flops_per_sample
+    from megacoca.plan.params import stage_tensors
     from megacoca.plan.profile import get_profile
     from megacoca.plan.search import emit_config, plan
 
@@ -94,7 +95,7 @@ def plan_command(args) -> int:
     gpus, batch = int(args.gpus), int(args.global_batch)
     plans, too_big = plan(cfg, profile, gpus, batch, args.precision, kernels=args.kernels,
                           memory_fraction=args.memory_fraction, min_negatives=args.min_negatives)
-    params = sum(p.numel() for p in _meta_params(cfg))
+    params = stage_tensors(cfg, 1, 1)[0].elements
     print(f"{args.flavor}: {params / 1e6:,.0f}M parameters, {train_flops_per_sample(cfg) / 1e12:.3g} TFLOP per "
           f"sample (train) | {gpus} GPUs ({profile.gpus_per_node} per node, {profile.memory_bytes / 1e9:.0f} GB "
           f"each) | global batch {batch:,} | {args.precision}, {args.kernels} kernels")
@@ -137,14 +138,3 @@ def plan_command(args) -> int:
                        for item in plans], f, indent=1, default=str)
     return 0
 
-
-def _meta_params(cfg):
-    import torch
-
-    from megacoca.models.coca import CoCa
-
-    rng = torch.get_rng_state()
-    with torch.device("meta"):
-        model = CoCa(cfg)
-    torch.set_rng_state(rng)
-    return list(model.parameters())

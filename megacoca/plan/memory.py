@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from megacoca.plan.params import stage_tensors, vit_blocks_per_stage
+from megacoca.plan.params import pipeline_split, stage_tensors, vit_blocks_per_stage
 
 MB = 1e6
 
@@ -122,7 +122,7 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def state_bytes(numels, sharded: int, layout: Layout, buffers: ZeroBuffers, groups=()) -> dict:
+def state_bytes(numels, layout: Layout, buffers: ZeroBuffers, groups=()) -> dict:
     """What one rank holding the parameters `numels` (one tensor rank of one stage) keeps: "params", "grads" and
     "optimizer" at all times, and what the moments of a step add (measured with megacoca.plan.measure):
     "gathered" / "gathered_backward" (ZeRO-3's whole weights: at the end of forward both the all-gather's output
@@ -242,7 +242,7 @@ def predict(cfg, layout: Layout, buffers: ZeroBuffers | None = None, *, text_tok
 
     out = []
     for s, tensors in enumerate(stages):
-        states = state_bytes(tensors.numels, tensors.sharded, layout, buffers, tensors.groups)
+        states = state_bytes(tensors.numels, layout, buffers, tensors.groups)
         mine = _stage_parts(cfg, layout, s, parts)
         if layout.checkpointing:
             saved = sum(part["blocks"] * part["block_input"] + part["saved"] - part["blocks"] * part["block"]
@@ -294,6 +294,4 @@ def default_text_ahead(cfg, pp: int, micro_batches: int) -> int:
     if pp == 1:
         return 0
     from megacoca.parallel.pipeline.schedule import auto_text_ahead
-    from megacoca.parallel.pipeline.split import split_stages
-
-    return auto_text_ahead(split_stages(cfg, pp), pp, micro_batches)
+    return auto_text_ahead(pipeline_split(cfg, pp), pp, micro_batches)

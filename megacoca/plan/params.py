@@ -12,9 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import lru_cache
-from types import SimpleNamespace
 
-import torch
 
 
 @dataclass(frozen=True)
@@ -38,19 +36,12 @@ def stage_tensors(cfg, tp: int, pp: int) -> tuple[StageTensors, ...]:
 @lru_cache(maxsize=64)
 def _stage_tensors(key: str, tp: int, pp: int) -> tuple[StageTensors, ...]:
     from megacoca.config.model import CoCaConfig
-    from megacoca.models.coca import CoCa
-    from megacoca.parallel.pipeline.split import split_stages
+    from megacoca.parallel.build import meta_model
     from megacoca.parallel.pipeline.stage import PipelineStage
-    from megacoca.parallel.tensor import apply_tensor_parallel
 
     cfg = CoCaConfig.from_dict(json.loads(key))
-    rng = torch.get_rng_state()
-    with torch.device("meta"):
-        model = CoCa(cfg)
-    torch.set_rng_state(rng)
-    if tp > 1:
-        apply_tensor_parallel(model, SimpleNamespace(tp_group=None, tp_rank=0, tp_size=tp))
-    stages = [model] if pp == 1 else [PipelineStage(model, split_stages(cfg, pp), s) for s in range(pp)]
+    model = meta_model(cfg, tp if tp > 1 else None)
+    stages = [model] if pp == 1 else [PipelineStage(model, _pipeline_split(key, pp), s) for s in range(pp)]
     from megacoca.trainer import param_groups
 
     out = []
@@ -63,14 +54,20 @@ def _stage_tensors(key: str, tp: int, pp: int) -> tuple[StageTensors, ...]:
     return tuple(out)
 
 
-def vit_blocks_per_stage(cfg, pp: int) -> tuple[int, ...]:
-    """How many ViT blocks each pipeline stage runs (the cost-model split)."""
-    return _vit_blocks(json.dumps(cfg.to_dict(), sort_keys=True), pp)
+def pipeline_split(cfg, pp: int):
+    """The cost-model split of `cfg` over `pp` stages (megacoca.parallel.pipeline.split), computed once per
+    (config, pp): the planner asks for it for each of a thousand layouts."""
+    return _pipeline_split(json.dumps(cfg.to_dict(), sort_keys=True), pp)
 
 
 @lru_cache(maxsize=64)
-def _vit_blocks(key: str, pp: int) -> tuple[int, ...]:
+def _pipeline_split(key: str, pp: int):
     from megacoca.config.model import CoCaConfig
     from megacoca.parallel.pipeline.split import split_stages
 
-    return tuple(len(blocks) for blocks in split_stages(CoCaConfig.from_dict(json.loads(key)), pp).blocks)
+    return split_stages(CoCaConfig.from_dict(json.loads(key)), pp)
+
+
+def vit_blocks_per_stage(cfg, pp: int) -> tuple[int, ...]:
+    """How many ViT blocks each pipeline stage runs (the cost-model split)."""
+    return tuple(len(blocks) for blocks in pipeline_split(cfg, pp).blocks)

@@ -52,7 +52,8 @@ def _divisors(n: int) -> list[int]:
 def layouts(cfg, gpus: int, global_batch: int, precision: str, gpus_per_node: int, *, kernels: str = "torch",
             zero_stages=None, tp_values=None, pp_values=None, checkpointing=(False, True)):
     from megacoca.parallel.pipeline.schedule import auto_text_ahead
-    from megacoca.parallel.pipeline.split import check_pipeline, split_stages
+    from megacoca.parallel.pipeline.split import check_pipeline
+    from megacoca.plan.params import pipeline_split
     from megacoca.parallel.tensor import check_tensor_parallel
 
     stages = zero_stages or ((0, 1, 2, 3) if precision == "fp32" else (1, 2, 3))
@@ -72,7 +73,7 @@ def layouts(cfg, gpus: int, global_batch: int, precision: str, gpus_per_node: in
             if global_batch % dp:
                 continue
             per_rank = global_batch // dp
-            split = split_stages(cfg, pp) if pp > 1 else None
+            split = pipeline_split(cfg, pp) if pp > 1 else None
             for micro in MICRO_BATCHES:
                 if per_rank % micro:
                     continue

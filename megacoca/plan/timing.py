@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from megacoca.metrics.flops import forward_flops_breakdown, train_flops_per_sample
 from megacoca.plan.comm import analytic_comm
 from megacoca.plan.memory import Layout
-from megacoca.plan.params import stage_tensors
+from megacoca.plan.params import pipeline_split, stage_tensors
 from megacoca.plan.profile import DeviceProfile
 
 
@@ -62,9 +62,7 @@ def _stage_shapes(cfg, pp: int):
     if pp == 1:
         text_tower = parts.get("text", 0) + parts.get("text_attention", 0)
         return [(total, cfg.vision_layers, text_blocks + 2, text_tower)]
-    from megacoca.parallel.pipeline.split import split_stages
-
-    split = split_stages(cfg, pp)
+    split = pipeline_split(cfg, pp)
     flops = split.stage_flops()
     out = []
     for s, blocks in enumerate(split.blocks):

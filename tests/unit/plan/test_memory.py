@@ -66,7 +66,7 @@ def test_model_states_per_zero_stage(zero, params, grads, optimizer, backward_bu
     elements here) that ZeRO-1/2 allocate in backward and ZeRO-3 keeps."""
     numels = [400_000] * 10  # above the persistence threshold, divisible by dp
     p = sum(numels)
-    states = state_bytes(numels, 0, Layout(dp=4, zero=zero), ZeroBuffers(reduce_bucket=1000, prefetch_bucket=0),
+    states = state_bytes(numels, Layout(dp=4, zero=zero), ZeroBuffers(reduce_bucket=1000, prefetch_bucket=0),
                          groups=(3_000_000, 1_000_000))
     assert states["params"] == params * p and states["optimizer"] == optimizer * p
     assert states["grads"] == (grads if zero == 3 else 0) and states["buckets"] == backward_buckets
