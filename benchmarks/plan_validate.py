@@ -99,17 +99,24 @@ def main(argv=None) -> int:
                 print(f"| {row['model']} | {row['layout']} | {coords} | {rank['peak_bytes'] / 1e6:.2f} | "
                       f"{stage.peak / 1e6:.2f} | {ratio:.3f} | {stage.phase} | {time_cells} |")
             if seconds:
-                timed.append((row["model"], row["layout"], measured_s, seconds))
+                timed.append((row["model"], row["layout"], measured_s, seconds, row["world_size"],
+                              os.path.basename(path)))
     print(f"\nmemory: largest deviation {100 * worst_memory:.1f}% over every rank of every layout")
     if timed:
-        worst = max(abs(p / m - 1) for *_, m, p in timed)
-        print(f"time: largest deviation {100 * worst:.1f}% over {len(timed)} layouts")
+        for name in [*dict.fromkeys(r[5] for r in timed), None]:
+            for world in sorted({r[4] for r in timed}):
+                ratios = [p / m for _, _, m, p, w, f in timed if w == world and name in (f, None)]
+                if ratios:
+                    within = sum(abs(r - 1) <= 0.25 for r in ratios)
+                    print(f"time, {name or 'all'}, {world} ranks: predicted / measured {min(ratios):.2f}-"
+                          f"{max(ratios):.2f}, {within} of {len(ratios)} layouts within 25%")
         for model, group in groupby(sorted(timed), key=lambda r: r[0]):
             rows = list(group)
             rho = spearman([r[2] for r in rows], [r[3] for r in rows])
-            fastest = min(rows, key=lambda r: r[2])[1], min(rows, key=lambda r: r[3])[1]
-            print(f"  {model}: Spearman {rho:.2f} over {len(rows)} layouts; fastest measured {fastest[0]}, "
-                  f"predicted {fastest[1]}")
+            measured, predicted = min(rows, key=lambda r: r[2]), min(rows, key=lambda r: r[3])
+            print(f"  {model}: Spearman {rho:.2f} over {len(rows)} layouts; fastest measured {measured[1]}, "
+                  f"predicted {predicted[1]} (measured {100 * (predicted[2] / measured[2] - 1):.0f}% slower than "
+                  f"the fastest)")
     return 0
 
 

@@ -41,9 +41,30 @@ class DeviceProfile:
     # seconds per micro-batch that DeepSpeed's engine adds under each ZeRO stage whatever the model's size (its
     # collectives' latencies, hook bookkeeping): {"0": s, ...}
     micro_overhead_s: dict = field(default_factory=lambda: {"0": 0.0, "1": 0.0, "2": 0.0, "3": 0.0})
-    # achieved FLOP/s of whole transformer blocks, forward + backward, per precision (a calibrated profile): the
-    # matmuls and the memory-bound work between them together; None: matmul rate + elementwise bytes / memory_bw
-    block_flops: dict | None = None
+    # what whole transformer blocks achieve, forward + backward, per precision (a calibrated profile), as the rates
+    # megacoca.plan.timing.Work's quantities are divided by: {precision: {"flops": matmul FLOP/s, "elementwise":
+    # elements/s of the memory-bound work, "attention": attention-score elements/s, "attention_rows": rows/s}} (a
+    # kind without a rate costs nothing); None (a preset): the matmul rate, and the elementwise bytes at memory_bw
+    block_rates: dict | None = None
+    # the share of a micro-batch's compute that data-parallel traffic hides behind (ZeRO-1/2's reduce-scatter under
+    # backward, ZeRO-3's prefetched gathers): an assumption on a GPU (streams contend for memory bandwidth, the first
+    # gather and the last reduce are never hidden); 0 on CPU ranks, whose collectives take the cores compute needs
+    overlap: float = 0.7
+    # seconds per parameter of this rank's model per micro-batch that the engine adds under each ZeRO stage beyond
+    # its collectives (gradient accumulation and bucket copies, ZeRO-3's gathered copies): {"0": s, ...}
+    micro_param_s: dict = field(default_factory=dict)
+    # seconds per parameter of this rank's optimizer partition that the step takes under each ZeRO stage beyond its
+    # collectives (Adam, the precision casts, the gradient norm): {"0": s, ...}; absent: 32 bytes at memory_bw
+    step_param_s: dict = field(default_factory=dict)
+    # seconds per sample per micro-batch that a whole CoCa costs beyond its blocks' work (embeddings, the losses, the
+    # poolers' small ops), measured on real Trainer steps (megacoca.plan.calibrate.calibrate_trainer)
+    sample_overhead_s: float = 0.0
+    # seconds per micro-batch on every rank that megacoca's tensor-parallel layers ("tp") and pipeline runner ("pp")
+    # add beyond the model's work and the collectives the time model counts, measured the same way
+    parallel_overhead_s: dict = field(default_factory=dict)
+    # the group size collective_latency_s was measured at (a calibrated profile); a ring's latency grows with its
+    # hops, so a group of g ranks pays (g - 1) / (collective_ranks - 1) of it. 0: the same for any group (presets)
+    collective_ranks: int = 0
 
     def block_overhead(self, precision: str) -> float:
         value = self.block_overhead_s
@@ -59,12 +80,36 @@ class DeviceProfile:
     def micro_overhead(self, zero: int) -> float:
         return float(self.micro_overhead_s.get(str(zero), 0.0))
 
+    def latency(self, ranks: int) -> float:
+        """Seconds of latency of one collective over `ranks` ranks."""
+        if self.collective_ranks > 1:
+            return self.collective_latency_s * max(ranks - 1, 1) / (self.collective_ranks - 1)
+        return self.collective_latency_s
+
+    def sample_seconds(self) -> float:
+        return float(self.sample_overhead_s)
+
+    def parallel_overhead(self, kind: str) -> float:
+        return float(self.parallel_overhead_s.get(kind, 0.0))
+
+    def micro_param(self, zero: int) -> float:
+        return float(self.micro_param_s.get(str(zero), 0.0))
+
+    def step_param(self, zero: int) -> float:
+        """Seconds per parameter of the optimizer partition: measured, or Adam's 32 bytes (fp32 master, gradient,
+        two moments, read and written) streamed at memory_bw."""
+        return float(self.step_param_s.get(str(zero), 32 / self.memory_bw))
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> "DeviceProfile":
-        return cls(**json.loads(text))
+        fields = json.loads(text)
+        legacy = fields.pop("block_flops", None)  # a profile from before block_rates: one whole-block FLOP rate
+        if legacy and "block_rates" not in fields:
+            fields["block_rates"] = {p: {"flops": rate} for p, rate in legacy.items()}
+        return cls(**fields)
 
     @classmethod
     def load(cls, path: str) -> "DeviceProfile":

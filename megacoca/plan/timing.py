@@ -1,25 +1,34 @@
 """Step time of a CoCa training layout on a device profile (megacoca.plan.profile).
 
 Per micro-batch of b samples on pipeline stage s and one tensor rank:
-- compute: the stage's forward FLOPs (megacoca.metrics.flops; the pipeline split's cost model) x b / tp, three
-  times (backward = 2 x forward), plus the recomputed block forwards under activation checkpointing, at the
-  profile's matmul rate; the memory-bound work between the matmuls (LayerNorms, residual adds, GELU:
-  `_elementwise_elements`) at the profile's memory bandwidth (a calibrated profile's whole-block rate holds both);
-  the profile's fixed costs per transformer block, per parameter tensor and per micro-batch (DeepSpeed's engine);
+- compute: the stage's `Work` per sample (`stage_work`): matmul FLOPs (megacoca.metrics.flops, x 3 for forward +
+  backward, + the recomputed forwards under activation checkpointing) / tp; the elements the memory-bound work
+  between the matmuls reads and writes (LayerNorms and residual adds whole on every tensor rank, GELU and the rest
+  split); attention-score elements and rows / tp. A calibrated profile divides each by its own rate, fitted on
+  real blocks and fused attention calls (megacoca.plan.calibrate); a preset divides the FLOPs by its matmul rate
+  and the elementwise bytes by its memory bandwidth. Plus the profile's fixed costs per transformer block, per
+  parameter tensor, per parameter and per micro-batch (DeepSpeed's engine: measured on real engines), and per
+  sample and micro-batch on the stage that holds the losses (megacoca's Trainer beyond the blocks: measured on
+  real Trainer steps);
 - tensor parallelism: the all-reduces Megatron's scheme issues (megacoca.plan.comm.analytic_comm, split between
-  the stages like the blocks), each a ring: latency + 2 (t-1)/t x bytes / bandwidth, on the critical path;
-- pipeline: the stage's activations (b x image tokens x width) sent forward and their gradient back.
+  the stages like the blocks), each a ring: latency + 2 (t-1)/t x bytes / bandwidth, plus the profile's measured
+  cost per call, on the critical path;
+- pipeline: the stage's activations (b x image tokens x width) sent forward and their gradient back, and the
+  profile's measured cost per micro-batch of the runner.
 The step: without a pipeline, m micro-batches one after the other; with one, the 1F1B (+ text-ahead) schedule
-simulated by megacoca.parallel.pipeline.schedule.simulate with each stage's times. Then data parallelism:
-- ZeRO-0: an all-reduce of the gradients after backward (not overlapped); ZeRO-1/2: a reduce-scatter of the
-  gradients overlapped with the last micro-batch's backward (what exceeds OVERLAP of it is exposed), then an
-  all-gather of the updated weights; ZeRO-3: per micro-batch, the weights gathered in forward and again in
-  backward and the gradients reduce-scattered, prefetched under compute (what exceeds OVERLAP of the
-  micro-batch's compute is exposed).
-- the optimizer step: 32 bytes per parameter of its partition streamed (fp32 master, gradient, two moments, read
-  and written), plus the profile's fixed step cost.
+simulated by megacoca.parallel.pipeline.schedule.simulate with each stage's times. Then data parallelism
+(`dp_comm`, rings):
+- ZeRO-0: an all-reduce of the gradients after backward (not overlapped); ZeRO-1: a reduce-scatter of the
+  gradients under the last micro-batch's backward (what exceeds `profile.overlap` of it is exposed), then an
+  all-gather of the updated weights; ZeRO-2: the reduce-scatter under every backward, the all-gather after the
+  step; ZeRO-3: per micro-batch, the weights gathered in forward and again in backward (and for the recompute
+  under checkpointing) and the gradients reduce-scattered, prefetched under compute (what exceeds
+  `profile.overlap` of the micro-batch's compute is exposed).
+- the optimizer step: the profile's seconds per parameter of its partition (measured, or Adam's 32 bytes
+  streamed at memory_bw), plus its fixed step cost.
 Bandwidths: a group within one node (its ranks span at most gpus_per_node consecutive ranks) uses the intra-node
-figure, else the inter-node one. Ranks are laid out (dp, pp, tp) with tp fastest (megacoca.parallel.dims).
+figure, else the inter-node one; a ring's latency grows with its ranks (`DeviceProfile.latency`). Ranks are laid
+out (dp, pp, tp) with tp fastest (megacoca.parallel.dims).
 """
 
 from __future__ import annotations
@@ -54,49 +63,107 @@ def _bandwidth(span: int, profile: DeviceProfile) -> float:
     return profile.intra_node_bw if span <= profile.gpus_per_node else profile.inter_node_bw
 
 
-def _stage_shapes(cfg, pp: int):
-    """Per stage: (forward FLOPs per sample, ViT blocks, other blocks, text tower FLOPs, ViT-block FLOPs share)."""
-    parts = forward_flops_breakdown(cfg)
-    total = sum(parts.values())
-    text_blocks = cfg.text_layers + cfg.decoder_layers
+def _stages(cfg, pp: int) -> list[tuple[int, bool]]:
+    """Per pipeline stage: (ViT blocks it holds, whether it holds the text side), as the trainer splits them."""
     if pp == 1:
-        text_tower = parts.get("text", 0) + parts.get("text_attention", 0)
-        return [(total, cfg.vision_layers, text_blocks + 2, text_tower)]
+        return [(cfg.vision_layers, True)]
     split = pipeline_split(cfg, pp)
-    flops = split.stage_flops()
-    out = []
-    for s, blocks in enumerate(split.blocks):
-        last = s == pp - 1
-        out.append((flops[s], len(blocks), text_blocks + 2 if last else 0, split.text_tower_flops if last else 0))
-    return out
+    return [(len(blocks), s == pp - 1) for s, blocks in enumerate(split.blocks)]
 
 
-def _elementwise_elements(cfg, vit_blocks: int, text_side: bool, checkpointing: bool) -> float:
-    """Elements per sample that the non-matmul work (LayerNorms, residual adds, GELU, the attention output's
-    transpose) reads and writes in forward + backward, memory-bound: per token of a block with width W and MLP
-    width M about 26 W + 5 M (two LayerNorms 2 x 5W, two residual adds 2 x 6W, GELU 5M, the transpose 4W), and
-    11 W + 2 M more when the block's forward is recomputed."""
-    def block(tokens: int, w: int, m: int) -> float:
-        return tokens * ((26 * w + 5 * m) + ((11 * w + 2 * m) if checkpointing else 0))
+@dataclass(frozen=True)
+class Work:
+    """What one sample costs on one tensor rank, forward + backward (+ recompute), in the quantities a block's time
+    is fitted to (megacoca.plan.calibrate): matmul FLOPs, elements the memory-bound work between the matmuls
+    reads and writes (LayerNorms, residual adds, GELU, the attention output's transpose, the caption logits'
+    softmax), and attention-score elements (heads x queries x keys) and rows (heads x queries): a fused attention
+    kernel on a CPU costs per block of query rows whatever their length, and per score element."""
 
-    elements = vit_blocks * block(cfg.image_tokens, cfg.vision_width, cfg.vision_mlp_dim)
+    flops: float
+    elementwise: float
+    attention: float = 0.0
+    attention_rows: float = 0.0
+
+    def __add__(self, other: "Work") -> "Work":
+        return Work(self.flops + other.flops, self.elementwise + other.elementwise, self.attention + other.attention,
+                    self.attention_rows + other.attention_rows)
+
+
+def block_elementwise(tokens: int, width: int, mlp_dim: int, tp: int = 1, checkpointing: bool = False) -> float:
+    """Elements per sample one transformer block's memory-bound work reads and writes in forward + backward, on one
+    of `tp` tensor ranks: per token, replicated on every tensor rank (Megatron's layout without sequence
+    parallelism) two LayerNorms (2 x 5W) and two residual adds (2 x 6W); split over the tensor ranks GELU (5M) and
+    the attention output's transpose (4W); when the block's forward is recomputed, 9W + (2W + 2M) / tp more."""
+    replicated = 22 * width + (9 * width if checkpointing else 0)
+    split = 5 * mlp_dim + 4 * width + ((2 * width + 2 * mlp_dim) if checkpointing else 0)
+    return tokens * (replicated + split / tp)
+
+
+def stage_work(cfg, vit_blocks: int, text_side: bool, tp: int = 1, checkpointing: bool = False,
+               text_tower_only: bool = False, patch_embedding: bool = False) -> Work:
+    """Work per sample of a pipeline stage holding `vit_blocks` ViT blocks (and the text side: poolers, text tower,
+    decoder, heads and losses, if `text_side`) on one of `tp` tensor ranks; `text_tower_only`: the unimodal text
+    tower alone (what text-ahead runs early); `patch_embedding`: the stage embeds the patches. Matmul FLOPs are
+    megacoca.metrics.flops' (x 3 for forward + backward, + one forward of every recomputed block)."""
+    parts = forward_flops_breakdown(cfg)
+    passes = 4 if checkpointing else 3
+    n, s = cfg.image_tokens, cfg.context_length
+    heads_v, heads_t = cfg.vision_heads, cfg.text_heads
+    text = Work(passes * (parts["text"] + parts["text_attention"]) / tp,
+                cfg.text_layers * block_elementwise(s + 1, cfg.text_width, cfg.text_mlp_dim, tp, checkpointing),
+                passes * cfg.text_layers * heads_t * (s + 1) ** 2 / tp,
+                passes * cfg.text_layers * heads_t * (s + 1) / tp)
+    if text_tower_only:
+        return text
+    work = Work(0.0, 0.0, 0.0)
+    if vit_blocks:
+        patch = 2 * cfg.num_patches * cfg.in_channels * cfg.patch_size ** 2 * cfg.vision_width
+        per_block = (parts["vision"] - patch + parts["vision_attention"]) / max(cfg.vision_layers, 1)
+        work += Work((passes * vit_blocks * per_block + (3 * patch if patch_embedding else 0)) / tp,
+                     vit_blocks * block_elementwise(n, cfg.vision_width, cfg.vision_mlp_dim, tp, checkpointing),
+                     passes * vit_blocks * heads_v * n * n / tp, passes * vit_blocks * heads_v * n / tp)
     if text_side:
-        elements += cfg.text_layers * block(cfg.context_length + 1, cfg.text_width, cfg.text_mlp_dim)
-        elements += cfg.decoder_layers * (block(cfg.context_length - 1, cfg.text_width, cfg.text_mlp_dim)
-                                          + (cfg.context_length - 1) * 10 * cfg.text_width)
-    return elements
+        d, q = cfg.pooled_width, cfg.caption_queries
+        pooled = q if cfg.pooler_layout == "paper" else q - 1
+        side_flops = (parts["poolers"] + parts["poolers_attention"] + parts["decoder"] + parts["decoder_attention"]
+                      + parts["heads"])
+        mlps = 2 if cfg.decoder_mlp_after_self_attn else 1
+        decoder = cfg.decoder_layers * (block_elementwise(s, cfg.text_width, mlps * cfg.text_mlp_dim, tp,
+                                                          checkpointing) + s * 10 * cfg.text_width)
+        poolers = 10 * n * cfg.vision_width + block_elementwise(q, d, 0, tp)  # the image LayerNorm; the queries
+        logits = 6 * (s - 1) * cfg.vocab_size / tp  # the caption cross-entropy's softmax, forward and backward
+        contrastive_pooler = cfg.pooler_layout == "paper"  # its one query over the caption queries
+        attention = 3 * cfg.pooler_heads * (q * n + (q if contrastive_pooler else 0)) / tp \
+            + passes * cfg.decoder_layers * heads_t * (s * s + s * pooled) / tp
+        rows = 3 * cfg.pooler_heads * (q + (1 if contrastive_pooler else 0)) / tp \
+            + passes * cfg.decoder_layers * heads_t * 2 * s / tp
+        work += text + Work(3 * side_flops / tp + (passes - 3) * (parts["decoder"] + parts["decoder_attention"]) / tp,
+                            decoder + poolers + logits, attention, rows)
+    return work
+
+
+def work_seconds(work: Work, profile: DeviceProfile, precision: str) -> float:
+    """Seconds per sample of `work`: with a calibrated profile's block rates, each quantity at its own fitted rate;
+    else (a preset) the matmul FLOPs at the matmul rate and the elementwise elements' bytes at the memory bandwidth
+    (a fused attention kernel keeps its scores on chip: no separate cost)."""
+    rates = (profile.block_rates or {}).get(precision)
+    if rates:
+        return sum(getattr(work, kind) / rate for kind, rate in rates.items() if rate)
+    element_bytes = 4 if precision == "fp32" else 2
+    return work.flops / profile.matmul_flops[precision] + element_bytes * work.elementwise / profile.memory_bw
 
 
 def _tp_comm_seconds(cfg, layout: Layout, profile: DeviceProfile, e: int) -> tuple[float, float]:
-    """(seconds of tensor-parallel all-reduces per micro-batch for the ViT blocks, for everything else)."""
+    """(seconds of tensor-parallel all-reduces per micro-batch for the ViT blocks, for everything else): rings, plus
+    the profile's measured cost per call beyond the ring."""
     t = layout.tp
     if t == 1:
         return 0.0, 0.0
     bandwidth = _bandwidth(t, profile)
     vit = rest = 0.0
     for term in analytic_comm(cfg, layout.micro_batch, e, layout.checkpointing):
-        seconds = term["calls"] * _ring(term["elements"] * term["element_bytes"], t, bandwidth,
-                                        profile.collective_latency_s)
+        seconds = term["calls"] * (_ring(term["elements"] * term["element_bytes"], t, bandwidth, profile.latency(t))
+                                   + profile.parallel_overhead("tp"))
         if "ViT" in term["what"] and "pooler" not in term["what"]:
             vit += seconds
         else:
@@ -104,11 +171,16 @@ def _tp_comm_seconds(cfg, layout: Layout, profile: DeviceProfile, e: int) -> tup
     return vit, rest
 
 
-# The share of the compute that data-parallel communication can hide behind (ZeRO-1/2's reduce-scatter under the
-# last micro-batch's backward, ZeRO-3's prefetched gathers and reduce-scatters under each micro-batch's compute):
-# an assumption (streams contend for memory bandwidth, the first gather and the last reduce are never hidden), not
-# measured on a GPU here.
-OVERLAP = 0.7
+def dp_comm(zero: int, nbytes: float, dp: int, bandwidth: float, latency: float) -> tuple[float, float]:
+    """Data-parallel traffic of one rank holding `nbytes` of gradients (and as many of weights) under a ZeRO stage,
+    as rings: (per micro-batch, per step). ZeRO-0: an all-reduce per step; ZeRO-1: a reduce-scatter and the updated
+    weights' all-gather per step; ZeRO-2: a reduce-scatter per micro-batch, the all-gather per step; ZeRO-3: the
+    weights gathered in forward and again in backward and the gradients reduce-scattered, per micro-batch."""
+    one = _ring(nbytes, dp, bandwidth, latency, factor=1.0)
+    return {0: (0.0, _ring(nbytes, dp, bandwidth, latency)), 1: (0.0, 2 * one), 2: (one, one),
+            3: (3 * one, 0.0)}[zero]
+
+
 SIMULATED = 64  # micro-batches simulated; beyond, every more one adds the bottleneck stage's forward + backward
 
 
@@ -125,74 +197,71 @@ def _makespan(pp: int, m: int, text_ahead: int, forward: tuple, text: float, rat
 
 def predict_time(cfg, layout: Layout, profile: DeviceProfile) -> StepTime:
     e = 2 if layout.precision == "bf16" else 4
-    rate = profile.matmul_flops[layout.precision]
     b, t, pp, m = layout.micro_batch, layout.tp, layout.pp, layout.grad_accum
-    shapes = _stage_shapes(cfg, pp)
+    stages = _stages(cfg, pp)
     vit_comm, rest_comm = _tp_comm_seconds(cfg, layout, profile, e)
     p2p = 0.0
     if pp > 1:
         p2p = _ring(b * cfg.image_tokens * cfg.vision_width * e, 2, _bandwidth(t * pp, profile),
-                    profile.collective_latency_s, factor=1.0)  # one send: 2 ranks, (n-1)/n = 1/2 x 2
+                    profile.latency(2), factor=1.0)  # one send: 2 ranks, (n-1)/n = 1/2 x 2
     tensors = [len(stage.numels) for stage in stage_tensors(cfg, t, pp)]
+    stage_params = [stage.elements for stage in stage_tensors(cfg, t, pp)]
+    # ZeRO-3 gathers a block's parameters (with its hooks, per tensor) for every forward it runs: a recomputed
+    # forward is a fourth pass over them after forward, backward and the gradients' reduce-scatter
+    zero3_passes = 4 / 3 if layout.zero == 3 and layout.checkpointing else 1.0
     forward, backward = [], []
     compute_total = 0.0
-    for s, (flops, vit_blocks, other_blocks, text_tower) in enumerate(shapes):
-        recompute = 0.0
-        if layout.checkpointing:
-            recompute = flops  # every block's forward again (the poolers and heads are not recomputed: small)
-        measured_blocks = (profile.block_flops or {}).get(layout.precision)
-        block_rate = measured_blocks or rate
-        fwd = flops * b / t / block_rate
-        bwd = (2 * flops + recompute) * b / t / block_rate
-        overhead = (vit_blocks + other_blocks) * profile.block_overhead(layout.precision) \
-            * (4 / 3 if layout.checkpointing else 1) + tensors[s] * profile.tensor_overhead(layout.zero) \
-            + (profile.micro_overhead(layout.zero) if s == pp - 1 else 0.0)  # the loss's side of the model
-        if not measured_blocks:  # the work between the matmuls, unless the block rate already holds it
-            overhead += e * b / t * _elementwise_elements(cfg, vit_blocks, s == pp - 1,
-                                                          layout.checkpointing) / profile.memory_bw
-        comm = vit_comm * (vit_blocks / max(cfg.vision_layers, 1)) + (rest_comm if s == pp - 1 else 0.0)
-        fwd += overhead / 3 + comm / 2 + (p2p if s > 0 else 0.0)
-        bwd += 2 * overhead / 3 + comm / 2 + (p2p if s < pp - 1 else 0.0)
+    text_blocks = cfg.text_layers + cfg.decoder_layers + 2  # + the poolers
+    for s, (vit_blocks, text_side) in enumerate(stages):
+        work = stage_work(cfg, vit_blocks, text_side, t, layout.checkpointing, patch_embedding=s == 0)
+        per_sample = work_seconds(work, profile, layout.precision) + (profile.sample_seconds() if text_side else 0.0)
+        compute = b * per_sample \
+            + stage_params[s] * profile.micro_param(layout.zero) * zero3_passes  # the engine's per-parameter work
+        blocks = vit_blocks + (text_blocks if text_side else 0)
+        overhead = blocks * profile.block_overhead(layout.precision) * (4 / 3 if layout.checkpointing else 1) \
+            + tensors[s] * profile.tensor_overhead(layout.zero) * zero3_passes \
+            + (profile.micro_overhead(layout.zero) if text_side else 0.0) \
+            + (profile.parallel_overhead("pp") if pp > 1 else 0.0)
+        comm = vit_comm * (vit_blocks / max(cfg.vision_layers, 1)) + (rest_comm if text_side else 0.0)
+        # backward = 2 x forward in FLOPs; a recomputed forward runs inside backward
+        forward_share = 1 / (4 if layout.checkpointing else 3)
+        fwd = (compute + overhead) * forward_share + comm / 2 + (p2p if s > 0 else 0.0)
+        bwd = (compute + overhead) * (1 - forward_share) + comm / 2 + (p2p if s < pp - 1 else 0.0)
         forward.append(fwd)
         backward.append(bwd)
         compute_total = max(compute_total, fwd + bwd)
     if pp == 1:
         pipeline = m * (forward[0] + backward[0])
-        text = 0.0
     else:
-        rate_per_sample = b / t / rate
-        text = shapes[-1][3] * rate_per_sample
+        text_work = stage_work(cfg, 0, True, t, layout.checkpointing, text_tower_only=True)
+        text = b * work_seconds(text_work, profile, layout.precision) / (4 if layout.checkpointing else 3)
         ratio = max(backward[s] / forward[s] for s in range(pp))
-        last_forward = [f for f in forward]
+        last_forward = list(forward)
         last_forward[-1] = max(forward[-1] - text, 0.0)
         pipeline = _makespan(pp, m, layout.text_ahead, tuple(last_forward), text, ratio,
                              max(f + b for f, b in zip(forward, backward)))
 
     # data parallelism, per rank of the largest stage
-    stages = stage_tensors(cfg, t, pp)
-    params = max(stage.elements for stage in stages)
+    params = max(stage.elements for stage in stage_tensors(cfg, t, pp))
     dp = layout.dp
     dp_bw = _bandwidth(dp * t * pp, profile) if dp > 1 else profile.intra_node_bw
-    grad_bytes = e * params
-    latency = profile.collective_latency_s
-    last_backward = max(backward)
-    if layout.zero == 0:
-        dp_exposed = _ring(grad_bytes, dp, dp_bw, latency)
+    per_micro, per_step = dp_comm(layout.zero, e * params, dp, dp_bw, profile.latency(dp))
+    per_micro *= zero3_passes
+    overlap, last_backward = profile.overlap, max(backward)
+    if layout.zero == 0:  # the all-reduce after the last backward
+        dp_exposed, after_step = per_step, 0.0
+    elif layout.zero == 1:  # the reduce-scatter under the last backward, the all-gather of the weights after the step
+        reduce = _ring(e * params, dp, dp_bw, profile.latency(dp), factor=1.0)
+        dp_exposed, after_step = max(reduce - overlap * last_backward, 0.0), per_step - reduce
+    elif layout.zero == 2:  # a reduce-scatter under every backward, the all-gather after the step
+        dp_exposed, after_step = m * max(per_micro - overlap * last_backward, 0.0), per_step
+    else:  # gathers and reduce-scatters prefetched under each micro-batch's compute; the first gather exposed
+        dp_exposed = m * max(per_micro - overlap * (max(forward) + last_backward), 0.0) \
+            + (_ring(e * params / max(cfg.vision_layers, 1), dp, dp_bw, profile.latency(dp), factor=1.0)
+               if dp > 1 else 0.0)
         after_step = 0.0
-        partition = params
-    elif layout.zero in (1, 2):
-        reduce = _ring(grad_bytes, dp, dp_bw, latency, factor=1.0)
-        dp_exposed = max(reduce - OVERLAP * last_backward, 0.0) + (latency if dp > 1 else 0.0)
-        after_step = _ring(e * params, dp, dp_bw, latency, factor=1.0)
-        partition = -(-params // dp)
-    else:
-        per_micro = 3 * _ring(e * params, dp, dp_bw, latency, factor=1.0)
-        exposed_per_micro = max(per_micro - OVERLAP * (max(forward) + last_backward), 0.0)
-        dp_exposed = m * exposed_per_micro + (_ring(e * params / max(cfg.vision_layers, 1), dp, dp_bw, latency,
-                                                   factor=1.0) if dp > 1 else 0.0)
-        after_step = 0.0
-        partition = -(-params // dp)
-    optimizer = 32 * partition / profile.memory_bw + profile.step_overhead(layout.zero)
+    partition = params if layout.zero == 0 else -(-params // dp)
+    optimizer = partition * profile.step_param(layout.zero) + profile.step_overhead(layout.zero)
     seconds = pipeline + dp_exposed + after_step + optimizer
     samples = layout.global_batch / seconds
     peak = profile.peak_flops.get(layout.precision)

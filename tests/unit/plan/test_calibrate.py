@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from megacoca.config.flavors import get_flavor
-from megacoca.metrics.flops import forward_flops_breakdown
-from megacoca.plan.calibrate import (ENGINE_CONFIGS, TYPICAL_TENSORS, block_train_flops, build_profile, calibrate,
-                                     engine_config, fit_engine, fit_line, fit_overhead, fit_ring, measure,
-                                     measured_precisions, save_profile, sizes_for, toy_model)
+from megacoca.plan.calibrate import (ENGINE_CONFIGS, TYPICAL_TENSORS, block_work, build_profile,
+                                     calibrate, engine_config, engine_toys, fit_engine, fit_line, fit_rates,
+                                     fit_residuals, fit_ring, measure, measured_precisions, save_profile, sizes_for,
+                                     toy_model)
 from megacoca.plan.memory import Layout
 from megacoca.plan.profile import DeviceProfile, get_profile
 from megacoca.plan.timing import predict_time
@@ -51,15 +51,19 @@ def test_quick_calibration_is_sane(quick_two_ranks):
     for text in (socket.gethostname(), torch.__version__, "2 CPU rank(s)", "inter-node bandwidth NOT measured",
                  "no datasheet peak", "DeepSpeed engines on 2 processes (gloo)", "zero3_bf16"):
         assert text in profile.source
-    # each precision's block: the free fit (intercept + FLOPs / a block rate), least squares over the batches
-    # measured: its residuals sum to zero when the intercept is not floored
+    assert set(profile.micro_param_s) == STAGES and set(profile.step_param_s) == STAGES
+    assert all(0 <= s < 1e-6 for s in [*profile.micro_param_s.values(), *profile.step_param_s.values()])
+    assert profile.overlap == 0.0 and profile.collective_ranks == 2  # CPU ranks: collectives hide behind nothing
+    # each precision's blocks: overhead + work / rate per kind, least squares over the shapes measured; on a quick,
+    # noisy calibration each shape's fit within a factor 2 of its time
     for precision in ("fp32", "bf16"):
-        rate, overhead = profile.block_flops[precision], profile.block_overhead_s[precision]
-        predicted = [overhead + f / rate for f in fits["block_flops"]]
-        if overhead > 0:
-            assert statistics.fmean(predicted) == pytest.approx(statistics.fmean(fits["block_seconds"][precision]),
-                                                                rel=1e-6)
-        assert rate <= 1.5 * profile.matmul_flops[precision]  # a block is no faster than its matmuls
+        overhead, rates = fits["block_fit"][precision]
+        assert profile.block_rates[precision] == rates and profile.block_overhead_s[precision] == overhead
+        assert rates and set(rates) <= {"flops", "elementwise", "attention", "attention_rows"}
+        assert rates.get("flops", 0) <= 1.5 * profile.matmul_flops[precision]  # no faster than its matmuls
+        for work, seconds in zip(fits["block_works"], fits["block_seconds"][precision]):
+            predicted = overhead + sum(work[kind] / rate for kind, rate in rates.items())
+            assert seconds / 2 < predicted < 2 * seconds, (precision, work, seconds, predicted)
 
 
 def test_zero3_pays_more_per_tensor_than_zero1(quick_two_ranks):
@@ -102,16 +106,48 @@ def test_matmul_rate_matches_a_direct_timing(quick_two_ranks, one_thread):
     assert direct / 3 < profile.matmul_flops["fp32"] < 3 * direct
 
 
-def test_fit_overhead_recovers_known_numbers():
-    flops = [1e8, 2e8, 4e8, 8e8]
-    seconds = [0.002 + f / 1e10 for f in flops]
-    overhead, rate = fit_overhead(flops, seconds)
-    assert overhead == pytest.approx(0.002, rel=1e-9) and rate == pytest.approx(1e10, rel=1e-9)
-    assert fit_overhead(flops, seconds, rate=1e10) == (pytest.approx(0.002, rel=1e-9), 1e10)
-    # a negative intercept is reported as none, the rate refitted through the origin
-    overhead, rate = fit_overhead(flops, [f / 1e10 - 0.001 for f in flops])
-    assert overhead == 0.0 and rate > 1e10
-    assert fit_overhead(flops, seconds, rate=1e9)[0] == 0.0
+def test_fit_rates_recovers_known_numbers():
+    """Three kinds of work at known rates plus a per-call overhead come back from exact times; a kind that costs
+    nothing gets no rate (not a negative or infinite one); times that do not grow with the work are refused."""
+    works = [{"flops": f, "elementwise": e, "attention": a}
+             for f, e, a in [(1e8, 1e6, 1e4), (2e8, 1e6, 3e4), (4e8, 3e6, 1e4), (8e8, 2e6, 5e4), (3e8, 6e6, 2e4)]]
+    rates = {"flops": 1e10, "elementwise": 1e9, "attention": 1e7}
+    seconds = [2e-4 + sum(w[k] / r for k, r in rates.items()) for w in works]
+    overhead, fitted = fit_rates(works, seconds)
+    assert overhead == pytest.approx(2e-4, rel=1e-6)
+    assert fitted == {k: pytest.approx(r, rel=1e-6) for k, r in rates.items()}
+    free_attention = [2e-4 + w["flops"] / 1e10 + w["elementwise"] / 1e9 for w in works]
+    overhead, fitted = fit_rates(works, free_attention)
+    assert set(fitted) == {"flops", "elementwise"} and overhead == pytest.approx(2e-4, rel=1e-6)
+    with pytest.raises(ValueError, match="do not grow"):
+        fit_rates(works, [-1.0] * len(works))
+    with pytest.raises(ValueError, match="as many"):
+        fit_rates(works, seconds[:2])
+
+
+def test_block_work_counts_as_the_time_model_does():
+    """The calibration's block is one ViT block of the time model (megacoca.plan.timing.stage_work) at tp 1."""
+    from megacoca.plan.timing import stage_work
+
+    cfg = get_flavor("coca_tiny", vision_mlp_dim=4 * 128)
+    one_block = stage_work(cfg, 1, False)
+    work = block_work(1, cfg.image_tokens, cfg.vision_width, cfg.vision_heads)
+    assert work["flops"] == pytest.approx(one_block.flops, rel=1e-12)
+    assert work["elementwise"] == pytest.approx(one_block.elementwise, rel=1e-12)
+    assert work["attention"] == pytest.approx(one_block.attention, rel=1e-12)
+    assert work["attention_rows"] == pytest.approx(one_block.attention_rows, rel=1e-12)
+
+
+def test_fit_residuals_recovers_step_micro_and_sample_parts():
+    def residual(b, a):
+        return 0.01 + a * (0.02 + b * 0.003)
+
+    points = {(b, a): residual(b, a) for b, a in ((4, 1), (4, 3), (8, 1))}
+    assert fit_residuals(points) == (pytest.approx(0.01), pytest.approx(0.02), pytest.approx(0.003))
+    # a per-sample part below zero (noise) is floored, the others refitted from the same points
+    points[(8, 1)] = residual(4, 1) - 0.001
+    step, micro, sample = fit_residuals(points)
+    assert sample == 0.0 and step >= 0 and micro >= 0
 
 
 def test_fit_ring_recovers_known_numbers():
@@ -133,16 +169,29 @@ def test_fit_line_and_engine_fit_recover_known_numbers():
     micro = [3e-3 + 150e-6 * n for n in tensors]
     baseline = [1e-4 + 10e-6 * n for n in tensors]
     step = [4e-3 + 30e-6 * n for n in tensors]
-    fit = fit_engine(tensors, micro, step, baseline, params_per_tensor=280, memory_bw=1e10)
+    fit = fit_engine(tensors, micro, step, baseline, extra_params=1e6, extra_micro=2e-3, extra_partition=5e5,
+                     extra_step=5e-3, partition_per_tensor=140)
     assert fit.micro == (pytest.approx(3e-3, rel=1e-9), pytest.approx(150e-6, rel=1e-9))
     assert fit.baseline[1] == pytest.approx(10e-6, rel=1e-9)
     assert fit.tensor_overhead == pytest.approx(140e-6, rel=1e-9)
     assert fit.step_at_typical == pytest.approx(4e-3 + 30e-6 * TYPICAL_TENSORS, rel=1e-9)
-    assert fit.stream == pytest.approx(32 * 280 * TYPICAL_TENSORS / 1e10, rel=1e-9)
-    assert fit.step_overhead == pytest.approx(fit.step_at_typical - fit.stream, rel=1e-9)
-    # DeepSpeed adding less per tensor than plain torch (noise) is no overhead; nor a step the stream explains
-    cheap = fit_engine(tensors, baseline, [1e-6] * 3 + [2e-6], micro, params_per_tensor=280, memory_bw=1e10)
-    assert cheap.tensor_overhead == 0.0 and cheap.step_overhead == 0.0
+    assert fit.micro_param == pytest.approx(2e-9) and fit.step_param == pytest.approx(1e-8)
+    assert fit.step_overhead == pytest.approx(fit.step_at_typical - 1e-8 * 140 * TYPICAL_TENSORS, rel=1e-9)
+    # DeepSpeed adding less per tensor or per parameter than plain torch (noise) is no overhead
+    cheap = fit_engine(tensors, baseline, [1e-6] * 3 + [2e-6], micro, extra_params=1e6, extra_micro=-1e-3,
+                       extra_partition=5e5, extra_step=-1e-3, partition_per_tensor=140)
+    assert cheap.tensor_overhead == 0.0 and cheap.micro_param == 0.0 and cheap.step_param == 0.0
+    assert cheap.step_overhead >= 0.0
+
+
+def test_engine_toys_share_a_tensor_count_and_differ_in_parameters():
+    for device in ("cpu", "cuda"):
+        sizes = sizes_for(device, quick=False)
+        toys = engine_toys(sizes)
+        narrow, wide = toys[0], toys[-1]
+        assert narrow[1] == wide[1] and wide[0] >= 8 * narrow[0]
+        params = [sum(p.numel() for p in toy_model(*toy).parameters()) for toy in (narrow, wide)]
+        assert params[1] > 100 * params[0]
 
 
 def test_engines_train_as_megacoca_does():
@@ -161,14 +210,6 @@ def test_engines_train_as_megacoca_does():
 def test_both_precisions_are_measured_whatever_is_asked():
     assert measured_precisions("fp32") == measured_precisions("bf16") == ("fp32", "bf16")
     assert measured_precisions("fp16") == ("fp32", "bf16", "fp16")
-
-
-def test_block_flops_count_as_the_model_does():
-    cfg = get_flavor("coca_tiny")
-    parts = forward_flops_breakdown(cfg)
-    patch_embed = 2 * cfg.num_patches * cfg.in_channels * cfg.patch_size ** 2 * cfg.vision_width
-    per_layer = (parts["vision"] - patch_embed + parts["vision_attention"]) / cfg.vision_layers
-    assert block_train_flops(1, cfg.image_tokens, cfg.vision_width, cfg.vision_mlp_dim) == 3 * per_layer
 
 
 def test_bad_arguments_are_refused_before_any_rank_starts():
