@@ -33,6 +33,10 @@ class CoCaConfig:
     caption_queries: int = 256  # paper: queries of the captioning pooler; open_clip: all queries (incl. 0)
     pooler_heads: int = 12
     pooler_dim: int | None = None  # width of the pooled tokens; None -> text_width
+    # paper layout: the contrastive pooler reads the caption pooler's outputs (True, the cascade) or the image tokens
+    # like the caption pooler (False: two independent poolers, as the paper's Figure 2 pseudocode writes them)
+    pooler_cascade: bool = True
+    pooler_query_std: float = 0.02  # initial std of the poolers' learned queries (LayerNormed before use)
 
     # Unimodal text decoder.
     vocab_size: int = 64000
@@ -108,6 +112,10 @@ class CoCaConfig:
             fail(f"pooler width {self.pooled_width} is not divisible by pooler_heads {self.pooler_heads}")
         if self.pooler_layout not in ("paper", "open_clip"):
             fail(f"pooler_layout must be 'paper' or 'open_clip', got {self.pooler_layout!r}")
+        if self.pooler_layout == "open_clip" and not self.pooler_cascade:
+            fail("pooler_cascade=false is a variant of the paper layout (open_clip has one pooler)")
+        if not (math.isfinite(self.pooler_query_std) and self.pooler_query_std > 0):
+            fail(f"pooler_query_std must be > 0, got {self.pooler_query_std}")
         if self.pooler_layout == "open_clip" and self.caption_queries < 2:
             fail("the open_clip pooler layout needs at least 2 queries (query 0 is the contrastive one)")
         if self.kernels not in ("auto", "triton", "torch"):

@@ -59,7 +59,8 @@ def forward_flops_breakdown(cfg: CoCaConfig) -> dict[str, int]:
 
     if cfg.pooler_layout == "paper":
         caption_dense, caption_attn = _pooler(cfg.caption_queries, n_img, w_v, d)
-        contrast_dense, contrast_attn = _pooler(1, cfg.caption_queries, d, d)
+        contrast_dense, contrast_attn = (_pooler(1, cfg.caption_queries, d, d) if cfg.pooler_cascade
+                                         else _pooler(1, n_img, w_v, d))
         parts["poolers"] = caption_dense + contrast_dense
         parts["poolers_attention"] = caption_attn + contrast_attn
         caption_tokens = cfg.caption_queries

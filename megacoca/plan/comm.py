@@ -50,7 +50,10 @@ def analytic_comm(cfg, batch: int, act_bytes: int, activation_checkpointing: boo
     add(bwd, "caption pooler: context copy (ViT tokens)", 1, b * ni * wv)
     if paper:
         add(bwd, "contrastive pooler: query copy (1 x width)", 1, dp_)
-        add(bwd, "contrastive pooler: context copy (caption pooler outputs)", 1, b * q * dp_)
+        if cfg.pooler_cascade:
+            add(bwd, "contrastive pooler: context copy (caption pooler outputs)", 1, b * q * dp_)
+        else:
+            add(bwd, "contrastive pooler: context copy (ViT tokens)", 1, b * ni * wv)
     add(bwd, "caption head: copy of the hidden", 1, b * td * wt)
     if activation_checkpointing:
         # The block's forward again in backward, except its LAST row-parallel all-reduce (the MLP fc2 output):

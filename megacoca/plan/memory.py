@@ -191,8 +191,10 @@ def activation_parts(cfg, layout: Layout, text_tokens: int | None = None) -> dic
     parts["vision_blocks"] = {"saved": cfg.vision_layers * vit, "blocks": cfg.vision_layers, "block": vit,
                               "block_input": b * n * wv}
     pooler = b * n * 2 * wv + b * n * 2 * d / t + b * q * 3 * d / t  # ln_k in/out, k, v; q, out, copy
-    if cfg.pooler_layout == "paper":
+    if cfg.pooler_layout == "paper" and cfg.pooler_cascade:
         pooler += b * q * 2 * d + b * q * 2 * d / t + 3 * b * d / t + 2 * b * d
+    elif cfg.pooler_layout == "paper":  # the contrastive pooler over the image tokens: its ln_k output, k, v
+        pooler += b * n * wv + b * n * 2 * d / t + 3 * b * d / t + 2 * b * d
     else:
         pooler += 2 * b * q * d  # ln_post in/out
     parts["poolers"] = {"saved": pooler, "blocks": 0, "block": 0, "block_input": 0}

@@ -132,8 +132,9 @@ def stage_work(cfg, vit_blocks: int, text_side: bool, tp: int = 1, checkpointing
                                                           checkpointing) + s * 10 * cfg.text_width)
         poolers = 10 * n * cfg.vision_width + block_elementwise(q, d, 0, tp)  # the image LayerNorm; the queries
         logits = 6 * (s - 1) * cfg.vocab_size / tp  # the caption cross-entropy's softmax, forward and backward
-        contrastive_pooler = cfg.pooler_layout == "paper"  # its one query over the caption queries
-        attention = 3 * cfg.pooler_heads * (q * n + (q if contrastive_pooler else 0)) / tp \
+        contrastive_pooler = cfg.pooler_layout == "paper"  # its one query over the caption queries (or the image)
+        contrastive_keys = (q if cfg.pooler_cascade else n) if contrastive_pooler else 0
+        attention = 3 * cfg.pooler_heads * (q * n + contrastive_keys) / tp \
             + passes * cfg.decoder_layers * heads_t * (s * s + s * pooled) / tp
         rows = 3 * cfg.pooler_heads * (q + (1 if contrastive_pooler else 0)) / tp \
             + passes * cfg.decoder_layers * heads_t * 2 * s / tp

@@ -39,6 +39,7 @@ OPEN_CLIP = dict(pooler_layout="open_clip", vision_class_token=True, legacy_cls_
 MODELS = {
     "paper": {},
     "paper-tied-odd-vocab": dict(tie_word_embeddings=True, vocab_size=61),
+    "paper-parallel-poolers": dict(pooler_cascade=False),
     "open_clip": OPEN_CLIP,
     "open_clip-tied-odd-vocab": dict(OPEN_CLIP, tie_word_embeddings=True, vocab_size=63),
 }
@@ -48,7 +49,8 @@ VARIANTS = {
     2: [("paper", "zero3_fp32", "torch", 2), ("open_clip-tied-odd-vocab", "zero3_fp32", "torch", 2),
         ("paper-tied-odd-vocab", "zero3_fp32", "triton", 2), ("open_clip", "zero3_fp32", "triton", 2),
         ("paper", "zero3_bf16", "torch", 2), ("paper", "zero3_bf16", "torch", 1),
-        ("open_clip-tied-odd-vocab", "zero3_bf16", "triton", 2), ("paper-tied-odd-vocab", "zero0_fp32", "torch", 2)],
+        ("open_clip-tied-odd-vocab", "zero3_bf16", "triton", 2), ("paper-tied-odd-vocab", "zero0_fp32", "torch", 2),
+        ("paper-parallel-poolers", "zero3_fp32", "torch", 2)],
     4: [("paper-tied-odd-vocab", "zero3_fp32", "torch", 2), ("open_clip", "zero3_fp32", "triton", 2),
         ("open_clip-tied-odd-vocab", "zero3_bf16", "torch", 2), ("open_clip-tied-odd-vocab", "zero3_bf16", "torch", 1),
         ("paper", "zero1_bf16", "torch", 2), ("paper-tied-odd-vocab", "zero2_bf16", "torch", 2)],

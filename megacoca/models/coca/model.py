@@ -136,7 +136,7 @@ class CoCa(JoinedTowers, nn.Module):
             specs["vision.embed.class_embedding"] = InitSpec("normal", 0.02)
         for name in ("caption_pooler", "contrastive_pooler"):
             if getattr(self.image_pooler, name) is not None:
-                specs[f"image_pooler.{name}.query"] = InitSpec("normal", 0.02)
+                specs[f"image_pooler.{name}.query"] = InitSpec("normal", cfg.pooler_query_std)
         if not cfg.tie_word_embeddings:
             specs["caption_head.weight"] = InitSpec("normal", 0.02)
         if self.caption_head.bias is not None:

@@ -28,18 +28,21 @@ class ImagePooler(nn.Module):
     """Stage `pool_image`: image tokens -> (contrastive embedding (B, E), caption tokens (B, Q, pooled_width)).
 
     paper: a `caption_queries`-query pooler gives the caption tokens; a 1-query contrastive pooler cascaded on
-    them gives the embedding. open_clip: one pooler, then ln_post on all queries; query 0 is the contrastive
-    embedding and queries 1.. the caption tokens.
+    them gives the embedding (`pooler_cascade=False`: the contrastive pooler reads the image tokens too).
+    open_clip: one pooler, then ln_post on all queries; query 0 is the contrastive embedding and queries 1.. the
+    caption tokens.
     """
 
     def __init__(self, cfg: CoCaConfig) -> None:
         super().__init__()
         self.layout = cfg.pooler_layout
+        self.cascade = cfg.pooler_cascade
         width = cfg.pooled_width
         args = dict(heads=cfg.pooler_heads, eps=cfg.ln_eps, kernels=cfg.kernels)
         self.caption_pooler = AttentionalPooler(width, cfg.vision_width, queries=cfg.caption_queries, **args)
         self.contrastive_pooler = (
-            AttentionalPooler(width, width, queries=1, **args) if self.layout == "paper" else None
+            AttentionalPooler(width, width if cfg.pooler_cascade else cfg.vision_width, queries=1, **args)
+            if self.layout == "paper" else None
         )
         self.ln_post = LayerNorm(width, cfg.ln_eps, cfg.kernels)
         self.projection = nn.Linear(width, cfg.embed_dim, bias=False)
@@ -48,7 +51,8 @@ class ImagePooler(nn.Module):
         pooled = self.caption_pooler(image_tokens)
         if self.contrastive_pooler is not None:
             caption_tokens = pooled
-            embedding = self.ln_post(self.contrastive_pooler(caption_tokens)[:, 0])
+            context = caption_tokens if self.cascade else image_tokens
+            embedding = self.ln_post(self.contrastive_pooler(context)[:, 0])
         else:
             pooled = self.ln_post(pooled)
             embedding, caption_tokens = pooled[:, 0], pooled[:, 1:]

@@ -44,3 +44,15 @@ def test_matmul_params_times_tokens_without_attention():
 def test_train_is_three_forwards():
     cfg = get_flavor("coca_tiny")
     assert train_flops_per_sample(cfg) == 3 * forward_flops_per_sample(cfg)
+
+
+def test_parallel_poolers_count_the_contrastive_pooler_over_the_image_tokens():
+    cascade = get_flavor("coca_base")
+    parallel = cascade.replace(pooler_cascade=False)
+    a, b = forward_flops_breakdown(cascade), forward_flops_breakdown(parallel)
+    n, q, wv, d = cascade.image_tokens, cascade.caption_queries, cascade.vision_width, cascade.pooled_width
+    # the contrastive pooler's k, v projections see n tokens of the ViT's width instead of q caption tokens
+    assert b["poolers"] - a["poolers"] == 2 * 2 * (n * wv * d - q * d * d)
+    assert b["poolers_attention"] - a["poolers_attention"] == 2 * 2 * (n - q) * d
+    assert {k: v for k, v in a.items() if not k.startswith("poolers")} == \
+        {k: v for k, v in b.items() if not k.startswith("poolers")}

@@ -196,6 +196,31 @@ def test_paper_pooler_cascades_contrastive_on_caption_tokens():
     torch.testing.assert_close(embedding, expected)
 
 
+def test_paper_pooler_without_cascade_reads_the_image_tokens():
+    """pooler_cascade=False: the contrastive pooler attends to the image tokens, so the embedding owes nothing to
+    the caption pooler (no gradient reaches its query), where the cascade's does."""
+    for cascade in (True, False):
+        torch.manual_seed(0)
+        model = CoCa(tiny_config(pooler_cascade=cascade)).eval()
+        images, _ = make_batch(model.cfg)
+        embedding, caption_tokens = model.image_stage(images)
+        pooler = model.image_pooler
+        if not cascade:
+            expected = pooler.projection(pooler.ln_post(pooler.contrastive_pooler(model.vision(images))[:, 0]))
+            torch.testing.assert_close(embedding, expected)
+        embedding.sum().backward()
+        reached = pooler.caption_pooler.query.grad is not None and pooler.caption_pooler.query.grad.abs().sum() > 0
+        assert reached == cascade
+        assert pooler.contrastive_pooler.query.grad.abs().sum() > 0
+
+
+def test_pooler_query_std_sets_the_queries_initial_scale():
+    for std in (0.02, 1.0):
+        torch.manual_seed(0)
+        model = CoCa(tiny_config(caption_queries=256, pooler_query_std=std))
+        assert model.image_pooler.caption_pooler.query.std().item() == pytest.approx(std, rel=0.1)
+
+
 def test_open_clip_pooler_uses_query_zero_for_contrastive():
     torch.manual_seed(0)
     cfg = tiny_config(pooler_layout="open_clip", vision_class_token=True)
@@ -283,6 +308,8 @@ def test_text_longer_than_context_is_a_clear_error():
         (dict(kernels="cuda"), "kernels must be"),
         (dict(pad_id=50), "pad_id 50"),
         (dict(decoder_layers=0), "decoder_layers must be >= 1"),
+        (dict(pooler_layout="open_clip", pooler_cascade=False), "pooler_cascade=false is a variant of the paper"),
+        (dict(pooler_query_std=0.0), "pooler_query_std must be > 0"),
     ],
 )
 def test_config_errors_are_one_line_and_name_the_field(changes, message):

@@ -29,9 +29,10 @@ def _saved_bytes(model, images, text) -> int:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("changes", [
     {},  # coca_tiny: paper poolers
+    {"pooler_cascade": False},  # the paper's poolers side by side
     {"pooler_layout": "open_clip", "decoder_mlp_after_self_attn": True, "vision_heads": 2, "text_heads": 2,
      "vision_mlp_dim": 384, "text_mlp_dim": 320, "caption_queries": 17, "vocab_size": 777},
-], ids=["paper", "open_clip-odd"])
+], ids=["paper", "paper-parallel-poolers", "open_clip-odd"])
 def test_activations_match_what_autograd_saves(dtype, changes):
     cfg = get_flavor("coca_tiny", kernels="torch", **changes)
     torch.manual_seed(0)

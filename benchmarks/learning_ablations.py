@@ -1,0 +1,148 @@
+"""Learning curves of coca_tiny on the synth-shapes demo data under model / loss variants, over seeds (issue 12).
+
+Each run trains the `coca_tiny_cpu` recipe with the demo's data settings (64 px, patch 8, context 12, the demo's
+SentencePiece tokenizer) on ONE rank (ZeRO-0 fp32, one thread) through the deepspeed launcher, `--parallel` runs
+at a time, evaluates on the held-out split every `--eval-every` steps (the trainer's periodic eval: zero-shot
+top-1 with colour and shape scored separately, retrieval, caption match), and the script prints one table per
+metric: variant x step, the mean over seeds with the spread (min-max), plus each run's wall time. Not a test.
+
+    make demo-data   # or: bash scripts/demo.sh once (it writes data/shapes)
+    .venv/bin/python benchmarks/learning_ablations.py --variants paper open_clip --seeds 0 1 2 --json /tmp/a.json
+    .venv/bin/python benchmarks/learning_ablations.py --variants paper paper_parallel --steps 600 --seeds 0 1
+
+The variants (VARIANTS below) are `--set` overrides on top of the common settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+MODEL = "model.overrides."
+VARIANTS: dict[str, list[str]] = {
+    # the two pooler layouts (megacoca.models.coca.poolers)
+    "paper": [MODEL + "pooler_layout=paper"],
+    "open_clip": [MODEL + "pooler_layout=open_clip"],
+    # the paper layout's ablations
+    "paper_parallel": [MODEL + "pooler_layout=paper", MODEL + "pooler_cascade=false"],
+    "paper_q8": [MODEL + "pooler_layout=paper", MODEL + "caption_queries=8"],
+    "paper_q1": [MODEL + "pooler_layout=paper", MODEL + "caption_queries=1"],
+    "paper_query_std1": [MODEL + "pooler_layout=paper", MODEL + "pooler_query_std=1.0"],
+    "open_clip_query_std1": [MODEL + "pooler_layout=open_clip", MODEL + "pooler_query_std=1.0"],
+    "paper_lr2x": [MODEL + "pooler_layout=paper", "optim.lr=2e-3"],
+    # the losses (issue 12 section 3): contrastive-only and captioning-only against CoCa
+    "contrastive_only": ["optim.caption_weight=0"],
+    "captioning_only": ["optim.contrastive_weight=0"],
+}
+METRICS = ("zeroshot_shape_acc", "zeroshot_top1", "caption_match", "i2t_r1")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(variant: str, seed: int, args, run_dir: str) -> list[str]:
+    data = args.data
+    sets = [f"data.tokenizer={data}/tokenizer.model", f"schedule.steps={args.steps}",
+            f"schedule.global_batch_size={args.batch}", f"schedule.micro_batch_size={args.batch}",
+            f"schedule.warmup_steps={args.warmup}", f"optim.lr={args.lr}", f"schedule.decay={args.decay}",
+            f"eval.every={args.eval_every}", "checkpoint.every=0", "checkpoint.save_final=false",
+            "logging.tensorboard=false", f"seed={seed}", MODEL + "context_length=12", MODEL + "image_size=64",
+            MODEL + "patch_size=8", *VARIANTS[variant], *args.set]
+    return ["deepspeed", "--num_gpus", "1", "--master_port", str(_free_port()), "--module", "megacoca.train",
+            "--recipe", "coca_tiny_cpu", "--train-shards", f"{data}/train", "--val-shards", f"{data}/val",
+            "--run-dir", run_dir, "--deepspeed-config", "zero0_fp32",
+            *(word for s in sets for word in ("--set", s))]
+
+
+def curve(run_dir: str) -> dict[int, dict]:
+    out = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            if "eval/zeroshot_top1" in record:
+                out[record["step"]] = {m: record[f"eval/{m}"] for m in METRICS}
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", nargs="+", default=["paper", "open_clip"], choices=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--decay", default="constant")
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--parallel", type=int, default=2, help="runs at a time (one thread each)")
+    parser.add_argument("--data", default=os.path.join(REPO, "data", "shapes"))
+    parser.add_argument("--out", default=os.path.join(REPO, "runs", "ablations"))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="for every run")
+    parser.add_argument("--json", metavar="PATH", help="also write every run's curve and wall time")
+    args = parser.parse_args(argv)
+    if not os.path.exists(os.path.join(args.data, "tokenizer.model")):
+        parser.error(f"{args.data}: no demo data (run `bash scripts/demo.sh` once, or `make demo`)")
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    queue = [(v, s) for s in args.seeds for v in args.variants]
+    running, results = [], {}
+    while queue or running:
+        while queue and len(running) < args.parallel:
+            variant, seed = queue.pop(0)
+            run_dir = os.path.join(args.out, f"{variant}_s{seed}")
+            os.makedirs(run_dir, exist_ok=True)
+            log = open(os.path.join(run_dir, "train.log"), "w")
+            proc = subprocess.Popen(command(variant, seed, args, run_dir), cwd=REPO, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT)
+            running.append((variant, seed, run_dir, proc, log, time.perf_counter()))
+        time.sleep(2)
+        for item in list(running):
+            variant, seed, run_dir, proc, log, began = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            log.close()
+            seconds = time.perf_counter() - began
+            if proc.returncode:
+                print(f"{variant} seed {seed}: FAILED (exit {proc.returncode}), see {run_dir}/train.log", flush=True)
+                continue
+            results[(variant, seed)] = {"curve": curve(run_dir), "wall_s": round(seconds, 1)}
+            last = results[(variant, seed)]["curve"][max(results[(variant, seed)]["curve"])]
+            print(f"{variant} seed {seed}: {seconds:.0f} s, final " +
+                  ", ".join(f"{m} {last[m]:.3f}" for m in METRICS), flush=True)
+
+    steps = sorted({step for r in results.values() for step in r["curve"]})
+    for metric in METRICS:
+        print(f"\n{metric}: mean over seeds {args.seeds} (min-max)\n")
+        print("| variant | " + " | ".join(f"step {s}" for s in steps) + " | wall s |")
+        print("|---|" + "---|" * (len(steps) + 1))
+        for variant in args.variants:
+            runs = [results[(variant, s)] for s in args.seeds if (variant, s) in results]
+            cells = []
+            for step in steps:
+                values = [r["curve"][step][metric] for r in runs if step in r["curve"]]
+                cells.append(f"{statistics.fmean(values):.3f} ({min(values):.2f}-{max(values):.2f})" if values
+                             else "-")
+            wall = statistics.fmean(r["wall_s"] for r in runs) if runs else 0
+            print(f"| {variant} | " + " | ".join(cells) + f" | {wall:.0f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "runs": [{"variant": v, "seed": s, **r} for (v, s), r in results.items()]},
+                      f, indent=1)
+    return 0 if len(results) == len(args.variants) * len(args.seeds) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
