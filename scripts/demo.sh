@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU demo (`make demo`): synth-shapes data -> SentencePiece tokenizer -> coca_tiny trained on 2 ranks
-# through the deepspeed launcher with ZeRO-3 (the coca_tiny_cpu recipe partitions every parameter; the log line
+# through the deepspeed launcher with ZeRO-3 (the coca_tiny_shapes recipe: every parameter partitioned; the log line
 # "ZeRO-3 partitions N/N tensors" says so) -> held-out eval (runs/demo/eval.json) -> curves
 # (runs/demo/curves.png) -> a short table. Fails (exit 1) if the model did not learn:
 # zero-shot top-1 >= MIN_ZEROSHOT and caption match >= MIN_CAPTION on held-out single-object images (chance ~0.04).
@@ -17,23 +17,14 @@ NPROC=${NPROC:-2}
 TRAIN_SAMPLES=${TRAIN_SAMPLES:-20000}
 VAL_SAMPLES=${VAL_SAMPLES:-1200}
 DATA_SEED=${DATA_SEED:-0}  # synth-shapes generator seed (the training seed is the recipe's: EXTRA_SETS="--set seed=N")
-IMAGE_SIZE=${IMAGE_SIZE:-64}  # the data's and the model's
-PATCH_SIZE=${PATCH_SIZE:-8}
+IMAGE_SIZE=${IMAGE_SIZE:-64}  # the data's (and, when set, the model's; coca_tiny's is 64 with patch 8)
 TWO_OBJECT_FRACTION=${TWO_OBJECT_FRACTION:-0.0}  # held-out images have one object; two-object captions cost steps
 VOCAB_SIZE=${VOCAB_SIZE:-128}
-# training (on top of the coca_tiny_cpu recipe)
-CONTEXT_LENGTH=${CONTEXT_LENGTH:-12}  # single-object captions are <= 10 tokens with bos and eos
-# One attentional pooler (query 0 = contrastive embedding) instead of the paper's cascade: in one earlier run the
-# cascade had not learned shape by step 900 where this layout had (a single run; issue 12 measures it properly).
-POOLER_LAYOUT=${POOLER_LAYOUT:-open_clip}
-STEPS=${STEPS:-1500}
-GLOBAL_BATCH=${GLOBAL_BATCH:-64}
-LR=${LR:-1e-3}
-WARMUP=${WARMUP:-50}
-LR_DECAY=${LR_DECAY:-cosine}  # after warmup: cosine, linear or constant
-EVAL_EVERY=${EVAL_EVERY:-300}
-DS_CONFIG=${DS_CONFIG:-zero3_fp32}  # CPU: fp32 is as fast as bf16 here and safer
-EXTRA_SETS=${EXTRA_SETS:-}  # more `--set KEY=VALUE` words, e.g. "--set model.overrides.vision_layers=4"
+# training: the coca_tiny_shapes recipe (megacoca/config/train.py) holds every setting; any of these, when set,
+# overrides it: STEPS GLOBAL_BATCH LR WARMUP LR_DECAY EVAL_EVERY DS_CONFIG POOLER_LAYOUT, and EXTRA_SETS (more
+# `--set KEY=VALUE` words, e.g. "--set seed=1")
+RECIPE=${RECIPE:-coca_tiny_shapes}
+EXTRA_SETS=${EXTRA_SETS:-}
 # pass/fail
 MIN_ZEROSHOT=${MIN_ZEROSHOT:-0.50}
 MIN_CAPTION=${MIN_CAPTION:-0.60}
@@ -61,20 +52,28 @@ else
 fi
 t_data=$(since "$t_start")
 
-echo "== train: coca_tiny (${IMAGE_SIZE}px, patch $PATCH_SIZE) on $NPROC ranks (deepspeed launcher, $DS_CONFIG), $STEPS steps of $GLOBAL_BATCH"
+sets=()
+[[ -n "${STEPS:-}" ]] && sets+=(--set "schedule.steps=$STEPS")
+if [[ -n "${GLOBAL_BATCH:-}" ]]; then
+  sets+=(--set "schedule.global_batch_size=$GLOBAL_BATCH" --set "schedule.micro_batch_size=$((GLOBAL_BATCH / NPROC))")
+elif [[ "$NPROC" != 2 ]]; then
+  sets+=(--set "schedule.micro_batch_size=$((128 / NPROC))")  # the recipe's 128 per step, no accumulation
+fi
+[[ -n "${LR:-}" ]] && sets+=(--set "optim.lr=$LR")
+[[ -n "${WARMUP:-}" ]] && sets+=(--set "schedule.warmup_steps=$WARMUP")
+[[ -n "${LR_DECAY:-}" ]] && sets+=(--set "schedule.decay=$LR_DECAY")
+[[ -n "${EVAL_EVERY:-}" ]] && sets+=(--set "eval.every=$EVAL_EVERY")
+[[ -n "${DS_CONFIG:-}" ]] && sets+=(--deepspeed-config "$DS_CONFIG")
+[[ -n "${POOLER_LAYOUT:-}" ]] && sets+=(--set "model.overrides.pooler_layout=$POOLER_LAYOUT")
+[[ "$IMAGE_SIZE" != 64 ]] && sets+=(--set "model.overrides.image_size=$IMAGE_SIZE")
+
+echo "== train: recipe $RECIPE on $NPROC ranks (deepspeed launcher) ${sets[*]:-} $EXTRA_SETS"
 rm -rf "$RUN_DIR"
 t_train0=$(now)
 # shellcheck disable=SC2086
-deepspeed --num_gpus "$NPROC" --master_port "$MASTER_PORT" --module megacoca.train --recipe coca_tiny_cpu \
+deepspeed --num_gpus "$NPROC" --master_port "$MASTER_PORT" --module megacoca.train --recipe "$RECIPE" \
   --train-shards "$DATA_DIR/train" --val-shards "$DATA_DIR/val" --run-dir "$RUN_DIR" \
-  --deepspeed-config "$DS_CONFIG" \
-  --set data.tokenizer="$DATA_DIR/tokenizer.model" \
-  --set schedule.steps="$STEPS" --set schedule.global_batch_size="$GLOBAL_BATCH" \
-  --set schedule.micro_batch_size=$((GLOBAL_BATCH / NPROC)) --set schedule.warmup_steps="$WARMUP" \
-  --set optim.lr="$LR" --set schedule.decay="$LR_DECAY" --set eval.every="$EVAL_EVERY" --set checkpoint.every=0 \
-  --set model.overrides.context_length="$CONTEXT_LENGTH" --set model.overrides.pooler_layout="$POOLER_LAYOUT" \
-  --set model.overrides.image_size="$IMAGE_SIZE" --set model.overrides.patch_size="$PATCH_SIZE" \
-  $EXTRA_SETS
+  --set data.tokenizer="$DATA_DIR/tokenizer.model" ${sets[@]+"${sets[@]}"} $EXTRA_SETS
 t_train=$(since "$t_train0")
 
 echo "== eval: held-out split $DATA_DIR/val"

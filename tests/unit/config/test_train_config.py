@@ -115,3 +115,14 @@ def test_parse_set_values():
     assert parse_set("a.b=3") == ("a.b", 3)
     assert parse_set("a.b=null") == ("a.b", None)
     assert parse_set("a.b=x=y") == ("a.b", "x=y")
+
+
+def test_the_demo_recipe_holds_the_demo_settings():
+    """scripts/demo.sh runs `coca_tiny_shapes` with no overrides but the data paths: its settings live here."""
+    demo = get_recipe("coca_tiny_shapes")
+    assert demo.parallel.deepspeed_config == "zero3_fp32"
+    assert demo.parallel.deepspeed_overrides == {"zero_optimization.stage3_param_persistence_threshold": 0}
+    assert (demo.schedule.steps, demo.schedule.global_batch_size, demo.schedule.micro_batch_size) == (1200, 128, 64)
+    assert demo.data.tokenizer == "data/shapes/tokenizer.model" and demo.eval.every > 0
+    cfg = demo.model_config()
+    assert cfg.context_length == 12 and cfg.pooler_layout == "paper" and cfg.image_size == 64
