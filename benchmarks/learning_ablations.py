@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
 MODEL = "model.overrides."
 VARIANTS: dict[str, list[str]] = {
@@ -45,12 +45,6 @@ VARIANTS: dict[str, list[str]] = {
 METRICS = ("zeroshot_shape_acc", "zeroshot_top1", "caption_match", "i2t_r1")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def command(variant: str, seed: int, args, run_dir: str) -> list[str]:
     data = args.data
     sets = [f"data.tokenizer={data}/tokenizer.model", f"schedule.steps={args.steps}",
@@ -59,6 +53,8 @@ def command(variant: str, seed: int, args, run_dir: str) -> list[str]:
             f"eval.every={args.eval_every}", "checkpoint.every=0", "checkpoint.save_final=false",
             "logging.tensorboard=false", f"seed={seed}", MODEL + "context_length=12", MODEL + "image_size=64",
             MODEL + "patch_size=8", *VARIANTS[variant], *args.set]
+    from megacoca.train import _free_port  # a port nobody listens on, for the launcher's rendezvous
+
     return ["deepspeed", "--num_gpus", "1", "--master_port", str(_free_port()), "--module", "megacoca.train",
             "--recipe", "coca_tiny_cpu", "--train-shards", f"{data}/train", "--val-shards", f"{data}/val",
             "--run-dir", run_dir, "--deepspeed-config", "zero0_fp32",

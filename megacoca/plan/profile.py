@@ -86,9 +86,6 @@ class DeviceProfile:
             return self.collective_latency_s * max(ranks - 1, 1) / (self.collective_ranks - 1)
         return self.collective_latency_s
 
-    def sample_seconds(self) -> float:
-        return float(self.sample_overhead_s)
-
     def parallel_overhead(self, kind: str) -> float:
         return float(self.parallel_overhead_s.get(kind, 0.0))
 

@@ -205,8 +205,9 @@ def predict_time(cfg, layout: Layout, profile: DeviceProfile) -> StepTime:
     if pp > 1:
         p2p = _ring(b * cfg.image_tokens * cfg.vision_width * e, 2, _bandwidth(t * pp, profile),
                     profile.latency(2), factor=1.0)  # one send: 2 ranks, (n-1)/n = 1/2 x 2
-    tensors = [len(stage.numels) for stage in stage_tensors(cfg, t, pp)]
-    stage_params = [stage.elements for stage in stage_tensors(cfg, t, pp)]
+    shards = stage_tensors(cfg, t, pp)  # each stage's parameters on one tensor rank
+    tensors = [len(stage.numels) for stage in shards]
+    stage_params = [stage.elements for stage in shards]
     # ZeRO-3 gathers a block's parameters (with its hooks, per tensor) for every forward it runs: a recomputed
     # forward is a fourth pass over them after forward, backward and the gradients' reduce-scatter
     zero3_passes = 4 / 3 if layout.zero == 3 and layout.checkpointing else 1.0
@@ -215,7 +216,7 @@ def predict_time(cfg, layout: Layout, profile: DeviceProfile) -> StepTime:
     text_blocks = cfg.text_layers + cfg.decoder_layers + 2  # + the poolers
     for s, (vit_blocks, text_side) in enumerate(stages):
         work = stage_work(cfg, vit_blocks, text_side, t, layout.checkpointing, patch_embedding=s == 0)
-        per_sample = work_seconds(work, profile, layout.precision) + (profile.sample_seconds() if text_side else 0.0)
+        per_sample = work_seconds(work, profile, layout.precision) + (profile.sample_overhead_s if text_side else 0.0)
         compute = b * per_sample \
             + stage_params[s] * profile.micro_param(layout.zero) * zero3_passes  # the engine's per-parameter work
         blocks = vit_blocks + (text_blocks if text_side else 0)
@@ -243,7 +244,7 @@ def predict_time(cfg, layout: Layout, profile: DeviceProfile) -> StepTime:
                              max(f + b for f, b in zip(forward, backward)))
 
     # data parallelism, per rank of the largest stage
-    params = max(stage.elements for stage in stage_tensors(cfg, t, pp))
+    params = max(stage_params)
     dp = layout.dp
     dp_bw = _bandwidth(dp * t * pp, profile) if dp > 1 else profile.intra_node_bw
     per_micro, per_step = dp_comm(layout.zero, e * params, dp, dp_bw, profile.latency(dp))
@@ -252,8 +253,8 @@ def predict_time(cfg, layout: Layout, profile: DeviceProfile) -> StepTime:
     if layout.zero == 0:  # the all-reduce after the last backward
         dp_exposed, after_step = per_step, 0.0
     elif layout.zero == 1:  # the reduce-scatter under the last backward, the all-gather of the weights after the step
-        reduce = _ring(e * params, dp, dp_bw, profile.latency(dp), factor=1.0)
-        dp_exposed, after_step = max(reduce - overlap * last_backward, 0.0), per_step - reduce
+        reduce = after_step = per_step / 2
+        dp_exposed = max(reduce - overlap * last_backward, 0.0)
     elif layout.zero == 2:  # a reduce-scatter under every backward, the all-gather after the step
         dp_exposed, after_step = m * max(per_micro - overlap * last_backward, 0.0), per_step
     else:  # gathers and reduce-scatters prefetched under each micro-batch's compute; the first gather exposed
