@@ -262,6 +262,8 @@ def fit_rates(works: list[dict[str, float]], seconds: list[float]) -> tuple[floa
 
     if len(works) != len(seconds) or not works:
         raise ValueError("fit_rates needs as many times as work counts, at least one")
+    if min(seconds) <= 0:
+        raise ValueError(f"fit_rates needs times > 0 (relative residuals), got {seconds}")
     kinds = list(works[0])
     columns = {"overhead": [1.0] * len(works), **{k: [w[k] for w in works] for k in kinds}}
     y = np.asarray(seconds, dtype=float)
@@ -736,8 +738,11 @@ def build_profile(m: Measurement) -> tuple[DeviceProfile, dict]:
             return calls + sum(work[kind] / rate for kind, rate in attention_rates.items())
 
         block_times[p] = [statistics.fmean(r["block"][p][shape] for r in compute) for shape in shapes]
+        # the attention fit comes from separate calls: on a noisy run it can claim all of a small block's time, so
+        # a block keeps at least a tenth of its time for its own work (a zero would leave nothing to fit)
         overhead, rates = fit_rates([{k: w[k] for k in ("flops", "elementwise")} for w in block_works],
-                                    [max(t - attention_seconds(w), 0.0) for t, w in zip(block_times[p], block_works)])
+                                    [max(t - attention_seconds(w), 0.1 * t)
+                                     for t, w in zip(block_times[p], block_works)])
         block_fit[p] = (overhead + calls, {**rates, **attention_rates})
 
     residual = None
