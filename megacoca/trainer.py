@@ -187,12 +187,13 @@ class Trainer:
             keep_gathered = job.parallel.pipeline_keep_gathered and zero_stage(self.ds_config) == 3
             self.pipeline = PipelineRunner(self.engine, self.dims, micro_batches=self.grad_accum,
                                            text_ahead=text_ahead, loss_fn=self.loss_fn, dtype=self.dtype,
-                                           keep_gathered=keep_gathered, loss_gate=self._gate)
+                                           keep_gathered=keep_gathered, loss_gate=self._gate,
+                                           model_kwargs=self.coca_loss.model_kwargs)
         self.step = 0
         self.history: list[dict] = []  # the train records this rank computed (all ranks, for tests)
 
         precision = "bf16" if self.dtype == torch.bfloat16 else "fp32"
-        self.flops_per_sample = train_flops_per_sample(self.model_config)
+        self.flops_per_sample = train_flops_per_sample(self.model_config, **self.coca_loss.model_kwargs)
         self.device_name = current_device_name()
         self.peak = peak_flops(self.device_name, precision)
         self.logger = logger or MetricsLogger(job.run_dir, enabled=self.rank == 0,
@@ -276,7 +277,7 @@ class Trainer:
         `sums` (on the device) and returns it."""
         images = batch["images"].to(self.device, dtype=self.dtype, non_blocking=True)
         text = batch["text"].to(self.device, non_blocking=True)
-        out = self.engine(images, text)
+        out = self.engine(images, text, **self.coca_loss.model_kwargs)
         loss, parts = self.loss_fn(out, dp_group=self.dims.dp_group)
         sums += torch.stack([loss.detach().float(), parts["loss_contrastive"].float(), parts["loss_caption"].float(),
                              parts["logit_scale"].float()])
@@ -390,6 +391,9 @@ class Trainer:
             skipped = result["skipped"]
             if skipped or self.step % job.logging.log_every == 0 or self.step == job.schedule.steps:
                 losses = self._reduce(result["sums"])
+                for index, active in ((1, self.coca_loss.contrastive), (2, self.coca_loss.captioning)):
+                    if not active:
+                        losses[index] = None  # an objective the job dropped (its weight is 0)
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - window_start

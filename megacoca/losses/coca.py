@@ -1,4 +1,10 @@
-"""CoCa objective: weighted contrastive + captioning losses (paper weights 1.0 and 2.0)."""
+"""CoCa objective: weighted contrastive + captioning losses (paper weights 1.0 and 2.0).
+
+A weight of 0 drops that objective (the paper's contrastive-only and captioning-only ablations, Table 8b): the
+model is asked not to compute it at all (`model_kwargs`: no multimodal decoder and caption head without
+captioning, no contrastive pooler and projection without contrastive), so the ablation also costs what it
+would cost on its own. Its logged loss is then 0 here and None in the train record (`active_parts`).
+"""
 
 from __future__ import annotations
 
@@ -17,16 +23,35 @@ class CoCaLoss:
             )
         self.contrastive_weight = contrastive_weight
         self.caption_weight = caption_weight
+        self.contrastive = contrastive_weight > 0
+        self.captioning = caption_weight > 0
+
+    @property
+    def model_kwargs(self) -> dict:
+        """What the model's training forward (CoCa.forward, a pipeline's last stage) must compute for this loss."""
+        return {"contrastive": self.contrastive, "captioning": self.captioning}
+
+    @property
+    def active_parts(self) -> dict[str, bool]:
+        return {"loss_contrastive": self.contrastive, "loss_caption": self.captioning}
 
     def __call__(self, out: dict, dp_group=None) -> tuple[torch.Tensor, dict]:
-        loss_contrastive = contrastive_loss(
-            out["image_features"], out["text_features"], out["logit_scale"], dp_group
-        )
-        loss_caption = caption_loss(out["caption_loss_sum"], out["caption_tokens"], dp_group)
-        loss = self.contrastive_weight * loss_contrastive + self.caption_weight * loss_caption
+        logit_scale = out["logit_scale"]
+        zero = torch.zeros((), device=logit_scale.device)
+        loss_contrastive = loss_caption = zero
+        if self.contrastive:
+            loss_contrastive = contrastive_loss(out["image_features"], out["text_features"], logit_scale, dp_group)
+        if self.captioning:
+            loss_caption = caption_loss(out["caption_loss_sum"], out["caption_tokens"], dp_group)
+        if self.contrastive and self.captioning:
+            loss = self.contrastive_weight * loss_contrastive + self.caption_weight * loss_caption
+        elif self.contrastive:
+            loss = self.contrastive_weight * loss_contrastive
+        else:
+            loss = self.caption_weight * loss_caption
         parts = {
             "loss_contrastive": loss_contrastive.detach(),
             "loss_caption": loss_caption.detach(),
-            "logit_scale": out["logit_scale"].detach().reshape(()),
+            "logit_scale": logit_scale.detach().reshape(()),
         }
         return loss, parts

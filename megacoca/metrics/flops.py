@@ -87,13 +87,33 @@ def forward_flops_breakdown(cfg: CoCaConfig) -> dict[str, int]:
     return parts
 
 
-def forward_flops_per_sample(cfg: CoCaConfig) -> int:
-    return sum(forward_flops_breakdown(cfg).values())
+def objective_only_flops(cfg: CoCaConfig) -> dict[str, int]:
+    """Forward FLOPs per pair that only one objective needs, left out by a forward without it (CoCa.forward's
+    contrastive= / captioning=): "captioning" the multimodal decoder and the vocabulary head; "contrastive" the
+    image projection and the paper layout's contrastive pooler. The unimodal text tower runs whole either way
+    (its CLS position and projection too), and so does the paper layout's caption pooler, which the cascaded
+    contrastive pooler reads."""
+    parts = forward_flops_breakdown(cfg)
+    contrastive = _linear(1, cfg.pooled_width, cfg.embed_dim)
+    if cfg.pooler_layout == "paper":
+        d = cfg.pooled_width
+        contrastive += sum(_pooler(1, cfg.caption_queries, d, d) if cfg.pooler_cascade
+                           else _pooler(1, cfg.image_tokens, cfg.vision_width, d))
+    captioning = (parts["decoder"] + parts["decoder_attention"]
+                  + _linear(cfg.context_length - 1, cfg.text_width, cfg.vocab_size))
+    return {"contrastive": contrastive, "captioning": captioning}
 
 
-def train_flops_per_sample(cfg: CoCaConfig) -> int:
-    """Model FLOPs of one training step per image-text pair: 3 x forward (see module docstring)."""
-    return 3 * forward_flops_per_sample(cfg)
+def forward_flops_per_sample(cfg: CoCaConfig, *, contrastive: bool = True, captioning: bool = True) -> int:
+    total = sum(forward_flops_breakdown(cfg).values())
+    only = objective_only_flops(cfg)
+    return total - (0 if contrastive else only["contrastive"]) - (0 if captioning else only["captioning"])
+
+
+def train_flops_per_sample(cfg: CoCaConfig, *, contrastive: bool = True, captioning: bool = True) -> int:
+    """Model FLOPs of one training step per image-text pair: 3 x forward (see module docstring); without one
+    objective, of what its forward still runs."""
+    return 3 * forward_flops_per_sample(cfg, contrastive=contrastive, captioning=captioning)
 
 
 def attention_share(cfg: CoCaConfig) -> float:

@@ -30,10 +30,10 @@ def apply_text_overlap(model) -> None:
     order without streams."""
     streams: dict[torch.device, torch.cuda.Stream] = {}
 
-    def towers(images: torch.Tensor, text: torch.Tensor, keep: int):
+    def towers(images: torch.Tensor, text: torch.Tensor, keep: int, contrastive: bool = True):
         if not images.is_cuda:
             text_out = model.text_stage(text, keep)
-            return model.image_stage(images), text_out
+            return model.image_stage(images, contrastive), text_out
         main = torch.cuda.current_stream(images.device)
         side = streams.get(images.device)
         if side is None:
@@ -41,7 +41,7 @@ def apply_text_overlap(model) -> None:
         side.wait_stream(main)  # the inputs (and last step's updated weights) are ready
         with torch.cuda.stream(side):
             text_out = model.text_stage(text, keep)
-        image_out = model.image_stage(images)
+        image_out = model.image_stage(images, contrastive)
         main.wait_stream(side)
         for tensor in text_out:
             tensor.record_stream(main)  # allocated on the side stream, used (and freed) on the current one

@@ -30,9 +30,12 @@ def reference_run(job, cfg, *, steps: int, global_batch_size: int, accumulation:
         total = 0.0
         for micro in range(accumulation):
             batch = global_batch((step * accumulation + micro) * micro_samples, micro_samples, cfg)
-            loss, _ = loss_fn(model(batch["images"], batch["text"]))
+            loss, _ = loss_fn(model(batch["images"], batch["text"], **loss_fn.model_kwargs))
             (loss / accumulation).backward()
             total += loss.item() / accumulation
+        for param in model.parameters():  # one a dropped objective's forward skipped (a weight of 0)
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)  # what DeepSpeed's optimizers step on: AdamW still decays it
         if first_grads is None:
             first_grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
         norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), job.optim.grad_clip).item())

@@ -63,17 +63,20 @@ class JoinedTowers:
     def clamped_logit_scale(self) -> torch.Tensor:
         return self.logit_scale.clamp(max=self.cfg.max_logit_scale).exp()
 
-    def joined_outputs(self, image_embedding: torch.Tensor, caption_tokens: torch.Tensor,
+    def joined_outputs(self, image_embedding: torch.Tensor | None, caption_tokens: torch.Tensor,
                        text_embedding: torch.Tensor, token_outputs: torch.Tensor, text: torch.Tensor, keep: int, *,
-                       caption_loss: bool = True) -> dict:
-        """The training outputs (docs/design.md) from the two towers' outputs and the text (B, L)."""
+                       caption_loss: bool = True, contrastive: bool = True, captioning: bool = True) -> dict:
+        """The training outputs (docs/design.md) from the two towers' outputs and the text (B, L). Without
+        `contrastive` there are no features; without `captioning` the multimodal decoder and the caption head
+        do not run (`caption_loss` then means nothing)."""
         cfg = self.cfg
+        out = {"logit_scale": self.clamped_logit_scale()}
+        if contrastive:
+            out["image_features"] = F.normalize(image_embedding, dim=-1)
+            out["text_features"] = F.normalize(text_embedding, dim=-1)
+        if not captioning:
+            return out
         hidden = self.decode(token_outputs[:, :-1], caption_tokens)
-        out = {
-            "image_features": F.normalize(image_embedding, dim=-1),
-            "text_features": F.normalize(text_embedding, dim=-1),
-            "logit_scale": self.clamped_logit_scale(),
-        }
         targets = text[:, 1:keep]
         if caption_loss:
             out["caption_loss_sum"] = self.caption_head(
@@ -168,9 +171,10 @@ class CoCa(JoinedTowers, nn.Module):
                 param.copy_(self.initial_value(name, tuple(param.shape)))
 
     # ---- stages ---------------------------------------------------------------------------------------------
-    def image_stage(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (B, 3, H, W) -> (unnormalised contrastive embedding (B, E), caption image tokens (B, Q, width))."""
-        return self.image_pooler(self.vision(images))
+    def image_stage(self, images: torch.Tensor, contrastive: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """images (B, 3, H, W) -> (unnormalised contrastive embedding (B, E), caption image tokens (B, Q, width)); the
+        embedding is None (not computed) with `contrastive=False`."""
+        return self.image_pooler(self.vision(images), contrastive)
 
     def text_stage(self, text: torch.Tensor, keep: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """text (B, L) -> (unnormalised text embedding (B, E), token outputs (B, keep, width)). `keep` runs only
@@ -186,17 +190,25 @@ class CoCa(JoinedTowers, nn.Module):
         return F.normalize(embedding, dim=-1) if normalize else embedding
 
     # ---- training forward -----------------------------------------------------------------------------------
-    def towers(self, images: torch.Tensor, text: torch.Tensor, keep: int) -> tuple[tuple, tuple]:
-        """Both towers, independent of each other: (image_stage(images), text_stage(text, keep)). The parallelize
-        step may replace this (per instance) by a version that runs the text tower concurrently."""
-        return self.image_stage(images), self.text_stage(text, keep)
+    def towers(self, images: torch.Tensor, text: torch.Tensor, keep: int,
+               contrastive: bool = True) -> tuple[tuple, tuple]:
+        """Both towers, independent of each other: (image_stage(images, contrastive), text_stage(text, keep)).
+        The parallelize step may replace this (per instance) by a version that runs the text tower
+        concurrently."""
+        return self.image_stage(images, contrastive), self.text_stage(text, keep)
 
-    def forward(self, images: torch.Tensor, text: torch.Tensor, *, caption_loss: bool = True) -> dict:
-        """images (B, 3, H, W); text (B, L): bos, tokens, eos, pads. See docs/design.md for the outputs."""
-        keep = self.text_keep(text) if caption_loss else text.shape[1]
-        (image_embedding, caption_tokens), (text_embedding, token_outputs) = self.towers(images, text, keep)
+    def forward(self, images: torch.Tensor, text: torch.Tensor, *, caption_loss: bool = True,
+                contrastive: bool = True, captioning: bool = True) -> dict:
+        """images (B, 3, H, W); text (B, L): bos, tokens, eos, pads. See docs/design.md for the outputs.
+        `contrastive` / `captioning` = False compute only what the other objective needs (the ablations of
+        the paper's Table 8b: CoCaLoss.model_kwargs)."""
+        if not (contrastive or captioning):
+            raise ValueError("a CoCa forward needs the contrastive or the captioning outputs (or both)")
+        keep = self.text_keep(text) if caption_loss and captioning else text.shape[1]
+        (image_embedding, caption_tokens), (text_embedding, token_outputs) = self.towers(images, text, keep,
+                                                                                           contrastive)
         return self.joined_outputs(image_embedding, caption_tokens, text_embedding, token_outputs, text, keep,
-                                   caption_loss=caption_loss)
+                                   caption_loss=caption_loss, contrastive=contrastive, captioning=captioning)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -47,13 +47,20 @@ class ImagePooler(nn.Module):
         self.ln_post = LayerNorm(width, cfg.ln_eps, cfg.kernels)
         self.projection = nn.Linear(width, cfg.embed_dim, bias=False)
 
-    def forward(self, image_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, image_tokens: torch.Tensor,
+                contrastive: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """`contrastive=False` (captioning-only training) skips what only the contrastive embedding needs (the
+        contrastive pooler, the projection) and returns None for it."""
         pooled = self.caption_pooler(image_tokens)
         if self.contrastive_pooler is not None:
             caption_tokens = pooled
+            if not contrastive:
+                return None, caption_tokens
             context = caption_tokens if self.cascade else image_tokens
             embedding = self.ln_post(self.contrastive_pooler(context)[:, 0])
         else:
             pooled = self.ln_post(pooled)
             embedding, caption_tokens = pooled[:, 0], pooled[:, 1:]
+            if not contrastive:
+                return None, caption_tokens
         return self.projection(embedding), caption_tokens

@@ -29,10 +29,12 @@ from megacoca.parallel.pipeline.schedule import stage_actions
 
 class PipelineRunner:
     def __init__(self, engine, dims, *, micro_batches: int, text_ahead: int, loss_fn, dtype: torch.dtype,
-                 keep_gathered: bool = False, loss_gate=None) -> None:
+                 keep_gathered: bool = False, loss_gate=None, model_kwargs: dict | None = None) -> None:
         """`loss_gate(loss, last_micro, step_loss_sum)`, when given, returns the loss the last stage
-        backpropagates (megacoca.step_guard.StepGuard.gate)."""
+        backpropagates (megacoca.step_guard.StepGuard.gate); `model_kwargs` go to the last stage's training
+        forward (CoCaLoss.model_kwargs: which objectives to compute)."""
         self.engine = engine
+        self.model_kwargs = model_kwargs or {}
         self.loss_gate = loss_gate
         self.stage = engine.module
         self.dims = dims
@@ -111,7 +113,7 @@ class PipelineRunner:
                     inputs[k] = x
                 if stage.is_last:
                     text, keep = text_of(k)
-                    out = engine(x, text=text, keep=keep, text_outputs=text_outputs.pop(k, None))
+                    out = engine(x, text=text, keep=keep, text_outputs=text_outputs.pop(k, None), **self.model_kwargs)
                     loss, parts = self.loss_fn(out, dp_group=self.dims.dp_group)
                     losses[k] = loss
                     sums += torch.stack([loss.detach().float(), parts["loss_contrastive"].float(),

@@ -13,7 +13,7 @@ Forwards (each a call of the stage module, so DeepSpeed's engine and ZeRO-3's ho
   early) -> (text embedding, token outputs);
 - `stage(x, text=..., keep=..., text_outputs=...)` on the last stage: its ViT blocks, the poolers, the text
   tower (unless `text_outputs` came from a "text" call), the decoder and the heads -> the training outputs
-  that CoCaLoss takes, exactly as CoCa.forward returns them;
+  that CoCaLoss takes, exactly as CoCa.forward returns them (`contrastive=` / `captioning=` as there);
 - `stage(x, part="image")`: the stage's share of the image tower alone (evaluation).
 """
 
@@ -59,16 +59,17 @@ class PipelineStage(JoinedTowers, nn.Module):
             x = block(x)
         return x
 
-    def image_part(self, x: torch.Tensor):
+    def image_part(self, x: torch.Tensor, contrastive: bool = True):
         """This stage's share of the image tower: images (stage 0) or the received ViT hidden state -> the ViT hidden
-        state, or on the last stage (unnormalised contrastive embedding, caption image tokens)."""
+        state, or on the last stage (unnormalised contrastive embedding or None, caption image tokens)."""
         if self.is_first:
             x = self.vision.embed(x)
         x = self._blocks(x)
-        return self.image_pooler(x) if self.is_last else x
+        return self.image_pooler(x, contrastive) if self.is_last else x
 
     def forward(self, x: torch.Tensor | None = None, *, text: torch.Tensor | None = None, keep: int | None = None,
-                text_outputs: tuple[torch.Tensor, torch.Tensor] | None = None, part: str = "main"):
+                text_outputs: tuple[torch.Tensor, torch.Tensor] | None = None, part: str = "main",
+                contrastive: bool = True, captioning: bool = True):
         if part == "text":
             if not self.is_last:
                 raise RuntimeError(f"stage {self.stage} has no text tower (the last stage, {self.pp - 1}, has)")
@@ -77,9 +78,10 @@ class PipelineStage(JoinedTowers, nn.Module):
             return self.image_part(x)
         if not self.is_last:
             return self.image_part(x)
-        image_embedding, caption_tokens = self.image_part(x)
+        image_embedding, caption_tokens = self.image_part(x, contrastive)
         if text_outputs is None:
             text_outputs = self.text(text, keep)
         text_embedding, token_outputs = text_outputs
-        return self.joined_outputs(image_embedding, caption_tokens, text_embedding, token_outputs, text, keep)
+        return self.joined_outputs(image_embedding, caption_tokens, text_embedding, token_outputs, text, keep,
+                                   contrastive=contrastive, captioning=captioning)
 

@@ -53,3 +53,21 @@ def test_coca_loss_rejects_bad_weights():
         CoCaLoss(0.0, 0.0)
     with pytest.raises(ValueError, match="must be >= 0"):
         CoCaLoss(-1.0, 2.0)
+
+
+def test_a_zero_weight_drops_its_objective():
+    """A weight of 0 asks the model not to compute that objective (model_kwargs) and reads none of its outputs;
+    its logged part is 0."""
+    image, text = features()
+    contrastive_only = CoCaLoss(contrastive_weight=1.0, caption_weight=0.0)
+    assert contrastive_only.model_kwargs == {"contrastive": True, "captioning": False}
+    loss, parts = contrastive_only({"image_features": image, "text_features": text, "logit_scale": torch.tensor([5.0])})
+    torch.testing.assert_close(loss, contrastive_loss(image, text, torch.tensor([5.0])))
+    assert float(parts["loss_caption"]) == 0.0
+    captioning_only = CoCaLoss(contrastive_weight=0.0, caption_weight=2.0)
+    assert captioning_only.model_kwargs == {"contrastive": False, "captioning": True}
+    loss, parts = captioning_only({"logit_scale": torch.tensor([5.0]), "caption_loss_sum": torch.tensor(20.0),
+                                   "caption_tokens": torch.tensor(10)})
+    torch.testing.assert_close(loss, torch.tensor(4.0))
+    assert float(parts["loss_contrastive"]) == 0.0
+    assert CoCaLoss().model_kwargs == {"contrastive": True, "captioning": True}

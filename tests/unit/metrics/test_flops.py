@@ -1,10 +1,11 @@
 """FLOPs per sample against docs/REFERENCE.md section 6 (forward GFLOP/pair, train TFLOP/pair, attention share)."""
 
 import pytest
+import torch
 
 from megacoca.config.model import CoCaConfig
 from megacoca.metrics.flops import attention_share, forward_flops_breakdown, forward_flops_per_sample, \
-    train_flops_per_sample
+    objective_only_flops, train_flops_per_sample
 from megacoca.models.coca import get_flavor
 
 # open_clip coca_ViT-L-14: 224px/14 with a class token, one 256-query pooler, text 768 wide, ctx 76, 49408 vocab.
@@ -56,3 +57,39 @@ def test_parallel_poolers_count_the_contrastive_pooler_over_the_image_tokens():
     assert b["poolers_attention"] - a["poolers_attention"] == 2 * 2 * (n - q) * d
     assert {k: v for k, v in a.items() if not k.startswith("poolers")} == \
         {k: v for k, v in b.items() if not k.startswith("poolers")}
+
+
+@pytest.mark.parametrize("layout", ["paper", "open_clip"])
+def test_a_forward_without_one_objective_leaves_out_what_torch_counts(layout):
+    """What CoCa.forward(contrastive=False / captioning=False) leaves out, counted by torch's FlopCounterMode,
+    is what objective_only_flops says, to the convention's slack (the decoder counted over L positions where
+    the forward runs L - 1, the pooler's one query)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megacoca.models.coca import CoCa
+
+    cfg = get_flavor("coca_tiny").replace(pooler_layout=layout, trim_text_padding=False)
+    torch.manual_seed(0)
+    model = CoCa(cfg)
+    images = torch.randn(1, 3, cfg.image_size, cfg.image_size)
+    text = torch.randint(3, cfg.vocab_size, (1, cfg.context_length))
+    counted = {}
+    for name, kwargs in (("full", {}), ("captioning", {"captioning": False}),
+                         ("contrastive", {"contrastive": False})):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(images, text, **kwargs)
+        counted[name] = counter.get_total_flops()
+    only = objective_only_flops(cfg)
+    for objective in ("captioning", "contrastive"):
+        assert counted["full"] - counted[objective] == pytest.approx(only[objective], rel=0.08), objective
+    assert train_flops_per_sample(cfg, captioning=False) == 3 * (forward_flops_per_sample(cfg) - only["captioning"])
+    assert train_flops_per_sample(cfg, contrastive=False) == \
+        3 * (forward_flops_per_sample(cfg) - only["contrastive"])
+
+
+def test_giant_coca_costs_about_what_the_paper_reports_over_contrastive_only():
+    """The paper's Table 8b: CoCa costs 1.18x a contrastive-only model (captioning-only 1.17x)."""
+    cfg = get_flavor("coca_giant")
+    contrastive_only = train_flops_per_sample(cfg, captioning=False)
+    assert train_flops_per_sample(cfg) / contrastive_only == pytest.approx(1.18, abs=0.02)
+    assert train_flops_per_sample(cfg, contrastive=False) / contrastive_only == pytest.approx(1.17, abs=0.02)

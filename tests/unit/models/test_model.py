@@ -285,6 +285,50 @@ def test_every_parameter_gets_a_gradient(model):
     assert not missing
 
 
+@pytest.mark.parametrize("weights", [(1.0, 0.0), (0.0, 2.0)], ids=["contrastive_only", "captioning_only"])
+def test_a_single_objective_forward_gives_the_full_forwards_loss_and_gradients(model, weights):
+    """The ablations' forward (CoCaLoss.model_kwargs) skips the dropped objective's modules: its loss and every
+    gradient equal those of the full forward with that loss weighted 0, and the modules only the dropped
+    objective uses get no gradient at all (DeepSpeed then never reduces it)."""
+    from megacoca.losses import CoCaLoss
+
+    loss_fn = CoCaLoss(*weights)
+    images, text = make_batch(model.cfg)
+    text[:, 7:] = PAD  # a trimmed tail: the captioning forward keeps only what the caption needs
+    runs = []
+    for kwargs in ({}, loss_fn.model_kwargs):
+        model.zero_grad(set_to_none=True)
+        out = model.train()(images, text, **kwargs)
+        loss, parts = loss_fn(out)
+        loss.backward()
+        runs.append((out, loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (full_out, full_loss, full_grads), (out, loss, grads) = runs
+    torch.testing.assert_close(loss, full_loss)
+    dropped = {"caption_loss_sum", "caption_tokens"} if weights[1] == 0 else {"image_features", "text_features"}
+    assert set(out) == set(full_out) - dropped
+    for name, grad in grads.items():
+        if grad is None:
+            assert full_grads[name] is None or not full_grads[name].any(), name
+        else:
+            torch.testing.assert_close(grad, full_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    without = {name for name, grad in grads.items() if grad is None}
+    if weights[1] == 0:
+        assert without == {n for n, _ in model.named_parameters() if n.startswith(("decoder.", "caption_head."))}
+    else:  # the contrastive side: the paper's contrastive pooler, the projections, the text's CLS-only outputs
+        required = {"logit_scale", "image_pooler.projection.weight", "text.outputs.projection.weight"}
+        if model.cfg.pooler_layout == "paper":
+            required |= {n for n, _ in model.named_parameters() if n.startswith("image_pooler.contrastive_pooler.")}
+        allowed = required | {n for n, _ in model.named_parameters()
+                              if n.startswith(("image_pooler.ln_post.", "text.outputs."))}
+        assert required <= without <= allowed, without
+
+
+def test_a_forward_needs_one_objective(model):
+    images, text = make_batch(model.cfg)
+    with pytest.raises(ValueError, match="contrastive or the captioning"):
+        model(images, text, contrastive=False, captioning=False)
+
+
 def test_tied_word_embeddings_share_one_parameter():
     model = CoCa(tiny_config(tie_word_embeddings=True))
     assert model.caption_head.weight is model.text.embed.token_embedding.weight
