@@ -40,6 +40,9 @@ def register(subparsers) -> None:
     parser.add_argument("--curves", default=None, type=argument(inputs.output_file),
                         help="PNG path for the loss/eval curves (needs --metrics)")
     parser.add_argument("--threads", type=at_least(1), default=None, help="torch intra-op threads")
+    parser.add_argument("--generative-zeroshot", action="store_true",
+                        help="also classify by caption likelihood (synth-shapes): what a captioning-only model can "
+                             "be scored on")
     parser.set_defaults(func=run)
 
 
@@ -85,7 +88,7 @@ def run(args) -> int:
         return 2
     loaded = time.perf_counter()
     results = evaluate(model, tokenizer, eval_set, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                       caption_samples=args.caption_samples)
+                       caption_samples=args.caption_samples, generative_zeroshot=args.generative_zeroshot)
     results["checkpoint"] = os.path.abspath(args.checkpoint)
     results["shards"] = args.shards
     results["timings"]["load_s"] = round(loaded - began, 3)

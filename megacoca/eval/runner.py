@@ -23,7 +23,13 @@ from megacoca.eval.captioning import (
     shapes_caption_shape_matches,
 )
 from megacoca.eval.retrieval import retrieval_metrics
-from megacoca.eval.zeroshot import attribute_accuracy, class_embeddings, topk_accuracy, zeroshot_logits
+from megacoca.eval.zeroshot import (
+    attribute_accuracy,
+    caption_likelihood_logits,
+    class_embeddings,
+    topk_accuracy,
+    zeroshot_logits,
+)
 
 
 # ------------------------------------------------------------------------------------------ model loading
@@ -119,7 +125,8 @@ def encode_all(model, eval_set: EvalSet, tokenizer, batch_size: int) -> tuple[to
 
 @torch.no_grad()
 def evaluate(model, tokenizer, eval_set: EvalSet, *, batch_size: int = 256, max_new_tokens: int = 20,
-             caption_samples: int | None = None, num_examples: int = 12, ks: Sequence[int] = (1, 5, 10)) -> dict:
+             caption_samples: int | None = None, num_examples: int = 12, ks: Sequence[int] = (1, 5, 10),
+             generative_zeroshot: bool = False) -> dict:
     """All metrics on `eval_set`. Zero-shot and caption_match need synth-shapes attributes (else null).
 
     On synth-shapes each attribute is also scored alone: zeroshot_color_acc / zeroshot_shape_acc (the
@@ -128,6 +135,8 @@ def evaluate(model, tokenizer, eval_set: EvalSet, *, batch_size: int = 256, max_
     A model that only sees color scores ~1 on color, ~0.25 on shape and ~0.25 zero-shot top-1.
 
     caption_samples: caption only the first N samples (None: all).
+    generative_zeroshot: also classify by caption likelihood (`caption_likelihood_logits`: every class prompt
+    scored by the multimodal decoder) -> zeroshot_generative_top1 / _color_acc / _shape_acc.
     """
     was_training = model.training
     model.eval()
@@ -165,6 +174,14 @@ def evaluate(model, tokenizer, eval_set: EvalSet, *, batch_size: int = 256, max_
                     logits, target, [cls[index] for cls in CLASSES]
                 )
             results["num_zeroshot"] = int(keep.sum())
+            if generative_zeroshot:
+                logits = caption_likelihood_logits(model, tokenizer, eval_set.images[keep], classes,
+                                                   ZERO_SHOT_TEMPLATES)
+                results["zeroshot_generative_top1"] = topk_accuracy(logits, target, (1,))[1]
+                for attribute, index in (("color", 0), ("shape", 1)):
+                    results[f"zeroshot_generative_{attribute}_acc"] = attribute_accuracy(
+                        logits, target, [cls[index] for cls in CLASSES]
+                    )
         timings["zeroshot_s"] = time.perf_counter() - began
 
     began = time.perf_counter()
@@ -194,14 +211,15 @@ def evaluate(model, tokenizer, eval_set: EvalSet, *, batch_size: int = 256, max_
 def headline(results: dict) -> str:
     """A short fixed-width table of the main metrics."""
     rows = [("zeroshot_top1", "zero-shot top-1"), ("zeroshot_color_acc", "  color right"),
-            ("zeroshot_shape_acc", "  shape right"), ("i2t_r1", "image->text R@1"), ("i2t_r5", "image->text R@5"),
+            ("zeroshot_shape_acc", "  shape right"), ("zeroshot_generative_top1", "generative zero-shot"),
+            ("zeroshot_generative_shape_acc", "  shape right"), ("i2t_r1", "image->text R@1"), ("i2t_r5", "image->text R@5"),
             ("t2i_r1", "text->image R@1"), ("t2i_r5", "text->image R@5"),
             ("class_i2t_r1", "  same class R@1"), ("class_t2i_r1", "  same class t2i R@1"),
             ("caption_match", "caption match"), ("caption_color_acc", "  color right"),
             ("caption_shape_acc", "  shape right")]
     lines = [f"{'metric':<20}{'value':>8}", "-" * 28]
     for key, label in rows:
-        if key.startswith("class_") and key not in results:
+        if key.startswith(("class_", "zeroshot_generative")) and key not in results:
             continue
         value = results.get(key)
         lines.append(f"{label:<20}{'n/a' if value is None else format(value, '.3f'):>8}")

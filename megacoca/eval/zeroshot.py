@@ -35,6 +35,36 @@ def class_embeddings(model, tokenizer, classes, templates: Sequence[str], batch_
     return F.normalize(features.mean(dim=1), dim=-1)
 
 
+@torch.no_grad()
+def caption_likelihood_logits(model, tokenizer, images: torch.Tensor, classes, templates: Sequence[str],
+                              batch_size: int = 16) -> torch.Tensor:
+    """(N, C) generative zero-shot scores: per image and class, the mean over templates of the prompt's summed
+    token log-likelihood under the multimodal decoder given the image (bos excluded, eos included). What a
+    captioning-only model, which has no contrastive embedding, can be classified with. The unimodal text tower
+    does not see the image, so it runs once for all prompts; the decoder runs per (image, prompt) pair,
+    `batch_size` images at a time."""
+    prompts = class_prompts(classes, templates)
+    flat = [p for per_class in prompts for p in per_class]
+    device = next(model.parameters()).device
+    text = tokenizer.encode(flat).to(device)
+    keep = model.text_keep(text)
+    _, token_outputs = model.text_stage(text, keep)
+    token_outputs = token_outputs[:, :-1]
+    targets = text[:, 1:keep]
+    real = targets != model.cfg.pad_id
+    count = text.shape[0]
+    scores = []
+    for start in range(0, images.shape[0], batch_size):
+        _, caption_tokens = model.image_stage(images[start:start + batch_size].to(device), contrastive=False)
+        rows = caption_tokens.shape[0]
+        hidden = model.decode(token_outputs.repeat(rows, 1, 1), caption_tokens.repeat_interleave(count, dim=0))
+        log_probs = model.caption_head(hidden).float().log_softmax(dim=-1)
+        picked = log_probs.gather(-1, targets.repeat(rows, 1)[..., None])[..., 0]
+        summed = (picked * real.repeat(rows, 1)).sum(dim=-1)
+        scores.append(summed.view(rows, len(prompts), len(templates)).mean(dim=-1).cpu())
+    return torch.cat(scores)
+
+
 def zeroshot_logits(image_features: torch.Tensor, class_features: torch.Tensor) -> torch.Tensor:
     """(N, C) cosine similarities of normalised image embeddings to normalised class embeddings."""
     return image_features.float() @ class_features.float().T

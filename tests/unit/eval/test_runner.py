@@ -130,15 +130,16 @@ def test_evaluate_a_random_model(val_shards):
                         context_length=tokenizer.context_length, kernels="torch")
     model.train()
     eval_set = runner.load_eval_set(val_shards, image_size=32)
-    results = runner.evaluate(model, tokenizer, eval_set, batch_size=8, max_new_tokens=6, num_examples=4)
+    results = runner.evaluate(model, tokenizer, eval_set, batch_size=8, max_new_tokens=6, num_examples=4,
+                              generative_zeroshot=True)
     assert model.training  # restored
     for key in ("zeroshot_top1", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "caption_match",
-                "class_i2t_r1", "class_t2i_r10"):
+                "class_i2t_r1", "class_t2i_r10", "zeroshot_generative_top1", "zeroshot_generative_shape_acc"):
         assert 0.0 <= results[key] <= 1.0, key
     assert results["num_samples"] == 30 and results["num_zeroshot"] == 30 and results["num_captioned"] == 30
     assert len(results["samples"]) == 4 and set(results["samples"][0]) == {"key", "reference", "generated", "match"}
     json.dumps(results)  # JSON-serialisable as is
-    assert "zero-shot top-1" in runner.headline(results)
+    assert "zero-shot top-1" in runner.headline(results) and "generative zero-shot" in runner.headline(results)
 
 
 def test_evaluate_without_shapes_attributes_skips_zeroshot_and_matching():

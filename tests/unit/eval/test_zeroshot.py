@@ -77,3 +77,29 @@ def test_zeroshot_on_hand_made_embeddings():
     labels = torch.arange(96) % 24
     images = F.normalize(classes[labels] + 0.05 * torch.randn(96, 16), dim=-1)
     assert topk_accuracy(zeroshot_logits(images, classes), labels, (1,))[1] == 1.0
+
+
+def test_caption_likelihood_logits_are_the_mean_template_log_likelihood():
+    """Each (image, class) score is minus the model's own summed caption loss of that prompt given that image,
+    averaged over templates, whatever the image batching."""
+    from megacoca.config.model import CoCaConfig
+    from megacoca.eval.zeroshot import caption_likelihood_logits
+    from megacoca.models.coca import CoCa
+
+    tokenizer = WordTokenizer(context_length=8)
+    classes, templates = ["red", "blue", "green"], ["a {}", "a photo of one {}"]
+    tokenizer.encode(["a photo of one", "red blue green"])
+    cfg = CoCaConfig(image_size=16, patch_size=8, vision_width=16, vision_layers=1, vision_heads=2, vision_mlp_dim=32,
+                     caption_queries=4, pooler_heads=2, vocab_size=12, context_length=8, text_width=16,
+                     text_heads=2, text_mlp_dim=32, text_layers=1, decoder_layers=1, embed_dim=8, kernels="torch")
+    torch.manual_seed(0)
+    model = CoCa(cfg).eval()
+    images = torch.randn(5, 3, 16, 16)
+    scores = caption_likelihood_logits(model, tokenizer, images, classes, templates, batch_size=2)
+    assert scores.shape == (5, 3)
+    for i in range(5):
+        for c, name in enumerate(classes):
+            text = tokenizer.encode([t.format(name) for t in templates])
+            with torch.no_grad():
+                per_template = [float(model(images[i:i + 1], text[k:k + 1])["caption_loss_sum"]) for k in range(2)]
+            assert scores[i, c].item() == pytest.approx(-sum(per_template) / 2, rel=1e-4, abs=1e-4)
