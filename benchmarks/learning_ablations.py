@@ -38,7 +38,9 @@ VARIANTS: dict[str, list[str]] = {
     "paper_query_std1": [MODEL + "pooler_layout=paper", MODEL + "pooler_query_std=1.0"],
     "open_clip_query_std1": [MODEL + "pooler_layout=open_clip", MODEL + "pooler_query_std=1.0"],
     "paper_lr2x": [MODEL + "pooler_layout=paper", "optim.lr=2e-3"],
-    # the losses (issue 12 section 3): contrastive-only and captioning-only against CoCa
+    # the losses (issue 12 section 3; benchmarks/objective_ablations.py): CoCa (the project's defaults),
+    # contrastive-only and captioning-only
+    "coca": [],
     "contrastive_only": ["optim.caption_weight=0"],
     "captioning_only": ["optim.contrastive_weight=0"],
 }
@@ -71,6 +73,35 @@ def curve(run_dir: str) -> dict[int, dict]:
     return out
 
 
+def run_all(runs: dict, parallel: int) -> dict:
+    """Run {name: (command, run_dir)} `parallel` at a time, one thread each; {name: {"curve", "wall_s"}} of the
+    runs that finished (a failed one is reported and left out)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    queue = list(runs.items())
+    running, results = [], {}
+    while queue or running:
+        while queue and len(running) < parallel:
+            name, (argv, run_dir) = queue.pop(0)
+            os.makedirs(run_dir, exist_ok=True)
+            log = open(os.path.join(run_dir, "train.log"), "w")
+            proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+            running.append((name, run_dir, proc, log, time.perf_counter()))
+        time.sleep(2)
+        for item in list(running):
+            name, run_dir, proc, log, began = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            log.close()
+            if proc.returncode:
+                print(f"{name}: FAILED (exit {proc.returncode}), see {run_dir}/train.log", flush=True)
+                continue
+            results[name] = {"curve": curve(run_dir), "wall_s": round(time.perf_counter() - began, 1)}
+            print(f"{name}: done in {results[name]['wall_s']:.0f} s", flush=True)
+    return results
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="+", default=["paper", "open_clip"], choices=list(VARIANTS))
@@ -90,34 +121,13 @@ def main(argv=None) -> int:
     if not os.path.exists(os.path.join(args.data, "tokenizer.model")):
         parser.error(f"{args.data}: no demo data (run `bash scripts/demo.sh` once, or `make demo`)")
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-    queue = [(v, s) for s in args.seeds for v in args.variants]
-    running, results = [], {}
-    while queue or running:
-        while queue and len(running) < args.parallel:
-            variant, seed = queue.pop(0)
-            run_dir = os.path.join(args.out, f"{variant}_s{seed}")
-            os.makedirs(run_dir, exist_ok=True)
-            log = open(os.path.join(run_dir, "train.log"), "w")
-            proc = subprocess.Popen(command(variant, seed, args, run_dir), cwd=REPO, env=env, stdout=log,
-                                    stderr=subprocess.STDOUT)
-            running.append((variant, seed, run_dir, proc, log, time.perf_counter()))
-        time.sleep(2)
-        for item in list(running):
-            variant, seed, run_dir, proc, log, began = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
-            log.close()
-            seconds = time.perf_counter() - began
-            if proc.returncode:
-                print(f"{variant} seed {seed}: FAILED (exit {proc.returncode}), see {run_dir}/train.log", flush=True)
-                continue
-            results[(variant, seed)] = {"curve": curve(run_dir), "wall_s": round(seconds, 1)}
-            last = results[(variant, seed)]["curve"][max(results[(variant, seed)]["curve"])]
-            print(f"{variant} seed {seed}: {seconds:.0f} s, final " +
-                  ", ".join(f"{m} {last[m]:.3f}" for m in METRICS), flush=True)
+    runs = {(v, s): (command(v, s, args, os.path.join(args.out, f"{v}_s{s}")), os.path.join(args.out, f"{v}_s{s}"))
+            for s in args.seeds for v in args.variants}
+    results = run_all(runs, args.parallel)
+    for (variant, seed), result in results.items():
+        last = result["curve"][max(result["curve"])]
+        print(f"{variant} seed {seed}: {result['wall_s']:.0f} s, final " +
+              ", ".join(f"{m} {last[m]:.3f}" for m in METRICS), flush=True)
 
     steps = sorted({step for r in results.values() for step in r["curve"]})
     for metric in METRICS:
