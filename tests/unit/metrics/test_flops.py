@@ -87,9 +87,13 @@ def test_a_forward_without_one_objective_leaves_out_what_torch_counts(layout):
         3 * (forward_flops_per_sample(cfg) - only["contrastive"])
 
 
-def test_giant_coca_costs_about_what_the_paper_reports_over_contrastive_only():
-    """The paper's Table 8b: CoCa costs 1.18x a contrastive-only model (captioning-only 1.17x)."""
-    cfg = get_flavor("coca_giant")
-    contrastive_only = train_flops_per_sample(cfg, captioning=False)
-    assert train_flops_per_sample(cfg) / contrastive_only == pytest.approx(1.18, abs=0.02)
-    assert train_flops_per_sample(cfg, contrastive=False) / contrastive_only == pytest.approx(1.17, abs=0.02)
+def test_coca_over_contrastive_only_flop_ratios():
+    """Pinned figures (docs/benchmarks.md): CoCa's training FLOPs over a contrastive-only model's (no multimodal
+    decoder, no vocabulary head) are 1.45 for coca_base (12 + 12 decoder layers of width 768 and a 64k vocabulary
+    against a ViT-B at 288 px) and 1.19 for coca_giant; captioning-only is 0.01 and 0.004 below CoCa. The paper's
+    Table 8b reports 1.18x (captioning-only 1.17x) for CoCa-Base in its own cost measure, not FLOPs."""
+    for flavor, coca, captioning in (("coca_base", 1.452, 1.442), ("coca_giant", 1.192, 1.188)):
+        cfg = get_flavor(flavor)
+        contrastive_only = train_flops_per_sample(cfg, captioning=False)
+        assert train_flops_per_sample(cfg) / contrastive_only == pytest.approx(coca, abs=0.002), flavor
+        assert train_flops_per_sample(cfg, contrastive=False) / contrastive_only == pytest.approx(captioning, abs=0.002)
