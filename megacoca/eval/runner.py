@@ -212,7 +212,8 @@ def headline(results: dict) -> str:
     """A short fixed-width table of the main metrics."""
     rows = [("zeroshot_top1", "zero-shot top-1"), ("zeroshot_color_acc", "  color right"),
             ("zeroshot_shape_acc", "  shape right"), ("zeroshot_generative_top1", "generative zero-shot"),
-            ("zeroshot_generative_shape_acc", "  shape right"), ("i2t_r1", "image->text R@1"), ("i2t_r5", "image->text R@5"),
+            ("zeroshot_generative_shape_acc", "  shape right"), ("i2t_r1", "image->text R@1"),
+            ("i2t_r5", "image->text R@5"),
             ("t2i_r1", "text->image R@1"), ("t2i_r5", "text->image R@5"),
             ("class_i2t_r1", "  same class R@1"), ("class_t2i_r1", "  same class t2i R@1"),
             ("caption_match", "caption match"), ("caption_color_acc", "  color right"),

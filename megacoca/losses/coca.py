@@ -3,7 +3,7 @@
 A weight of 0 drops that objective (the paper's contrastive-only and captioning-only ablations, Table 8b): the
 model is asked not to compute it at all (`model_kwargs`: no multimodal decoder and caption head without
 captioning, no contrastive pooler and projection without contrastive), so the ablation also costs what it
-would cost on its own. Its logged loss is then 0 here and None in the train record (`active_parts`).
+would cost on its own. Its part is then 0 here, and the trainer logs it as null.
 """
 
 from __future__ import annotations
@@ -31,10 +31,6 @@ class CoCaLoss:
         """What the model's training forward (CoCa.forward, a pipeline's last stage) must compute for this loss."""
         return {"contrastive": self.contrastive, "captioning": self.captioning}
 
-    @property
-    def active_parts(self) -> dict[str, bool]:
-        return {"loss_contrastive": self.contrastive, "loss_caption": self.captioning}
-
     def __call__(self, out: dict, dp_group=None) -> tuple[torch.Tensor, dict]:
         logit_scale = out["logit_scale"]
         zero = torch.zeros((), device=logit_scale.device)
@@ -45,10 +41,8 @@ class CoCaLoss:
             loss_caption = caption_loss(out["caption_loss_sum"], out["caption_tokens"], dp_group)
         if self.contrastive and self.captioning:
             loss = self.contrastive_weight * loss_contrastive + self.caption_weight * loss_caption
-        elif self.contrastive:
-            loss = self.contrastive_weight * loss_contrastive
         else:
-            loss = self.caption_weight * loss_caption
+            loss = self.contrastive_weight * loss_contrastive if self.contrastive else self.caption_weight * loss_caption
         parts = {
             "loss_contrastive": loss_contrastive.detach(),
             "loss_caption": loss_caption.detach(),

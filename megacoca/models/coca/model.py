@@ -171,9 +171,10 @@ class CoCa(JoinedTowers, nn.Module):
                 param.copy_(self.initial_value(name, tuple(param.shape)))
 
     # ---- stages ---------------------------------------------------------------------------------------------
-    def image_stage(self, images: torch.Tensor, contrastive: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """images (B, 3, H, W) -> (unnormalised contrastive embedding (B, E), caption image tokens (B, Q, width)); the
-        embedding is None (not computed) with `contrastive=False`."""
+    def image_stage(self, images: torch.Tensor,
+                    contrastive: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """images (B, 3, H, W) -> (unnormalised contrastive embedding (B, E), caption image tokens (B, Q, width));
+        the embedding is None (not computed) with `contrastive=False`."""
         return self.image_pooler(self.vision(images), contrastive)
 
     def text_stage(self, text: torch.Tensor, keep: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -59,8 +59,9 @@ def test_eval_cli_writes_json_and_curves(setup, tmp_path, capsys):
     results = json.loads(out.read_text())
     from megacoca.data.tokenizer import load_tokenizer
 
-    expected = runner.evaluate(model.eval(), load_tokenizer(tokenizer, 16), runner.load_eval_set(str(root / "val"), 32, 20),
-                               max_new_tokens=6, caption_samples=10, generative_zeroshot=True)
+    eval_set = runner.load_eval_set(str(root / "val"), 32, 20)
+    expected = runner.evaluate(model.eval(), load_tokenizer(tokenizer, 16), eval_set, max_new_tokens=6,
+                               caption_samples=10, generative_zeroshot=True)
     for key in ("zeroshot_top1", "zeroshot_top5", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10",
                 "class_i2t_r1", "class_t2i_r1", "caption_match", "num_samples", "num_captioned", "samples",
                 "zeroshot_generative_top1", "zeroshot_generative_color_acc", "zeroshot_generative_shape_acc"):
