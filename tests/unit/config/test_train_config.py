@@ -123,6 +123,7 @@ def test_the_demo_recipe_holds_the_demo_settings():
     assert demo.parallel.deepspeed_config == "zero3_fp32"
     assert demo.parallel.deepspeed_overrides == {"zero_optimization.stage3_param_persistence_threshold": 0}
     assert (demo.schedule.steps, demo.schedule.global_batch_size, demo.schedule.micro_batch_size) == (1200, 128, 64)
+    assert (demo.schedule.decay, demo.schedule.min_lr_ratio) == ("linear", 0.1)
     assert demo.data.tokenizer == "data/shapes/tokenizer.model" and demo.eval.every > 0
     cfg = demo.model_config()
     assert cfg.context_length == 12 and cfg.pooler_layout == "paper" and cfg.image_size == 64
