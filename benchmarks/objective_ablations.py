@@ -14,7 +14,8 @@ context 12, one rank, ZeRO-0 fp32, one thread, `--parallel` runs at a time), ove
 Every run saves its final weights; the script then evaluates each on the whole held-out split (megacoca.eval:
 zero-shot top-1 by embeddings and by caption likelihood, exact and same-class retrieval R@1, caption match)
 and prints, per budget and objective, the mean over seeds with the spread (min-max), the measured cost ratio
-and the FLOP ratio (megacoca.metrics.flops). Not a test; it takes about an hour on 2 cores.
+and the FLOP ratio (megacoca.metrics.flops). Not a test; it took 100 minutes on 2 cores (shared with other
+runs for an hour of it). Figures: docs/benchmarks.md.
 
     make demo-data   # or: bash scripts/demo.sh once (it writes data/shapes)
     .venv/bin/python benchmarks/objective_ablations.py --json runs/objectives/results.json
