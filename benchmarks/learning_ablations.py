@@ -102,24 +102,34 @@ def run_all(runs: dict, parallel: int) -> dict:
     return results
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", nargs="+", default=["paper", "open_clip"], choices=list(VARIANTS))
+def add_run_arguments(parser: argparse.ArgumentParser, *, steps: int, decay: str, eval_every: int, out: str,
+                      steps_help: str | None = None, eval_help: str | None = None) -> None:
+    """The arguments `command` reads (and `check_data` checks), with this script's or another's defaults."""
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=steps, help=steps_help)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--decay", default="constant")
-    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--decay", default=decay)
+    parser.add_argument("--eval-every", type=int, default=eval_every, help=eval_help)
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (one thread each)")
     parser.add_argument("--data", default=os.path.join(REPO, "data", "shapes"))
-    parser.add_argument("--out", default=os.path.join(REPO, "runs", "ablations"))
+    parser.add_argument("--out", default=os.path.join(REPO, "runs", out))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="for every run")
-    parser.add_argument("--json", metavar="PATH", help="also write every run's curve and wall time")
-    args = parser.parse_args(argv)
+
+
+def check_data(parser: argparse.ArgumentParser, args) -> None:
     if not os.path.exists(os.path.join(args.data, "tokenizer.model")):
         parser.error(f"{args.data}: no demo data (run `bash scripts/demo.sh` once, or `make demo`)")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", nargs="+", default=["paper", "open_clip"], choices=list(VARIANTS))
+    add_run_arguments(parser, steps=400, decay="constant", eval_every=100, out="ablations")
+    parser.add_argument("--json", metavar="PATH", help="also write every run's curve and wall time")
+    args = parser.parse_args(argv)
+    check_data(parser, args)
 
     runs = {(v, s): (command(v, s, args, os.path.join(args.out, f"{v}_s{s}")), os.path.join(args.out, f"{v}_s{s}"))
             for s in args.seeds for v in args.variants}

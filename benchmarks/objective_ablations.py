@@ -35,7 +35,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from learning_ablations import command, run_all  # noqa: E402
+from learning_ablations import add_run_arguments, check_data, command, run_all  # noqa: E402
 
 OBJECTIVES = ("coca", "contrastive_only", "captioning_only")
 METRICS = (("zeroshot_top1", "zero-shot (embeddings)"), ("zeroshot_shape_acc", "  shape right"),
@@ -116,18 +116,10 @@ def report(data: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=600, help="CoCa's steps (the equal-step budget)")
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=50)
-    parser.add_argument("--decay", default="cosine")
-    parser.add_argument("--eval-every", type=int, default=200, help="the runs' periodic eval (their curves)")
+    add_run_arguments(parser, steps=600, decay="cosine", eval_every=200, out="objectives",
+                      steps_help="CoCa's steps (the equal-step budget)",
+                      eval_help="the runs' periodic eval (their curves)")
     parser.add_argument("--cost-steps", type=int, default=80)
-    parser.add_argument("--parallel", type=int, default=2, help="runs at a time (one thread each)")
-    parser.add_argument("--data", default=os.path.join(REPO, "data", "shapes"))
-    parser.add_argument("--out", default=os.path.join(REPO, "runs", "objectives"))
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="for every run")
     parser.add_argument("--json", metavar="PATH", help="write costs, budgets and every run's evaluation")
     parser.add_argument("--report", metavar="PATH", help="print the tables of an earlier --json and exit")
     args = parser.parse_args(argv)
@@ -135,8 +127,7 @@ def main(argv=None) -> int:
         with open(args.report) as f:
             print(report(json.load(f)))
         return 0
-    if not os.path.exists(os.path.join(args.data, "tokenizer.model")):
-        parser.error(f"{args.data}: no demo data (run `bash scripts/demo.sh` once, or `make demo`)")
+    check_data(parser, args)
 
     costs = measure_costs(args)
     budgets = {"equal_steps": {o: args.steps for o in OBJECTIVES}, "equal_time": {}}
