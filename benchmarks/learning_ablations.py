@@ -55,9 +55,9 @@ def command(variant: str, seed: int, args, run_dir: str) -> list[str]:
             f"eval.every={args.eval_every}", "checkpoint.every=0", "checkpoint.save_final=false",
             "logging.tensorboard=false", f"seed={seed}", MODEL + "context_length=12", MODEL + "image_size=64",
             MODEL + "patch_size=8", *VARIANTS[variant], *args.set]
-    from megacoca.train import _free_port  # a port nobody listens on, for the launcher's rendezvous
+    from megacoca.launch.process_group import free_port  # a free port for the rendezvous
 
-    return ["deepspeed", "--num_gpus", "1", "--master_port", str(_free_port()), "--module", "megacoca.train",
+    return ["deepspeed", "--num_gpus", "1", "--master_port", str(free_port()), "--module", "megacoca.train",
             "--recipe", "coca_tiny_cpu", "--train-shards", f"{data}/train", "--val-shards", f"{data}/val",
             "--run-dir", run_dir, "--deepspeed-config", "zero0_fp32",
             *(word for s in sets for word in ("--set", s))]

@@ -69,7 +69,7 @@ def measure_costs(args) -> dict:
 
 def flop_ratios(args) -> dict:
     """Training FLOPs per sample of each objective over contrastive-only's, for the runs' model."""
-    from megacoca.config.train import build_config
+    from megacoca.config.recipes import build_config
     from megacoca.metrics.flops import train_flops_per_sample
 
     overrides = [s for s in command("coca", 0, args, "/tmp/unused") if "model.overrides." in s]

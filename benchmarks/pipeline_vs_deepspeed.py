@@ -136,7 +136,7 @@ class _ListLoader:
 
 
 def job_config(args, m: int, run_dir: str, zero: int, text_ahead: int):
-    from megacoca.config.train import build_config
+    from megacoca.config.recipes import build_config
 
     keep_gathered = zero == "3 kept gathered"
     zero = 3 if keep_gathered else zero
@@ -304,7 +304,7 @@ def _run_deepspeed(args, m, zero, data, reference, tmp):
     from megacoca.config.deepspeed import build_deepspeed_config
     from megacoca.losses import CoCaLoss
     from megacoca.parallel.pipeline.split import split_stages
-    from megacoca.trainer import lr_lambda, param_groups
+    from megacoca.optim import lr_lambda, param_groups
 
     job = job_config(args, m, os.path.join(tmp, f"ds_m{m}_z{zero}"), zero, 0)
     cfg = model_config(args)
@@ -347,10 +347,10 @@ def _rank_main(rank, world_size, args, store_path):
     import torch
     import torch.distributed as dist
 
-    from megacoca.config.train import build_config  # noqa: F401 - import errors surface here
+    from megacoca.config.recipes import build_config  # noqa: F401 - import errors surface here
     from megacoca.models.coca import CoCa
     from megacoca.parallel.dims import ParallelDims
-    from megacoca.trainer import seed_everything
+    from megacoca.optim import seed_everything
 
     torch.set_num_threads(1)
     deepspeed.utils.logger.setLevel(logging.WARNING)

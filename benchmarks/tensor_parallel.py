@@ -385,11 +385,11 @@ def _measure_rank(rank, world_size, flavor, ds_name, dp, tp):
     import torch
 
     from megacoca.config.deepspeed import build_deepspeed_config
-    from megacoca.config.train import build_config
+    from megacoca.config.recipes import build_config
     from megacoca.parallel.build import build_parallel_model
     from megacoca.parallel.dims import ParallelDims
     from megacoca.parallel.zero import partition_stats
-    from megacoca.trainer import build_optimizer
+    from megacoca.optim import build_optimizer
 
     deepspeed.utils.logger.setLevel(logging.WARNING)
     job = build_config(overrides=[f"model.flavor={flavor}", f"parallel.deepspeed_config={ds_name}",
@@ -737,7 +737,7 @@ def _steptime_rank(rank, world_size, tp, cfg_dict, global_batch, warmup, steps, 
     import torch.distributed as dist
 
     from megacoca.config.model import CoCaConfig
-    from megacoca.config.train import build_config
+    from megacoca.config.recipes import build_config
     from megacoca.parallel.dims import ParallelDims
     from megacoca.trainer import Trainer
 

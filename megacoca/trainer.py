@@ -12,74 +12,20 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import time
 from typing import Callable, Iterable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from megacoca.config.deepspeed import build_deepspeed_config, offloads_optimizer, precision_dtype, zero_stage
 from megacoca.config.train import JobConfig
 from megacoca.metrics.records import train_record
+from megacoca.optim import build_optimizer, lr_scheduler, seed_everything
 from megacoca.parallel.dims import ParallelDims
 from megacoca.step_guard import BadStepsError, StepGuard, inject_loss_faults
 
 EvalFn = Callable[[torch.nn.Module, int], dict]
-
-# Parameters that never get weight decay, by name (beyond all 0/1-dim tensors: norms, biases, logit scale).
-NO_DECAY_NAMES = ("embedding", "class_embedding", "cls_embedding", "query", "queries", "logit_scale")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decoupled weight decay on matmul weights only: not on norms, biases, embeddings (token, positional,
-    class, CLS), pooler queries or the logit scale."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        shape = getattr(param, "ds_shape", param.shape)  # ZeRO-3 partitioned params are empty outside forward
-        if len(shape) < 2 or any(part in name for part in NO_DECAY_NAMES):
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_lambda(schedule) -> Callable[[int], float]:
-    """Linear warmup to the peak, then cosine or linear decay to `min_lr_ratio` x peak at `steps`."""
-    warmup, total, floor = schedule.warmup_steps, schedule.steps, schedule.min_lr_ratio
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if schedule.decay == "constant" or total <= warmup:
-            return 1.0
-        progress = min((step - warmup) / (total - warmup), 1.0)
-        if schedule.decay == "cosine":
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-        return floor + (1 - floor) * (1 - progress)
-
-    return factor
-
-
-def build_optimizer(model: torch.nn.Module, job: JobConfig, ds_config: dict) -> torch.optim.Optimizer:
-    groups = param_groups(model, job.optim.weight_decay)
-    kwargs = dict(lr=job.optim.lr, betas=tuple(job.optim.betas), eps=job.optim.eps)
-    if offloads_optimizer(ds_config):
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
-    return torch.optim.AdamW(groups, **kwargs)
 
 
 def _meta_parameter_count(cfg) -> int:
@@ -127,9 +73,8 @@ class Trainer:
         self.grad_accum = job.grad_accum_steps(self.dims.dp_size)
         self.pipeline_split = None
         if self.dims.pp_size > 1:
-            from megacoca.parallel.pipeline.split import check_pipeline, split_stages
+            from megacoca.parallel.pipeline.split import split_stages
 
-            check_pipeline(self.model_config, self.dims.pp_size, self.grad_accum, job.parallel.pipeline_split)
             self.pipeline_split = split_stages(self.model_config, self.dims.pp_size, job.parallel.pipeline_split)
         total_params = _meta_parameter_count(self.model_config)
         checkpointing = job.parallel.activation_checkpointing
@@ -157,7 +102,7 @@ class Trainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(job.schedule)),
+            lr_scheduler=lr_scheduler(job.schedule),
             config=self.ds_config,
             mpu=self.dims.mpu(),
             dist_init_required=False,

@@ -55,10 +55,10 @@ def export_model_directory(path: str, output: str, *, dtype="fp32", model_config
     if isinstance(source, DeepSpeedCheckpoint):
         tok = source.tokenizer_info(tokenizer)
     elif tokenizer is not None:
-        from megacoca.config import inputs
+        from megacoca.data.tokenizer import open_tokenizer
         from megacoca.models.coca.loading import tokenizer_info
 
-        loaded = inputs.keyed("--tokenizer", inputs.tokenizer, tokenizer, source.cfg.context_length)
+        loaded = open_tokenizer(tokenizer, source.cfg.context_length, "--tokenizer")
         tok = tokenizer_info(tokenizer, source.cfg.context_length, loaded.bos_id, loaded.eos_id, loaded.pad_id)
     else:
         tok = source.tokenizer

@@ -194,8 +194,8 @@ class DeepSpeedCheckpoint(Source):
     def tokenizer_info(self, spec: str | None = None, *, strict: bool = True) -> dict | None:
         """The ids of `spec`, or of the run's data.tokenizer (often a path relative to where the run ran): a
         ConfigError when it cannot be read and `strict`, else None."""
-        from megacoca.config import inputs
         from megacoca.config.train import ConfigError
+        from megacoca.data.tokenizer import open_tokenizer
         from megacoca.models.coca.loading import tokenizer_info
 
         where = "--tokenizer"
@@ -208,7 +208,7 @@ class DeepSpeedCheckpoint(Source):
 
             return tokenizer_info("clip-bpe", self.cfg.context_length, **CLIP_BPE_IDS)
         try:
-            tok = inputs.keyed(where, inputs.tokenizer, spec, self.cfg.context_length)
+            tok = open_tokenizer(spec, self.cfg.context_length, where)
         except ConfigError:
             if strict:
                 raise

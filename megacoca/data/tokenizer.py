@@ -16,6 +16,8 @@ from typing import Iterable, Protocol, Sequence, runtime_checkable
 
 import torch
 
+from megacoca.config.overrides import ConfigError
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 DEFAULT_CONTEXT_LENGTH = 77
 CLIP_BPE_CONTEXT_LENGTH = 76  # open_clip's CoCa text context (it appends its CLS itself)
@@ -224,6 +226,18 @@ def load_tokenizer(spec: str, context_length: int | None = None):
     if spec in ("clip-bpe", "clip_bpe", "clip"):
         return ClipBpeTokenizer(context_length or CLIP_BPE_CONTEXT_LENGTH)
     return Tokenizer(spec, context_length or DEFAULT_CONTEXT_LENGTH)
+
+
+def open_tokenizer(spec: str, context_length: int | None = None, where: str | None = None):
+    """`load_tokenizer`, with any failure to read `spec` as one ConfigError line (prefixed with `where`: the config
+    key or argument that named it)."""
+    prefix = f"{where}: " if where else ""
+    if not spec:
+        raise ConfigError(f"{prefix}no tokenizer given (empty): use 'clip-bpe' or the path of a SentencePiece .model")
+    try:
+        return load_tokenizer(spec, context_length)
+    except (FileNotFoundError, ValueError, ImportError, OSError) as error:
+        raise ConfigError(prefix + " ".join(str(error).split())) from None
 
 
 def train_sentencepiece(

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from megacoca.config.layout import Layout, infer_dp
+
 
 @dataclass
 class ParallelDims:
@@ -24,23 +26,10 @@ class ParallelDims:
     groups: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "world_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"ParallelDims: {name} must be a positive integer, got {value!r}")
-        if not isinstance(self.dp, int) or isinstance(self.dp, bool) or (self.dp < 1 and self.dp != -1):
-            raise ValueError(f"ParallelDims: dp must be a positive integer or -1 (inferred), got {self.dp!r}")
-        if self.tp * self.pp > self.world_size:
-            raise ValueError(f"ParallelDims: tp {self.tp} x pp {self.pp} = {self.tp * self.pp} exceeds the world size "
-                             f"{self.world_size}")
-        if self.dp == -1:
-            if self.world_size % (self.tp * self.pp):
-                raise ValueError(f"ParallelDims: world size {self.world_size} is not divisible by "
-                                 f"tp {self.tp} x pp {self.pp} = {self.tp * self.pp}")
-            self.dp = self.world_size // (self.tp * self.pp)
-        if self.dp * self.tp * self.pp != self.world_size:
-            raise ValueError(f"ParallelDims: dp {self.dp} x pp {self.pp} x tp {self.tp} = "
-                             f"{self.dp * self.pp * self.tp} != world size {self.world_size}")
+        try:
+            self.dp = infer_dp(self.dp, self.tp, self.pp, self.world_size)
+        except ValueError as error:
+            raise ValueError(f"ParallelDims: {error}") from None
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"ParallelDims: rank {self.rank} is outside world size {self.world_size}")
 
@@ -48,6 +37,11 @@ class ParallelDims:
     def from_config(cls, parallel, world_size: int, rank: int = 0) -> "ParallelDims":
         """The degrees a JobConfig's `parallel` section asks for, over `world_size` ranks (not built yet)."""
         return cls(dp=parallel.dp, tp=parallel.tp, pp=parallel.pp, world_size=world_size, rank=rank)
+
+    @classmethod
+    def from_layout(cls, layout: Layout, rank: int = 0) -> "ParallelDims":
+        """The process groups of `layout`'s degrees (not built yet)."""
+        return cls(dp=layout.dp, tp=layout.tp, pp=layout.pp, world_size=layout.world, rank=rank)
 
     # -------------------------------------------------------------------------------- grid and groups
 

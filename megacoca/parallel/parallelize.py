@@ -18,33 +18,31 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from megacoca.parallel.dims import ParallelDims
+from megacoca.parallel.overlap import apply_text_overlap
+from megacoca.parallel.pipeline.split import check_pipeline
+from megacoca.parallel.tensor import apply_tensor_parallel, check_tensor_parallel
 
 
-def check_layout(cfg, dims: ParallelDims) -> None:
-    """Everything about (model config, degrees) that can be refused before any process group exists."""
-    if dims.pp_size > 1:
-        from megacoca.parallel.pipeline.split import check_pipeline
-
-        check_pipeline(cfg, dims.pp_size)
-    if dims.tp_size > 1:
-        from megacoca.parallel.tensor import check_tensor_parallel
-
-        check_tensor_parallel(cfg, dims.tp_size)
+def check_layout(cfg, layout, pipeline_split: list[int] | None = None) -> None:
+    """Whether the model of `cfg` splits into `layout` (a Layout or ParallelDims: its tp and pp, and its
+    micro-batches per step when it says): the tensor degree divides the heads and MLP widths, the pipeline has
+    ViT blocks and micro-batches enough for its stages, `pipeline_split` places every block. ValueError (one line)
+    otherwise. The command line calls it once per launch, before any process group exists."""
+    if layout.pp > 1:
+        check_pipeline(cfg, layout.pp, getattr(layout, "grad_accum", None), pipeline_split)
+    if layout.tp > 1:
+        check_tensor_parallel(cfg, layout.tp)
 
 
 def parallelize(model: torch.nn.Module, dims: ParallelDims, *, activation_checkpointing: bool = False,
                 overlap_text_tower: bool = False):
-    """Apply the steps above to `model` in place and return it (ready for deepspeed.initialize)."""
-    check_layout(model.cfg, dims)
+    """Apply the steps above to `model` in place and return it (ready for deepspeed.initialize). The layout was
+    checked (`check_layout`) by whoever chose it."""
     if dims.tp_size > 1:
-        from megacoca.parallel.tensor import apply_tensor_parallel
-
         apply_tensor_parallel(model, dims)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if overlap_text_tower:
-        from megacoca.parallel.overlap import apply_text_overlap
-
         apply_text_overlap(model)
     return model
 

@@ -363,7 +363,6 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 def apply_tensor_parallel(model, dims) -> None:
     """Swap every shardable layer of a built CoCa (materialised or on the meta device) for its tensor-parallel
     shard over `dims.tp_group`, in place. Parameter names do not change."""
-    check_tensor_parallel(model.cfg, dims.tp_size)
     group, rank, size = dims.tp_group, dims.tp_rank, dims.tp_size
     for name, module in list(model.named_modules()):
         if isinstance(module, TensorParallelAttention):

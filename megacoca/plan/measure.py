@@ -361,7 +361,7 @@ def build_measured_trainer(overrides: list[str], world_size: int, model_cfg, run
     """A Trainer over the initialised process group for the job of `build_config(overrides=...)` training
     `model_cfg` (a CoCaConfig) on MeasureLoader batches; tensorboard and the final save are off and logs go to
     `run_dir` unless `overrides` say otherwise."""
-    from megacoca.config.train import build_config
+    from megacoca.config.recipes import build_config
     from megacoca.parallel.dims import ParallelDims
     from megacoca.trainer import Trainer
 

@@ -42,7 +42,7 @@ def _stage_tensors(key: str, tp: int, pp: int) -> tuple[StageTensors, ...]:
     cfg = CoCaConfig.from_dict(json.loads(key))
     model = meta_model(cfg, tp if tp > 1 else None)
     stages = [model] if pp == 1 else [PipelineStage(model, _pipeline_split(key, pp), s) for s in range(pp)]
-    from megacoca.trainer import param_groups
+    from megacoca.optim import param_groups
 
     out = []
     for stage in stages:

@@ -8,7 +8,7 @@ from memory_data import global_batch
 
 from megacoca.losses import CoCaLoss
 from megacoca.models.coca import CoCa
-from megacoca.trainer import lr_lambda, param_groups, seed_everything
+from megacoca.optim import lr_lambda, param_groups, seed_everything
 
 
 def reference_run(job, cfg, *, steps: int, global_batch_size: int, accumulation: int) -> dict:

@@ -18,7 +18,7 @@ from memory_data import SHARD_ALL, TINY
 
 from megacoca.config.deepspeed import build_deepspeed_config
 from megacoca.config.flavors import get_flavor
-from megacoca.config.train import build_config
+from megacoca.config.recipes import build_config
 from megacoca.models.coca import CoCa
 from megacoca.parallel.build import build_parallel_model
 from megacoca.parallel.dims import ParallelDims

@@ -27,7 +27,7 @@ from memory_data import TINY, MemoryLoader
 
 from megacoca.checkpoint import CheckpointError, complete_checkpoints
 from megacoca.checkpoint.state import incomplete_checkpoints, tag_for
-from megacoca.config.train import build_config
+from megacoca.config.recipes import build_config
 from megacoca.parallel.dims import ParallelDims
 from megacoca.trainer import Trainer
 

@@ -11,7 +11,7 @@ from memory_data import SHARD_ALL, TINY, MemoryLoader, assert_partitioned
 
 from megacoca.checkpoint import consolidated_state_dict
 from megacoca.checkpoint.export import export_model_directory
-from megacoca.config.train import build_config
+from megacoca.config.recipes import build_config
 from megacoca.trainer import Trainer
 
 

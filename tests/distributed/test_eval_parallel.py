@@ -9,7 +9,7 @@ import torch
 from dist_harness import run_ranks
 from memory_data import SHARD_ALL, TINY, MemoryLoader
 
-from megacoca.config.train import build_config
+from megacoca.config.recipes import build_config
 from megacoca.data import shapes
 from megacoca.eval.runner import evaluate, load_eval_set, make_train_eval_fn
 from megacoca.models.coca import CoCa

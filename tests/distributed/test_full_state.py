@@ -11,7 +11,7 @@ from dist_harness import run_ranks
 from memory_data import SHARD_ALL, TINY, MemoryLoader
 
 from megacoca.checkpoint.full_state import KINDS, adam_step, iter_full_state
-from megacoca.config.train import build_config
+from megacoca.config.recipes import build_config
 from megacoca.parallel.dims import ParallelDims
 from megacoca.trainer import Trainer
 

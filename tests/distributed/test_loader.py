@@ -25,7 +25,7 @@ LAYOUTS = {
 
 
 def _train(rank, world_size, run_dir, ds_name, tp, pp, overrides):
-    from megacoca.config.train import build_config
+    from megacoca.config.recipes import build_config
     from megacoca.parallel.dims import ParallelDims
     from megacoca.trainer import Trainer
 

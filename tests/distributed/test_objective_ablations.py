@@ -13,7 +13,7 @@ from gather import fp32_master, full_tensors, union_over_stages
 from memory_data import SHARD_ALL, TINY, MemoryLoader
 from reference import assert_same, reference_run
 
-from megacoca.config.train import build_config
+from megacoca.config.recipes import build_config
 from megacoca.metrics.flops import train_flops_per_sample
 from megacoca.parallel.dims import ParallelDims
 from megacoca.trainer import Trainer

@@ -13,7 +13,7 @@ from gather import module_values, union_over_stages
 from memory_data import SHARD_ALL, TINY, MemoryLoader
 
 from megacoca.checkpoint import complete_checkpoints
-from megacoca.config.train import build_config
+from megacoca.config.recipes import build_config
 from megacoca.launch.preemption import PreemptionWatch
 from megacoca.parallel.dims import ParallelDims
 from megacoca.trainer import Trainer

@@ -21,7 +21,7 @@ from memory_data import SHARD_ALL, TINY, MemoryLoader
 from megacoca.checkpoint.consolidate import open_tag
 from megacoca.checkpoint.full_state import KINDS, adam_step, iter_full_state
 from megacoca.checkpoint.reshape import read_training_state
-from megacoca.config.train import build_config
+from megacoca.config.recipes import build_config
 from megacoca.parallel.dims import ParallelDims
 from megacoca.trainer import Trainer
 

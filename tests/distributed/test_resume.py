@@ -17,7 +17,7 @@ from memory_data import SHARD_ALL, TINY, MemoryLoader, assert_partitioned
 import megacoca
 from megacoca.checkpoint import complete_checkpoints, consolidated_state_dict
 from megacoca.cli import main as cli
-from megacoca.config.train import build_config
+from megacoca.config.recipes import build_config
 from megacoca.parallel.dims import ParallelDims
 from megacoca.trainer import Trainer
 

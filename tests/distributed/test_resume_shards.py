@@ -10,7 +10,7 @@ import torch.distributed as dist
 from dist_harness import run_ranks
 from memory_data import SHARD_ALL, TINY, assert_partitioned
 
-from megacoca.config.train import build_config
+from megacoca.config.recipes import build_config
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,8 @@ def shards(tmp_path_factory):
 def _run(rank, world_size, shards, run_dir, resume):
     from megacoca.data import load_tokenizer
     from megacoca.parallel.dims import ParallelDims
-    from megacoca.train import build_train_loader, resolve_model_to_tokenizer
+    from megacoca.cli.train import resolve_model_to_tokenizer
+    from megacoca.data.loaders import build_train_loader
     from megacoca.trainer import Trainer
 
     job = build_config(overrides=[

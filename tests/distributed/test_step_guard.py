@@ -16,7 +16,7 @@ import torch
 from dist_harness import run_ranks
 from memory_data import SHARD_ALL, TINY, MemoryLoader
 
-from megacoca.config.train import build_config
+from megacoca.config.recipes import build_config
 from megacoca.parallel.dims import ParallelDims
 from megacoca.step_guard import BadStepsError
 from megacoca.trainer import Trainer

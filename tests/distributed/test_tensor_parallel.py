@@ -28,7 +28,7 @@ from gather import fp32_master, full_tensors
 from memory_data import SHARD_ALL, TINY, MemoryLoader
 from reference import assert_same, assert_tracks_in_bf16, reference_run
 
-from megacoca.config.train import build_config
+from megacoca.config.recipes import build_config
 from megacoca.parallel.dims import ParallelDims
 from megacoca.parallel.tensor import is_tensor_parallel
 from megacoca.trainer import Trainer

@@ -35,7 +35,7 @@ def _rank_main(rank, world_size, tmp, env):
     import torch
     import torch.distributed as dist
 
-    from megacoca.config.train import build_config
+    from megacoca.config.recipes import build_config
     from megacoca.parallel.dims import ParallelDims
     from megacoca.trainer import Trainer
 

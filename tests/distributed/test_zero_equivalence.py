@@ -11,7 +11,7 @@ from dist_harness import run_ranks
 from memory_data import SHARD_ALL, TINY, MemoryLoader, assert_partitioned
 from reference import assert_same, assert_tracks_in_bf16, reference_run
 
-from megacoca.config.train import build_config
+from megacoca.config.recipes import build_config
 from megacoca.trainer import Trainer
 
 STEPS, GLOBAL, DP = 2, 8, 2

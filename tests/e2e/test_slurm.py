@@ -194,7 +194,7 @@ def test_rendezvous_port_is_checked_on_the_first_node(cluster):
 
 @pytest.mark.parametrize("args, message", [
     (("--recipe", "no_such_recipe"), "megacoca train: error: unknown recipe 'no_such_recipe'"),
-    (("--set", "parallel.tp=3"), "megacoca train: error: parallel: ParallelDims: tp 3 x pp 1 = 3 exceeds the world "
+    (("--set", "parallel.tp=3"), "megacoca train: error: parallel: tp 3 x pp 1 = 3 exceeds the world "
                                  "size 2"),
 ], ids=["missing-recipe", "layout-larger-than-allocation"])
 def test_bad_input_is_one_line_in_the_job_log(cluster, args, message):

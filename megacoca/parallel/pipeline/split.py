@@ -95,8 +95,8 @@ def check_pipeline(cfg, pp: int, micro_batches: int | None = None, split: list[i
 
 
 def split_stages(cfg, pp: int, split: list[int] | None = None) -> StageSplit:
-    """The split of `cfg` over `pp` stages: `split` (ViT blocks per stage) if given, else the cheapest."""
-    check_pipeline(cfg, pp, split=split)
+    """The split of `cfg` over `pp` stages: `split` (ViT blocks per stage) if given, else the cheapest. The layout
+    was checked (`check_pipeline`) by whoever chose it."""
     blocks, text_side, text_tower = _costs(cfg)
     if split is None:
         split = _balanced(blocks, text_side, pp)

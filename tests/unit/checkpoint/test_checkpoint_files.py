@@ -8,7 +8,7 @@ import torch
 
 from megacoca.checkpoint.state import COMPLETE, complete_checkpoints, find_resume_checkpoint, prune, rng_state, \
     set_rng_state, tag_for
-from megacoca.config.train import build_config
+from megacoca.config.recipes import build_config
 
 
 def _fake(checkpoint_dir, step, complete=True):

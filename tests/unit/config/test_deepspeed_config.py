@@ -7,7 +7,8 @@ import os
 import pytest
 
 from megacoca.config.deepspeed import REPO_DS_CONFIGS, build_deepspeed_config, load_json, resolve_path
-from megacoca.config.train import ConfigError, build_config
+from megacoca.config.recipes import build_config
+from megacoca.config.train import ConfigError
 
 DERIVED = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
 NAMES = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(REPO_DS_CONFIGS, "*.json")))

@@ -6,7 +6,7 @@ import pytest
 
 from megacoca.config.train import ScheduleConfig
 from megacoca.models.coca import CoCa
-from megacoca.trainer import lr_lambda, param_groups
+from megacoca.optim import lr_lambda, param_groups
 
 import sys, os  # noqa: E401
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "distributed"))

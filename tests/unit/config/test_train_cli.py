@@ -7,7 +7,7 @@ import tarfile
 import pytest
 
 from megacoca.cli import build_parser
-from megacoca.train import main
+from megacoca.cli.train import main
 
 TINY = ["--set", "schedule.steps=2", "--set", "schedule.global_batch_size=8", "--set", "schedule.micro_batch_size=4"]
 
@@ -92,7 +92,7 @@ def test_megacoca_train_subcommand_shares_the_parser():
     args = build_parser().parse_args(["train", "--recipe", "coca_tiny_cpu", "--set", "schedule.steps=3",
                                       "--steps", "4", "--local_rank=1"])
     assert args.command == "train" and args.overrides == ["schedule.steps=3"] and args.steps == 4
-    assert args.func.__module__ == "megacoca.train"
+    assert args.func.__module__ == "megacoca.cli.train"
 
 
 def test_missing_val_shards_when_eval_is_on(capsys, shards, tmp_path):

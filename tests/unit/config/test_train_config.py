@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from megacoca.config.train import RECIPES, ConfigError, JobConfig, build_config, get_recipe, parse_set
+from megacoca.config.overrides import parse_set
+from megacoca.config.recipes import RECIPES, build_config, get_recipe
+from megacoca.config.train import ConfigError, JobConfig
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -96,7 +98,7 @@ def test_non_divisible_batch_for_world_size():
     with pytest.raises(ConfigError, match="global_batch_size 64 is not divisible by micro_batch_size 16 x dp 3 = 48"):
         job.validate(world_size=3)
     job.parallel.tp = 2
-    with pytest.raises(ConfigError, match="parallel: ParallelDims: world size 3 is not divisible by tp 2"):
+    with pytest.raises(ConfigError, match="parallel: world size 3 is not divisible by tp 2"):
         job.validate(world_size=3)
 
 

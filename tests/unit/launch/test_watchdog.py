@@ -9,7 +9,8 @@ import time
 import pytest
 import torch.distributed as dist
 
-from megacoca.config.train import ConfigError, build_config
+from megacoca.config.recipes import build_config
+from megacoca.config.train import ConfigError
 from megacoca.launch import faults
 from megacoca.launch.watchdog import KEY, STALL_EXIT_CODE, StepWatchdog, where
 from megacoca.metrics.stragglers import InputTimer, find_straggler

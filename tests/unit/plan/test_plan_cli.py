@@ -4,7 +4,7 @@
 import json
 
 from megacoca.cli import main as cli
-from megacoca.config.train import build_config
+from megacoca.config.recipes import build_config
 from megacoca.parallel.dims import ParallelDims
 from megacoca.parallel.parallelize import check_layout
 

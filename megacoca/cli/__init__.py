@@ -1,8 +1,13 @@
-"""`megacoca` command line: a thin dispatch; each area registers its own subcommands.
+"""`megacoca` command line: a thin dispatch; each subcommand module of this package registers its own parser.
+
+The command-line layer is the top floor: argument parsing and the checks of what arguments and configs point at
+(files, shards, tokenizers, checkpoints, the layout: megacoca.cli.inputs), for train, eval, data, tokenizer,
+convert and plan. Subcommand modules import torch and the heavy packages inside their commands, so that
+`megacoca --help` stays fast.
 
 Bad input is one line on stderr, `megacoca <command>: error: <what is wrong>`, and exit code 2, before the
 command does any work: argparse errors (ArgumentParser below) and the `ConfigError`s a command raises while
-checking its input (megacoca.config.inputs) alike.
+checking its input (megacoca.cli.inputs) alike.
 """
 
 import argparse
@@ -14,11 +19,12 @@ from megacoca.config.train import ConfigError
 
 # Modules that define `register(subparsers)`, each adding its own subcommands with `set_defaults(func=...)`.
 COMMAND_MODULES = (
-    "megacoca.train",
-    "megacoca.eval.cli",
-    "megacoca.data.cli",
-    "megacoca.checkpoint.convert_cli",
-    "megacoca.plan.cli",
+    "megacoca.cli.train",
+    "megacoca.cli.eval",
+    "megacoca.cli.data",
+    "megacoca.cli.tokenizer",
+    "megacoca.cli.convert",
+    "megacoca.cli.plan",
 )
 
 

@@ -7,8 +7,8 @@ import os
 import sys
 import time
 
-from megacoca.config import inputs
-from megacoca.config.inputs import argument, at_least
+from megacoca.cli import inputs
+from megacoca.cli.inputs import argument, at_least
 
 
 def register(subparsers) -> None:
@@ -48,7 +48,8 @@ def register(subparsers) -> None:
 
 def _model_config(args):
     """The CoCaConfig of --flavor and --model-set (None without --flavor); a bad one is a ConfigError."""
-    from megacoca.config.train import ConfigError, ModelChoice, parse_model_overrides
+    from megacoca.config.overrides import parse_model_overrides
+    from megacoca.config.train import ConfigError, ModelChoice
 
     if not args.flavor:
         if args.model_set:

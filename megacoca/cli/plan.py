@@ -16,8 +16,8 @@ import argparse
 import json
 import sys
 
-from megacoca.config import inputs
-from megacoca.config.inputs import argument
+from megacoca.cli import inputs
+from megacoca.cli.inputs import argument
 
 
 def register(subparsers) -> None:

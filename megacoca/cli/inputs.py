@@ -145,14 +145,9 @@ def shards(spec: str) -> list[str]:
 
 def tokenizer(spec: str, context_length: int | None = None):
     """The tokenizer a spec names ("clip-bpe" or a SentencePiece .model file), loaded; one line if it cannot be."""
-    from megacoca.data.tokenizer import load_tokenizer
+    from megacoca.data.tokenizer import open_tokenizer  # heavy: imports torch
 
-    if not spec:
-        raise ConfigError("no tokenizer given (empty): use 'clip-bpe' or the path of a SentencePiece .model")
-    try:
-        return load_tokenizer(spec, context_length)
-    except (FileNotFoundError, ValueError, ImportError, OSError) as error:
-        raise ConfigError(one_line(error)) from None
+    return open_tokenizer(spec, context_length)
 
 
 def json_file(path: str, what: str = "JSON file") -> Any:

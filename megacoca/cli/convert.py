@@ -23,8 +23,8 @@ import argparse
 import os
 import sys
 
-from megacoca.config import inputs
-from megacoca.config.inputs import argument
+from megacoca.cli import inputs
+from megacoca.cli.inputs import argument
 
 DTYPE_CHOICES = ("fp32", "bf16")
 DEEPSPEED_INPUT_HELP = ("a checkpoint tag directory (RUN/checkpoints/step00000100) or the checkpoint directory (its "
