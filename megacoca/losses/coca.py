@@ -15,6 +15,10 @@ from megacoca.losses.contrastive import contrastive_loss
 
 
 class CoCaLoss:
+    # What a training step logs of the loss, in this order: `sums` adds them up per micro-batch, `logged` turns
+    # their step means into the record's values.
+    LOGGED = ("loss", "loss_contrastive", "loss_caption", "logit_scale")
+
     def __init__(self, contrastive_weight: float = 1.0, caption_weight: float = 2.0) -> None:
         if contrastive_weight < 0 or caption_weight < 0 or contrastive_weight + caption_weight == 0:
             raise ValueError(
@@ -49,3 +53,18 @@ class CoCaLoss:
             "logit_scale": logit_scale.detach().reshape(()),
         }
         return loss, parts
+
+    def sums(self, loss: torch.Tensor, parts: dict) -> torch.Tensor:
+        """This micro-batch's `LOGGED` values, detached, as one fp32 tensor on the loss's device (no host sync): a
+        step adds them up over its micro-batches."""
+        return torch.stack([loss.detach().float(), parts["loss_contrastive"].float(), parts["loss_caption"].float(),
+                            parts["logit_scale"].float()])
+
+    def logged(self, means: list[float]) -> list[float | None]:
+        """The step's means of `LOGGED`, with the part of an objective the job dropped (weight 0) as None."""
+        values = list(means)
+        if not self.contrastive:
+            values[1] = None
+        if not self.captioning:
+            values[2] = None
+        return values

@@ -69,7 +69,7 @@ def _train(rank, world_size, tmp, variant):
     dims = ParallelDims.from_config(job.parallel, world_size).build()
     trainer = Trainer(job, MemoryLoader(micro, dims.dp_rank, dims.dp_size, cfg), dims=dims)
     module, engine = trainer.engine.module, trainer.engine
-    assert trainer.pipeline is not None and trainer.grad_accum == MICRO_BATCHES
+    assert trainer.schedule.micro_batches == trainer.grad_accum == MICRO_BATCHES
     blocks = [*module.vision.blocks.values()] + ([*module.text.blocks] if module.is_last else [])
     assert all(getattr(b, "activation_checkpointed", False) == checkpointing for b in blocks)
     grads: dict = {}
@@ -96,7 +96,7 @@ def _train(rank, world_size, tmp, variant):
     idle = [r["pipeline_idle"] for r in history]
     assert all(len(i) == pp and all(0.0 <= x < 1.0 for x in i) for i in idle), idle  # logged per stage
     return {"loss": [r["loss"] for r in history], "grad_norm": [r["grad_norm"] for r in history],
-            "params": params, "first_grads": grads, "stage_params": names, "text_ahead": trainer.pipeline.text_ahead}
+            "params": params, "first_grads": grads, "stage_params": names, "text_ahead": trainer.schedule.text_ahead}
 
 
 def _all_variants(rank, world_size, tmp, variants):

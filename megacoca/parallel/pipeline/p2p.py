@@ -1,11 +1,14 @@
-"""Point-to-point transfers between neighbouring pipeline stages, with the shape and dtype sent first.
+"""Point-to-point transfers between pipeline stages, the shape and dtype agreed by a header once per step.
 
-Every tensor goes as two messages: a fixed-size int64 header (dtype code, number of dimensions, the sizes),
-then the data. The receiver never has to know the shape in advance, so nothing about batch or sequence sizes
-has to agree by convention (a changed micro-batch size, a trimmed sequence), and a mismatch cannot hang a
-stage on a receive of the wrong size. Sends are asynchronous (`isend`): a stage never waits for its
-neighbour to receive before going on, which with 1F1B's order makes the exchanges deadlock-free; the
-pending sends are kept (with their tensors alive) and waited for at the end of the step.
+A tensor whose shape the receiver does not know goes as two messages: a fixed-size int64 header (dtype code,
+number of dimensions, the sizes), then the data; reading the header is a host synchronisation. Within a
+training step every activation a stage sends has the same shape (and every gradient sent back has its
+activation's), so only the first message of a kind in a step carries a header (`header=True`); the receiver
+remembers the shape and receives the rest straight into a buffer of it (`like=`): no host sync per message in
+the steady state, while a changed micro-batch size or sequence length between steps still cannot hang a stage
+on a receive of the wrong size. Sends are asynchronous (`isend`): a stage never waits for its neighbour to
+receive before going on, which with 1F1B's order makes the exchanges deadlock-free; the pending sends are kept
+(with their tensors alive) and waited for at the end of the step.
 """
 
 from __future__ import annotations
@@ -44,21 +47,26 @@ class PendingSends:
         self.tensors.clear()
 
 
-def send_tensor(tensor: torch.Tensor, dst: int, group, pending: PendingSends) -> None:
-    """Send `tensor` to global rank `dst` (header, then data) without waiting for it to be received."""
+def send_tensor(tensor: torch.Tensor, dst: int, group, pending: PendingSends, *, header: bool = True) -> None:
+    """Send `tensor` to global rank `dst` without waiting for it to be received: the header, then the data
+    (`header=False`: the data alone, for a receiver that knows the shape and dtype)."""
     data = tensor.detach().contiguous()
-    header = _header(data).to(data.device)
-    for part in (header, data):
+    parts = (_header(data).to(data.device), data) if header else (data,)
+    for part in parts:
         pending.works.append(dist.isend(part, dst, group=group))
         pending.tensors.append(part)
 
 
-def recv_tensor(src: int, group, device: torch.device | str) -> torch.Tensor:
-    """Receive the next tensor `send_tensor` sent from global rank `src` (blocks until it arrives)."""
-    header = torch.empty(HEADER, dtype=torch.int64, device=device)
-    dist.recv(header, src, group=group)
-    header = header.tolist()
-    dtype, ndim = DTYPES[header[0]], header[1]
-    out = torch.empty(header[2:2 + ndim], dtype=dtype, device=device)
+def recv_tensor(src: int, group, device: torch.device | str,
+                like: tuple[torch.Size, torch.dtype] | None = None) -> torch.Tensor:
+    """Receive the next tensor `send_tensor` sent from global rank `src` (blocks until it arrives): its header
+    first, or, with `like=(shape, dtype)`, the data alone into a new tensor of that shape (no host sync)."""
+    if like is None:
+        header = torch.empty(HEADER, dtype=torch.int64, device=device)
+        dist.recv(header, src, group=group)
+        header = header.tolist()
+        dtype, ndim = DTYPES[header[0]], header[1]
+        like = (torch.Size(header[2:2 + ndim]), dtype)
+    out = torch.empty(like[0], dtype=like[1], device=device)
     dist.recv(out, src, group=group)
     return out

@@ -1,0 +1,178 @@
+"""The step under pipeline parallelism: 1F1B with text-ahead over the stages, each its own DeepSpeed engine.
+
+Each stage is its own DeepSpeed engine over its data-parallel group (ZeRO 0-3 shard the stage's parameters
+there; tensor-parallel layers inside it talk over the tensor group). The order of work is
+megacoca.parallel.pipeline.schedule.stage_actions; per micro-batch k:
+- F(k): stage 0 embeds the images; the others receive the ViT hidden state from the stage before (it becomes a
+  leaf that requires grad); stages before the last send their output on; the last stage computes the training
+  outputs and the CoCa loss (the contrastive part gathered over its data-parallel group, as without a
+  pipeline), and keeps the loss.
+- B(k): the last stage backpropagates its loss (MicroBatchWork: the step guard's gate, DeepSpeed divides by the
+  micro-batch count); the others receive d(loss)/d(output) from the stage after and call
+  `engine.backward(sum(output * grad), scale_wrt_gas=False)` (the received gradient is already divided); every
+  stage but the first sends the gradient of its input back. Backwards run in micro-batch order, so B(m - 1) is
+  the accumulation boundary on every stage: the gradient reduction over the data-parallel group and the
+  optimizer step happen there.
+- T(k) (text-ahead): the last stage's text-tower forward, run before it waits for F(k)'s input.
+
+Data: only stage 0 reads the step's micro-batches (it decodes the images, and only it knows which samples a
+corrupt image dropped); at the start of the step it sends their text tokens to the last stage in one message, and
+the stages between read nothing. Before a checkpoint is saved, stage 0's data position is given to every stage
+of its pipeline (`share_data_position`), so every rank file holds the exact position.
+
+Messages: the first activation a stage sends in a step (and the step's text) carries a shape header; the others,
+and every gradient sent back (its activation's shape), go without one (megacoca.parallel.pipeline.p2p).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from deepspeed.runtime.base_optimizer import ZeROOptimizer
+
+from megacoca.parallel.pipeline.p2p import PendingSends, recv_tensor, send_tensor
+from megacoca.parallel.pipeline.schedule import stage_actions
+from megacoca.parallel.pipeline.zero3 import GatheredForStep, scope_trace_check_to_stage, unscope_trace_check
+from megacoca.schedules.base import MicroBatchWork, Schedule, StepResult
+
+
+class PipelineSchedule(Schedule):
+    def __init__(self, work: MicroBatchWork, split, *, text_ahead: int, keep_gathered: bool = False,
+                 zero3: bool = False) -> None:
+        """`split`: the StageSplit the engine's stage was cut by; `text_ahead`: text-tower forwards the last stage
+        runs ahead (resolved: >= 0); `keep_gathered` (ZeRO-3): the stage's parameters gathered once per step."""
+        self.work, self.split, self.text_ahead = work, split, text_ahead
+        self.engine, self.dims = work.engine, work.dims
+        self.stage = work.engine.module
+        self.micro_batches = work.micro_batches
+        self.device = work.device
+        ranks, s = self.dims.pp_ranks, self.dims.pp_rank
+        self.pp_ranks = ranks
+        self.prev = ranks[s - 1] if s > 0 else None
+        self.next = ranks[s + 1] if s < self.dims.pp_size - 1 else None
+        self.actions = stage_actions(s, self.dims.pp_size, self.micro_batches, text_ahead)
+        self.zero_optimizer = isinstance(self.engine.optimizer, ZeROOptimizer)
+        self.gathered = GatheredForStep(self.stage) if keep_gathered else None
+        self.zero3 = zero3
+        if zero3:
+            scope_trace_check_to_stage(self.dims.dp_group)
+        # Of the last step: its wall time and the time this stage spent waiting for its neighbours (blocked in a
+        # receive or on its pending sends): wait / step is this stage's measured bubble.
+        self.last_step_s = 0.0
+        self.last_wait_s = 0.0
+
+    def describe(self) -> str:
+        return f"{self.split.describe()} | 1F1B over {self.micro_batches} micro-batches, text-ahead {self.text_ahead}"
+
+    def log_fields(self) -> dict:
+        """`pipeline_idle`: per stage, the fraction of the last step it spent waiting for its neighbours (its
+        measured bubble); an all-gather over the pipeline group."""
+        own = torch.tensor([self.last_wait_s / max(self.last_step_s, 1e-9)], device=self.device)
+        parts = [torch.zeros_like(own) for _ in range(self.dims.pp_size)]
+        dist.all_gather(parts, own, group=self.dims.pp_group)
+        return {"pipeline_idle": [round(float(part), 4) for part in parts]}
+
+    def share_data_position(self, loader) -> None:
+        """Stage 0's loader position, broadcast over the pipeline group, loaded by every other stage's loader."""
+        state = [loader.state_dict() if self.stage.is_first and hasattr(loader, "state_dict") else None]
+        dist.broadcast_object_list(state, self.pp_ranks[0], group=self.dims.pp_group)
+        if not self.stage.is_first and state[0] is not None and hasattr(loader, "load_state_dict"):
+            loader.load_state_dict(state[0])
+
+    def close(self) -> None:
+        if self.zero3:
+            unscope_trace_check()
+
+    def _recv(self, src: int, like=None) -> torch.Tensor:
+        began = time.perf_counter()
+        tensor = recv_tensor(src, self.dims.pp_group, self.device, like)
+        self.last_wait_s += time.perf_counter() - began
+        return tensor
+
+    def _close_backward(self) -> None:
+        """Do what DeepSpeed's engine does at the start of every forward, after each backward: its ZeRO
+        optimizers count a micro-batch as done (ZeRO-3's accumulate-or-copy switch, ZeRO-1/2's per-backward
+        state) only when the next forward starts, assuming forwards and backwards alternate. 1F1B runs
+        several backwards in a row (the drain, and every backward of stage 0 when it holds all micro-batches),
+        and without this each of them would overwrite the previous one's gradients instead of adding to them."""
+        if self.zero_optimizer:
+            self.engine.optimizer.clear_backward_seen_flag()
+
+    def _step_inputs(self, batches: Iterator[dict], pending: PendingSends) -> tuple[list, list]:
+        """This stage's inputs of the step: stage 0 reads the micro-batches (images kept, the text tokens of all of
+        them sent to the last stage in one message); the last stage receives those tokens; others read nothing."""
+        images: list = []
+        texts: list = []
+        if self.stage.is_first:
+            micro = [next(batches) for _ in range(self.micro_batches)]
+            images = [self.work.images(batch) for batch in micro]
+            send_tensor(torch.stack([batch["text"] for batch in micro]).to(self.device), self.pp_ranks[-1],
+                        self.dims.pp_group, pending)
+        elif self.stage.is_last:
+            texts = list(self._recv(self.pp_ranks[0]).unbind(0))
+        return images, texts
+
+    def step(self, batches: Iterator[dict], step: int) -> StepResult:
+        work, engine, stage, m = self.work, self.engine, self.stage, self.micro_batches
+        work.begin(step)
+        began = time.perf_counter()
+        self.last_wait_s = 0.0
+        pending = PendingSends()
+        images, texts = self._step_inputs(batches, pending)
+        keeps: dict[int, int] = {}
+        text_outputs: dict[int, tuple] = {}
+        inputs: dict[int, torch.Tensor] = {}
+        outputs: dict[int, torch.Tensor] = {}
+        losses: dict[int, torch.Tensor] = {}
+        activation = None  # (shape, dtype) of the activations received this step, from the first one's header
+        if self.gathered is not None:
+            self.gathered.gather()
+
+        def keep_of(k: int) -> int:
+            if k not in keeps:
+                keeps[k] = stage.text_keep(texts[k])
+            return keeps[k]
+
+        for kind, k in self.actions:
+            if kind == "T":
+                text_outputs[k] = engine(text=texts[k], keep=keep_of(k), part="text")
+            elif kind == "F":
+                if stage.is_first:
+                    x = images[k]
+                else:
+                    x = self._recv(self.prev, activation).requires_grad_()
+                    activation = (x.shape, x.dtype)
+                    inputs[k] = x
+                if stage.is_last:
+                    out = engine(x, text=texts[k], keep=keep_of(k), text_outputs=text_outputs.pop(k, None),
+                                 **work.model_kwargs)
+                    losses[k] = work.loss(out)
+                else:
+                    y = engine(x)
+                    outputs[k] = y
+                    send_tensor(y, self.next, self.dims.pp_group, pending, header=k == 0)
+            else:  # "B"
+                engine.set_gradient_accumulation_boundary(k == m - 1)
+                if stage.is_last:
+                    work.backward(losses.pop(k), k == m - 1)
+                else:
+                    y = outputs.pop(k)
+                    grad = self._recv(self.next, (y.shape, y.dtype))
+                    engine.backward((y * grad).sum(), scale_wrt_gas=False)
+                self._close_backward()
+                if not stage.is_first:
+                    send_tensor(inputs.pop(k).grad, self.prev, self.dims.pp_group, pending, header=False)
+                if k == m - 1:
+                    if self.gathered is not None:
+                        self.gathered.release()
+                    work.before_optimizer_step()
+                engine.step()
+        waited = time.perf_counter()
+        pending.wait()
+        self.last_wait_s += time.perf_counter() - waited
+        self.last_step_s = time.perf_counter() - began
+        dist.broadcast(work.sums, self.pp_ranks[-1], group=self.dims.pp_group)
+        return work.result()
