@@ -1,4 +1,8 @@
-"""megacoca: a CoCa (Contrastive Captioners) trainer on DeepSpeed."""
+"""megacoca: a CoCa (Contrastive Captioners) trainer on DeepSpeed.
+
+The two functions here import what they need when called, so that `import megacoca` (and `megacoca --help`) stays
+fast.
+"""
 
 __version__ = "0.1.0"
 

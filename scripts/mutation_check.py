@@ -112,22 +112,23 @@ MUTATIONS = [
     Mutation(
         "pp_grad_scaled_twice", "a middle pipeline stage divides the received gradient by the micro-batch count again",
         "megacoca/schedules/pipeline.py",
-        "engine.backward((y * grad).sum(), scale_wrt_gas=False)",
-        "engine.backward((y * grad).sum(), scale_wrt_gas=True)",
+        "self.engine.backward((y * grad).sum(), scale_wrt_gas=False)",
+        "self.engine.backward((y * grad).sum(), scale_wrt_gas=True)",
         ("tests/distributed/test_pipeline.py::test_pp2_equals_one_process",),
     ),
     Mutation(
         "pp_backwards_not_closed", "consecutive pipeline backwards overwrite each other's ZeRO gradients",
         "megacoca/schedules/pipeline.py",
-        "                self._close_backward()\n",
+        "        self._close_backward()\n",
         "",
         ("tests/distributed/test_pipeline.py::test_pp2_dp2_pp2_tp2_and_pp4_equal_one_process",),
     ),
     Mutation(
         "pp_text_ahead_wrong_micro_batch", "text-ahead runs the text tower on the next micro-batch's captions",
         "megacoca/schedules/pipeline.py",
-        'text_outputs[k] = engine(text=texts[k], keep=keep_of(k), part="text")',
-        'text_outputs[k] = engine(text=texts[min(k + 1, m - 1)], keep=keep_of(min(k + 1, m - 1)), part="text")',
+        'run.text_outputs[k] = self.engine(text=run.texts[k], keep=run.keep(k), part="text")',
+        'run.text_outputs[k] = self.engine(text=run.texts[min(k + 1, self.micro_batches - 1)], '
+        'keep=run.keep(min(k + 1, self.micro_batches - 1)), part="text")',
         ("tests/distributed/test_pipeline.py::test_pp2_equals_one_process",),
     ),
     Mutation(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from megacoca.cli import inputs
 from megacoca.cli.inputs import argument, at_least, fraction
+from megacoca.config.overrides import ConfigError
 
 
 def register(subparsers) -> None:
@@ -44,8 +45,7 @@ def register(subparsers) -> None:
 
 
 def _synth_shapes(args) -> int:
-    from megacoca.config.train import ConfigError
-    from megacoca.data.shapes import synth_shapes
+    from megacoca.data.shapes import synth_shapes  # heavy (torch, PIL): in the command, not at `--help`
 
     if args.train_samples + args.val_samples == 0:
         raise ConfigError("--train-samples and --val-samples are both 0: nothing to write")
@@ -59,7 +59,7 @@ def _synth_shapes(args) -> int:
 
 
 def _from_folder(args) -> int:
-    from megacoca.data.from_folder import folder_to_shards
+    from megacoca.data.from_folder import folder_to_shards  # heavy: see _synth_shapes
 
     result = folder_to_shards(args.images, args.out, captions=args.captions, sidecar=args.sidecar,
                               shard_size=args.shard_size, shuffle=not args.no_shuffle, seed=args.seed)
@@ -69,7 +69,7 @@ def _from_folder(args) -> int:
 
 
 def _inspect(args) -> int:
-    from megacoca.data.shards import decode_caption, image_bytes, iter_samples
+    from megacoca.data.shards import decode_caption, image_bytes, iter_samples  # heavy: see _synth_shapes
 
     count, bad = 0, 0
     for raw in iter_samples(args.shards):

@@ -9,6 +9,8 @@ import time
 
 from megacoca.cli import inputs
 from megacoca.cli.inputs import argument, at_least
+from megacoca.config.overrides import ConfigError, parse_model_overrides
+from megacoca.config.train import ModelChoice
 
 
 def register(subparsers) -> None:
@@ -48,9 +50,6 @@ def register(subparsers) -> None:
 
 def _model_config(args):
     """The CoCaConfig of --flavor and --model-set (None without --flavor); a bad one is a ConfigError."""
-    from megacoca.config.overrides import parse_model_overrides
-    from megacoca.config.train import ConfigError, ModelChoice
-
     if not args.flavor:
         if args.model_set:
             raise ConfigError("--model-set needs --flavor (the checkpoint's own config is used without it)")
@@ -64,12 +63,10 @@ def _model_config(args):
 
 
 def run(args) -> int:
-    from megacoca.config.train import ConfigError
-
     if args.curves and not args.metrics:
         raise ConfigError("--curves needs --metrics (a run's metrics.jsonl)")
     model_config = _model_config(args)  # before anything loads: a bad --flavor/--model-set is one line
-    import torch
+    import torch  # heavy (torch and the model): after the arguments are known to be good, not at `--help`
 
     from megacoca.data.tokenizer import load_tokenizer
     from megacoca.eval.runner import evaluate, headline, load_eval_set, load_model_for_eval
@@ -99,7 +96,7 @@ def run(args) -> int:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
     if args.curves:
-        from megacoca.eval.plots import plot_curves
+        from megacoca.eval.plots import plot_curves  # heavy: matplotlib
 
         plot_curves(args.metrics, args.curves, final_eval=results)
     print(headline(results))

@@ -8,6 +8,7 @@ import time
 
 from megacoca.cli import inputs
 from megacoca.cli.inputs import argument, at_least
+from megacoca.config.overrides import ConfigError
 
 
 def register(subparsers) -> None:
@@ -37,7 +38,7 @@ def register(subparsers) -> None:
 
 
 def _captions(spec):
-    from megacoca.data.shards import decode_caption, iter_samples
+    from megacoca.data.shards import decode_caption, iter_samples  # heavy (torch): in the command, not at --help
 
     for raw in iter_samples(spec):
         caption, reason = decode_caption(raw)
@@ -46,8 +47,7 @@ def _captions(spec):
 
 
 def _tokenizer_train(args) -> int:
-    from megacoca.config.train import ConfigError
-    from megacoca.data.tokenizer import Tokenizer, train_sentencepiece
+    from megacoca.data.tokenizer import Tokenizer, train_sentencepiece  # heavy: see _captions
 
     began = time.perf_counter()
     try:
@@ -71,7 +71,7 @@ def _tokenizer_train(args) -> int:
 
 
 def _tokenizer_encode(args) -> int:
-    from megacoca.data.tokenizer import load_tokenizer
+    from megacoca.data.tokenizer import load_tokenizer  # heavy: see _captions
 
     tokenizer = load_tokenizer(args.tokenizer, args.context_length)
     ids = tokenizer.encode(args.texts)

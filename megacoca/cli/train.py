@@ -166,7 +166,8 @@ def run(args) -> int:
 def train(job: JobConfig, layout: Layout, ds_config: dict, model_cfg, tokenizer, fail) -> int:
     """The checked job on this rank: process group, groups, loader, Trainer, resume, the step loop, close.
     Returns the exit status (0, REQUEUE_EXIT_CODE after a preemption, a CheckpointError's or BadStepsError's)."""
-    import torch.distributed as dist  # heavy imports: only once the input is known to be good
+    # heavy (torch, DeepSpeed, the model): imported once the input is known to be good, not at `--help`
+    import torch.distributed as dist
 
     from megacoca.checkpoint import CheckpointError
     from megacoca.data.loaders import build_train_loader

@@ -19,6 +19,7 @@ every rank). The derived fields cannot be overridden this way.
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import os
 
@@ -100,9 +101,9 @@ def check_json(ds: dict, where: str) -> None:
                 fail(f"zero_optimization.{offload}", "an object ({\"device\": \"cpu\", ...})")
             if zero[offload].get("device", "none") not in (None, "none", "cpu", "nvme"):
                 fail(f"zero_optimization.{offload}.device", "\"none\", \"cpu\" or \"nvme\"")
-    from pydantic import ValidationError
-
+    # heavy (DeepSpeed imports torch): `megacoca --help` imports this module; only a check needs them
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
 
     try:
         DeepSpeedZeroConfig(**zero)
@@ -110,8 +111,6 @@ def check_json(ds: dict, where: str) -> None:
         first = error.errors()[0]
         key = ".".join(["zero_optimization", *(str(part) for part in first["loc"])])
         if first["type"] == "extra_forbidden":
-            import difflib
-
             known = {name for name, f in DeepSpeedZeroConfig.model_fields.items() for name in (name, f.alias) if name}
             close = difflib.get_close_matches(str(first["loc"][-1]), sorted(known), n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
@@ -182,7 +181,7 @@ def apply_overrides(ds: dict, overrides: dict) -> None:
 
 
 def precision_dtype(ds: dict):
-    import torch
+    import torch  # heavy: `megacoca --help` imports this module
 
     return torch.bfloat16 if ds.get("bf16", {}).get("enabled", False) else torch.float32
 

@@ -146,10 +146,6 @@ def _check_key(obj: Any, key: str, path: str, label: str) -> None:
 def coerce(value: Any, hint: Any, label: str) -> Any:
     """Check/convert a parsed value to a field's annotation; one-line ConfigError when it does not fit."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-
-    def fail() -> typing.NoReturn:
-        raise ConfigError(f"{label}: expected {_type_name(hint)}, got {value!r}")
-
     if hint is Any:
         return value
     if origin in (typing.Union, types.UnionType):
@@ -162,61 +158,83 @@ def coerce(value: Any, hint: Any, label: str) -> Any:
                 return coerce(value, arg, label)
             except ConfigError:
                 pass
-        fail()
+        _mismatch(value, hint, label)
     if origin is Literal:
         if value in args:
             return value
         raise ConfigError(f"{label}: must be one of {', '.join(repr(a) for a in args)}, got {value!r}")
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        fail()
-    if hint is int:
-        if isinstance(value, bool):
-            fail()
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                number = float(value.replace("_", ""))
-            except ValueError:
-                fail()
-            if number.is_integer():
-                return int(number)
-        fail()
-    if hint is float:
-        if isinstance(value, bool):
-            fail()
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                fail()
-        fail()
-    if hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        fail()
+    if hint in _SCALARS:
+        return _SCALARS[hint](value, hint, label)
     if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            fail()
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                fail()
-            return tuple(coerce(v, a, label) for v, a in zip(value, args))
-        inner = args[0] if args else Any
-        return origin(coerce(v, inner, label) for v in value)
+        return _coerce_sequence(value, hint, label)
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
-            fail()
+            _mismatch(value, hint, label)
         return dict(value)
     return value
+
+
+def _mismatch(value: Any, hint: Any, label: str) -> typing.NoReturn:
+    raise ConfigError(f"{label}: expected {_type_name(hint)}, got {value!r}")
+
+
+def _coerce_bool(value: Any, hint: Any, label: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.lower() in ("true", "yes", "1")
+    _mismatch(value, hint, label)
+
+
+def _coerce_int(value: Any, hint: Any, label: str) -> int:
+    if isinstance(value, bool):
+        _mismatch(value, hint, label)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            number = float(value.replace("_", ""))
+        except ValueError:
+            _mismatch(value, hint, label)
+        if number.is_integer():
+            return int(number)
+    _mismatch(value, hint, label)
+
+
+def _coerce_float(value: Any, hint: Any, label: str) -> float:
+    if isinstance(value, bool):
+        _mismatch(value, hint, label)
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            _mismatch(value, hint, label)
+    _mismatch(value, hint, label)
+
+
+def _coerce_str(value: Any, hint: Any, label: str) -> str:
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    _mismatch(value, hint, label)
+
+
+_SCALARS = {bool: _coerce_bool, int: _coerce_int, float: _coerce_float, str: _coerce_str}
+
+
+def _coerce_sequence(value: Any, hint: Any, label: str) -> tuple | list:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if not isinstance(value, (list, tuple)):
+        _mismatch(value, hint, label)
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        if len(value) != len(args):
+            _mismatch(value, hint, label)
+        return tuple(coerce(v, a, label) for v, a in zip(value, args))
+    inner = args[0] if args else Any
+    return origin(coerce(v, inner, label) for v in value)
 
 
 def _type_name(hint: Any) -> str:

@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from megacoca.data.shapes import caption_matches, caption_names_attribute
 from megacoca.models.coca.generate import generate
 
 
@@ -58,20 +59,14 @@ def caption_match_rate(captions: Sequence[str], attributes: Sequence, matches: C
 
 def shapes_caption_matches(caption: str, attributes) -> bool:
     """synth-shapes scoring: the caption names the right color AND shape of every object, and no other."""
-    from megacoca.data.shapes import caption_matches
-
     return caption_matches(caption, attributes)
 
 
 def shapes_caption_color_matches(caption: str, attributes) -> bool:
     """synth-shapes, color alone: the caption names the right color of every object and no other."""
-    from megacoca.data.shapes import caption_names_attribute
-
     return caption_names_attribute(caption, attributes, "color")
 
 
 def shapes_caption_shape_matches(caption: str, attributes) -> bool:
     """synth-shapes, shape alone: the caption names the right shape of every object and no other."""
-    from megacoca.data.shapes import caption_names_attribute
-
     return caption_names_attribute(caption, attributes, "shape")

@@ -34,7 +34,7 @@ def _series(records: list[dict], key: str) -> tuple[list[float], list[float]]:
 def plot_curves(metrics_path: str, out_path: str, final_eval: dict | None = None, title: str | None = None) -> str:
     """Draw loss curves (left) and eval metrics (right) to `out_path` (PNG). `final_eval` (the eval.json of
     the finished run) adds its numbers at the last training step when the trainer logged no evals."""
-    import matplotlib
+    import matplotlib  # heavy (~1 s), and the backend must be chosen before pyplot is imported
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

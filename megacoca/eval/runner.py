@@ -15,6 +15,10 @@ from typing import Any, Sequence
 
 import torch
 
+from megacoca.checkpoint.loader import load
+from megacoca.data.shapes import CLASSES, ZERO_SHOT_TEMPLATES, class_index
+from megacoca.data.shards import decode_caption, image_bytes, iter_samples
+from megacoca.data.transforms import ImageTransform, load_image
 from megacoca.eval.captioning import (
     caption_match_rate,
     generate_captions,
@@ -30,6 +34,7 @@ from megacoca.eval.zeroshot import (
     topk_accuracy,
     zeroshot_logits,
 )
+from megacoca.parallel.pipeline.evaluation import pipelined_evaluate
 
 
 # ------------------------------------------------------------------------------------------ model loading
@@ -37,8 +42,6 @@ def load_model_for_eval(path: str, *, model_config=None, device: str | torch.dev
     """An eval-mode fp32 model from anything `megacoca.load` opens (megacoca.checkpoint.loader: a model
     directory, an open_clip directory, a DeepSpeed checkpoint of any layout). `model_config`: for a DeepSpeed
     checkpoint that records no job config."""
-    from megacoca.checkpoint.loader import load
-
     return load(path, model_config=model_config, device=device, dtype=torch.float32)
 
 
@@ -56,9 +59,6 @@ class EvalSet:
 
 def load_eval_set(shards, image_size: int, max_samples: int | None = None) -> EvalSet:
     """Read shards in order (no shuffle), center-crop transform; undecodable samples are skipped."""
-    from megacoca.data.shards import decode_caption, image_bytes, iter_samples
-    from megacoca.data.transforms import ImageTransform, load_image
-
     transform = ImageTransform(image_size, train=False)
     images, captions, attributes, keys = [], [], [], []
     for raw in iter_samples(shards):
@@ -89,8 +89,6 @@ def load_eval_set(shards, image_size: int, max_samples: int | None = None) -> Ev
 
 def shapes_label(meta: Any) -> int | None:
     """The synth-shapes class of a single-object sample, else None."""
-    from megacoca.data.shapes import class_index
-
     if not isinstance(meta, dict):
         return None
     if isinstance(meta.get("class"), int):
@@ -140,7 +138,6 @@ def evaluate(model, tokenizer, eval_set: EvalSet, *, batch_size: int = 256, max_
     """
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     timings = {}
     began = time.perf_counter()
     image_features, text_features = encode_all(model, eval_set, tokenizer, batch_size)
@@ -148,53 +145,69 @@ def evaluate(model, tokenizer, eval_set: EvalSet, *, batch_size: int = 256, max_
     results.update(retrieval_metrics(image_features, text_features, eval_set.captions, ks))
     timings["encode_and_retrieval_s"] = time.perf_counter() - began
 
-    shapes = _is_shapes(eval_set)
     results["zeroshot_top1"] = results["zeroshot_top5"] = None
     results["zeroshot_color_acc"] = results["zeroshot_shape_acc"] = None
     results["num_zeroshot"] = 0
-    if shapes:
+    if _is_shapes(eval_set):
         began = time.perf_counter()
-        from megacoca.data.shapes import CLASSES, ZERO_SHOT_TEMPLATES
-
-        labels = [shapes_label(m) for m in eval_set.attributes]
-        if all(label is not None for label in labels):
-            # Class-level retrieval: any caption naming the same (color, shape) is a positive. The exact-pair
-            # numbers above also ask for the caption's random template and size word, which no image shows.
-            results.update(retrieval_metrics(image_features, text_features, ks=ks, groups=labels, prefix="class_"))
-        keep = torch.tensor([label is not None for label in labels])
-        if bool(keep.any()):
-            classes = [{"color": c, "shape": s} for c, s in CLASSES]
-            class_features = class_embeddings(model, tokenizer, classes, ZERO_SHOT_TEMPLATES, batch_size)
-            logits = zeroshot_logits(image_features[keep], class_features)
-            target = torch.tensor([label for label in labels if label is not None])
-            accuracy = topk_accuracy(logits, target, (1, 5))
-            results["zeroshot_top1"], results["zeroshot_top5"] = accuracy[1], accuracy[5]
-            for attribute, index in (("color", 0), ("shape", 1)):
-                results[f"zeroshot_{attribute}_acc"] = attribute_accuracy(
-                    logits, target, [cls[index] for cls in CLASSES]
-                )
-            results["num_zeroshot"] = int(keep.sum())
-            if generative_zeroshot:
-                logits = caption_likelihood_logits(model, tokenizer, eval_set.images[keep], classes,
-                                                   ZERO_SHOT_TEMPLATES)
-                results["zeroshot_generative_top1"] = topk_accuracy(logits, target, (1,))[1]
-                for attribute, index in (("color", 0), ("shape", 1)):
-                    results[f"zeroshot_generative_{attribute}_acc"] = attribute_accuracy(
-                        logits, target, [cls[index] for cls in CLASSES]
-                    )
+        results.update(_shapes_zeroshot(model, tokenizer, eval_set, image_features, text_features, ks=ks,
+                                        batch_size=batch_size, generative=generative_zeroshot))
         timings["zeroshot_s"] = time.perf_counter() - began
 
     began = time.perf_counter()
+    results.update(_caption_metrics(model, tokenizer, eval_set, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                    caption_samples=caption_samples, num_examples=num_examples))
+    timings["captioning_s"] = time.perf_counter() - began
+    results["timings"] = {k: round(v, 3) for k, v in timings.items()}
+    model.train(was_training)
+    return results
+
+
+def _shapes_zeroshot(model, tokenizer, eval_set: EvalSet, image_features, text_features, *, ks, batch_size: int,
+                     generative: bool) -> dict:
+    """Synth-shapes' class-level retrieval and zero-shot classification (by embedding, and by caption likelihood
+    with `generative`), each attribute also scored alone."""
+    results: dict[str, Any] = {}
+    labels = [shapes_label(m) for m in eval_set.attributes]
+    if all(label is not None for label in labels):
+        # Class-level retrieval: any caption naming the same (color, shape) is a positive. The exact-pair
+        # numbers above also ask for the caption's random template and size word, which no image shows.
+        results.update(retrieval_metrics(image_features, text_features, ks=ks, groups=labels, prefix="class_"))
+    keep = torch.tensor([label is not None for label in labels])
+    if not bool(keep.any()):
+        return results
+    classes = [{"color": c, "shape": s} for c, s in CLASSES]
+    class_features = class_embeddings(model, tokenizer, classes, ZERO_SHOT_TEMPLATES, batch_size)
+    logits = zeroshot_logits(image_features[keep], class_features)
+    target = torch.tensor([label for label in labels if label is not None])
+    accuracy = topk_accuracy(logits, target, (1, 5))
+    results["zeroshot_top1"], results["zeroshot_top5"] = accuracy[1], accuracy[5]
+    for attribute, index in (("color", 0), ("shape", 1)):
+        results[f"zeroshot_{attribute}_acc"] = attribute_accuracy(logits, target, [cls[index] for cls in CLASSES])
+    results["num_zeroshot"] = int(keep.sum())
+    if generative:
+        logits = caption_likelihood_logits(model, tokenizer, eval_set.images[keep], classes, ZERO_SHOT_TEMPLATES)
+        results["zeroshot_generative_top1"] = topk_accuracy(logits, target, (1,))[1]
+        for attribute, index in (("color", 0), ("shape", 1)):
+            results[f"zeroshot_generative_{attribute}_acc"] = attribute_accuracy(
+                logits, target, [cls[index] for cls in CLASSES])
+    return results
+
+
+def _caption_metrics(model, tokenizer, eval_set: EvalSet, *, batch_size: int, max_new_tokens: int,
+                     caption_samples: int | None, num_examples: int) -> dict:
+    """Greedy captions of the first `caption_samples` samples, and on synth-shapes whether they name the right
+    object (and its colour, its shape); the first `num_examples` as examples."""
+    device = next(model.parameters()).device
     count = len(eval_set) if caption_samples is None else min(caption_samples, len(eval_set))
     captions: list[str] = []
     for start in range(0, count, batch_size):
         images = eval_set.images[start:min(start + batch_size, count)].to(device)
         captions += generate_captions(model, images, tokenizer, max_new_tokens=max_new_tokens)
-    timings["captioning_s"] = time.perf_counter() - began
-    results["num_captioned"] = count
+    results: dict[str, Any] = {"num_captioned": count}
     hits: list[bool | None] = [None] * count
     results["caption_match"] = results["caption_color_acc"] = results["caption_shape_acc"] = None
-    if shapes and count:
+    if _is_shapes(eval_set) and count:
         attributes = eval_set.attributes[:count]
         results["caption_match"], hits = caption_match_rate(captions, attributes, shapes_caption_matches)
         results["caption_color_acc"], _ = caption_match_rate(captions, attributes, shapes_caption_color_matches)
@@ -203,8 +216,6 @@ def evaluate(model, tokenizer, eval_set: EvalSet, *, batch_size: int = 256, max_
         {"key": eval_set.keys[i], "reference": eval_set.captions[i], "generated": captions[i], "match": hits[i]}
         for i in range(min(num_examples, count))
     ]
-    results["timings"] = {k: round(v, 3) for k, v in timings.items()}
-    model.train(was_training)
     return results
 
 
@@ -259,8 +270,6 @@ def make_train_eval_fn(job, model_cfg, dims, tokenizer, *, max_samples: int = 48
 
     def eval_fn(engine, step: int) -> dict:
         if dims.pp_size > 1:
-            from megacoca.parallel.pipeline.evaluation import pipelined_evaluate
-
             return pipelined_evaluate(engine, dims, metrics_of, eval_set.images)
         return metrics_of(getattr(engine, "module", engine))
 

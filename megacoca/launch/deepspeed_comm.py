@@ -13,11 +13,11 @@ AutoTP layers; megacoca's training never calls it) and costs, on CPU hosts:
 
 from __future__ import annotations
 
+import importlib
+
 
 def without_shared_memory_allreduce() -> None:
     """Make DeepSpeed's TorchBackend start without its shared-memory all-reduce op (idempotent)."""
-    import importlib
-
     # importlib, not `import deepspeed.comm.torch as m`: the package's `torch` attribute is the torch module
     torch_backend = importlib.import_module("deepspeed.comm.torch")
     torch_backend.build_shm_op = lambda: None

@@ -173,7 +173,7 @@ def targets(kind: str) -> list[str]:
 
 
 def _rank() -> int:
-    import torch.distributed as dist
+    import torch.distributed as dist  # heavy: `megacoca --help` imports this module
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()

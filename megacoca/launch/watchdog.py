@@ -38,6 +38,10 @@ import sys
 import threading
 import time
 
+import torch.distributed as dist
+
+from megacoca.launch import faults
+
 # What timeout(1) returns: the job timed out. Not megacoca.launch.preemption.REQUEUE_EXIT_CODE, so the batch
 # scripts do not requeue a job that hung (a requeue lands on the same broken node as often as not).
 STALL_EXIT_CODE = 124
@@ -98,8 +102,6 @@ class StepWatchdog:
         """The watchdog `job.fault` asks for, over the default process group's store."""
         store = None
         if world_size > 1:
-            import torch.distributed as dist
-
             try:
                 store = dist.distributed_c10d._get_default_store()
             except (AttributeError, ValueError, RuntimeError):  # a private API: without it, no heartbeats
@@ -116,8 +118,6 @@ class StepWatchdog:
 
     def begin_step(self, step: int) -> None:
         """A train step begins (every rank, the same step); armed from the second step of this watchdog on."""
-        from megacoca.launch import faults
-
         self.step = step
         self.steps_begun += 1
         if faults.at_step("stall", step) is not None:

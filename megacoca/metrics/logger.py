@@ -49,7 +49,7 @@ class MetricsLogger:
 
     def _open_writer(self, purge_step: int | None = None) -> None:
         if self.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # heavy (~1 s): only with logging.tensorboard
 
             self.writer = SummaryWriter(log_dir=os.path.join(self.run_dir, "tensorboard"), purge_step=purge_step)
 

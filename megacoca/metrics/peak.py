@@ -7,6 +7,8 @@ datasheets, AMD MI250X/MI300X datasheets.
 
 from __future__ import annotations
 
+import torch
+
 # key: a substring of torch.cuda.get_device_name(); the longest matching key wins ("H100 PCIe" over "H100").
 PEAK_FLOPS: dict[str, dict[str, float]] = {
     "A100": {"bf16": 312e12, "fp32": 19.5e12},
@@ -39,8 +41,6 @@ def peak_flops(device_name: str | None, precision: str) -> float | None:
 
 
 def current_device_name() -> str | None:
-    import torch
-
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return None

@@ -24,6 +24,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from megacoca.launch import faults
+
 
 class InputTimer:
     """Wraps the batch iterator: counts the seconds spent getting batches, and applies the `slow` fault."""
@@ -65,8 +67,6 @@ class StragglerMonitor:
     rank (a collective over `group`, default the world)."""
 
     def __init__(self, factor: float, device, group=None):
-        from megacoca.launch import faults
-
         self.factor = factor
         self.device = device
         self.group = group

@@ -20,12 +20,19 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from types import SimpleNamespace
 
 import torch
+import torch.distributed as torch_dist
 import torch.nn as nn
 
+from megacoca.config.deepspeed import precision_dtype, zero_stage
+from megacoca.launch.deepspeed_comm import without_shared_memory_allreduce
+from megacoca.models.coca import CoCa
 from megacoca.parallel.dims import ParallelDims
 from megacoca.parallel.parallelize import parallelize
+from megacoca.parallel.pipeline.stage import PipelineStage
+from megacoca.parallel.tensor import apply_tensor_parallel
 
 TP_ATTRIBUTES = ("tensor_model_parallel", "partition_dim", "partition_stride", "tp_shard")
 # After a parameter this large (its full fp32 init) is freed, hand the memory back to the OS: glibc keeps freed
@@ -38,11 +45,6 @@ def meta_model(cfg, tp: int | None = None) -> nn.Module:
     """The single-device CoCa of `cfg` on the meta device (no memory), built without moving torch's global generator
     (the real build draws its init seed from it); with `tp`, swapped to the tensor-parallel layers of that degree as
     tensor rank 0 (shapes and `tp_shard`s only: no process group is needed). For counting and planning."""
-    from types import SimpleNamespace
-
-    from megacoca.models.coca import CoCa
-    from megacoca.parallel.tensor import apply_tensor_parallel
-
     state = torch.get_rng_state()
     with torch.device("meta"):
         model = CoCa(cfg)
@@ -111,16 +113,11 @@ def materialize(model: nn.Module, device: torch.device | str, after_module=None,
 def zero3_partitioner(ds_config: dict, dims: ParallelDims):
     """`after_module` for `materialize` under ZeRO-3: partition a module's parameters over the data-parallel
     group as soon as they exist (DeepSpeed skips parameters it already converted)."""
-    import deepspeed
-    import torch.distributed as torch_dist
-
-    from megacoca.config.deepspeed import precision_dtype
+    import deepspeed  # heavy; the planner and conversions build meta models here without DeepSpeed
 
     if not deepspeed.comm.is_initialized():
         # zero.Init reads the data-parallel size through deepspeed.comm; over a torch process group that
         # deepspeed.initialize has not wrapped yet it would silently assume 1 rank.
-        from megacoca.launch.deepspeed_comm import without_shared_memory_allreduce
-
         without_shared_memory_allreduce()
         deepspeed.init_distributed(dist_backend=torch_dist.get_backend(), dist_init_required=False)
     dtype = precision_dtype(ds_config)
@@ -138,11 +135,8 @@ def build_parallel_model(cfg, dims: ParallelDims, *, ds_config: dict, activation
                          overlap_text_tower: bool = False):
     """The CoCa of `cfg` for this rank: tensor-parallel shards, activation checkpointing, ZeRO-3 partitions; under
     pipeline parallelism (`pipeline_split`, a StageSplit) only this rank's stage of it."""
-    from megacoca.config.deepspeed import precision_dtype, zero_stage
-    from megacoca.models.coca import CoCa
-
     if device is None:
-        from deepspeed.accelerator import get_accelerator
+        from deepspeed.accelerator import get_accelerator  # heavy: see zero3_partitioner
 
         accelerator = get_accelerator()
         device = torch.device(accelerator.device_name(accelerator.current_device()))
@@ -151,8 +145,6 @@ def build_parallel_model(cfg, dims: ParallelDims, *, ds_config: dict, activation
     parallelize(model, dims, activation_checkpointing=activation_checkpointing,
                 overlap_text_tower=overlap_text_tower and pipeline_split is None)
     if pipeline_split is not None:
-        from megacoca.parallel.pipeline.stage import PipelineStage
-
         model = PipelineStage(model, pipeline_split, dims.pp_rank)
     if zero_stage(ds_config) != 3:
         return materialize(model, device)  # the engine casts the module to the training dtype itself

@@ -101,78 +101,95 @@ class PipelineSchedule(Schedule):
         if self.zero_optimizer:
             self.engine.optimizer.clear_backward_seen_flag()
 
-    def _step_inputs(self, batches: Iterator[dict], pending: PendingSends) -> tuple[list, list]:
+    def _step_inputs(self, batches: Iterator[dict], run: "_StepRun") -> None:
         """This stage's inputs of the step: stage 0 reads the micro-batches (images kept, the text tokens of all of
         them sent to the last stage in one message); the last stage receives those tokens; others read nothing."""
-        images: list = []
-        texts: list = []
         if self.stage.is_first:
             micro = [next(batches) for _ in range(self.micro_batches)]
-            images = [self.work.images(batch) for batch in micro]
+            run.images = [self.work.images(batch) for batch in micro]
             send_tensor(torch.stack([batch["text"] for batch in micro]).to(self.device), self.pp_ranks[-1],
-                        self.dims.pp_group, pending)
+                        self.dims.pp_group, run.pending)
         elif self.stage.is_last:
-            texts = list(self._recv(self.pp_ranks[0]).unbind(0))
-        return images, texts
+            run.texts = list(self._recv(self.pp_ranks[0]).unbind(0))
 
     def step(self, batches: Iterator[dict], step: int) -> StepResult:
-        work, engine, stage, m = self.work, self.engine, self.stage, self.micro_batches
-        work.begin(step)
+        self.work.begin(step)
         began = time.perf_counter()
         self.last_wait_s = 0.0
-        pending = PendingSends()
-        images, texts = self._step_inputs(batches, pending)
-        keeps: dict[int, int] = {}
-        text_outputs: dict[int, tuple] = {}
-        inputs: dict[int, torch.Tensor] = {}
-        outputs: dict[int, torch.Tensor] = {}
-        losses: dict[int, torch.Tensor] = {}
-        activation = None  # (shape, dtype) of the activations received this step, from the first one's header
+        run = _StepRun(self.stage)
+        self._step_inputs(batches, run)
         if self.gathered is not None:
             self.gathered.gather()
-
-        def keep_of(k: int) -> int:
-            if k not in keeps:
-                keeps[k] = stage.text_keep(texts[k])
-            return keeps[k]
-
         for kind, k in self.actions:
             if kind == "T":
-                text_outputs[k] = engine(text=texts[k], keep=keep_of(k), part="text")
+                run.text_outputs[k] = self.engine(text=run.texts[k], keep=run.keep(k), part="text")
             elif kind == "F":
-                if stage.is_first:
-                    x = images[k]
-                else:
-                    x = self._recv(self.prev, activation).requires_grad_()
-                    activation = (x.shape, x.dtype)
-                    inputs[k] = x
-                if stage.is_last:
-                    out = engine(x, text=texts[k], keep=keep_of(k), text_outputs=text_outputs.pop(k, None),
-                                 **work.model_kwargs)
-                    losses[k] = work.loss(out)
-                else:
-                    y = engine(x)
-                    outputs[k] = y
-                    send_tensor(y, self.next, self.dims.pp_group, pending, header=k == 0)
-            else:  # "B"
-                engine.set_gradient_accumulation_boundary(k == m - 1)
-                if stage.is_last:
-                    work.backward(losses.pop(k), k == m - 1)
-                else:
-                    y = outputs.pop(k)
-                    grad = self._recv(self.next, (y.shape, y.dtype))
-                    engine.backward((y * grad).sum(), scale_wrt_gas=False)
-                self._close_backward()
-                if not stage.is_first:
-                    send_tensor(inputs.pop(k).grad, self.prev, self.dims.pp_group, pending, header=False)
-                if k == m - 1:
-                    if self.gathered is not None:
-                        self.gathered.release()
-                    work.before_optimizer_step()
-                engine.step()
+                self._forward(run, k)
+            else:
+                self._backward(run, k)
         waited = time.perf_counter()
-        pending.wait()
+        run.pending.wait()
         self.last_wait_s += time.perf_counter() - waited
         self.last_step_s = time.perf_counter() - began
-        dist.broadcast(work.sums, self.pp_ranks[-1], group=self.dims.pp_group)
-        return work.result()
+        dist.broadcast(self.work.sums, self.pp_ranks[-1], group=self.dims.pp_group)
+        return self.work.result()
+
+    def _forward(self, run: "_StepRun", k: int) -> None:
+        """F(k): this stage's forward of micro-batch k; the last stage's ends in the CoCa loss, kept for B(k)."""
+        if self.stage.is_first:
+            x = run.images[k]
+        else:
+            x = self._recv(self.prev, run.activation).requires_grad_()
+            run.activation = (x.shape, x.dtype)
+            run.inputs[k] = x
+        if self.stage.is_last:
+            out = self.engine(x, text=run.texts[k], keep=run.keep(k), text_outputs=run.text_outputs.pop(k, None),
+                              **self.work.model_kwargs)
+            run.losses[k] = self.work.loss(out)
+        else:
+            y = self.engine(x)
+            run.outputs[k] = y
+            send_tensor(y, self.next, self.dims.pp_group, run.pending, header=k == 0)
+
+    def _backward(self, run: "_StepRun", k: int) -> None:
+        """B(k): this stage's backward of micro-batch k, then `engine.step()` (the optimizer's at the last)."""
+        last = k == self.micro_batches - 1
+        self.engine.set_gradient_accumulation_boundary(last)
+        if self.stage.is_last:
+            self.work.backward(run.losses.pop(k), last)
+        else:
+            y = run.outputs.pop(k)
+            grad = self._recv(self.next, (y.shape, y.dtype))
+            self.engine.backward((y * grad).sum(), scale_wrt_gas=False)
+        self._close_backward()
+        if not self.stage.is_first:
+            send_tensor(run.inputs.pop(k).grad, self.prev, self.dims.pp_group, run.pending, header=False)
+        if last:
+            if self.gathered is not None:
+                self.gathered.release()
+            self.work.before_optimizer_step()
+        self.engine.step()
+
+
+class _StepRun:
+    """What one step keeps between its actions on this stage: the inputs, each micro-batch's text length, the
+    text-ahead outputs, received activations, sent outputs and losses awaiting their backward, the pending sends,
+    and the activations' (shape, dtype) once the step's first one said it."""
+
+    def __init__(self, stage) -> None:
+        self.stage = stage
+        self.images: list[torch.Tensor] = []
+        self.texts: list[torch.Tensor] = []
+        self.pending = PendingSends()
+        self.keeps: dict[int, int] = {}
+        self.text_outputs: dict[int, tuple] = {}
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.losses: dict[int, torch.Tensor] = {}
+        self.activation: tuple[torch.Size, torch.dtype] | None = None
+
+    def keep(self, k: int) -> int:
+        """Micro-batch k's trimmed text length (a host sync: once per micro-batch)."""
+        if k not in self.keeps:
+            self.keeps[k] = self.stage.text_keep(self.texts[k])
+        return self.keeps[k]

@@ -22,6 +22,7 @@ from gather import fp32_master, full_tensors, union_over_stages
 from memory_data import SHARD_ALL, TINY, MemoryLoader
 from reference import assert_same, assert_tracks_in_bf16, reference_run
 
+import megacoca.schedules.pipeline as pipeline_schedule
 from megacoca.config.recipes import build_config
 from megacoca.parallel.dims import ParallelDims
 from megacoca.trainer import Trainer
@@ -67,7 +68,8 @@ def _train(rank, world_size, tmp, variant):
     cfg = model_config(model)
     job.model.overrides = cfg.to_dict()
     dims = ParallelDims.from_config(job.parallel, world_size).build()
-    trainer = Trainer(job, MemoryLoader(micro, dims.dp_rank, dims.dp_size, cfg), dims=dims)
+    loader = MemoryLoader(micro, dims.dp_rank, dims.dp_size, cfg)
+    trainer = Trainer(job, loader, dims=dims)
     module, engine = trainer.engine.module, trainer.engine
     assert trainer.schedule.micro_batches == trainer.grad_accum == MICRO_BATCHES
     blocks = [*module.vision.blocks.values()] + ([*module.text.blocks] if module.is_last else [])
@@ -86,7 +88,22 @@ def _train(rank, world_size, tmp, variant):
         real_step()
 
     engine.step = step_capturing_the_first_gradients
-    history = trainer.train()
+    headers = []  # per receive of the training step: whether it read a shape header (a host sync)
+    real_recv = pipeline_schedule.recv_tensor
+
+    def counting_recv(src, group, device, like=None):
+        headers.append(like is None)
+        return real_recv(src, group, device, like)
+
+    pipeline_schedule.recv_tensor = counting_recv
+    try:
+        history = trainer.train()
+    finally:
+        pipeline_schedule.recv_tensor = real_recv
+    # Only stage 0 reads the data (the last stage gets the text tokens from it); a header only with the first
+    # activation (and the text) of a step, never with a gradient.
+    assert loader.position == (STEPS * MICRO_BATCHES if module.is_first else 0), loader.position
+    assert sum(headers) == STEPS * ((not module.is_first) + module.is_last), headers
     if job.parallel.pipeline_keep_gathered:  # whole for the step (plain ZeRO-3 releases layers between uses)
         assert kept and all(kept), kept
     params = union_over_stages(full_tensors(module, dims, fp32_master), dims)

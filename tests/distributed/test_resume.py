@@ -4,6 +4,7 @@ resumed from step 3 logs the same losses after step 3 as the uninterrupted run a
 a checkpoint whose save was interrupted is ignored by `resume auto`; the consolidated fp32 state dict (TP shards
 and pipeline stages merged) matches the trained parameters; metrics.jsonl is complete."""
 
+import glob
 import json
 import os
 import shutil
@@ -54,6 +55,18 @@ def _run(rank, world_size, run_dir, checkpoint_dir, resume, tp, pp):
             "final": final, "masters": masters, "evals": evals, "position": trainer.train_loader.position}
 
 
+def _check_positions_agree_over_stages(checkpoint_dir, world, tp, pp):
+    """Under a pipeline only stage 0 reads the data; every rank file must still record its data-parallel rank's
+    exact position (the ranks of one data-parallel rank, all stages and tensor ranks, hold the same one)."""
+    for _, tag_dir in complete_checkpoints(checkpoint_dir):
+        files = sorted(glob.glob(os.path.join(tag_dir, "megacoca_rank*.pt")))
+        assert len(files) == world, files
+        data = [torch.load(path, weights_only=True)["data"] for path in files]
+        for rank in range(world):
+            first_of_dp_rank = rank - rank % (pp * tp)
+            assert data[rank] == data[first_of_dp_rank] and data[rank]["position"] > 0, (tag_dir, rank, data)
+
+
 @pytest.mark.parametrize("world, tp, pp", [(2, 1, 1), (4, 2, 1), (2, 1, 2), (4, 1, 2)],
                          ids=["dp2", "tp2xdp2", "pp2", "pp2xdp2"])
 def test_resume_gives_identical_losses(tmp_path, world, tp, pp):
@@ -62,6 +75,7 @@ def test_resume_gives_identical_losses(tmp_path, world, tp, pp):
     assert not full[0]["resumed"] and full[0]["steps"] == list(range(1, STEPS + 1))
     assert [step for step, _ in complete_checkpoints(ckpt_a)] == [3, 6]
     assert open(os.path.join(ckpt_a, "latest")).read() == "step00000006"
+    _check_positions_agree_over_stages(ckpt_a, world, tp, pp)
 
     # A crash while saving step 6: its files exist but COMPLETE (written after every rank finished) does not.
     # The resumed run continues in a copy of the whole run directory (logs and checkpoints).

@@ -30,6 +30,7 @@ from typing import Iterable
 import torch
 
 from megacoca.config.model import CoCaConfig
+from megacoca.models.coca.generate import generate
 from megacoca.models.coca.model import CoCa
 
 CONFIG_NAME = "config.json"
@@ -55,8 +56,6 @@ class PretrainedCoCa(CoCa):
 
     def generate(self, images: torch.Tensor, **kwargs) -> torch.Tensor:
         """`megacoca.models.coca.generate.generate` with bos/eos/pad from the tokenizer recorded in config.json."""
-        from megacoca.models.coca.generate import generate
-
         for key in ("bos_id", "eos_id", "pad_id"):
             if key not in kwargs and key in self.tokenizer_info:
                 kwargs[key] = self.tokenizer_info[key]

@@ -41,7 +41,7 @@ def attention(
     A query row with no allowed key returns zeros.
     """
     if use_triton(kernels, q):
-        from megacoca_kernels import flash_attention
+        from megacoca_kernels import flash_attention  # optional: Triton
 
         return flash_attention(q, k, v, causal=causal, kv_mask=kv_mask)
     if kv_mask is None:
@@ -56,7 +56,7 @@ def attention(
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, kernels: str) -> torch.Tensor:
     if use_triton(kernels, x):
-        from megacoca_kernels import layer_norm as triton_layer_norm
+        from megacoca_kernels import layer_norm as triton_layer_norm  # optional: Triton
 
         return triton_layer_norm(x, weight, bias, eps=eps)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
@@ -76,7 +76,7 @@ def linear_cross_entropy(
     hidden = hidden.reshape(-1, hidden.shape[-1])
     target = target.reshape(-1)
     if use_triton(kernels, hidden):
-        from megacoca_kernels import linear_cross_entropy as fused
+        from megacoca_kernels import linear_cross_entropy as fused  # optional: Triton
 
         return fused(hidden, weight, target, bias=bias, ignore_index=ignore_index, reduction=reduction)
     logits = F.linear(hidden, weight, bias).float()

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.zero import partitioned_param_coordinator
 
 
 def _check_over(group):
-    from deepspeed.accelerator import get_accelerator
-
     source = dist.get_process_group_ranks(group)[0]
     device = torch.device(get_accelerator().current_device_name())  # NCCL broadcasts device tensors
 
@@ -54,8 +54,6 @@ def scope_trace_check_to_stage(dp_group) -> None:
     """Make ZeRO-3's trace agreement check run over `dp_group` (this stage's replicas) instead of the world,
     until `unscope_trace_check()`. The function DeepSpeed calls is replaced once by a dispatcher; only the
     scope changes afterwards, so a later engine in the same process without a pipeline gets the original."""
-    from deepspeed.runtime.zero import partitioned_param_coordinator
-
     if "original" not in _SCOPE:
         _SCOPE["original"] = partitioned_param_coordinator.assert_ints_same_as_other_ranks
         partitioned_param_coordinator.assert_ints_same_as_other_ranks = _dispatch
