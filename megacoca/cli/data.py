@@ -69,7 +69,7 @@ def _from_folder(args) -> int:
 
 
 def _inspect(args) -> int:
-    from megacoca.data.shards import decode_caption, image_bytes, iter_samples
+    from megacoca.data.shard_reader import decode_caption, image_bytes, iter_samples
 
     count, bad = 0, 0
     for raw in iter_samples(args.shards):

@@ -37,7 +37,7 @@ def register(subparsers) -> None:
 
 
 def _captions(spec):
-    from megacoca.data.shards import decode_caption, iter_samples
+    from megacoca.data.shard_reader import decode_caption, iter_samples
 
     for raw in iter_samples(spec):
         caption, reason = decode_caption(raw)

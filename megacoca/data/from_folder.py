@@ -16,7 +16,7 @@ import random
 from collections import Counter
 from typing import Iterator
 
-from megacoca.data.shards import IMAGE_EXTENSIONS
+from megacoca.data.shard_reader import IMAGE_EXTENSIONS
 
 FILE_COLUMNS = ("file", "image", "filename", "path")
 CAPTION_COLUMNS = ("caption", "text")

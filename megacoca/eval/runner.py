@@ -56,7 +56,7 @@ class EvalSet:
 
 def load_eval_set(shards, image_size: int, max_samples: int | None = None) -> EvalSet:
     """Read shards in order (no shuffle), center-crop transform; undecodable samples are skipped."""
-    from megacoca.data.shards import decode_caption, image_bytes, iter_samples
+    from megacoca.data.shard_reader import decode_caption, image_bytes, iter_samples
     from megacoca.data.transforms import ImageTransform, load_image
 
     transform = ImageTransform(image_size, train=False)
