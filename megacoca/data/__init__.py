@@ -3,6 +3,8 @@
 Public API (docs/design.md, "Data contract"):
 - `ShardLoader` (megacoca.data.shards, which also re-exports the names below from their modules), `expand_shards`
   (shard_urls), `iter_samples` (shard_reader), `reshard_states`, `SKIP_REASONS` (position)
+- `PositionMirror` (megacoca.data.mirror): the loader of a rank that reads nothing but keeps the data position;
+  `build_train_loader` (megacoca.data.loaders): the training run's loader for one rank
 - `ImageTransform`, `image_transform`, `load_image`, `CLIP_MEAN`, `CLIP_STD` (megacoca.data.transforms)
 - `Tokenizer` (SentencePiece), `ClipBpeTokenizer`, `TokenizerLike`, `load_tokenizer`, `train_sentencepiece`
   (megacoca.data.tokenizer)
@@ -15,6 +17,8 @@ import importlib
 
 _EXPORTS = {
     "ShardLoader": "shards",
+    "PositionMirror": "mirror",
+    "build_train_loader": "loaders",
     "reshard_states": "position",
     "expand_shards": "shard_urls",
     "iter_samples": "shard_reader",
