@@ -3,9 +3,12 @@ shards, dp rank/size, workers and seed holds (given, resumed or re-split), and n
 
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 
+from megacoca.config.recipes import build_config
+from megacoca.data.loaders import build_train_loader
 from megacoca.data.mirror import PositionMirror
 from megacoca.data.shards import ShardLoader
 from megacoca.data.transforms import ImageTransform
@@ -114,3 +117,15 @@ def test_reads_nothing_and_iterating_is_an_error(paths):
         for _ in mirror:
             pass
 
+
+def test_build_train_loader_reads_on_the_first_pipeline_stage_only(paths, tmp_path):
+    job = build_config(overrides=[f"data.train_shards={tmp_path / 'd'}", "schedule.micro_batch_size=2",
+                                  "data.num_workers=1"])
+    model_cfg = SimpleNamespace(image_size=8)
+    loaders = {pp_rank: build_train_loader(job, model_cfg, SimpleNamespace(pp_rank=pp_rank, pp_size=2, dp_rank=1,
+                                                                           dp_size=2), StubTokenizer())
+               for pp_rank in range(2)}
+    assert isinstance(loaders[0], ShardLoader) and isinstance(loaders[1], PositionMirror)
+    assert loaders[1].state_dict() == loaders[0].state_dict()
+    loaders[1].mirror(consume(loaders[0], 2))
+    assert loaders[1].state_dict() == loaders[0].state_dict()
