@@ -69,7 +69,7 @@ def _from_folder(args) -> int:
 
 
 def _inspect(args) -> int:
-    from megacoca.data.shards import decode_caption, image_bytes, iter_samples  # heavy: see _synth_shapes
+    from megacoca.data.shard_reader import decode_caption, image_bytes, iter_samples  # heavy: see _synth_shapes
 
     count, bad = 0, 0
     for raw in iter_samples(args.shards):

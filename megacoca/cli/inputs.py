@@ -105,7 +105,7 @@ def readable_dir(path: str, what: str = "directory") -> str:
 
 def images_dir(path: str) -> None:
     """A folder with at least one image file (megacoca data from-folder --images); stops at the first found."""
-    from megacoca.data.shards import IMAGE_EXTENSIONS
+    from megacoca.data.shard_reader import IMAGE_EXTENSIONS
 
     readable_dir(path, "images folder")
     for _, _, files in os.walk(path):
@@ -126,10 +126,10 @@ def _first_tar_member(path: str) -> None:
 
 
 def shards(spec: str) -> list[str]:
-    """The urls of a shard spec (`megacoca.data.shards.expand_shards`); every local path must exist and the
+    """The urls of a shard spec (`megacoca.data.shard_urls.expand_shards`); every local path must exist and the
     first local shard must open as a tar archive (one header read: checking all of a 10,000-shard set from
     every rank would load the filesystem's metadata server for little gain). Remote urls are not checked."""
-    from megacoca.data.shards import _is_remote, expand_shards
+    from megacoca.data.shard_urls import expand_shards, is_remote
 
     if not spec:
         raise ConfigError("no shards given (an empty spec): pass a directory of .tar shards, a file or a pattern")
@@ -137,7 +137,7 @@ def shards(spec: str) -> list[str]:
         urls = expand_shards(spec)
     except (FileNotFoundError, ValueError) as error:
         raise ConfigError(one_line(error)) from None
-    local = [url[len("file:"):] if url.startswith("file:") else url for url in urls if not _is_remote(url)]
+    local = [url[len("file:"):] if url.startswith("file:") else url for url in urls if not is_remote(url)]
     if local:
         _first_tar_member(local[0])
     return urls

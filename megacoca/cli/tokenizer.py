@@ -38,7 +38,7 @@ def register(subparsers) -> None:
 
 
 def _captions(spec):
-    from megacoca.data.shards import decode_caption, iter_samples  # heavy (torch): in the command, not at --help
+    from megacoca.data.shard_reader import decode_caption, iter_samples  # heavy (torch): not at --help
 
     for raw in iter_samples(spec):
         caption, reason = decode_caption(raw)

@@ -1,23 +1,28 @@
 """Data: webdataset shards with an exactly resumable position, image transforms, tokenizers, synth-shapes.
 
 Public API (docs/design.md, "Data contract"):
-- `ShardLoader`, `reshard_states`, `expand_shards`, `iter_samples`, `SKIP_REASONS` (megacoca.data.shards)
+- `ShardLoader` (megacoca.data.shards, which also re-exports the names below from their modules), `expand_shards`
+  (shard_urls), `iter_samples` (shard_reader), `reshard_states`, `SKIP_REASONS` (position)
+- `PositionMirror` (megacoca.data.mirror): the loader of a rank that reads nothing but keeps the data position;
+  `build_train_loader` (megacoca.data.loaders): the training run's loader for one rank
 - `ImageTransform`, `image_transform`, `load_image`, `CLIP_MEAN`, `CLIP_STD` (megacoca.data.transforms)
 - `Tokenizer` (SentencePiece), `ClipBpeTokenizer`, `TokenizerLike`, `load_tokenizer`, `train_sentencepiece`
   (megacoca.data.tokenizer)
 - `megacoca.data.shapes`: `CLASSES`, `class_prompts`, `caption_matches`, `synth_shapes`
 
-Names are imported lazily so that `megacoca --help` (which imports megacoca.data.cli) stays fast.
+Names are imported lazily so that importing megacoca.data stays fast (the shard modules import torch).
 """
 
 import importlib
 
 _EXPORTS = {
     "ShardLoader": "shards",
-    "reshard_states": "shards",
-    "expand_shards": "shards",
-    "iter_samples": "shards",
-    "SKIP_REASONS": "shards",
+    "PositionMirror": "mirror",
+    "build_train_loader": "loaders",
+    "reshard_states": "position",
+    "expand_shards": "shard_urls",
+    "iter_samples": "shard_reader",
+    "SKIP_REASONS": "position",
     "ImageTransform": "transforms",
     "image_transform": "transforms",
     "load_image": "transforms",

@@ -16,7 +16,9 @@ import random
 from collections import Counter
 from typing import Iterator
 
-from megacoca.data.shards import IMAGE_EXTENSIONS
+from webdataset import TarWriter
+
+from megacoca.data.shard_reader import IMAGE_EXTENSIONS
 
 FILE_COLUMNS = ("file", "image", "filename", "path")
 CAPTION_COLUMNS = ("caption", "text")
@@ -85,8 +87,6 @@ def folder_to_shards(images_dir: str, out_dir: str, captions: str | None = None,
 
     `shuffle` (default) writes the samples in a seeded random order: folders are often sorted by class,
     and the loader only shuffles within a shard, so shards should already be mixed."""
-    from webdataset import TarWriter
-
     if not os.path.isdir(images_dir):
         raise FileNotFoundError(f"images folder not found: {images_dir}")
     if (captions is None) == (not sidecar):

@@ -260,7 +260,7 @@ def _encode(image: np.ndarray, fmt: str) -> bytes:
 
 
 def _write_shard(job) -> int:
-    from webdataset import TarWriter
+    from webdataset import TarWriter  # heavy (imports torch): only writing shards needs it, not the caption checks
 
     path, split, start, stop, image_size, seed, fmt, two_object_fraction = job
     split_id = SPLIT_IDS[split]

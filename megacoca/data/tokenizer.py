@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from typing import Iterable, Protocol, Sequence, runtime_checkable
 
+import sentencepiece as spm
 import torch
 
 from megacoca.config.overrides import ConfigError
@@ -91,8 +92,6 @@ class Tokenizer(_Base):
     """
 
     def __init__(self, model_path: str | os.PathLike, context_length: int = DEFAULT_CONTEXT_LENGTH):
-        import sentencepiece as spm
-
         model_path = os.fspath(model_path)
         if os.path.isdir(model_path):
             raise ValueError(f"tokenizer model {model_path} is a directory, not a SentencePiece .model file")
@@ -125,8 +124,6 @@ class Tokenizer(_Base):
         return state
 
     def __setstate__(self, state):
-        import sentencepiece as spm
-
         self.__dict__.update(state)
         self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
 
@@ -178,7 +175,7 @@ class ClipBpeTokenizer(_Base):
 
     def _load(self):
         try:
-            from open_clip.tokenizer import SimpleTokenizer
+            from open_clip.tokenizer import SimpleTokenizer  # optional: the open_clip extra
         except ImportError as error:  # pragma: no cover - depends on the environment
             raise ImportError("the clip-bpe tokenizer needs open_clip: pip install 'megacoca[open_clip]'") from error
         self._tok = SimpleTokenizer(context_length=self.context_length)
@@ -251,8 +248,6 @@ def train_sentencepiece(
     """Train a SentencePiece model over `sentences`; writes PREFIX.model and PREFIX.vocab, returns the
     .model path. Special ids: pad 0, unk 1, bos 2, eos 3. `vocab_size` is a soft limit (a corpus with
     few distinct pieces, like synth-shapes, gets a smaller vocabulary instead of an error)."""
-    import sentencepiece as spm
-
     output_prefix = os.fspath(output_prefix)
     if output_prefix.endswith(".model"):
         output_prefix = output_prefix[: -len(".model")]

@@ -17,7 +17,7 @@ import torch
 
 from megacoca.checkpoint.loader import load
 from megacoca.data.shapes import CLASSES, ZERO_SHOT_TEMPLATES, class_index
-from megacoca.data.shards import decode_caption, image_bytes, iter_samples
+from megacoca.data.shard_reader import decode_caption, image_bytes, iter_samples
 from megacoca.data.transforms import ImageTransform, load_image
 from megacoca.eval.captioning import (
     caption_match_rate,

@@ -79,8 +79,10 @@ class PipelineSchedule(Schedule):
         """Stage 0's loader position, broadcast over the pipeline group, loaded by every other stage's loader."""
         state = [loader.state_dict() if self.stage.is_first and hasattr(loader, "state_dict") else None]
         dist.broadcast_object_list(state, self.pp_ranks[0], group=self.dims.pp_group)
-        if not self.stage.is_first and state[0] is not None and hasattr(loader, "load_state_dict"):
-            loader.load_state_dict(state[0])
+        if not self.stage.is_first and state[0] is not None:
+            take = getattr(loader, "mirror", None) or getattr(loader, "load_state_dict", None)  # PositionMirror
+            if take is not None:
+                take(state[0])
 
     def close(self) -> None:
         if self.zero3:

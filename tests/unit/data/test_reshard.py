@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from megacoca.data import shards as shards_module
+from megacoca.data import streams as streams_module
 from megacoca.data.shards import ShardLoader, reshard_states
 from megacoca.data.transforms import ImageTransform
 
@@ -20,13 +20,13 @@ SIZES = [3, 7, 2, 5, 9, 4, 6, 1, 8, 5]  # 10 uneven shards, 50 samples
 def epoch_tagged(monkeypatch):
     """Keys come out as `epoch/key`, so a test sees which epoch each consumed sample belonged to (batches span
     epochs). Patched on the class: forked DataLoader workers inherit it."""
-    decode = shards_module._Streams.decode
+    decode = streams_module.RankStreams.decode
 
     def tagged(self, raw, epoch, shard, index, skipped):
         item = decode(self, raw, epoch, shard, index, skipped)
         return None if item is None else (item[0], item[1], f"{epoch}/{item[2]}", item[3])
 
-    monkeypatch.setattr(shards_module._Streams, "decode", tagged)
+    monkeypatch.setattr(streams_module.RankStreams, "decode", tagged)
 
 
 def make_loader(paths, dp_rank, dp_size, num_workers, batch_size, shuffle=True, state=None):
@@ -45,7 +45,7 @@ def consume(loader, until):
     if isinstance(until, int) and until == 0:
         return out
     for batch in loader:
-        stream = (loader._turn - 1) % loader.num_streams  # the stream whose batch this was
+        stream = (loader._position.turn - 1) % loader.num_streams  # the stream whose batch this was
         out += [(stream, int(tag.split("/")[0]), tag.split("/")[1]) for tag in batch["keys"]]
         taken += 1
         if (until == taken) if isinstance(until, int) else loader.epoch >= until[0]:
