@@ -28,7 +28,7 @@ import sys
 
 import torch
 
-from megacoca.checkpoint.loader import DeepSpeedCheckpoint, checked_tensors, open_source
+from megacoca.checkpoint.loader import DeepSpeedCheckpoint, checked_tensors, open_source, read_open_clip_state
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -179,7 +179,7 @@ def import_open_clip(model: str, input_path: str, output: str, *, check: bool = 
     from megacoca.models.coca.loading import clip_bpe_tokenizer_info, save_pretrained
     from megacoca.models.coca.model import CoCa
     from megacoca.models.coca.open_clip import (
-        config_from_open_clip, from_open_clip, read_open_clip_state, resolve_open_clip_config,
+        config_from_open_clip, from_open_clip, resolve_open_clip_config,
     )
 
     open_clip_dict, name = resolve_open_clip_config(model)

@@ -5,7 +5,9 @@ it records, and `tensors()`, the single-device megacoca state dict one tensor at
 
 - a model directory: `config.json` + `model.safetensors` (megacoca.models.coca.loading), read tensor by tensor;
 - an open_clip directory in the hub layout: `open_clip_config.json` ({"model_cfg", "preprocess_cfg"}) + its
-  weights (`open_clip_model.safetensors`, or a torch file read weights_only), through the state-dict adapter;
+  weights (`open_clip_model.safetensors`, or a torch file read weights_only), through the state-dict adapter
+  (megacoca.models.coca.open_clip); `read_open_clip_state` opens open_clip's files (here, since opening a file
+  is the loader's: the adapter only maps configs and renames tensors);
 - a DeepSpeed checkpoint of a megacoca run (the checkpoint directory, whose `latest` is used, or one tag
   directory), any layout: dp/tp/pp, ZeRO 0-3, bf16 or fp32 (megacoca.checkpoint.consolidate, streaming). Its
   model config is the run's job config from the client state, or `model_config` (a CoCaConfig, a CoCaConfig JSON
@@ -25,8 +27,9 @@ import os
 from typing import Iterator
 
 import torch
+from safetensors.torch import load_file
 
-from megacoca.checkpoint.files import BadCheckpointError
+from megacoca.checkpoint.files import BadCheckpointError, safe_load
 from megacoca.config.model import CoCaConfig
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -94,7 +97,27 @@ class ModelDirectory(Source):
         return _read_safetensors(os.path.join(self.path, WEIGHTS_NAME))
 
 
-# ---- open_clip directories ----------------------------------------------------------------------------------
+# ---- open_clip files and directories ------------------------------------------------------------------------
+def read_open_clip_state(path: str | os.PathLike) -> dict:
+    """A bare open_clip state dict (.pt/.bin, or .safetensors as on the HF hub) or a training checkpoint
+    ({"state_dict": ...}), DDP `module.` and torch.compile `_orig_mod.` prefixes stripped."""
+    if os.fspath(path).endswith(".safetensors"):
+        state = load_file(os.fspath(path))
+    else:
+        state = safe_load(os.fspath(path))  # weights_only: a file from elsewhere cannot run code
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds neither a state dict nor a checkpoint with a 'state_dict'")
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
 class OpenClipDirectory(Source):
     """open_clip's hub layout (what `megacoca convert to-open-clip DIR` writes, and `hf-hub:` repositories hold)."""
 
@@ -122,7 +145,7 @@ class OpenClipDirectory(Source):
         self.weights = found[0]
 
     def tensors(self):
-        from megacoca.models.coca.open_clip import from_open_clip, read_open_clip_state
+        from megacoca.models.coca.open_clip import from_open_clip
 
         if self.weights.endswith(".safetensors"):
             state = dict(_read_safetensors(self.weights))
