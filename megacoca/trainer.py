@@ -171,7 +171,7 @@ class Trainer:
         save was interrupted are never chosen; they are reported here and removed by a later save. Raises
         megacoca.checkpoint.CheckpointError (one line, on every rank) for a file that is not tensors and data."""
         from megacoca.checkpoint import find_resume_checkpoint, load_checkpoint
-        from megacoca.checkpoint.state import incomplete_checkpoints
+        from megacoca.checkpoint.tags import incomplete_checkpoints
 
         target = find_resume_checkpoint(self.job)
         if self.job.checkpoint.resume == "auto":
@@ -182,8 +182,7 @@ class Trainer:
             if self.job.checkpoint.resume == "auto":
                 self.logger.info(f"resume auto: no complete checkpoint in {self.job.checkpoint_dir}; starting fresh")
             return False
-        state = load_checkpoint(self.engine, target, self.train_loader, dp_size=self.dims.dp_size,
-                                pp_size=self.dims.pp_size, tp_size=self.dims.tp_size)
+        state = load_checkpoint(self.engine, target, self.train_loader, layout=self._checkpoint_layout())
         self.step = state["step"]
         self.logger.resume_at(self.step)
         reshaped = f", reshaped {state['reshaped']}" if state.get("reshaped") else ""
@@ -195,7 +194,14 @@ class Trainer:
         the previous complete checkpoint untouched) when a write failed on any rank."""
         from megacoca.checkpoint import save_checkpoint
 
-        return save_checkpoint(self.engine, self.job, self.step, self.train_loader, dp_size=self.dims.dp_size)
+        return save_checkpoint(self.engine, self.job, self.step, self.train_loader, layout=self._checkpoint_layout())
+
+    def _checkpoint_layout(self):
+        """The run's Layout, as checkpoints record and compare it (`self.layout` once the Trainer keeps one)."""
+        from megacoca.config.layout import job_layout
+
+        layout = getattr(self, "layout", None)
+        return layout if layout is not None else job_layout(self.job, self.dims.world_size, self.ds_config)
 
     # ------------------------------------------------------------------------------------------- train
 
@@ -384,7 +390,7 @@ class Trainer:
     def _stop_for_bad_steps(self, last_saved: int) -> None:
         """Too many skipped steps in a row: save the state (the weights, optimizer and lr schedule of the last good
         step, the data position past the bad batches) and raise BadStepsError on every rank."""
-        from megacoca.checkpoint.state import tag_for
+        from megacoca.checkpoint.tags import tag_for
 
         where = self.save() if last_saved != self.step else os.path.join(self.job.checkpoint_dir, tag_for(self.step))
         message = (f"{self.guard.describe_stop()}; saved the last good state (weights of step "
