@@ -19,7 +19,7 @@ import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
 from megacoca.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
-from megacoca.checkpoint.state import incomplete_checkpoints, tag_for
+from megacoca.checkpoint.tags import incomplete_checkpoints, tag_for
 from megacoca.config.deepspeed import build_deepspeed_config, precision_dtype
 from megacoca.config.layout import Layout, job_layout
 from megacoca.config.train import JobConfig
@@ -127,8 +127,7 @@ class Trainer:
             if self.job.checkpoint.resume == "auto":
                 self.logger.info(f"resume auto: no complete checkpoint in {self.job.checkpoint_dir}; starting fresh")
             return False
-        state = load_checkpoint(self.engine, target, self.train_loader, dp_size=self.dims.dp_size,
-                                pp_size=self.dims.pp_size, tp_size=self.dims.tp_size)
+        state = load_checkpoint(self.engine, target, self.train_loader, layout=self.layout)
         self.step = state["step"]
         self.logger.resume_at(self.step)
         reshaped = f", reshaped {state['reshaped']}" if state.get("reshaped") else ""
@@ -139,7 +138,7 @@ class Trainer:
         """A complete checkpoint of this step, or megacoca.checkpoint.CheckpointError on every rank (one line;
         the previous complete checkpoint untouched) when a write failed on any rank."""
         self.schedule.share_data_position(self.train_loader)
-        return save_checkpoint(self.engine, self.job, self.step, self.train_loader, dp_size=self.dims.dp_size)
+        return save_checkpoint(self.engine, self.job, self.step, self.train_loader, layout=self.layout)
 
     # ------------------------------------------------------------------------------------------- train
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -84,6 +85,7 @@ def make_data(work: str) -> str:
 def run_layout(name: str, work: str, config: str) -> list[dict]:
     ranks, overrides = LAYOUTS[name]
     run_dir = os.path.join(work, name)
+    shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: start each run afresh
     args = ["--config", config, "--train-shards", os.path.join(work, "shapes", "train"), "--run-dir", run_dir]
     for override in overrides:
         args += ["--set", override]

@@ -1,4 +1,4 @@
-"""Conversions behind `megacoca convert` (the command line is checkpoint/convert_cli.py; nothing here parses
+"""Conversions behind `megacoca convert` (the command line is megacoca/cli/convert.py; nothing here parses
 arguments). Every one reads through the one loader (megacoca.checkpoint.loader) and writes safetensors.
 
 - `export_model_directory(path, output, dtype=...)`: anything the loader opens (a DeepSpeed checkpoint of any
@@ -28,7 +28,28 @@ import sys
 
 import torch
 
-from megacoca.checkpoint.loader import DeepSpeedCheckpoint, checked_tensors, open_source
+from megacoca.checkpoint.loader import DeepSpeedCheckpoint, checked_tensors, load, open_source, read_open_clip_state
+from megacoca.data.tokenizer import open_tokenizer
+from megacoca.data.transforms import CLIP_MEAN, CLIP_STD
+from megacoca.models.coca.loading import (
+    WEIGHTS_NAME,
+    clip_bpe_tokenizer_info,
+    model_tensors,
+    save_pretrained,
+    tokenizer_info,
+    write_config,
+    write_safetensors,
+)
+from megacoca.models.coca.model import CoCa
+from megacoca.models.coca.open_clip import (
+    config_from_open_clip,
+    from_open_clip,
+    open_clip_config,
+    open_clip_shapes,
+    resolve_open_clip_config,
+    to_open_clip,
+    to_open_clip_stream,
+)
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -47,17 +68,12 @@ def export_model_directory(path: str, output: str, *, dtype="fp32", model_config
     """A model directory at `output` from the checkpoint or directory at `path`, streaming (see the module
     docstring for the peak memory). `tokenizer`: the spec to record (default: the source's; for a DeepSpeed
     checkpoint, the run's data.tokenizer, which must be readable from here)."""
-    from megacoca.models.coca.loading import WEIGHTS_NAME, model_tensors, write_config, write_safetensors
-
     dtype = resolve_dtype(dtype)
     source = open_source(path, model_config=model_config)
     # The tokenizer before the weights: a run's data.tokenizer is often a path relative to where it ran.
     if isinstance(source, DeepSpeedCheckpoint):
         tok = source.tokenizer_info(tokenizer)
     elif tokenizer is not None:
-        from megacoca.data.tokenizer import open_tokenizer
-        from megacoca.models.coca.loading import tokenizer_info
-
         loaded = open_tokenizer(tokenizer, source.cfg.context_length, "--tokenizer")
         tok = tokenizer_info(tokenizer, source.cfg.context_length, loaded.bos_id, loaded.eos_id, loaded.pad_id)
     else:
@@ -77,8 +93,6 @@ OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
 def _preprocess_config(cfg) -> dict:
     """open_clip's preprocess_cfg for megacoca's eval transform: resize the shorter side (bicubic), center crop,
     CLIP mean and std."""
-    from megacoca.data.transforms import CLIP_MEAN, CLIP_STD
-
     return {"size": cfg.image_size, "mode": "RGB", "mean": list(CLIP_MEAN), "std": list(CLIP_STD),
             "interpolation": "bicubic", "resize_mode": "shortest"}
 
@@ -86,8 +100,6 @@ def _preprocess_config(cfg) -> dict:
 def _open_clip_model_config(source, model: str | None) -> tuple[dict, str | None]:
     """The model config to write: `model`'s (a name or JSON) when given, else the one recorded at import from
     open_clip, else derived from the CoCaConfig. NotExpressibleError for a model open_clip cannot express."""
-    from megacoca.models.coca.open_clip import open_clip_config, resolve_open_clip_config
-
     derived = open_clip_config(source.cfg)  # refuses the paper layout and the rest, with every reason
     if model is not None:
         return resolve_open_clip_config(model)
@@ -99,9 +111,6 @@ def export_open_clip(path: str, output: str, *, model: str | None = None, dtype=
     """open_clip's weights and model config from the checkpoint or directory at `path`: a directory in the hub
     layout, or (an `output` ending in .safetensors / .pt) a state-dict file plus `<stem>.json`. `check`: load the
     result with open_clip's own API (strict). Returns {"weights", "config", "directory" or None}."""
-    from megacoca.models.coca.loading import write_safetensors
-    from megacoca.models.coca.open_clip import open_clip_shapes, to_open_clip_stream
-
     dtype = resolve_dtype(dtype)
     source = open_source(path)
     model_config, name = _open_clip_model_config(source, model)
@@ -140,7 +149,7 @@ def export_open_clip(path: str, output: str, *, model: str | None = None, dtype=
 
 def _open_clip_or_none():
     try:
-        import open_clip
+        import open_clip  # optional: only for the check
     except ImportError:
         print("megacoca convert: open_clip is not installed; the check that it loads the result is skipped",
               file=sys.stderr)
@@ -157,18 +166,18 @@ def _check_open_clip_directory(directory: str) -> None:
 
 def _check_open_clip_file(weights: str, model_config: dict, name: str | None) -> None:
     if _open_clip_or_none() is not None:
-        from open_clip.factory import load_checkpoint
+        from open_clip.factory import load_checkpoint  # optional (open_clip)
 
         load_checkpoint(_build_open_clip(model_config, name), weights, strict=True)
 
 
 def _build_open_clip(model_config: dict, name: str | None = None):
     """open_clip's CoCa with random weights (no download): by name when known, else from the config dict."""
-    import open_clip
+    import open_clip  # optional (open_clip)
+    from open_clip.coca_model import CoCa as OpenClipCoCa
 
     if name is not None and open_clip.get_model_config(name) is not None:
         return open_clip.create_model(name, pretrained=None)
-    from open_clip.coca_model import CoCa as OpenClipCoCa
 
     return OpenClipCoCa(**{k: v for k, v in model_config.items() if k != "custom_text"})
 
@@ -176,12 +185,6 @@ def _build_open_clip(model_config: dict, name: str | None = None):
 def import_open_clip(model: str, input_path: str, output: str, *, check: bool = True) -> str:
     """A model directory from an open_clip CoCa state dict or training checkpoint (`model`: its open_clip name or
     model-config JSON); `check`: compare the outputs with open_clip's model on a random batch."""
-    from megacoca.models.coca.loading import clip_bpe_tokenizer_info, save_pretrained
-    from megacoca.models.coca.model import CoCa
-    from megacoca.models.coca.open_clip import (
-        config_from_open_clip, from_open_clip, read_open_clip_state, resolve_open_clip_config,
-    )
-
     open_clip_dict, name = resolve_open_clip_config(model)
     cfg = config_from_open_clip(open_clip_dict)
     state = from_open_clip(read_open_clip_state(input_path), cfg)
@@ -203,9 +206,6 @@ def check_against_open_clip(directory: str, model_config: dict, name: str | None
     """Run both models on a small random batch; raise if the features or logits disagree."""
     if _open_clip_or_none() is None:
         return
-    from megacoca.checkpoint.loader import load
-    from megacoca.models.coca.open_clip import to_open_clip
-
     ours = load(directory, kernels="torch", dtype=torch.float32)
     theirs = _build_open_clip(model_config, name).eval()
     theirs.load_state_dict(to_open_clip(ours.state_dict(), ours.cfg), strict=True)

@@ -13,7 +13,7 @@ is megacoca.checkpoint.reshape.
   `optimizer_param_names` records at save (megacoca.checkpoint.state).
 - Tensor-parallel shards and pipeline stages are joined as the weights are (megacoca.checkpoint.consolidate).
 
-Every file is checked first (`open_tag`: complete, tensors and plain data only).
+Every file is checked first (megacoca.checkpoint.tags.open_tag: complete, tensors and plain data only).
 """
 
 from __future__ import annotations
@@ -24,28 +24,26 @@ from collections.abc import Iterator
 import torch
 
 from megacoca.checkpoint.consolidate import (
-    Layout,
-    _merge,
-    _strip,
     as_mp_rank_00,
-    client_state,
-    open_tag,
+    merge_shards,
     quiet_zero_to_fp32,
-    shared_params,
+    single_device_name,
+    stage_merge_info,
     tensor_of,
 )
 from megacoca.checkpoint.files import BadCheckpointError, safe_load
+from megacoca.checkpoint.tags import TagFiles, open_tag
 
 KINDS = ("fp32", "exp_avg", "exp_avg_sq")
 
 
-def _zero_rank_states(tag_dir: str, layout: Layout, mp_rank: int) -> tuple[dict[str, dict], int]:
+def _zero_rank_states(tag_dir: str, files: TagFiles, mp_rank: int) -> tuple[dict[str, dict], int]:
     """One model-parallel rank of a ZeRO checkpoint: {kind: {name: tensor}} and Adam's step."""
-    with as_mp_rank_00(tag_dir, layout.model_states(mp_rank), mp_rank) as scratch_tag, \
+    with as_mp_rank_00(tag_dir, files.model_states(mp_rank), mp_rank) as scratch_tag, \
             quiet_zero_to_fp32() as zero_to_fp32:
         model_states = zero_to_fp32.parse_model_states(zero_to_fp32.get_model_state_files(scratch_tag))
     optim = [safe_load(os.path.join(tag_dir, name), mmap=True)["optimizer_state_dict"]
-             for name in layout.optim_states(mp_rank)]
+             for name in files.optim_states(mp_rank)]
     stage = int(optim[0]["zero_stage"])
     world = optim[0]["partition_count"]
     world = max(world) if isinstance(world, list) else world
@@ -69,9 +67,9 @@ def _zero_rank_states(tag_dir: str, layout: Layout, mp_rank: int) -> tuple[dict[
     return states, int(step)
 
 
-def _zero0_rank_states(tag_dir: str, layout: Layout, mp_rank: int) -> tuple[dict[str, dict], int]:
+def _zero0_rank_states(tag_dir: str, files: TagFiles, mp_rank: int) -> tuple[dict[str, dict], int]:
     """One model-parallel rank of a ZeRO-0 checkpoint (the client torch optimizer's state by position)."""
-    path = os.path.join(tag_dir, layout.model_states(mp_rank)[0])
+    path = os.path.join(tag_dir, files.model_states(mp_rank)[0])
     saved = safe_load(path, mmap=True)
     names = saved.get("optimizer_param_names")
     optimizer = saved.get("optimizer")
@@ -95,35 +93,34 @@ def _zero0_rank_states(tag_dir: str, layout: Layout, mp_rank: int) -> tuple[dict
     return states, step
 
 
-def iter_full_state(path: str, layout: Layout | None = None) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+def iter_full_state(path: str, files: TagFiles | None = None) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
     """(single-device name, {"fp32", "exp_avg", "exp_avg_sq"}) of every trained parameter of a checkpoint (tag or
     checkpoint directory) of any layout, one parameter at a time (a pipeline stage's ranks at a time in memory).
-    With `layout`, `path` is a tag directory that `open_tag` has already checked."""
-    tag_dir, layout = open_tag(path) if layout is None else (path, layout)
-    read = _zero_rank_states if layout.zero else _zero0_rank_states
-    for stage in range(layout.pp):
-        ranks = [read(tag_dir, layout, stage * layout.tp + rank)[0] for rank in range(layout.tp)]
-        tp_layout = (client_state(tag_dir, stage * layout.tp).get("tensor_parallel") or {}).get("params", {})
-        aliases = shared_params(tag_dir, layout, range(stage * layout.tp, (stage + 1) * layout.tp)) \
-            if layout.tp > 1 else {}
+    With `files`, `path` is a tag directory that `open_tag` has already checked."""
+    tag_dir, files = open_tag(path) if files is None else (path, files)
+    read = _zero_rank_states if files.zero else _zero0_rank_states
+    tp = files.layout.tp
+    for stage in range(files.layout.pp):
+        ranks = [read(tag_dir, files, stage * tp + rank)[0] for rank in range(tp)]
+        shard_map, aliases = stage_merge_info(tag_dir, files, stage)
         for name in ranks[0]["fp32"]:
-            entry = tp_layout.get(name) or tp_layout.get(aliases.get(_strip(name), ""))
+            entry = shard_map.get(name) or shard_map.get(aliases.get(single_device_name(name), ""))
             merged = {}
             for kind in KINDS:
                 shards = [tensor_of(state[kind], name, aliases) for state in ranks]
                 if any(shard is None for shard in shards):
                     raise BadCheckpointError(f"{name} ({kind}) is missing from a tensor-parallel rank of pipeline "
                                              f"stage {stage}: the checkpoint is inconsistent")
-                merged[kind] = _merge(f"{name} ({kind})", shards, entry).detach()
-            yield _strip(name), merged
+                merged[kind] = merge_shards(f"{name} ({kind})", shards, entry).detach()
+            yield single_device_name(name), merged
 
 
-def adam_step(path: str, layout: Layout | None = None) -> int:
+def adam_step(path: str, files: TagFiles | None = None) -> int:
     """Adam's step count in a checkpoint (the optimizer steps taken, skipped ones not counted), read without
-    reading the tensors. With `layout`, `path` is a tag directory that `open_tag` has already checked."""
-    tag_dir, layout = open_tag(path) if layout is None else (path, layout)
-    if not layout.zero:
-        return _zero0_rank_states(tag_dir, layout, 0)[1]  # the module file, mapped
-    optim = safe_load(os.path.join(tag_dir, layout.optim_states(0)[0]), mmap=True)["optimizer_state_dict"]
+    reading the tensors. With `files`, `path` is a tag directory that `open_tag` has already checked."""
+    tag_dir, files = open_tag(path) if files is None else (path, files)
+    if not files.zero:
+        return _zero0_rank_states(tag_dir, files, 0)[1]  # the module file, mapped
+    optim = safe_load(os.path.join(tag_dir, files.optim_states(0)[0]), mmap=True)["optimizer_state_dict"]
     inner = "optimizer_state_dict" if int(optim["zero_stage"]) == 3 else "base_optimizer_state"
     return int(optim[inner]["state"][0]["step"])

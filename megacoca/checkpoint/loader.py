@@ -5,7 +5,9 @@ it records, and `tensors()`, the single-device megacoca state dict one tensor at
 
 - a model directory: `config.json` + `model.safetensors` (megacoca.models.coca.loading), read tensor by tensor;
 - an open_clip directory in the hub layout: `open_clip_config.json` ({"model_cfg", "preprocess_cfg"}) + its
-  weights (`open_clip_model.safetensors`, or a torch file read weights_only), through the state-dict adapter;
+  weights (`open_clip_model.safetensors`, or a torch file read weights_only), through the state-dict adapter
+  (megacoca.models.coca.open_clip); `read_open_clip_state` opens open_clip's files (here, since opening a file
+  is the loader's: the adapter only maps configs and renames tensors);
 - a DeepSpeed checkpoint of a megacoca run (the checkpoint directory, whose `latest` is used, or one tag
   directory), any layout: dp/tp/pp, ZeRO 0-3, bf16 or fp32 (megacoca.checkpoint.consolidate, streaming). Its
   model config is the run's job config from the client state, or `model_config` (a CoCaConfig, a CoCaConfig JSON
@@ -25,9 +27,27 @@ import os
 from typing import Iterator
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
-from megacoca.checkpoint.files import BadCheckpointError
+from megacoca.checkpoint.consolidate import iter_consolidated
+from megacoca.checkpoint.files import BadCheckpointError, safe_load
+from megacoca.checkpoint.reshape import find_layout_free, iter_layout_free_weights, read_layout_free_state
+from megacoca.checkpoint.tags import COMPLETE, LATEST, client_state, describe_ranks, open_tag
 from megacoca.config.model import CoCaConfig
+from megacoca.config.train import ConfigError, JobConfig
+from megacoca.data.tokenizer import open_tokenizer
+from megacoca.models.coca.loading import (
+    TIED_KEY,
+    TIED_SOURCE,
+    WEIGHTS_NAME,
+    PretrainedCoCa,
+    clip_bpe_tokenizer_info,
+    model_tensors,
+    read_config,
+    tokenizer_info,
+)
+from megacoca.models.coca.open_clip import CLIP_BPE_IDS, config_from_open_clip, from_open_clip, open_clip_config
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
@@ -53,8 +73,6 @@ def _safetensors_error(path: str, error: Exception) -> BadCheckpointError:
 
 
 def _open_safetensors(path: str):
-    from safetensors import safe_open
-
     if not os.path.isfile(path):
         raise BadCheckpointError(f"{path} is missing")
     try:
@@ -77,8 +95,6 @@ class ModelDirectory(Source):
     """config.json + model.safetensors, read tensor by tensor."""
 
     def __init__(self, path: str) -> None:
-        from megacoca.models.coca.loading import read_config
-
         config = read_config(path)
         try:
             cfg = CoCaConfig.from_dict(config["model"])
@@ -89,19 +105,34 @@ class ModelDirectory(Source):
                          info=config.get("source") or {})
 
     def tensors(self):
-        from megacoca.models.coca.loading import WEIGHTS_NAME
-
         return _read_safetensors(os.path.join(self.path, WEIGHTS_NAME))
 
 
-# ---- open_clip directories ----------------------------------------------------------------------------------
+# ---- open_clip files and directories ------------------------------------------------------------------------
+def read_open_clip_state(path: str | os.PathLike) -> dict:
+    """A bare open_clip state dict (.pt/.bin, or .safetensors as on the HF hub) or a training checkpoint
+    ({"state_dict": ...}), DDP `module.` and torch.compile `_orig_mod.` prefixes stripped."""
+    if os.fspath(path).endswith(".safetensors"):
+        state = load_file(os.fspath(path))
+    else:
+        state = safe_load(os.fspath(path))  # weights_only: a file from elsewhere cannot run code
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds neither a state dict nor a checkpoint with a 'state_dict'")
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
 class OpenClipDirectory(Source):
     """open_clip's hub layout (what `megacoca convert to-open-clip DIR` writes, and `hf-hub:` repositories hold)."""
 
     def __init__(self, path: str) -> None:
-        from megacoca.models.coca.loading import clip_bpe_tokenizer_info
-        from megacoca.models.coca.open_clip import config_from_open_clip
-
         config_path = os.path.join(path, OPEN_CLIP_CONFIG)
         try:
             with open(config_path) as handle:
@@ -122,8 +153,6 @@ class OpenClipDirectory(Source):
         self.weights = found[0]
 
     def tensors(self):
-        from megacoca.models.coca.open_clip import from_open_clip, read_open_clip_state
-
         if self.weights.endswith(".safetensors"):
             state = dict(_read_safetensors(self.weights))
         else:
@@ -150,20 +179,14 @@ class DeepSpeedCheckpoint(Source):
     """A megacoca run's DeepSpeed checkpoint, any layout (megacoca.checkpoint.consolidate), checked on opening."""
 
     def __init__(self, path: str, model_config=None) -> None:
-        from megacoca.checkpoint.consolidate import client_state, open_tag
-        from megacoca.checkpoint.reshape import describe, find_layout_free, read_layout_free_state
-        from megacoca.config.train import ConfigError, JobConfig
-
-        from megacoca.models.coca.open_clip import open_clip_config
-
         self.layout_free = None
         layout_free_dir = find_layout_free(path)
         if layout_free_dir is not None:  # `megacoca convert reshape`'s output: one file per parameter and kind
-            self.tag_dir, self.layout = layout_free_dir, None
+            self.tag_dir, self.files = layout_free_dir, None
             self.layout_free = read_layout_free_state(self.tag_dir)
             client = {"config": self.layout_free.config, "step": self.layout_free.step}
         else:
-            self.tag_dir, self.layout = open_tag(path)  # complete, every file there and safe to read
+            self.tag_dir, self.files = open_tag(path)  # complete, every file there and safe to read
             client = client_state(self.tag_dir)
         self.job = None
         try:
@@ -185,8 +208,8 @@ class DeepSpeedCheckpoint(Source):
             open_clip_meta = None  # a paper-layout model: `to-open-clip` refuses it with the reasons
         super().__init__(path, cfg, open_clip=open_clip_meta, info={
             "from": "deepspeed", "checkpoint": os.path.abspath(self.tag_dir), "step": client.get("step"),
-            "layout": self.layout.describe() if self.layout is not None else
-            f"layout-free (from {describe(self.layout_free.source)})",
+            "layout": describe_ranks(self.files.layout) if self.files is not None else
+            f"layout-free (from {self.layout_free.source.degrees()})",
             "run": self.job.name if self.job is not None else None,
         })
         self.tokenizer = self.tokenizer_info(strict=False)
@@ -194,18 +217,12 @@ class DeepSpeedCheckpoint(Source):
     def tokenizer_info(self, spec: str | None = None, *, strict: bool = True) -> dict | None:
         """The ids of `spec`, or of the run's data.tokenizer (often a path relative to where the run ran): a
         ConfigError when it cannot be read and `strict`, else None."""
-        from megacoca.config.train import ConfigError
-        from megacoca.data.tokenizer import open_tokenizer
-        from megacoca.models.coca.loading import tokenizer_info
-
         where = "--tokenizer"
         if spec is None and self.job is not None:
             spec, where = self.job.data.tokenizer, "the run's data.tokenizer (pass --tokenizer to override)"
         if not spec:
             return None
         if spec in ("clip-bpe", "clip_bpe", "clip"):  # fixed ids: no need to load its 180 MB of merges
-            from megacoca.models.coca.open_clip import CLIP_BPE_IDS
-
             return tokenizer_info("clip-bpe", self.cfg.context_length, **CLIP_BPE_IDS)
         try:
             tok = open_tokenizer(spec, self.cfg.context_length, where)
@@ -216,16 +233,12 @@ class DeepSpeedCheckpoint(Source):
         return tokenizer_info(spec, self.cfg.context_length, tok.bos_id, tok.eos_id, tok.pad_id)
 
     def tensors(self):
-        from megacoca.checkpoint.consolidate import iter_consolidated
-
         if self.layout_free is not None:
             return self._layout_free_tensors()
-        return iter_consolidated(self.tag_dir, self.layout)
+        return iter_consolidated(self.tag_dir, self.files)
 
     def _layout_free_tensors(self):
         """The weights, and a tied head under its second name too (as DeepSpeed's consolidation gives it)."""
-        from megacoca.checkpoint.reshape import iter_layout_free_weights
-
         tie = self.cfg.tie_word_embeddings and "caption_head.weight" not in self.layout_free.param_names
         for name, tensor in iter_layout_free_weights(self.tag_dir, self.layout_free):
             yield name, tensor
@@ -235,8 +248,6 @@ class DeepSpeedCheckpoint(Source):
 
 # ---- one entry ----------------------------------------------------------------------------------------------
 def _is_deepspeed(path: str) -> bool:
-    from megacoca.checkpoint.state import COMPLETE, LATEST
-
     return (os.path.isfile(os.path.join(path, LATEST)) or os.path.isfile(os.path.join(path, COMPLETE))
             or bool(glob.glob(os.path.join(path, "*model_states.pt"))))
 
@@ -266,8 +277,6 @@ def open_source(path: str | os.PathLike, *, model_config=None) -> Source:
 def checked_tensors(source: Source, *, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """`source.tensors()` held to its model config as they stream: every name the model's, every shape right,
     none missing (checked at the end), a tied head once; floating-point tensors cast to `dtype` if given."""
-    from megacoca.models.coca.loading import TIED_KEY, model_tensors
-
     expected = model_tensors(source.cfg)
     tied = source.cfg.tie_word_embeddings
     seen = set()
@@ -301,8 +310,6 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: 
     fp32 master weights of a DeepSpeed checkpoint); `kernels` overrides CoCaConfig.kernels ("auto"/"triton"/
     "torch"); `model_config`: for a DeepSpeed checkpoint that records no job config. Memory: the model, plus what
     reading the checkpoint holds (megacoca.checkpoint.consolidate)."""
-    from megacoca.models.coca.loading import TIED_KEY, TIED_SOURCE, PretrainedCoCa
-
     source = open_source(path, model_config=model_config)
     cfg = source.cfg if kernels is None else source.cfg.replace(kernels=kernels)
     with torch.device("meta"):

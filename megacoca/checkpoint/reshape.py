@@ -44,10 +44,24 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.distributed as dist
 
-from megacoca.checkpoint.consolidate import Layout, _strip, client_state, locate_tag, open_tag
+from megacoca.checkpoint.consolidate import single_device_name
 from megacoca.checkpoint.files import BadCheckpointError, safe_load
 from megacoca.checkpoint.full_state import KINDS, adam_step, iter_full_state
-from megacoca.checkpoint.state import COMPLETE, LATEST, _rank_file, set_rng_state
+from megacoca.checkpoint.tags import (
+    COMPLETE,
+    LATEST,
+    TagFiles,
+    client_state,
+    locate_tag,
+    open_tag,
+    rank_file,
+    resolve_tag,
+    set_rng_state,
+)
+from megacoca.config.layout import Layout
+from megacoca.config.train import JobConfig
+from megacoca.parallel.dims import ParallelDims
+from megacoca.parallel.parallelize import check_layout
 
 LAYOUT_FREE = "layout_free.json"
 STATE_FILE = "megacoca_state.pt"
@@ -67,7 +81,7 @@ class TrainingState:
     lr_scheduler: dict | None
     data: list  # the loader state of each old data-parallel rank (None where the loader kept none)
     rng: list  # the RNG states of each old rank
-    source: dict  # {"dp", "pp", "tp", "zero_stage"}
+    source: Layout  # the layout that wrote the checkpoint (its record, a dict, in a layout-free state file)
     config: dict | None = None
     param_names: list = field(default_factory=list)
 
@@ -76,28 +90,13 @@ def is_layout_free(tag_dir: str) -> bool:
     return os.path.isfile(os.path.join(tag_dir, LAYOUT_FREE))
 
 
-def _zero_stage(tag_dir: str, layout: Layout) -> int:
-    if not layout.zero:
-        return 0
-    optim = safe_load(os.path.join(tag_dir, layout.optim_states(0)[0]), mmap=True)["optimizer_state_dict"]
-    return int(optim.get("zero_stage", 1))
-
-
-def source_layout(tag_dir: str, layout: Layout) -> dict:
-    return {"dp": layout.dp, "pp": layout.pp, "tp": layout.tp, "zero_stage": _zero_stage(tag_dir, layout)}
-
-
-def describe(layout: dict) -> str:
-    return f"dp={layout['dp']} x pp={layout['pp']} x tp={layout['tp']} ZeRO-{layout['zero_stage']}"
-
-
-def read_training_state(tag_dir: str, layout: Layout) -> TrainingState:
+def read_training_state(tag_dir: str, files: TagFiles) -> TrainingState:
     """The non-tensor state of a megacoca checkpoint (`locate_tag` checked it is complete)."""
-    states = safe_load(os.path.join(tag_dir, layout.model_states(0)[0]), mmap=True)
-    world = layout.dp * layout.pp * layout.tp
+    layout = files.layout
+    states = safe_load(os.path.join(tag_dir, files.model_states(0)[0]), mmap=True)
     rank_files = []
-    for rank in range(world):
-        path = _rank_file(tag_dir, rank)
+    for rank in range(layout.world):
+        path = rank_file(tag_dir, rank)
         if not os.path.isfile(path):
             raise BadCheckpointError(f"{tag_dir} is incomplete: {path} (rank {rank}'s data position and RNG state) "
                                      "is missing")
@@ -105,10 +104,10 @@ def read_training_state(tag_dir: str, layout: Layout) -> TrainingState:
     # ranks are laid out (dp, pp, tp): old data-parallel rank d's loader is on rank d * pp * tp (and its peers)
     data = [rank_files[d * layout.pp * layout.tp].get("data") for d in range(layout.dp)]
     return TrainingState(
-        step=int(states.get("step", rank_files[0]["step"])), adam_step=adam_step(tag_dir, layout),
+        step=int(states.get("step", rank_files[0]["step"])), adam_step=adam_step(tag_dir, files),
         global_steps=int(states.get("global_steps", 0)), global_samples=int(states.get("global_samples", 0)),
         skipped_steps=int(states.get("skipped_steps", 0)), lr_scheduler=states.get("lr_scheduler"), data=data,
-        rng=[files["rng"] for files in rank_files], source=source_layout(tag_dir, layout),
+        rng=[local["rng"] for local in rank_files], source=layout,
         config=states.get("config"))
 
 
@@ -118,24 +117,21 @@ def write_layout_free(source: str, output: str, *, tp: int, pp: int) -> str:
     `output` (`output/latest` -> `output/stepN`), after checking that the model splits at tensor degree `tp` and
     `pp` pipeline stages. One parameter at a time is held (beyond what reading one pipeline stage of the source
     needs). Returns the tag directory."""
-    from megacoca.parallel.dims import ParallelDims
-    from megacoca.parallel.parallelize import check_layout
-
-    tag_dir, layout = open_tag(source)
+    tag_dir, files = open_tag(source)
     config = client_state(tag_dir).get("config")
     try:
         cfg = _model_config(config)
     except (KeyError, TypeError, ValueError) as error:
         raise BadCheckpointError(f"{tag_dir}: its client state has no usable job config ({error})") from None
     check_layout(cfg, ParallelDims(dp=1, tp=tp, pp=pp, world_size=tp * pp))  # before reading any tensor
-    state = read_training_state(tag_dir, layout)
+    state = read_training_state(tag_dir, files)
     tag = os.path.basename(tag_dir)
     final = os.path.join(output, tag)
     scratch = final + ".partial"
     shutil.rmtree(scratch, ignore_errors=True)
     os.makedirs(os.path.join(scratch, "zero"))
     names = []
-    for name, kinds in iter_full_state(tag_dir, layout):
+    for name, kinds in iter_full_state(tag_dir, files):
         folder = os.path.join(scratch, "zero", name)
         os.makedirs(folder)
         for kind in KINDS:
@@ -145,9 +141,9 @@ def write_layout_free(source: str, output: str, *, tp: int, pp: int) -> str:
     if state.config is not None:
         state.config = json.loads(json.dumps(state.config))
         state.config.setdefault("parallel", {}).update(tp=tp, pp=pp)
-    torch.save(asdict(state), os.path.join(scratch, STATE_FILE))
+    torch.save(asdict(state), os.path.join(scratch, STATE_FILE))  # asdict: `source` as its record
     with open(os.path.join(scratch, LAYOUT_FREE), "w") as f:
-        json.dump({"format": FORMAT, "version": VERSION, "step": state.step, "source": state.source,
+        json.dump({"format": FORMAT, "version": VERSION, "step": state.step, "source": state.source.record(),
                    "target": {"tp": tp, "pp": pp}, "parameters": len(names)}, f, indent=1)
     with open(os.path.join(scratch, COMPLETE), "w") as f:
         f.write(f"{state.step}\n")
@@ -160,8 +156,6 @@ def write_layout_free(source: str, output: str, *, tp: int, pp: int) -> str:
 
 
 def _model_config(config: dict | None):
-    from megacoca.config.train import JobConfig
-
     if config is None:
         raise KeyError("no config")
     return JobConfig.from_dict(config).model_config()
@@ -170,13 +164,11 @@ def _model_config(config: dict | None):
 def find_layout_free(path: str) -> str | None:
     """The tag directory of a complete layout-free checkpoint at `path` (the tag, or the directory whose `latest`
     names it), else None."""
-    path = path.rstrip("/") or "/"
-    if os.path.isfile(os.path.join(path, LATEST)) and not os.path.isfile(os.path.join(path, COMPLETE)):
-        with open(os.path.join(path, LATEST)) as f:
-            path = os.path.join(path, f.read().strip())
-    if is_layout_free(path) and os.path.isfile(os.path.join(path, COMPLETE)):
-        return path
-    return None
+    try:
+        tag_dir = resolve_tag(path)
+    except FileNotFoundError:
+        return None
+    return tag_dir if is_layout_free(tag_dir) else None
 
 
 def iter_layout_free_weights(tag_dir: str, state: TrainingState) -> Iterator[tuple[str, torch.Tensor]]:
@@ -193,7 +185,9 @@ def read_layout_free_state(tag_dir: str) -> TrainingState:
     path = os.path.join(tag_dir, STATE_FILE)
     if not os.path.isfile(path):
         raise BadCheckpointError(f"{tag_dir} is incomplete: {path} is missing")
-    return TrainingState(**safe_load(path))
+    state = TrainingState(**safe_load(path))
+    state.source = Layout.from_record(state.source)  # older files: {"dp", "pp", "tp", "zero_stage"}
+    return state
 
 
 def _iter_layout_free(tag_dir: str, names, kinds=KINDS) -> Iterator[tuple[str, dict]]:
@@ -237,7 +231,7 @@ class _EngineWriter:
     def __init__(self, engine):
         self.engine = engine
         self.optimizer = engine.optimizer
-        self.params = {_strip(name): param for name, param in engine.module.named_parameters()}
+        self.params = {single_device_name(name): param for name, param in engine.module.named_parameters()}
         self.kind = ("zero3" if hasattr(self.optimizer, "fp32_partitioned_groups_flat") else
                      "hp" if hasattr(self.optimizer, "bit16_groups") or hasattr(self.optimizer, "bf16_groups") else
                      "torch")
@@ -340,17 +334,17 @@ class _EngineWriter:
 
 
 # ------------------------------------------------------------------------------------------------ load
-def load_reshaped(engine, tag_dir: str, train_loader, *, dp_size: int, pp_size: int, tp_size: int) -> dict:
-    """Every rank calls this: the checkpoint `tag_dir` (another layout's, or a layout-free one) into `engine`.
-    Returns {"step", "config", "reshaped": "<old layout> -> <new layout>"}."""
+def load_reshaped(engine, tag_dir: str, train_loader, *, layout: Layout) -> dict:
+    """Every rank calls this: the checkpoint `tag_dir` (another layout's, or a layout-free one) into `engine`, which
+    runs under `layout`. Returns {"step", "config", "reshaped": "<old layout> -> <new layout>"}."""
     rank, world = dist.get_rank(), dist.get_world_size()
     if is_layout_free(tag_dir):
         state = read_layout_free_state(tag_dir)
         items = _iter_layout_free(tag_dir, state.param_names)
     else:
-        tag_dir, layout = open_tag(tag_dir)
-        state = read_training_state(tag_dir, layout)
-        items = iter_full_state(tag_dir, layout)  # every file was checked once, by open_tag above
+        tag_dir, files = open_tag(tag_dir)
+        state = read_training_state(tag_dir, files)
+        items = iter_full_state(tag_dir, files)  # every file was checked once, by open_tag above
     writer = _EngineWriter(engine)
     names = set()
     for name, kinds in items:
@@ -365,24 +359,24 @@ def load_reshaped(engine, tag_dir: str, train_loader, *, dp_size: int, pp_size: 
         engine.lr_scheduler.load_state_dict(state.lr_scheduler)
         for group, lr in zip(engine.lr_scheduler.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
             group["lr"] = lr
-    dp_rank = rank // (pp_size * tp_size)
+    dp_rank = rank // (layout.pp * layout.tp)
     if hasattr(train_loader, "load_resplit_state") and any(data is not None for data in state.data):
         train_loader.load_resplit_state(state.data)
     elif hasattr(train_loader, "load_state_dict") and state.data and state.data[0] is not None:
-        if len(state.data) != dp_size:
+        if len(state.data) != layout.dp:
             raise BadCheckpointError(f"resume from {tag_dir}: this run's data loader cannot re-split the data "
-                                     f"position of {len(state.data)} data-parallel ranks for {dp_size}")
+                                     f"position of {len(state.data)} data-parallel ranks for {layout.dp}")
         train_loader.load_state_dict(state.data[dp_rank])
     set_rng_state(state.rng[rank % len(state.rng)])
-    here = {"dp": dp_size, "pp": pp_size, "tp": tp_size, "zero_stage": engine.zero_optimization_stage()}
     return {"step": state.step, "config": state.config,
-            "reshaped": f"{describe(state.source)} -> {describe(here)}"}
+            "reshaped": f"{state.source.degrees()} -> {layout.degrees()}"}
 
 
 def _check_same_model(names: set[str], engine) -> None:
     """The source's parameters are the model's, across every pipeline stage (each rank checks its own stage's in
     the writer; here the union)."""
-    held = {_strip(name) for name, _ in engine.module.named_parameters(remove_duplicate=False)}  # tied: both
+    named = engine.module.named_parameters(remove_duplicate=False)  # a tied parameter under both names
+    held = {single_device_name(name) for name, _ in named}
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, sorted(held))
     model = set().union(*map(set, everyone))
@@ -393,17 +387,15 @@ def _check_same_model(names: set[str], engine) -> None:
                                  ": the model configs differ")
 
 
-def needs_reshape(tag_dir: str, engine, *, dp_size: int, pp_size: int, tp_size: int,
-                  layout: Layout | None = None) -> tuple[bool, dict | None]:
-    """(whether `tag_dir` must be loaded through `load_reshaped`, its layout): a layout-free checkpoint, or one
-    written by another dp x pp x tp or ZeRO stage. With `layout`, the tag's files were already found complete."""
+def needs_reshape(tag_dir: str, layout: Layout, files: TagFiles | None = None) -> bool:
+    """Whether `tag_dir` must be loaded through `load_reshaped` into a run of `layout`: a layout-free checkpoint,
+    or one written by another dp x pp x tp or ZeRO stage (`Layout.same_shards`). With `files`, the tag's files
+    were already found complete."""
     if is_layout_free(tag_dir):
-        return True, None
-    if layout is None:
-        tag_dir, layout = locate_tag(tag_dir)
-    source = source_layout(tag_dir, layout)
-    here = {"dp": dp_size, "pp": pp_size, "tp": tp_size, "zero_stage": engine.zero_optimization_stage()}
-    return any(source[key] != here[key] for key in here), source
+        return True
+    if files is None:
+        tag_dir, files = locate_tag(tag_dir)
+    return not files.layout.same_shards(layout)
 
 
 __all__ = ["is_layout_free", "load_reshaped", "needs_reshape", "write_layout_free"]

@@ -9,7 +9,9 @@ Layout under `checkpoint_dir`:
     latest                     tag of the newest COMPLETE checkpoint (atomic rename), what zero_to_fp32 reads
 
 DeepSpeed's own client state (in the dp-rank-0 model file of each model-parallel rank) carries the step, the
-dp size, the resolved job config and the tensor-parallel layout (how to merge the TP ranks' shards).
+resolved job config and what megacoca.checkpoint.tags.client_record writes: the run's layout record, the
+tensor-parallel shard map (how to merge the TP ranks' shards) and the pipeline stage. Tag names, COMPLETE and
+`latest`, rank files, RNG state and finding a tag are megacoca.checkpoint.tags.
 
 A save, in order (the names are megacoca.launch.faults points, where tests kill a rank or fill the disk):
 rank 0 removes any earlier files of the same tag (a partial save, or a complete one being written again: its
@@ -30,10 +32,7 @@ then go through the guarded checkpoint engine, `weights_only=True` as well.
 from __future__ import annotations
 
 import os
-import random
-import re
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -48,66 +47,25 @@ from megacoca.checkpoint.files import (
     safe_load,
     verify_files,
 )
+from megacoca.checkpoint.reshape import is_layout_free, load_reshaped, needs_reshape
+from megacoca.checkpoint.tags import (
+    COMPLETE,
+    LATEST,
+    IncompleteTagError,
+    MissingTagError,
+    TagFiles,
+    check_complete,
+    client_record,
+    complete_checkpoints,
+    incomplete_checkpoints,
+    rank_file,
+    resolve_tag,
+    rng_state,
+    set_rng_state,
+    tag_for,
+)
+from megacoca.config.layout import Layout
 from megacoca.launch import faults
-
-COMPLETE = "COMPLETE"
-LATEST = "latest"
-TAG_PATTERN = re.compile(r"^step(\d+)$")
-
-
-def tag_for(step: int) -> str:
-    return f"step{step:08d}"
-
-
-def _rank_file(tag_dir: str, rank: int) -> str:
-    return os.path.join(tag_dir, f"megacoca_rank{rank:05d}.pt")
-
-
-def rng_state() -> dict:
-    """Python, numpy, torch (and CUDA) RNG states as tensors and plain data (a weights_only load reads them)."""
-    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    state = {"python": random.getstate(),
-             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    numpy_state = state["numpy"]
-    if isinstance(numpy_state, dict):
-        numpy_state = (numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
-                       numpy_state["has_gauss"], numpy_state["cached_gaussian"])
-    np.random.set_state(numpy_state)  # else np.random.get_state() itself, as files before the dict held it
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _tags(checkpoint_dir: str) -> list[tuple[int, str, bool]]:
-    """(step, tag directory, complete) of every step* directory, oldest first."""
-    if not os.path.isdir(checkpoint_dir):
-        return []
-    found = []
-    for name in os.listdir(checkpoint_dir):
-        match = TAG_PATTERN.match(name)
-        path = os.path.join(checkpoint_dir, name)
-        if match and os.path.isdir(path):
-            found.append((int(match.group(1)), path, os.path.isfile(os.path.join(path, COMPLETE))))
-    return sorted(found)
-
-
-def complete_checkpoints(checkpoint_dir: str) -> list[tuple[int, str]]:
-    """(step, tag directory) of every COMPLETE checkpoint, oldest first."""
-    return [(step, path) for step, path, complete in _tags(checkpoint_dir) if complete]
-
-
-def incomplete_checkpoints(checkpoint_dir: str) -> list[tuple[int, str]]:
-    """(step, tag directory) of every tag without COMPLETE (its save was interrupted), oldest first."""
-    return [(step, path) for step, path, complete in _tags(checkpoint_dir) if not complete]
 
 
 def find_resume_checkpoint(job) -> str | None:
@@ -118,23 +76,13 @@ def find_resume_checkpoint(job) -> str | None:
     if resume == "auto":
         found = complete_checkpoints(job.checkpoint_dir)
         return found[-1][1] if found else None
-    path = resume.rstrip("/")
-    if os.path.isfile(os.path.join(path, LATEST)) and not os.path.isfile(os.path.join(path, COMPLETE)):
-        with open(os.path.join(path, LATEST)) as f:
-            path = os.path.join(path, f.read().strip())
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint.resume: no checkpoint directory {resume}")
-    if not os.path.isfile(os.path.join(path, COMPLETE)):
-        raise FileNotFoundError(f"checkpoint.resume: {path} is incomplete (no {COMPLETE} marker: a save was "
-                                "interrupted); pick an older one or use --resume auto")
-    return path
-
-
-def pipeline_layout(module, job) -> dict | None:
-    """Under pipeline parallelism, what consolidation needs: {"pp", "tp", "stage", "vision_blocks"}; else None."""
-    if not hasattr(module, "block_indices"):
-        return None
-    return {"pp": module.pp, "tp": job.parallel.tp, "stage": module.stage, "vision_blocks": list(module.block_indices)}
+    try:
+        return resolve_tag(resume)
+    except MissingTagError:
+        raise FileNotFoundError(f"checkpoint.resume: no checkpoint directory {resume}") from None
+    except IncompleteTagError as error:
+        raise FileNotFoundError(f"checkpoint.resume: {error.tag_dir} is incomplete (no {COMPLETE} marker: a save "
+                                "was interrupted); pick an older one or use --resume auto") from None
 
 
 def optimizer_param_names(engine) -> list[list[str]] | None:
@@ -165,68 +113,89 @@ def _write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(engine, job, step: int, train_loader=None, *, dp_size: int) -> str:
-    """Every rank calls this. Returns the tag directory; raises CheckpointError on every rank if a write failed
-    on any (the previous complete checkpoint is untouched)."""
-    checkpoint_dir = job.checkpoint_dir
-    tag = tag_for(step)
-    tag_dir = os.path.join(checkpoint_dir, tag)
-    rank = dist.get_rank()
-    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
-
-    from megacoca.checkpoint.universal import universal_checkpoint_info
-    from megacoca.parallel.tensor import tensor_parallel_layout
-
-    files = guard(engine)
-    files.error = None
+def _clear_tag(tag_dir: str, rank: int) -> str | None:
+    """Rank 0 removes any earlier files of the tag (COMPLETE first); the failure, described, or None."""
     try:
         if rank == 0 and os.path.isdir(tag_dir):
             remove_tree(tag_dir, COMPLETE)
         faults.point("save:begin")
     except OSError as error:
-        files.error = f"{error.strerror or error} clearing {tag_dir}"
+        return f"{error.strerror or error} clearing {tag_dir}"
+    return None
+
+
+def _write_rank_file(tag_dir: str, rank: int, step: int, train_loader) -> str | None:
+    """This rank's megacoca file (data position, RNG state); the failure, described, or None."""
+    path = rank_file(tag_dir, rank)
+    try:
+        local = {"step": step, "rng": rng_state(),
+                 "data": train_loader.state_dict() if hasattr(train_loader, "state_dict") else None}
+        torch.save(local, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        faults.point("save:after_rank_file")
+    except (OSError, RuntimeError) as exc:
+        return describe_write_error(exc, path)
+    return None
+
+
+def _mark_complete(job, step: int, tag_dir: str) -> str | None:
+    """Rank 0, once every rank's files are on disk: COMPLETE, then `latest`, then pruning; the failure or None."""
+    checkpoint_dir = job.checkpoint_dir
+    try:
+        faults.point("save:before_complete")
+        _write_text(os.path.join(tag_dir, COMPLETE), f"{step}\n")
+        faults.point("save:after_complete")
+        _write_text(os.path.join(checkpoint_dir, LATEST), os.path.basename(tag_dir))
+        faults.point("save:after_latest")
+        prune(checkpoint_dir, job.checkpoint.keep, newest_step=step)
+    except OSError as exc:
+        return f"{exc.strerror or exc} writing {exc.filename or checkpoint_dir}"
+    return None
+
+
+def _raise_failed(failed: list, step: int, tag_dir: str, rank: int) -> None:
+    """Every rank: the one-line CheckpointError of a failed save, after rank 0 removed a partial tag."""
+    complete = os.path.isfile(os.path.join(tag_dir, COMPLETE))
+    if rank == 0 and not complete:
+        remove_tree(tag_dir, COMPLETE)  # a partial save only takes space (on a full disk, needed space)
+    previous = [s for s, _ in complete_checkpoints(os.path.dirname(tag_dir)) if s != step]
+    kept = (f"step {step} is complete but `latest` may be stale" if complete else
+            f"the previous complete checkpoint (step {previous[-1]}) is intact" if previous else
+            "there is no earlier complete checkpoint")
+    first_rank, message = failed[0]
+    more = f" (and on {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
+    raise CheckpointError(f"checkpoint save of step {step} failed on rank {first_rank}: {message}{more}; {kept}")
+
+
+def save_checkpoint(engine, job, step: int, train_loader=None, *, layout: Layout) -> str:
+    """Every rank calls this; `layout` is the run's (recorded in the client state). Returns the tag directory;
+    raises CheckpointError on every rank if a write failed on any (the previous complete checkpoint is
+    untouched)."""
+    # heavy (deepspeed), and only needed when saving
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+
+    from megacoca.checkpoint.universal import universal_checkpoint_info
+
+    checkpoint_dir = job.checkpoint_dir
+    tag = tag_for(step)
+    tag_dir = os.path.join(checkpoint_dir, tag)
+    rank = dist.get_rank()
+    files = guard(engine)
+    files.error = _clear_tag(tag_dir, rank)
     dist.barrier()  # the tag is gone on disk before any rank writes into it
-    client_state = {"step": step, "dp_size": dp_size, "config": job.to_dict(),
-                    "tensor_parallel": tensor_parallel_layout(engine.module),
-                    "pipeline": pipeline_layout(engine.module, job),
+    client_state = {"step": step, "config": job.to_dict(), **client_record(engine.module, layout),
                     "optimizer_param_names": optimizer_param_names(engine),
                     UNIVERSAL_CHECKPOINT_INFO: universal_checkpoint_info(engine.module)}  # for ds_to_universal
     engine.save_checkpoint(checkpoint_dir, tag=tag, client_state=client_state, save_latest=False)
     error = files.error
     if error is None:
-        path = _rank_file(tag_dir, rank)
-        try:
-            local = {"step": step, "rng": rng_state(),
-                     "data": train_loader.state_dict() if hasattr(train_loader, "state_dict") else None}
-            torch.save(local, path + ".tmp")
-            os.replace(path + ".tmp", path)
-            faults.point("save:after_rank_file")
-        except (OSError, RuntimeError) as exc:
-            error = describe_write_error(exc, path)
+        error = _write_rank_file(tag_dir, rank, step, train_loader)
     failed = _failures(error)  # every rank's DeepSpeed files and client file are on disk, or every rank raises
     if not failed and rank == 0:
-        try:
-            faults.point("save:before_complete")
-            _write_text(os.path.join(tag_dir, COMPLETE), f"{step}\n")
-            faults.point("save:after_complete")
-            _write_text(os.path.join(checkpoint_dir, LATEST), tag)
-            faults.point("save:after_latest")
-            prune(checkpoint_dir, job.checkpoint.keep, newest_step=step)
-        except OSError as exc:
-            error = f"{exc.strerror or exc} writing {exc.filename or checkpoint_dir}"
+        error = _mark_complete(job, step, tag_dir)
     failed = failed or _failures(error)
     if failed:
-        complete = os.path.isfile(os.path.join(tag_dir, COMPLETE))
-        if rank == 0 and not complete:
-            remove_tree(tag_dir, COMPLETE)  # a partial save only takes space (on a full disk, needed space)
-        previous = [s for s, _ in complete_checkpoints(checkpoint_dir) if s != step]
-        kept = (f"step {step} is complete but `latest` may be stale" if complete else
-                f"the previous complete checkpoint (step {previous[-1]}) is intact" if previous else
-                "there is no earlier complete checkpoint")
-        first_rank, message = failed[0]
-        more = f" (and on {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
-        raise CheckpointError(f"checkpoint save of step {step} failed on rank {first_rank}: {message}{more}; "
-                              f"{kept}")
+        _raise_failed(failed, step, tag_dir, rank)
     return tag_dir
 
 
@@ -239,35 +208,22 @@ def prune(checkpoint_dir: str, keep: int, newest_step: int) -> None:
         remove_tree(path, COMPLETE)
 
 
-def check_resumable(tag_dir: str):
-    """The checkpoint's layout, after checking (BadCheckpointError, one line naming the file, the same on every
-    rank: they read the same files) that the tag holds every file of that layout, including each of its ranks'
-    megacoca file. Its layout need not be this run's: another one is resumed through
+def check_resumable(tag_dir: str) -> TagFiles:
+    """The tag's files (`.layout`: the checkpoint's), after checking (BadCheckpointError, one line naming the file,
+    the same on every rank: they read the same files) that the tag holds every file of that layout, including
+    each of its ranks' megacoca file. Its layout need not be this run's: another one is resumed through
     megacoca.checkpoint.reshape."""
-    from megacoca.checkpoint.consolidate import check_complete
-
-    layout = check_complete(tag_dir)
-    for rank in range(layout.dp * layout.pp * layout.tp):
-        if not os.path.isfile(_rank_file(tag_dir, rank)):
-            raise BadCheckpointError(f"resume from {tag_dir}: it is incomplete: {_rank_file(tag_dir, rank)} (rank "
+    files = check_complete(tag_dir)
+    for rank in range(files.layout.world):
+        if not os.path.isfile(rank_file(tag_dir, rank)):
+            raise BadCheckpointError(f"resume from {tag_dir}: it is incomplete: {rank_file(tag_dir, rank)} (rank "
                                      f"{rank}'s data position and RNG state) is missing")
-    return layout
+    return files
 
 
-def load_checkpoint(engine, tag_dir: str, train_loader=None, *, dp_size: int, pp_size: int = 1,
-                    tp_size: int = 1) -> dict:
-    """Every rank calls this; restores engine (model, optimizer, lr schedule), data position and RNG. Raises
-    BadCheckpointError on every rank, before DeepSpeed reads anything, if the tag lacks a file of its layout
-    (`check_resumable`), and UnsafeCheckpointError if any file of the tag holds more than tensors and plain data.
-    A checkpoint of another layout or ZeRO stage, or a layout-free one (`megacoca convert reshape`), is reshaped
-    into this one (megacoca.checkpoint.reshape); the result's "reshaped" then says from what to what."""
-    from megacoca.checkpoint.reshape import is_layout_free, load_reshaped, needs_reshape
-
-    checkpoint_dir, tag = os.path.split(tag_dir.rstrip("/"))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    layout = None if is_layout_free(tag_dir) else check_resumable(tag_dir)
-    if needs_reshape(tag_dir, engine, dp_size=dp_size, pp_size=pp_size, tp_size=tp_size, layout=layout)[0]:
-        return load_reshaped(engine, tag_dir, train_loader, dp_size=dp_size, pp_size=pp_size, tp_size=tp_size)
+def _verify_between_ranks(tag_dir: str, rank: int, world: int) -> None:
+    """Every file of the tag loadable as tensors and plain data, each read by one rank; the first failure raised
+    on every rank (UnsafeCheckpointError or BadCheckpointError, naming the tag)."""
     failure = None
     try:
         verify_files(checkpoint_files(tag_dir)[rank::world])  # each file read by one rank
@@ -277,12 +233,27 @@ def load_checkpoint(engine, tag_dir: str, train_loader=None, *, dp_size: int, pp
     if failed:
         unsafe, message = failed[0][1]
         raise (UnsafeCheckpointError if unsafe else BadCheckpointError)(f"resume from {tag_dir}: {message}")
+
+
+def load_checkpoint(engine, tag_dir: str, train_loader=None, *, layout: Layout) -> dict:
+    """Every rank calls this, in a run of `layout`; restores engine (model, optimizer, lr schedule), data position
+    and RNG. Raises BadCheckpointError on every rank, before DeepSpeed reads anything, if the tag lacks a file of
+    its layout (`check_resumable`), and UnsafeCheckpointError if any file of the tag holds more than tensors and
+    plain data. A checkpoint of another layout or ZeRO stage, or a layout-free one (`megacoca convert reshape`),
+    is reshaped into this one (megacoca.checkpoint.reshape); the result's "reshaped" then says from what to
+    what."""
+    checkpoint_dir, tag = os.path.split(tag_dir.rstrip("/"))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    files = None if is_layout_free(tag_dir) else check_resumable(tag_dir)
+    if needs_reshape(tag_dir, layout, files):
+        return load_reshaped(engine, tag_dir, train_loader, layout=layout)
+    _verify_between_ranks(tag_dir, rank, world)
     guard(engine)
     load_path, client_state = engine.load_checkpoint(checkpoint_dir, tag=tag)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag_dir}")
     client_state = client_state or {}
-    local = safe_load(_rank_file(tag_dir, rank))
+    local = safe_load(rank_file(tag_dir, rank))
     if local.get("data") is not None and hasattr(train_loader, "load_state_dict"):
         train_loader.load_state_dict(local["data"])
     set_rng_state(local["rng"])

@@ -43,6 +43,9 @@ from deepspeed.checkpoint.constants import (
     VOCABULARY_PARAMETER_PATTERNS,
 )
 
+from megacoca.parallel.build import meta_model
+from megacoca.parallel.tensor import VocabParallelCaptionHead, VocabParallelEmbedding
+
 
 def _pattern(name: str) -> str:
     return f"^{re.escape(name)}$"
@@ -52,8 +55,6 @@ def _whole_model(module: nn.Module) -> nn.Module:
     """The whole model as this run's tensor parallelism shards it: `module` itself when it is the whole model and
     tensor-parallel, else the same config built on the meta device and swapped by `apply_tensor_parallel` at this
     run's degree (tp = 1 holds no `tp_shard`; a pipeline stage holds only its own parameters)."""
-    from megacoca.parallel.build import meta_model
-
     shards = [param.tp_shard for param in module.parameters() if hasattr(param, "tp_shard")]
     if shards and not hasattr(module, "block_indices"):  # block_indices: a PipelineStage
         return module
@@ -64,8 +65,6 @@ def universal_checkpoint_info(module: nn.Module) -> dict:
     """DeepSpeed's UNIVERSAL_CHECKPOINT_INFO for `module` (a megacoca CoCa or pipeline stage, tensor-parallel or
     not), plain data (lists, strings, numbers). It describes the whole model, the same on every rank:
     ds_to_universal reads it from model-parallel rank 0's file only, and merges every pipeline stage with it."""
-    from megacoca.parallel.tensor import VocabParallelCaptionHead, VocabParallelEmbedding
-
     whole = _whole_model(module)
     trainable = {name: param.requires_grad for name, param in module.named_parameters()}
     vocabulary = {f"{owner_name}.{name}" for owner_name, owner in whole.named_modules()

@@ -130,7 +130,7 @@ def from_deepspeed_command(args) -> int:
 
 
 def reshape_command(args) -> int:
-    from megacoca.checkpoint.reshape import describe, read_layout_free_state, write_layout_free
+    from megacoca.checkpoint.reshape import read_layout_free_state, write_layout_free
 
     try:
         tag_dir = write_layout_free(args.input, args.output, tp=int(args.tp), pp=int(args.pp))
@@ -139,7 +139,7 @@ def reshape_command(args) -> int:
         return 2
     state = read_layout_free_state(tag_dir)
     print(f"wrote {tag_dir}: step {state.step}, {len(state.param_names)} parameters (fp32 masters and Adam moments), "
-          f"lr schedule and the data position of {describe(state.source)}; resume with\n"
+          f"lr schedule and the data position of {state.source.degrees()}; resume with\n"
           f"  megacoca train ... --resume {os.path.abspath(args.output)} --set parallel.tp={args.tp} "
           f"--set parallel.pp={args.pp}  (any data-parallel size and ZeRO stage)")
     return 0

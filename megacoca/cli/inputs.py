@@ -313,9 +313,8 @@ def model_config_file(path: str) -> None:
 def deepspeed_checkpoint(path: str) -> None:
     """A complete megacoca DeepSpeed checkpoint: a tag directory, or a checkpoint directory with `latest` (every file
     of its layout there; their contents are checked once, when the checkpoint is read)."""
-    from megacoca.checkpoint.consolidate import locate_tag
-
     from megacoca.checkpoint.reshape import find_layout_free
+    from megacoca.checkpoint.tags import locate_tag
 
     readable_dir(path, "checkpoint directory")
     if find_layout_free(path) is not None:  # `megacoca convert reshape`'s output

@@ -26,7 +26,7 @@ from gather import fp32_master, full_tensors
 from memory_data import TINY, MemoryLoader
 
 from megacoca.checkpoint import CheckpointError, complete_checkpoints
-from megacoca.checkpoint.state import incomplete_checkpoints, tag_for
+from megacoca.checkpoint.tags import incomplete_checkpoints, tag_for
 from megacoca.config.recipes import build_config
 from megacoca.parallel.dims import ParallelDims
 from megacoca.trainer import Trainer

@@ -26,7 +26,7 @@ from memory_data import SHARD_ALL, TINY, MemoryLoader
 from megacoca.checkpoint.consolidate import consolidated_state_dict
 from megacoca.checkpoint.files import safe_load
 from megacoca.checkpoint.full_state import KINDS, adam_step, iter_full_state
-from megacoca.checkpoint.state import tag_for
+from megacoca.checkpoint.tags import tag_for
 from megacoca.config.recipes import build_config
 from megacoca.parallel.dims import ParallelDims
 from megacoca.trainer import Trainer

@@ -18,9 +18,9 @@ import torch
 from dist_harness import run_ranks
 from memory_data import SHARD_ALL, TINY, MemoryLoader
 
-from megacoca.checkpoint.consolidate import open_tag
 from megacoca.checkpoint.full_state import KINDS, adam_step, iter_full_state
 from megacoca.checkpoint.reshape import read_training_state
+from megacoca.checkpoint.tags import open_tag
 from megacoca.config.recipes import build_config
 from megacoca.parallel.dims import ParallelDims
 from megacoca.trainer import Trainer

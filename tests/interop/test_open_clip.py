@@ -270,7 +270,7 @@ def test_greedy_generation_matches_open_clip(seed):
 def test_read_open_clip_state_formats(tmp_path):
     from safetensors.torch import save_file
 
-    from megacoca.models.coca.open_clip import read_open_clip_state
+    from megacoca.checkpoint.loader import read_open_clip_state
 
     state = build_tiny(tiny_open_clip_config()).state_dict()
     save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "model.safetensors")

@@ -127,24 +127,8 @@ def generate(
     length_penalty 0, HuggingFace's heuristic otherwise). pad_id defaults to the model's.
     The model runs in eval mode under no_grad; its training flag is restored afterwards.
     """
-    cfg = model.cfg
-    pad_id = cfg.pad_id if pad_id is None else pad_id
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if max_new_tokens > cfg.context_length:
-        raise ValueError(
-            f"max_new_tokens {max_new_tokens} exceeds the model's context_length {cfg.context_length} "
-            "(the positions the text decoder has embeddings for)"
-        )
-    if strategy == "beam" and num_beams < 1:
-        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
-    if strategy == "sample" and temperature <= 0:
-        raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-
+    pad_id = model.cfg.pad_id if pad_id is None else pad_id
+    _check_options(model.cfg, strategy, max_new_tokens, num_beams, temperature, top_p)
     was_training = model.training
     model.eval()
     try:
@@ -163,6 +147,24 @@ def generate(
         )
     finally:
         model.train(was_training)
+
+
+def _check_options(cfg, strategy: str, max_new_tokens: int, num_beams: int, temperature: float, top_p: float) -> None:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if max_new_tokens > cfg.context_length:
+        raise ValueError(
+            f"max_new_tokens {max_new_tokens} exceeds the model's context_length {cfg.context_length} "
+            "(the positions the text decoder has embeddings for)"
+        )
+    if strategy == "beam" and num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    if strategy == "sample" and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
 def _greedy_or_sample(
@@ -203,6 +205,47 @@ def _greedy_or_sample(
     return seqs
 
 
+class _Hypotheses:
+    """The finished hypotheses of one image: at most `beams`, each (score / length**length_penalty, sequence)."""
+
+    def __init__(self, beams: int, length_penalty: float) -> None:
+        self.beams, self.length_penalty = beams, length_penalty
+        self.finished: list[tuple[float, torch.Tensor]] = []
+        self.done = False
+
+    def add(self, score: float, length: int, seq: torch.Tensor) -> None:
+        self.finished.append((score / length**self.length_penalty, seq))
+        if len(self.finished) > self.beams:
+            self.finished.remove(min(self.finished, key=lambda h: h[0]))
+
+    def update_done(self, best_live_score: float, length: int) -> None:
+        """Done once it has `beams` hypotheses and its best live beam cannot beat the worst of them."""
+        if len(self.finished) >= self.beams:
+            self.done = best_live_score / length**self.length_penalty <= min(h[0] for h in self.finished)
+
+    def best(self) -> torch.Tensor:
+        return max(self.finished, key=lambda h: h[0])[1]
+
+
+def _choose_beams(hyps: _Hypotheses, b: int, beams: int, length: int, seqs, candidates, stop_ids, chosen) -> None:
+    """Image b's beams for the next step from its best `candidates` (score, beam, token), in order: a stop token
+    among the top `beams` finishes a hypothesis, the others fill `chosen` = (next_scores, next_tokens,
+    next_rows) until `beams` continue."""
+    next_scores, next_tokens, next_rows = chosen
+    kept = 0
+    for rank, (score, beam, token) in enumerate(candidates):
+        row = b * beams + beam
+        if token in stop_ids:
+            if rank < beams:  # a stop token only counts while it is among the top num_beams
+                hyps.add(score, length, torch.cat([seqs[row], seqs.new_tensor([token])]))
+            continue
+        next_scores[b, kept], next_tokens[b, kept], next_rows[b, kept] = score, token, row
+        kept += 1
+        if kept == beams:
+            break
+    hyps.update_done(float(next_scores[b, 0]), length)
+
+
 def _beam_search(
     model, image_tokens, *, num_beams, length_penalty, max_new_tokens, min_new_tokens, repetition_penalty,
     bos_id, eos_id, pad_id, stop_on_pad,
@@ -221,15 +264,7 @@ def _beam_search(
     # Only beam 0 is live at first, so the first step does not pick the same token num_beams times.
     beam_scores = torch.full((batch, beams), -1e9, device=device)
     beam_scores[:, 0] = 0.0
-
-    hypotheses: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(batch)]  # (normalised score, seq)
-    done = [False] * batch
-
-    def add_hypothesis(b: int, score: float, length: int, seq: torch.Tensor) -> None:
-        hyps = hypotheses[b]
-        hyps.append((score / length**length_penalty, seq))
-        if len(hyps) > beams:
-            hyps.remove(min(hyps, key=lambda h: h[0]))
+    hypotheses = [_Hypotheses(beams, length_penalty) for _ in range(batch)]
 
     for step in range(max_new_tokens):
         length = step + 1  # new tokens in a candidate, its last one included
@@ -249,32 +284,19 @@ def _beam_search(
         next_tokens = torch.full((batch, beams), pad_id, dtype=torch.long, device=device)
         next_rows = torch.arange(batch * beams, device=device).view(batch, beams).clone()
         for b in range(batch):
-            if done[b]:
-                continue
-            kept = 0
-            for rank, (score, beam, token) in enumerate(zip(top_scores_list[b], top_beams[b], top_tokens[b])):
-                row = b * beams + beam
-                if token in stop_ids:
-                    if rank < beams:  # a stop token only counts while it is among the top num_beams
-                        add_hypothesis(b, score, length, torch.cat([seqs[row], seqs.new_tensor([token])]))
-                    continue
-                next_scores[b, kept], next_tokens[b, kept], next_rows[b, kept] = score, token, row
-                kept += 1
-                if kept == beams:
-                    break
-            if len(hypotheses[b]) >= beams:
-                worst = min(h[0] for h in hypotheses[b])
-                best_live = float(next_scores[b, 0]) / length**length_penalty
-                done[b] = best_live <= worst
+            if not hypotheses[b].done:
+                _choose_beams(hypotheses[b], b, beams, length, seqs,
+                              zip(top_scores_list[b], top_beams[b], top_tokens[b]), stop_ids,
+                              (next_scores, next_tokens, next_rows))
         if step == max_new_tokens - 1:
             # Out of room: the live beams of unfinished images compete with their finished hypotheses.
             final = torch.cat([seqs.index_select(0, next_rows.view(-1)), next_tokens.view(-1, 1)], dim=1)
             for b in range(batch):
-                if not done[b]:
+                if not hypotheses[b].done:
                     for k in range(beams):
-                        add_hypothesis(b, float(next_scores[b, k]), length, final[b * beams + k])
+                        hypotheses[b].add(float(next_scores[b, k]), length, final[b * beams + k])
             break
-        if all(done):
+        if all(h.done for h in hypotheses):
             break
         index = next_rows.view(-1)
         seqs = torch.cat([seqs.index_select(0, index), next_tokens.view(-1, 1)], dim=1)
@@ -282,5 +304,4 @@ def _beam_search(
         decoder.reorder(index, cross=False)  # beams stay with their image, whose cross keys/values they share
         logits = decoder.step(next_tokens.view(-1, 1))
 
-    best = [max(hyps, key=lambda h: h[0])[1] for hyps in hypotheses]
-    return _pad_rows(best, pad_id)
+    return _pad_rows([hyps.best() for hyps in hypotheses], pad_id)

@@ -11,8 +11,8 @@
   an unknown or missing key raises with the list.
 - `to_open_clip_stream(items, cfg)`: the same from an iterator of (name, tensor), one open_clip tensor out as soon
   as its parts are in (a fused q/k/v waits for its three); `open_clip_shapes(cfg)`: {open_clip name: shape}.
-- `read_open_clip_state(path)`: a bare state dict or a training checkpoint (`{"state_dict": ...}`), with DDP
-  `module.` and torch.compile `_orig_mod.` prefixes removed.
+Reading open_clip's files (a bare state dict, a training checkpoint, safetensors) is the loader's
+(megacoca.checkpoint.loader.read_open_clip_state); this module only maps configs and renames tensors.
 
 open_clip is only imported for model names (its bundled model configs) and by callers that build its model.
 """
@@ -30,7 +30,7 @@ from megacoca.config.model import CoCaConfig
 
 __all__ = [
     "NotExpressibleError", "config_from_open_clip", "open_clip_config", "from_open_clip", "to_open_clip",
-    "read_open_clip_state", "resolve_open_clip_config", "to_open_clip_stream", "open_clip_shapes",
+    "resolve_open_clip_config", "to_open_clip_stream", "open_clip_shapes",
 ]
 
 CLIP_BPE_IDS = {"bos_id": 49406, "eos_id": 49407, "pad_id": 0}
@@ -383,27 +383,3 @@ def open_clip_shapes(cfg: CoCaConfig) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         state = CoCa(cfg).state_dict()
         return {name: tuple(tensor.shape) for name, tensor in to_open_clip(state, cfg).items()}
-
-
-def read_open_clip_state(path: str | os.PathLike) -> dict:
-    """A bare open_clip state dict (.pt/.bin, or .safetensors as on the HF hub) or a training checkpoint
-    ({"state_dict": ...}), DDP/compile prefixes stripped."""
-    if os.fspath(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(os.fspath(path))
-    else:
-        from megacoca.checkpoint.files import safe_load
-
-        state = safe_load(os.fspath(path))  # weights_only: a file from elsewhere cannot run code
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} holds neither a state dict nor a checkpoint with a 'state_dict'")
-    out = {}
-    for key, value in state.items():
-        for prefix in ("module.", "_orig_mod."):
-            while key.startswith(prefix):
-                key = key[len(prefix):]
-        out[key] = value
-    return out

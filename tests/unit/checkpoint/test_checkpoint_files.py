@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from megacoca.checkpoint.state import COMPLETE, complete_checkpoints, find_resume_checkpoint, prune, rng_state, \
-    set_rng_state, tag_for
+from megacoca.checkpoint.state import find_resume_checkpoint, prune
+from megacoca.checkpoint.tags import COMPLETE, complete_checkpoints, rng_state, set_rng_state, tag_for
 from megacoca.config.recipes import build_config
 
 

@@ -26,8 +26,8 @@ def tag(tmp_path):
 
 
 def test_a_complete_checkpoint_passes_with_its_layout(tag):
-    layout = check_resumable(str(tag))
-    assert (layout.dp, layout.pp, layout.tp, layout.zero3) == (2, 1, 1, True)
+    files = check_resumable(str(tag))  # the tag's files; their layout is the one Layout type
+    assert (files.layout.dp, files.layout.pp, files.layout.tp, files.zero3) == (2, 1, 1, True)
 
 
 @pytest.mark.parametrize("missing", ["megacoca_rank00001.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",

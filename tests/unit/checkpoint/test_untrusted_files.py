@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megacoca.checkpoint import BadCheckpointError, UnsafeCheckpointError, consolidated_state_dict, safe_load
-from megacoca.checkpoint.state import rng_state, set_rng_state
+from megacoca.checkpoint.tags import rng_state, set_rng_state
 from megacoca.cli import main as cli
 from megacoca.models.coca import CoCa, get_flavor
 
