@@ -7,7 +7,7 @@ logit]. The backward is softmax - onehot on the shard, from the forward's saved 
 
 This is the model's torch path (kernels="torch", or "auto" off CUDA). The Triton path is
 megacoca_kernels.linear_cross_entropy with a tp_group, which fuses the same computation with the caption
-head's matmul.
+head's matmul; the kernel tests check the two against each other on 2 and 4 ranks.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import torch.distributed as dist
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Summed token cross-entropy from each rank's logits shard (N, Vl) fp32: Megatron's three all-reduces
-    (max, target logit, sum of exponentials). Backward: softmax - onehot on the shard, times the incoming grad.
-    Padding columns arrive as -inf; ignored rows contribute 0."""
+    """Per-token cross-entropy from each rank's logits shard (N, Vl) fp32 (the two all-reduces above).
+    Backward: softmax - onehot on the shard, times each token's incoming grad. Padding columns arrive as
+    -inf; ignored rows have loss 0 and gradient 0."""
 
     @staticmethod
     def forward(ctx, logits, target, vocab_start, ignore_index, group):
@@ -37,7 +37,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         loss = (sums[0].log() - sums[1]).masked_fill(ignored, 0.0)
         exp.div_(sums[0][:, None])  # the softmax shard, kept for backward
         ctx.save_for_backward(exp, local_target, in_shard, ignored)
-        return loss.sum()
+        return loss
 
     @staticmethod
     def backward(ctx, grad):
@@ -46,13 +46,16 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         index = local_target.clamp(0, softmax.shape[-1] - 1)[:, None]
         softmax.scatter_add_(1, index, -in_shard.to(softmax.dtype)[:, None])
         softmax.masked_fill_(ignored[:, None], 0.0)
-        return softmax * grad, None, None, None, None
+        return softmax * grad[:, None], None, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, vocab_start: int, vocab_valid: int,
                                  ignore_index: int, group) -> torch.Tensor:
-    """Summed cross-entropy (fp32) of the full-vocabulary logits of which this rank holds columns
-    [vocab_start, vocab_start + logits.shape[-1]); columns >= vocab_valid of the shard are padding."""
+    """Per-token cross-entropy (N,) fp32 of the full-vocabulary logits of which this rank holds columns
+    [vocab_start, vocab_start + logits.shape[-1]) as logits (N, Vl); columns >= vocab_valid of the shard are
+    padding, targets are global ids, ignore_index tokens get 0. The same on every rank of `group`; the
+    gradient reaching `logits` is this shard's, so the caller sums the hidden states' gradient over the group
+    (`copy_to_tp` before the head's matmul), as for any column-parallel layer."""
     logits = logits.float()
     if vocab_valid < logits.shape[-1]:
         logits = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= vocab_valid,

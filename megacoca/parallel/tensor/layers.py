@@ -228,5 +228,5 @@ class VocabParallelCaptionHead(nn.Module):
                                         tp_group=self.group)
         return vocab_parallel_cross_entropy(F.linear(hidden2d, self.weight, self.bias), target1d,
                                             vocab_start=shard.start, vocab_valid=shard.valid,
-                                            ignore_index=ignore_index, group=self.group)
+                                            ignore_index=ignore_index, group=self.group).sum()
 
