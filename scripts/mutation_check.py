@@ -75,7 +75,7 @@ MUTATIONS = [
     ),
     Mutation(
         "flash_causal_mask_off_by_one", "the flash-attention forward's causal mask lets query i see key i + 1",
-        "kernels/flash_attention.py",
+        "kernels/flash_attention_kernels.py",
         "            s = tl.where(cols[None, :] <= offs_m[:, None], s, float(\"-inf\"))\n",
         "            s = tl.where(cols[None, :] <= offs_m[:, None] + 1, s, float(\"-inf\"))\n",
         ("tests/kernels/test_flash_attention.py",),
