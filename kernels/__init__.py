@@ -6,7 +6,8 @@
   vocab_valid=None, tp_group=None)`: with `tp_group`, `weight` is this rank's vocabulary shard (vocabulary
   parallelism; the full logits are never built on any rank)
 
-Each op's file holds its kernels, launcher, autograd Function and a plain torch `*_ref`.
+Each op's file holds its kernels, launcher, autograd Function and a plain torch `*_ref`; flash attention's
+Triton kernels are in their own file (flash_attention_kernels.py), to keep both files short.
 
 On a machine without a GPU the kernels run through Triton's interpreter: set `TRITON_INTERPRET=1` before
 this package is imported (Triton decides interpreted vs compiled when the kernels are defined).

@@ -6,9 +6,10 @@
 
 What it measures, each against torch:
 - attention: forward, backward and forward+backward TFLOP/s and the fwd+bwd peak memory, for the Triton
-  kernel (its default split dQ backward, and the atomic-dQ backward), torch SDPA restricted to its flash backend, and the eager reference (`flash_attention_ref`); on
-  ViT self-attention (L = 257, 577; D = 64, 88), causal text self-attention (L = 77) and the decoder's
-  cross-attention (Lq = 77, Lk = 256). FLOPs: fwd 4*B*H*Lq*Lk*D (halved when causal), bwd 2.5x fwd.
+  kernel (its default split dQ backward, and the atomic-dQ backward), torch SDPA restricted to its flash
+  backend, and the eager reference (`flash_attention_ref`); on ViT self-attention (L = 257, 577; D = 64,
+  88), causal text self-attention (L = 77) and the decoder's cross-attention (Lq = 77, Lk = 256). FLOPs: fwd
+  4*B*H*Lq*Lk*D (halved when causal), bwd 2.5x fwd.
 - linear cross-entropy: forward+backward time and peak memory at V = 64k and 32k tokens (reduction "sum",
   as the model uses), against torch with bf16 logits and with fp32 logits (megacoca's torch path).
 - LayerNorm: forward and backward GB/s against torch and against a measured device copy (y.copy_(x)).
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import math
 import os
 import sys
@@ -28,6 +30,15 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench
+
+from .flash_attention import flash_attention, flash_attention_ref
+from .layer_norm import layer_norm
+from .linear_cross_entropy import linear_cross_entropy
+
+# The module, for its DQ_ATOMIC switch (the package's `flash_attention` attribute is the op, a function).
+fa = importlib.import_module(".flash_attention", __package__)
 
 # (name, B, H, Lq, Lk, D, causal)
 ATTENTION_CASES = [
@@ -59,8 +70,6 @@ class Timer:
 
     def ms(self, fn, grad_to_none=None) -> float:
         if self.cuda:
-            from triton.testing import do_bench
-
             return do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
         fn()
         start = time.perf_counter()
@@ -82,19 +91,11 @@ class Timer:
 
 
 def _sdpa_flash(q, k, v, causal):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
 def bench_attention(timer: Timer, device, dtype, cases) -> list[Row]:
-    from megacoca_kernels import flash_attention, flash_attention_ref
-
-    import importlib
-
-    fa = importlib.import_module("megacoca_kernels.flash_attention")
-
     def triton_atomic_dq(q, k, v, c):
         fa.DQ_ATOMIC = True  # read when the backward launches, which happens inside this provider's timing
         return flash_attention(q, k, v, causal=c)
@@ -144,8 +145,6 @@ def bench_attention(timer: Timer, device, dtype, cases) -> list[Row]:
 
 
 def bench_linear_cross_entropy(timer: Timer, device, dtype, tokens, hidden, vocab) -> list[Row]:
-    from megacoca_kernels import linear_cross_entropy
-
     h = torch.randn(tokens, hidden, device=device, dtype=dtype, requires_grad=True)
     w = (torch.randn(vocab, hidden, device=device, dtype=dtype) / math.sqrt(hidden)).requires_grad_()
     target = torch.randint(0, vocab, (tokens,), device=device)
@@ -172,8 +171,6 @@ def bench_linear_cross_entropy(timer: Timer, device, dtype, tokens, hidden, voca
 
 
 def bench_layer_norm(timer: Timer, device, dtype, shapes) -> list[Row]:
-    from megacoca_kernels import layer_norm
-
     rows = []
     for M, N in shapes:
         x = torch.randn(M, N, device=device, dtype=dtype, requires_grad=True)

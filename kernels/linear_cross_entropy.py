@@ -358,60 +358,19 @@ def linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_index=-100
     return loss.view(out_shape) if reduction == "none" else loss
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over the group in the forward, identity in the backward (Megatron's reduce_from_tensor_model_
-    parallel_region).
-
-    Identity is the right backward here because what follows the sum is replicated: every rank computes the
-    same loss from the summed value and backpropagates the same gradient into it, and d loss / d sum is
-    already d loss / d (this rank's term). All-reducing it again would count it tp times.
-    """
-
-    @staticmethod
-    def forward(ctx, x, group):
-        x = x.clone()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
 def linear_cross_entropy_ref(hidden, weight, target, *, bias=None, ignore_index=-100, reduction="mean",
-                             vocab_start=0, vocab_valid=None, tp_group=None):
-    """Plain torch: full (or this shard's) logits, then cross_entropy (fp32 loss for comparison).
+                             vocab_valid=None):
+    """Plain torch: the full logits, then cross_entropy (fp32 loss for comparison); rows >= vocab_valid of
+    weight (default all real) are padding and take no part.
 
-    With a tp_group, Megatron's vocab-parallel cross-entropy (megatron/core/tensor_parallel/cross_entropy.py)
-    on this shard's logits, padding masked to -inf, with the same gradient contract as `linear_cross_entropy`
-    (hidden gets this shard's contribution). The global max is all-reduced without gradient: lse = m +
-    log(sum exp(x - m)) does not depend on m, so treating m as a constant gives the exact gradient (a max
-    with gradient would wrongly send it into this rank's argmax logit alone). The sum of exp and the target
-    logit go through `_AllReduceSum` (sum forward, identity backward).
+    This is also what `linear_cross_entropy` computes on vocabulary shards: with a tp_group, the loss on every
+    rank (and the shards' gradients, concatenated) equal this on the whole weight. The torch vocabulary-parallel
+    cross-entropy on one shard is megacoca's (megacoca/parallel/tensor/cross_entropy.py); the kernel tests
+    check it against the fused op.
     """
-    vocab_start, vocab_valid, tp_group = _check_vocab(weight, vocab_start, vocab_valid, tp_group)
-    logits = torch.nn.functional.linear(hidden, weight, bias)
-    if tp_group is None:
-        logits = logits[..., :vocab_valid]
-        return torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=ignore_index,
-            reduction=reduction,
-        ).view(target.shape if reduction == "none" else ())
-    logits = logits.reshape(-1, weight.shape[0]).float()
-    padding = torch.arange(weight.shape[0], device=logits.device) >= vocab_valid
-    logits = logits.masked_fill(padding, float("-inf"))
-    flat_target = target.reshape(-1)
-    global_max = logits.detach().max(-1).values
-    dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=tp_group)
-    sum_exp = _AllReduceSum.apply(torch.exp(logits - global_max[:, None]).sum(-1), tp_group)
-    local = flat_target - vocab_start
-    here = (flat_target != ignore_index) & (local >= 0) & (local < vocab_valid)
-    picked = logits.gather(1, torch.where(here, local, 0)[:, None])[:, 0]
-    target_logit = _AllReduceSum.apply(torch.where(here, picked, 0.0), tp_group)
-    ignored = flat_target == ignore_index
-    loss = torch.where(ignored, 0.0, torch.log(sum_exp) + global_max - target_logit)
-    if reduction == "mean":
-        return loss.sum() / (~ignored).sum()
-    if reduction == "sum":
-        return loss.sum()
-    return loss.view(target.shape)
+    _, vocab_valid, _ = _check_vocab(weight, 0, vocab_valid, None)
+    logits = torch.nn.functional.linear(hidden, weight, bias)[..., :vocab_valid]
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=ignore_index,
+        reduction=reduction,
+    ).view(target.shape if reduction == "none" else ())

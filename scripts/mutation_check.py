@@ -48,8 +48,8 @@ MUTATIONS = [
     Mutation(
         "contrastive_gather_without_grad", "the contrastive all-gather passes no gradient back to other ranks",
         "megacoca/parallel/collectives.py",
-        "        dist.all_reduce(grad, group=ctx.group)\n",
-        "",
+        "    return all_reduce_backward(all_gather_along(tensor, 0, group), group)\n",
+        "    return all_gather_along(tensor, 0, group)\n",
         ("tests/distributed/test_loss_dp.py",),
     ),
     Mutation(
@@ -75,21 +75,21 @@ MUTATIONS = [
     ),
     Mutation(
         "flash_causal_mask_off_by_one", "the flash-attention forward's causal mask lets query i see key i + 1",
-        "kernels/flash_attention.py",
+        "kernels/flash_attention_kernels.py",
         "            s = tl.where(cols[None, :] <= offs_m[:, None], s, float(\"-inf\"))\n",
         "            s = tl.where(cols[None, :] <= offs_m[:, None] + 1, s, float(\"-inf\"))\n",
         ("tests/kernels/test_flash_attention.py",),
     ),
     Mutation(
         "tp_copy_without_allreduce", "the tensor-parallel copy's backward does not sum the ranks' gradients",
-        "megacoca/parallel/tensor.py",
-        "        grad = grad.contiguous()\n        dist.all_reduce(grad, group=ctx.group)\n        return grad, None\n",
-        "        return grad.contiguous(), None\n",
+        "megacoca/parallel/tensor/mappings.py",
+        "def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:\n    return all_reduce_backward(x, group)\n",
+        "def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:\n    return x\n",
         ("tests/distributed/test_tensor_parallel.py::test_tp2_equals_one_process",),
     ),
     Mutation(
         "tp_row_bias_before_reduce", "the row-parallel bias is added on every rank before the all-reduce",
-        "megacoca/parallel/tensor.py",
+        "megacoca/parallel/tensor/layers.py",
         "        out = reduce_from_tp(F.linear(x, self.weight), self.group)\n"
         "        return out + self.bias if self.bias is not None else out\n",
         "        return reduce_from_tp(F.linear(x, self.weight, self.bias), self.group)\n",
@@ -97,14 +97,14 @@ MUTATIONS = [
     ),
     Mutation(
         "tp_vocab_padding_unmasked", "the padded vocabulary rows take part in the torch cross-entropy",
-        "megacoca/parallel/tensor.py",
+        "megacoca/parallel/tensor/cross_entropy.py",
         "    if vocab_valid < logits.shape[-1]:\n",
         "    if False:\n",
         ("tests/distributed/test_tensor_parallel.py::test_tp2_equals_one_process",),
     ),
     Mutation(
         "tp_params_unmarked", "sharded parameters lack tensor_model_parallel (DeepSpeed's grad norm counts them once)",
-        "megacoca/parallel/tensor.py",
+        "megacoca/parallel/tensor/layers.py",
         "    param.tensor_model_parallel = True\n",
         "    param.tensor_model_parallel = False\n",
         ("tests/distributed/test_tensor_parallel.py::test_tp2_equals_one_process",),

@@ -4,7 +4,8 @@ The chunk size is forced small so every case runs several token chunks (and a ra
 vocabulary tiles; errors are bounded by twice torch's same-dtype error (vs fp64) plus atol.
 
 The vocabulary-parallel tests run the op on 2 and 4 gloo ranks (tests/distributed/dist_harness.py), each
-holding a padded shard of the vocabulary, and compare with one process's cross-entropy on the full weight.
+holding a padded shard of the vocabulary, and compare it, and megacoca's torch vocabulary-parallel
+cross-entropy on the same shards, with one process's cross-entropy on the full weight.
 """
 
 import importlib
@@ -21,6 +22,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from kernel_asserts import assert_close_to_ref  # noqa: E402
 
+from megacoca.parallel.tensor import vocab_parallel_cross_entropy  # noqa: E402
 from megacoca_kernels import linear_cross_entropy, linear_cross_entropy_ref  # noqa: E402
 
 # The package's `linear_cross_entropy` attribute is the function; reach the module through importlib.
@@ -179,7 +181,8 @@ def test_vocab_arguments_are_validated(kwargs, message, device):
     h = torch.randn(4, 32, device=device)
     w = torch.randn(70, 32, device=device)
     target = torch.randint(0, 70, (4,), device=device)
-    for fn in (linear_cross_entropy, linear_cross_entropy_ref):
+    # the unsharded reference takes no vocab_start (it has no tp_group)
+    for fn in (linear_cross_entropy,) if "vocab_start" in kwargs else (linear_cross_entropy, linear_cross_entropy_ref):
         with pytest.raises(ValueError, match=message):
             fn(h, w, target, **kwargs)
     with pytest.raises(ValueError, match="V >= 1"):
@@ -225,8 +228,21 @@ def _tp_problem(layout, replica, device="cpu"):
     return [t.to(device) for t in (h, w, b, target, go_none, go_scalar)]
 
 
+def _torch_vocab_parallel(hidden, weight, target, *, bias=None, reduction="mean", vocab_start, vocab_valid,
+                          tp_group):
+    """megacoca's torch vocabulary-parallel cross-entropy (the model's path without the kernels) on this rank's
+    shard, called like the fused op (ignore_index -100)."""
+    logits = torch.nn.functional.linear(hidden, weight, bias).reshape(-1, weight.shape[0])
+    loss = vocab_parallel_cross_entropy(logits, target.reshape(-1), vocab_start=vocab_start, vocab_valid=vocab_valid,
+                                        ignore_index=-100, group=tp_group)
+    if reduction == "none":
+        return loss.view(target.shape)
+    return loss.sum() if reduction == "sum" else loss.sum() / (target != -100).sum()
+
+
 def _tp_rank(rank, world_size, layout, combos):
-    """One rank: the fused op and the torch reference on this rank's vocabulary shard, for every combo."""
+    """One rank: the fused op and megacoca's torch vocabulary-parallel cross-entropy ("ref") on this rank's
+    vocabulary shard, for every combo."""
     import torch.distributed as dist
 
     from megacoca_kernels import _utils
@@ -256,7 +272,7 @@ def _tp_rank(rank, world_size, layout, combos):
         h, w = h64.to(dtype), w64[rows].to(dtype)
         b = b64[rows].to(dtype) if with_bias else None
         go = (go_none if reduction == "none" else go_scalar).float()
-        for impl, fn in (("fused", linear_cross_entropy), ("ref", linear_cross_entropy_ref)):
+        for impl, fn in (("fused", linear_cross_entropy), ("ref", _torch_vocab_parallel)):
             calls.clear()
             dist.all_reduce = counting_all_reduce
             try:
@@ -273,7 +289,8 @@ def _tp_rank(rank, world_size, layout, combos):
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_vocab_parallel_matches_unsharded_torch(name, tmp_path):
-    """Fused op and torch reference on tp vocabulary shards vs one process's cross-entropy on the full weight."""
+    """Fused op and megacoca's torch vocabulary-parallel cross-entropy on tp vocabulary shards vs one process's
+    cross-entropy on the full weight."""
     layout = LAYOUTS[name]
     tp, V, V_local = layout["tp"], layout["V"], layout["padded"] // layout["tp"]
     combos = _tp_combos(list(LAYOUTS).index(name) % 2)

@@ -1,30 +1,22 @@
-"""Megatron-style tensor parallelism for CoCa: autograd collectives, parallel layers, and the swap that applies
-them to a built single-device model.
+"""The tensor-parallel layers (Megatron's tensor_parallel/layers.py, written for CoCa), each built from the
+single-device layer it replaces (`from_dense`) and holding its rank's shard of that layer's parameters.
 
-Layout (Megatron-LM's `tensor_parallel/{mappings,layers,cross_entropy}.py`, written for this model):
 - ColumnParallelLinear splits the output features: rank r holds rows [r*out/tp, (r+1)*out/tp) of the weight
-  and the bias; its input is the same on every rank and passes through `copy_to_tp` (identity forward,
-  all-reduce of the gradient backward).
+  and the bias; its input is the same on every rank and passes through `copy_to_tp`.
 - RowParallelLinear splits the input features: rank r multiplies its slice of the input by its columns of the
-  weight; the partial outputs are summed by `reduce_from_tp` (all-reduce forward, identity backward) and the
-  replicated bias is added after the sum.
-- Attention: q, k, v column-parallel and out row-parallel, so each rank runs heads/tp whole heads (the
-  attention code reads its head count from the weights). One `copy_to_tp` per distinct input (the query
+  weight; the partial outputs are summed by `reduce_from_tp` and the replicated bias is added after the sum.
+- TensorParallelAttention: q, k, v column-parallel and out row-parallel, so each rank runs heads/tp whole heads
+  (the attention code reads its head count from the weights). One `copy_to_tp` per distinct input (the query
   input, and the context of a cross-attention), not one per projection.
-- MLP: fc1 column-parallel, GELU on the shard, fc2 row-parallel.
-- Vocabulary: the token embedding and the caption head hold rows [r*Vp/tp, (r+1)*Vp/tp) of a vocabulary
-  padded to Vp, a multiple of tp (Megatron's make-vocab-size-divisible-by). The embedding looks up the ids in
-  its range and sums over ranks; the caption head computes its shard's logits and a vocabulary-parallel cross
-  entropy (three all-reduces: max, target logit, sum of exponentials), with the Triton fused kernel or in
-  torch, so that no rank ever builds the full (tokens x vocab) logits. Padded rows never get probability mass.
-- Everything else (LayerNorms, positional/class/CLS embeddings, pooler queries, the patch embedding, the two
-  contrastive projections, the logit scale) is replicated. Its inputs and the gradients reaching it are
-  identical on every rank of a tensor-parallel group (the collectives above make them so), so its gradients
-  are identical too and no extra reduction is needed: the replicas stay bit-equal (tested).
+- VocabParallelEmbedding and VocabParallelCaptionHead hold rows [r*Vp/tp, (r+1)*Vp/tp) of a vocabulary padded
+  to Vp, a multiple of tp (Megatron's make-vocab-size-divisible-by). The embedding looks up the ids in its
+  range and sums over ranks; the caption head computes its shard's logits and the vocabulary-parallel cross
+  entropy (the Triton fused kernel, or the torch one of cross_entropy.py), so no rank builds the full logits.
 
 Every sharded parameter carries `tensor_model_parallel = True`, `partition_dim`, `partition_stride = 1` (what
 DeepSpeed reads through the mpu: its grad norm counts such parameters on every tensor-parallel rank and the
-others once) and `tp_shard`: how to cut it out of, and put it back into, the single-device tensor.
+others once) and `tp_shard`, a TensorShard: how to cut it out of, and put it back into, the single-device
+tensor. A new layer issues its collectives through mappings.py only (the planner counts them per layer).
 """
 
 from __future__ import annotations
@@ -32,70 +24,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from megacoca.models.coca import ops
-from megacoca.models.coca.layers import MLP, Attention
-
-
-# ------------------------------------------------------------------------------------- autograd collectives
-class _CopyToTensorParallel(torch.autograd.Function):
-    """Identity forward; all-reduce (sum) of the gradient over the group backward."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-class _ReduceFromTensorParallel(torch.autograd.Function):
-    """All-reduce (sum) forward; identity backward."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        x = x.contiguous().clone()
-        dist.all_reduce(x, group=group)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-class _GatherFromTensorParallel(torch.autograd.Function):
-    """Concatenate the ranks' shards along the last dim forward; keep this rank's slice of the gradient backward."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group, ctx.width = group, x.shape[-1]
-        ctx.rank = dist.get_rank(group)
-        shards = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(shards, x.contiguous(), group=group)
-        return torch.cat(shards, dim=-1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.narrow(-1, ctx.rank * ctx.width, ctx.width).contiguous(), None
-
-
-def copy_to_tp(x: torch.Tensor, group) -> torch.Tensor:
-    return _CopyToTensorParallel.apply(x, group)
-
-
-def reduce_from_tp(x: torch.Tensor, group) -> torch.Tensor:
-    return _ReduceFromTensorParallel.apply(x, group)
-
-
-def gather_from_tp(x: torch.Tensor, group) -> torch.Tensor:
-    return _GatherFromTensorParallel.apply(x, group)
+from megacoca.models.coca.layers import Attention
+from megacoca.parallel.tensor.cross_entropy import vocab_parallel_cross_entropy
+from megacoca.parallel.tensor.mappings import copy_to_tp, gather_from_tp, reduce_from_tp
 
 
 # ----------------------------------------------------------------------------------------------- sharding
@@ -256,50 +191,6 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_tp(out, self.group)
 
 
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Summed token cross-entropy from each rank's logits shard (N, Vl) fp32: Megatron's three all-reduces
-    (max, target logit, sum of exponentials). Backward: softmax - onehot on the shard, times the incoming grad.
-    Padding columns arrive as -inf; ignored rows contribute 0."""
-
-    @staticmethod
-    def forward(ctx, logits, target, vocab_start, ignore_index, group):
-        ignored = target == ignore_index
-        local_target = target - vocab_start
-        in_shard = (local_target >= 0) & (local_target < logits.shape[-1]) & ~ignored
-        row_max = logits.max(dim=-1).values
-        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-        shifted = logits - row_max[:, None]
-        picked = shifted.gather(1, local_target.clamp(0, logits.shape[-1] - 1)[:, None]).squeeze(1)
-        picked = picked.masked_fill(~in_shard, 0.0)
-        exp = shifted.exp()
-        sums = torch.stack([exp.sum(dim=-1), picked])
-        dist.all_reduce(sums, group=group)
-        loss = (sums[0].log() - sums[1]).masked_fill(ignored, 0.0)
-        exp.div_(sums[0][:, None])  # the softmax shard, kept for backward
-        ctx.save_for_backward(exp, local_target, in_shard, ignored)
-        return loss.sum()
-
-    @staticmethod
-    def backward(ctx, grad):
-        softmax, local_target, in_shard, ignored = ctx.saved_tensors
-        # softmax - onehot on the rows whose target is in this shard; no host sync (no nonzero/indexing by mask)
-        index = local_target.clamp(0, softmax.shape[-1] - 1)[:, None]
-        softmax.scatter_add_(1, index, -in_shard.to(softmax.dtype)[:, None])
-        softmax.masked_fill_(ignored[:, None], 0.0)
-        return softmax * grad, None, None, None, None
-
-
-def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, vocab_start: int, vocab_valid: int,
-                                 ignore_index: int, group) -> torch.Tensor:
-    """Summed cross-entropy (fp32) of the full-vocabulary logits of which this rank holds columns
-    [vocab_start, vocab_start + logits.shape[-1]); columns >= vocab_valid of the shard are padding."""
-    logits = logits.float()
-    if vocab_valid < logits.shape[-1]:
-        logits = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) >= vocab_valid,
-                                    float("-inf"))
-    return _VocabParallelCrossEntropy.apply(logits, target, vocab_start, ignore_index, group)
-
-
 class VocabParallelCaptionHead(nn.Module):
     """The caption head over this rank's vocabulary shard (tied to the VocabParallelEmbedding's shard when the
     flavor ties them). With targets: the summed token cross-entropy, from the Triton fused kernel (no logits
@@ -329,6 +220,7 @@ class VocabParallelCaptionHead(nn.Module):
             return logits[..., : shard.full_shape[0]]
         hidden2d, target1d = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
         if ops.use_triton(self.kernels, hidden2d):
+            # Optional (triton): imported only once ops.use_triton has found it, as models/coca/ops.py does.
             from megacoca_kernels import linear_cross_entropy
 
             return linear_cross_entropy(hidden2d, self.weight, target1d, bias=self.bias, ignore_index=ignore_index,
@@ -336,61 +228,5 @@ class VocabParallelCaptionHead(nn.Module):
                                         tp_group=self.group)
         return vocab_parallel_cross_entropy(F.linear(hidden2d, self.weight, self.bias), target1d,
                                             vocab_start=shard.start, vocab_valid=shard.valid,
-                                            ignore_index=ignore_index, group=self.group)
+                                            ignore_index=ignore_index, group=self.group).sum()
 
-
-# --------------------------------------------------------------------------------------------- the swap
-def check_tensor_parallel(cfg, tp: int) -> None:
-    """One-line ValueError naming the layer and the numbers when `tp` cannot split the model evenly (before any
-    process group exists). The vocabulary need not divide: it is padded."""
-    splits = [
-        ("vision attention", "vision_heads", cfg.vision_heads),
-        ("text and multimodal decoder attention", "text_heads", cfg.text_heads),
-        ("attentional pooler", "pooler_heads", cfg.pooler_heads),
-        ("vision MLP", "vision_mlp_dim", cfg.vision_mlp_dim),
-        ("text and multimodal decoder MLP", "text_mlp_dim", cfg.text_mlp_dim),
-    ]
-    for layer, field, value in splits:
-        if value % tp:
-            raise ValueError(f"parallel.tp={tp} cannot split the {layer}: {field}={value} is not divisible by {tp}")
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
-def apply_tensor_parallel(model, dims) -> None:
-    """Swap every shardable layer of a built CoCa (materialised or on the meta device) for its tensor-parallel
-    shard over `dims.tp_group`, in place. Parameter names do not change."""
-    group, rank, size = dims.tp_group, dims.tp_rank, dims.tp_size
-    for name, module in list(model.named_modules()):
-        if isinstance(module, TensorParallelAttention):
-            raise RuntimeError("apply_tensor_parallel: the model is already tensor-parallel")
-        if isinstance(module, Attention):
-            _replace(model, name, TensorParallelAttention.from_dense(module, group, rank, size))
-        elif isinstance(module, MLP):
-            module.fc1 = ColumnParallelLinear.from_dense(module.fc1, group, rank, size)
-            module.fc2 = RowParallelLinear.from_dense(module.fc2, group, rank, size)
-    embedding = VocabParallelEmbedding.from_dense(model.text.embed.token_embedding, group, rank, size)
-    model.text.embed.token_embedding = embedding
-    tied = embedding.weight if model.cfg.tie_word_embeddings else None
-    model.caption_head = VocabParallelCaptionHead.from_dense(model.caption_head, group, rank, size, tied)
-
-
-def is_tensor_parallel(param: torch.Tensor) -> bool:
-    return bool(getattr(param, "tensor_model_parallel", False))
-
-
-def tensor_parallel_layout(module: nn.Module) -> dict | None:
-    """How to merge the tensor-parallel ranks' state dicts back into the single-device one (stored in every
-    checkpoint's client state): {"size": tp, "params": {name: {"dim", "full_shape", "padded"}}}, every name of a
-    shared parameter listed; None when nothing is sharded."""
-    params = {}
-    size = 1
-    for name, param in module.named_parameters(remove_duplicate=False):
-        shard = getattr(param, "tp_shard", None)
-        if shard is not None:
-            size = shard.size
-            params[name] = {"dim": shard.dim, "full_shape": list(shard.full_shape), "padded": shard.padded}
-    return {"size": size, "params": params} if params else None

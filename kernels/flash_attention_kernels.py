@@ -1,0 +1,348 @@
+"""The Triton kernels of flash attention (kernels/flash_attention.py launches them and holds the autograd
+Function, the public op and its reference; the algorithm is described there).
+
+- `_flash_attention_fwd_kernel`: one program per (query block, batch x head), an online softmax over the key
+  blocks (`_flash_attention_fwd_inner`, run once over the blocks that need no mask and once over the rest);
+  writes the output and the base-2 logsumexp.
+- `_flash_attention_bwd_preprocess_kernel`: delta = rowsum(dO * O).
+- `_flash_attention_bwd_dkdv_kernel`: one program per key block, looping over queries (and, with DQ_ATOMIC,
+  adding dQ with fp32 atomics).
+- `_flash_attention_bwd_dq_kernel`: one program per query block, looping over keys.
+
+GPU tiles are autotuned per (Lq, Lk, head dim, flags) from `_configs`, pruned by `_prune` for the head dim's
+shared memory; under the interpreter one 32x32 tile is used.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._utils import interpreting
+
+def _configs(kind: str) -> list[triton.Config]:
+    if interpreting():
+        # One small config: autotuning needs a GPU, and small tiles keep the interpreter fast while still
+        # giving several blocks (and a ragged tail) on the test lengths.
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    if kind == "fwd":
+        return [
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in [
+                (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
+                (128, 32, 4, 3), (64, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2),
+            ]
+        ]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in [
+            (64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (64, 128, 8, 2),
+            (32, 128, 4, 2), (128, 64, 8, 2), (32, 32, 4, 1), (64, 32, 4, 1),
+        ]
+    ]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles whose q/k/v + accumulator footprint is too large for the head dim (shared memory)."""
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
+    if len(configs) == 1:
+        return configs
+    budget = 128 * 128 if block_d <= 64 else 128 * 64 if block_d <= 128 else 64 * 64
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= budget]
+    if block_d > 128:
+        kept = [c for c in kept if c.num_stages <= 2]
+    return kept or configs[-1:]
+
+
+# --------------------------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _flash_attention_fwd_inner(
+    acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kn, stride_vn,
+    offs_m, offs_d, d_mask, start, end, LK, qk_scale,
+    CAUSAL_MASK: tl.constexpr, BOUNDARY_MASK: tl.constexpr, HAS_KV_MASK: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < LK
+        if BOUNDARY_MASK:
+            kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None],
+                         mask=col_ok[None, :] & d_mask[:, None], other=0.0)
+        else:
+            kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=d_mask[:, None], other=0.0)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        if BOUNDARY_MASK:
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+        if CAUSAL_MASK:
+            s = tl.where(cols[None, :] <= offs_m[:, None], s, float("-inf"))
+        if HAS_KV_MASK:
+            keep = tl.load(mask_base + cols, mask=col_ok, other=0) != 0
+            s = tl.where(keep[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no visible key keeps m = -inf; subtract 0 then so exp2 gives 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if BOUNDARY_MASK:
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :],
+                        mask=col_ok[:, None] & d_mask[None, :], other=0.0)
+        else:
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=d_mask[None, :], other=0.0)
+        if UPCAST:
+            v = v.to(tl.float32)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(configs=_configs("fwd"), key=["LQ", "LK", "BLOCK_D", "CAUSAL", "HAS_KV_MASK"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _flash_attention_fwd_kernel(
+    Q, K, V, O, LSE, KV_MASK,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_maskb,
+    H, LQ, LK, D, qk_scale,
+    CAUSAL: tl.constexpr, HAS_KV_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    mask_base = KV_MASK + off_b * stride_maskb
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    row_ok = offs_m < LQ
+    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None] & d_mask[None, :],
+                other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Keys [0, free_end) need no boundary or causal mask; [free_end, hi) are masked.
+    full_end = (LK // BLOCK_N) * BLOCK_N
+    if CAUSAL:
+        hi = tl.minimum(LK, start_m + BLOCK_M)
+        free_end = tl.minimum(full_end, ((start_m + 1) // BLOCK_N) * BLOCK_N)
+    else:
+        hi = LK
+        free_end = full_end
+    acc, l_i, m_i = _flash_attention_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kn, stride_vn, offs_m, offs_d, d_mask,
+        0, free_end, LK, qk_scale, False, False, HAS_KV_MASK, UPCAST, DOT_PRECISION, BLOCK_N)
+    acc, l_i, m_i = _flash_attention_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kn, stride_vn, offs_m, offs_d, d_mask,
+        free_end, hi, LK, qk_scale, CAUSAL, True, HAS_KV_MASK, UPCAST, DOT_PRECISION, BLOCK_N)
+
+    # Fully masked rows: l = 0, acc = 0 -> output 0, logsumexp = -inf.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
+    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
+    tl.store(LSE + off_bh.to(tl.int64) * LQ + offs_m, lse, mask=row_ok)
+
+
+# -------------------------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _flash_attention_bwd_preprocess_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
+    H, LQ, D,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta[b, h, i] = sum_d dO[i, d] * O[i, d], in fp32."""
+    start_m = tl.program_id(0) * BLOCK_M
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < LQ) & (offs_d[None, :] < D)
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + off_bh.to(tl.int64) * LQ + offs_m, tl.sum(o * do, 1), mask=offs_m < LQ)
+
+
+@triton.jit
+def _load_lse(LSE, rows, LQ):
+    # Rows past the end and fully masked rows (lse = -inf) read as +inf so that p = exp2(s - lse) = 0.
+    lse = tl.load(LSE + rows, mask=rows < LQ, other=float("inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse)
+
+
+@triton.autotune(configs=_configs("bwd"), key=["LQ", "LK", "BLOCK_D", "CAUSAL", "HAS_KV_MASK", "DQ_ATOMIC"],
+                 prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["DQ_ACC"])
+@triton.jit
+def _flash_attention_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, KV_MASK, DQ_ACC,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_maskb,
+    H, LQ, LK, D, qk_scale, softmax_scale,
+    CAUSAL: tl.constexpr, HAS_KV_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program per key block: dV = P^T dO, dK = scale * dS^T Q, looping over query blocks.
+
+    With DQ_ATOMIC it also adds each tile's dQ = scale * dS K into the fp32 buffer DQ_ACC (B*H, Lq, D) with
+    atomics (FlashAttention-2's scheme: 5 matmuls per tile instead of 7, but not bit-deterministic).
+    """
+    start_n = tl.program_id(0) * BLOCK_N
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    do_base = DO + off_b * stride_dob + off_h * stride_doh
+    lse_base = LSE + off_bh.to(tl.int64) * LQ
+    delta_base = DELTA + off_bh.to(tl.int64) * LQ
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    col_ok = offs_n < LK
+    kv_tile_mask = col_ok[:, None] & d_mask[None, :]
+    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                mask=kv_tile_mask, other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
+                mask=kv_tile_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    key_ok = col_ok
+    if HAS_KV_MASK:
+        key_ok = key_ok & (tl.load(KV_MASK + off_b * stride_maskb + offs_n, mask=col_ok, other=0) != 0)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    lo = 0
+    if CAUSAL:
+        lo = (start_n // BLOCK_M) * BLOCK_M  # earlier query blocks cannot see these keys
+    offs_m0 = tl.arange(0, BLOCK_M)
+    for start_m in range(lo, LQ, BLOCK_M):
+        rows = start_m + offs_m0
+        q_tile_mask = (rows[:, None] < LQ) & d_mask[None, :]
+        q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :], mask=q_tile_mask, other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_dom + offs_d[None, :], mask=q_tile_mask, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        lse = _load_lse(lse_base, rows, LQ)
+        delta = tl.load(delta_base + rows, mask=rows < LQ, other=0.0)
+        # Transposed scores (BLOCK_N, BLOCK_M) so that dV and dK come out with keys as rows.
+        st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        visible = key_ok[:, None]
+        if CAUSAL:
+            visible = visible & (offs_n[:, None] <= rows[None, :])
+        st = tl.where(visible, st, float("-inf"))
+        pt = tl.exp2(st - lse[None, :])
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        if DQ_ATOMIC:
+            dq = tl.dot(tl.trans(dst).to(k.dtype), k, input_precision=DOT_PRECISION) * softmax_scale
+            dq_ptrs = DQ_ACC + off_bh.to(tl.int64) * LQ * D + rows[:, None] * D + offs_d[None, :]
+            tl.atomic_add(dq_ptrs, dq, mask=q_tile_mask)
+    dk = dk * softmax_scale
+    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kv_tile_mask)
+    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_tile_mask)
+
+
+@triton.autotune(configs=_configs("bwd"), key=["LQ", "LK", "BLOCK_D", "CAUSAL", "HAS_KV_MASK"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _flash_attention_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, KV_MASK,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dqb, stride_dqh, stride_dqm,
+    stride_maskb,
+    H, LQ, LK, D, qk_scale, softmax_scale,
+    CAUSAL: tl.constexpr, HAS_KV_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One program per query block: dQ = scale * dS K, looping over key blocks."""
+    start_m = tl.program_id(0) * BLOCK_M
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    mask_base = KV_MASK + off_b * stride_maskb
+
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    q_tile_mask = (rows[:, None] < LQ) & d_mask[None, :]
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
+                mask=q_tile_mask, other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
+                 mask=q_tile_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = _load_lse(LSE + off_bh.to(tl.int64) * LQ, rows, LQ)
+    delta = tl.load(DELTA + off_bh.to(tl.int64) * LQ + rows, mask=rows < LQ, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    hi = LK
+    if CAUSAL:
+        hi = tl.minimum(LK, start_m + BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n0
+        col_ok = cols < LK
+        kv_tile_mask = col_ok[:, None] & d_mask[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_tile_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_tile_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        visible = col_ok[None, :]
+        if HAS_KV_MASK:
+            visible = visible & (tl.load(mask_base + cols, mask=col_ok, other=0) != 0)[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= rows[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        p = tl.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    dq = dq * softmax_scale
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=q_tile_mask)
+
