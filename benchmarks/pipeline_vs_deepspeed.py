@@ -265,7 +265,6 @@ def _release(*objects):
 
 
 def _run_megacoca(args, m, zero, text_ahead, dims, data, reference, tmp, notes):
-    import torch
     import torch.distributed as dist
 
     from megacoca.trainer import Trainer

@@ -337,7 +337,7 @@ class _EngineWriter:
 def load_reshaped(engine, tag_dir: str, train_loader, *, layout: Layout) -> dict:
     """Every rank calls this: the checkpoint `tag_dir` (another layout's, or a layout-free one) into `engine`, which
     runs under `layout`. Returns {"step", "config", "reshaped": "<old layout> -> <new layout>"}."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     if is_layout_free(tag_dir):
         state = read_layout_free_state(tag_dir)
         items = _iter_layout_free(tag_dir, state.param_names)

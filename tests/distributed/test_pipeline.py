@@ -16,7 +16,6 @@ import deepspeed
 import pytest
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 import torch
-import torch.distributed as dist
 from dist_harness import run_ranks
 from gather import fp32_master, full_tensors, union_over_stages
 from memory_data import SHARD_ALL, TINY, MemoryLoader

@@ -1,7 +1,6 @@
 """open_clip interop: convert open_clip CoCa weights, reproduce its outputs, loss and greedy captions; round trip."""
 
 import json
-import math
 
 import pytest
 import torch

@@ -1,5 +1,5 @@
-"""The swap plan: which layers of a built single-device CoCa become which tensor-parallel layers, the check that
-a degree splits the model evenly, and the record of how the shards merge back.
+"""The swap plan: which layers of a built single-device CoCa become which tensor-parallel layers, and the check that
+a degree splits the model evenly.
 
 `apply_tensor_parallel` replaces, in place and keeping every parameter name, each Attention with a
 TensorParallelAttention, each MLP's fc1 / fc2 with a Column / RowParallelLinear (GELU on the shard between),
@@ -66,17 +66,3 @@ def apply_tensor_parallel(model, dims) -> None:
 
 def is_tensor_parallel(param: torch.Tensor) -> bool:
     return bool(getattr(param, "tensor_model_parallel", False))
-
-
-def tensor_parallel_layout(module: nn.Module) -> dict | None:
-    """How to merge the tensor-parallel ranks' state dicts back into the single-device one (stored in every
-    checkpoint's client state): {"size": tp, "params": {name: {"dim", "full_shape", "padded"}}}, every name of a
-    shared parameter listed; None when nothing is sharded."""
-    params = {}
-    size = 1
-    for name, param in module.named_parameters(remove_duplicate=False):
-        shard = getattr(param, "tp_shard", None)
-        if shard is not None:
-            size = shard.size
-            params[name] = {"dim": shard.dim, "full_shape": list(shard.full_shape), "padded": shard.padded}
-    return {"size": size, "params": params} if params else None

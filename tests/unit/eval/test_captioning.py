@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from megacoca.data import shapes
 from megacoca.eval.captioning import caption_match_rate, greedy_captions_uncached, shapes_caption_matches
 from megacoca.models.coca import build_model
 from megacoca.models.coca.generate import generate
