@@ -33,6 +33,7 @@ def root_problem(euid: int, missing: list[str], has_apt: bool, packages: str) ->
 
 def skip_or_fail(problem: str, how: str, environ=None) -> None:
     """Skip the calling test (one line: the problem, then how to run it), or fail it when CI requires every test."""
+    __tracebackhide__ = True  # the skip or failure is reported at the calling test's line, not here
     environ = os.environ if environ is None else environ
     if environ.get(REQUIRE_ALL) == "1":
         pytest.fail(f"{problem}, and {REQUIRE_ALL}=1 requires every test to run", pytrace=False)
