@@ -11,8 +11,8 @@ the cheap way:
   first (`--config base.yaml` after `megacoca plan --emit-config`) or holds a placeholder;
 - `python scripts/*.py` (benchmarks/, kernels/ alike), `python -m megacoca_kernels.*`: the same from the script's
   `--help` (a subprocess each, once per script and subcommand);
-- `make TARGET`: a target of the Makefile; `VAR=... bash scripts/demo.sh`: every variable is one demo.sh reads,
-  and its `EXTRA_SETS` resolve on the demo's recipe (`--print-config`);
+- `make TARGET`: a target of the Makefile; `VAR=... bash scripts/demo.sh` (or `make demo`): every variable is one
+  demo.sh reads, and its `EXTRA_SETS` resolve on the demo's recipe (`--print-config`);
 - any repository path a command names (scripts/, slurm/, tests/, benchmarks/, ds_configs/, kernels/) exists.
 Commands of other tools (pytest, tensorboard, DeepSpeed's own scripts) are left alone.
 """
@@ -232,7 +232,7 @@ def problems_of(command: str, fenced: bool) -> list[str]:
         return problems + _check_flags(rest, help_text)
     if words[:1] == ["make"]:
         problems += [f"no make target {t}" for t in words[1:] if "=" not in t and t not in _make_targets()]
-    if words[:2] == ["bash", "scripts/demo.sh"]:
+    if words[:2] == ["bash", "scripts/demo.sh"] or words[:2] == ["make", "demo"]:
         problems += [f"scripts/demo.sh reads no {name}" for name in env if name not in _demo_variables()]
         sets = shlex.split(env.get("EXTRA_SETS", ""))
         recipe = env.get("RECIPE", DEMO_RECIPE)
@@ -270,6 +270,7 @@ def test_the_docs_show_commands():
     ("python scripts/no_such_script.py --help", "does not exist"),
     ("make no-such-target", "no make target"),
     ("NO_SUCH_VAR=1 bash scripts/demo.sh", "reads no NO_SUCH_VAR"),
+    ("NO_SUCH_VAR=1 make demo", "reads no NO_SUCH_VAR"),
     ('EXTRA_SETS="--set optim.no_such_key=1" bash scripts/demo.sh', "no_such_key"),
 ])
 def test_a_broken_command_is_caught(command, expected):
