@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# This machine kind keeps these torch builds on local disk; GPU users bring their own torch
-# (make TORCH_SPEC="" install keeps whatever the environment has).
+# This project's CI machines keep these torch builds on local disk. On a CUDA machine bring your own build (README,
+# "On a CUDA machine"): make install TORCH_SPEC="torch torchvision --index-url https://download.pytorch.org/whl/cuXYZ",
+# or make install VENV=/path/to/env TORCH_SPEC="" to install into an environment and keep its torch.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 

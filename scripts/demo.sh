@@ -2,7 +2,8 @@
 # The CPU demo (`make demo`): synth-shapes data -> SentencePiece tokenizer -> coca_tiny trained on 2 ranks
 # through the deepspeed launcher with ZeRO-3 (the coca_tiny_shapes recipe: every parameter partitioned; the log line
 # "ZeRO-3 partitions N/N tensors" says so) -> held-out eval (runs/demo/eval.json) -> curves
-# (runs/demo/curves.png) -> a short table. Fails (exit 1) if the model did not learn:
+# (runs/demo/curves.png) -> a short table. docs/images/demo_curves.png (three seeds) is drawn from three such runs
+# by scripts/demo_curves.py. Fails (exit 1) if the model did not learn:
 # zero-shot top-1 >= MIN_ZEROSHOT and caption match >= MIN_CAPTION on held-out single-object images (chance ~0.04).
 #
 # Every setting below can be overridden from the environment, e.g. `STEPS=200 bash scripts/demo.sh`
@@ -106,6 +107,7 @@ print(f"{'wall time (s)':<22}{'data':>8}{'train':>9}{'eval':>8}{'train+eval':>12
 print(f"{'':<22}{t_data:>8.0f}{t_train:>9.0f}{t_eval:>8.0f}{t_train + t_eval:>12.0f}")
 print(f"wrote {path} and {path.rsplit('/', 1)[0]}/curves.png")
 print(f"figures for docs/benchmarks.md: python scripts/demo_report.py {path.rsplit('/', 1)[0]}")
+print("the docs' picture (several seeds: RUN_DIR=runs/demo_sN per seed): python scripts/demo_curves.py RUN_DIR ...")
 if not (ok_zs and ok_cap):
     print("DEMO FAILED: the model did not reach the learning thresholds", file=sys.stderr)
     sys.exit(1)

@@ -40,11 +40,13 @@ def get_recipe(name: str) -> JobConfig:
 
 @recipe
 def coca_tiny_cpu() -> JobConfig:
-    """The demo: a tiny CoCa learning synth-shapes on a laptop CPU in minutes (2 ranks, ZeRO-3, bf16).
+    """The default recipe: a tiny CoCa on synth-shapes on a laptop CPU in minutes (ZeRO-3, bf16, the CLIP BPE).
 
-    Every parameter is partitioned over the ranks (persistence threshold 0): the stock ZeRO-3 files keep tensors
-    under 100k elements whole on every rank, which is every tensor of coca_tiny, so the demo would otherwise run
-    ZeRO-3 without sharding anything. Partitioned, it is also faster here (286 vs 228 samples/s, 2 CPU ranks)."""
+    Not the demo: `make demo` runs coca_tiny_shapes, derived from this one. Every parameter is partitioned over
+    the ranks (persistence threshold 0): the stock ZeRO-3 files keep tensors under 100k elements whole on every
+    rank, which is every tensor of coca_tiny, so the recipe would otherwise run ZeRO-3 without sharding anything.
+    Partitioned, it is also faster (286 vs 228 samples/s on 2 CPU ranks, measured at the demo's settings:
+    docs/benchmarks.md)."""
     return JobConfig(
         model=ModelChoice(flavor="coca_tiny"),
         data=DataConfig(train_shards="data/shapes/train", val_shards="data/shapes/val", tokenizer="clip-bpe"),

@@ -22,8 +22,10 @@ Per tower, with W a width, M an MLP width, N = image tokens, L = context_length,
   one MLP 2 L 2 W M (two with decoder_mlp_after_self_attn, open_clip's layout)
 * heads:      vocabulary 2 (L-1) W V over the caption targets; contrastive projections 2 D E + 2 W E
 
-Checked against docs/REFERENCE.md section 6: CoCa giant 708 GFLOP forward per pair, CoCa-Base at 288/18
-86.3 GFLOP, open_clip coca_ViT-L-14 214.6 GFLOP (tests/unit/metrics/test_flops.py).
+Pinned in tests/unit/metrics/test_flops.py: open_clip's coca_ViT-L-14 at 214.6 GFLOP forward per pair, against the
+214.52 open_clip publishes for it (the `gflops` column of docs/model_profile.csv in
+github.com/mlfoundations/open_clip); CoCa giant at 708 and CoCa-Base at 288/18 at 86.3, this convention applied to
+the model sizes of the CoCa paper's Table 1 (Yu et al. 2022, arXiv 2205.01917).
 """
 
 from __future__ import annotations

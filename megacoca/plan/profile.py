@@ -117,9 +117,12 @@ class DeviceProfile:
         return replace(self, gpus_per_node=gpus_per_node)
 
 
-# Published efficiencies the presets assume (REFERENCE.md sections 4-6): dense bf16 GEMMs of transformer shapes reach
-# about 70% of peak on A100/H100 (cuBLAS); NCCL ring all-reduce bus bandwidth about 80% of NVLink's per-direction
-# rate inside a node; one 200 Gb/s (A100 nodes) or 400 Gb/s (H100/H200 nodes) NIC per GPU across nodes at about 80%.
+# Efficiencies the presets assume (estimates until `megacoca plan --calibrate` measures a node): dense bf16 GEMMs of
+# transformer shapes reach about 70% of the datasheet peak on A100/H100 (whole GPT training steps reach 41-49% MFU on
+# H100: the "Training Speed and Scalability" table of github.com/NVIDIA/Megatron-LM's README.md); NCCL ring
+# all-reduce bus bandwidth ("busbw" as doc/PERFORMANCE.md of github.com/NVIDIA/nccl-tests defines it) about 80% of
+# NVLink's per-direction rate inside a node; one 200 Gb/s (A100 nodes) or 400 Gb/s (H100/H200 nodes) NIC per GPU
+# across nodes (NVIDIA's DGX A100 / DGX H100 user guides) at about 80%.
 _GEMM_EFFICIENCY = 0.70
 _LINK_EFFICIENCY = 0.80
 

@@ -24,6 +24,7 @@ import torch
 from dist_harness import run_ranks
 from gather import fp32_master, full_tensors
 from memory_data import TINY, MemoryLoader
+from needs import skip_or_fail
 
 from megacoca.checkpoint import CheckpointError, complete_checkpoints
 from megacoca.checkpoint.tags import incomplete_checkpoints, tag_for
@@ -154,7 +155,8 @@ def _mount_tmpfs(path, size):
     os.makedirs(path, exist_ok=True)
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        skip_or_fail(f"cannot mount a tmpfs here: {' '.join(done.stderr.decode().split())}",
+                     "run it as root: sudo make test (CI does)")
 
 
 def test_real_full_then_read_only_filesystem(tmp_path, whole):

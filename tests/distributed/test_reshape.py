@@ -4,7 +4,7 @@ Each round trip: run A trains at layout L1 and checkpoints; run B resumes A's ch
 resumes B's at L1 again. Right after each resume the run saves: the full training state of that save (fp32 masters
 and both Adam moments per single-device parameter, megacoca.checkpoint.full_state) equals the loaded checkpoint's
 bit for bit, and so do Adam's step, the lr schedule and the step. Then each run trains on, and its losses equal
-A's (which kept its layout) at every step to 2e-5 relative in fp32: the layouts are chosen so that each
+A's (which kept its layout) at every step to 2e-6 relative in fp32: the layouts are chosen so that each
 contrastive group (micro-batch x dp) and each global batch hold the same samples, so only the reduction order
 differs. The data position is re-split: every run consumes exactly the global batches A does.
 """

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def hosts(tmp_path_factory):
     root = tmp_path_factory.mktemp("hosts")
-    with root_service("test_hosts.sh", root, why="the multi-host test makes network namespaces and starts sshd"):
+    with root_service("test_hosts.sh", root, why="the multi-host test makes network namespaces and starts sshd",
+                      tests="tests/e2e/test_multihost.py"):
         make_tiny_run(root)
         (root / "ds_env").write_text("GLOO_SOCKET_IFNAME=eth0\nOMP_NUM_THREADS=1\n")
         yield root

@@ -24,8 +24,10 @@ pytestmark = pytest.mark.slow
 def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("slurm")
     why = "the SLURM tests make network namespaces and start sshd, munged and slurmd"
-    with root_service("test_hosts.sh", root / "hosts", why=why), \
-            root_service("slurm_cluster.sh", root / "cluster", "2", "mch1=10.77.0.1", "mch2=10.77.0.2", why=why):
+    tests = "tests/e2e/test_slurm.py"
+    with root_service("test_hosts.sh", root / "hosts", why=why, tests=tests), \
+            root_service("slurm_cluster.sh", root / "cluster", "2", "mch1=10.77.0.1", "mch2=10.77.0.2", why=why,
+                         tests=tests):
         make_tiny_run(root)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE",
                                                                         "LOCAL_RANK", "MASTER_"))}

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+from needs import missing_tools, root_problem, skip_or_fail
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
 TINY_YAML = """\
@@ -29,14 +31,26 @@ def make_tiny_run(root, env=None) -> None:
     (root / "tiny.yaml").write_text(TINY_YAML)
 
 
-@contextlib.contextmanager
-def root_service(script: str, directory, *args, why: str):
-    """`scripts/<script> start DIRECTORY ARGS...` (a real service these tests need: it must run as root), and
-    `stop DIRECTORY` afterwards, whatever the tests did."""
-    import pytest
+# What each service script needs on the machine (it installs the Debian packages itself when run as root).
+SERVICE_TOOLS = {
+    "test_hosts.sh": (("sshd", "pdsh", "ssh-keygen", "ip"), "openssh-server openssh-client pdsh iproute2"),
+    "slurm_cluster.sh": (("slurmctld", "slurmd", "munged", "sbatch", "scontrol", "scancel"),
+                         "slurmctld slurmd slurm-client munge"),
+}
 
-    if os.geteuid() != 0:
-        pytest.fail(f"{why}: run as root (CI does)")
+
+@contextlib.contextmanager
+def root_service(script: str, directory, *args, why: str, tests: str):
+    """`scripts/<script> start DIRECTORY ARGS...` (a real service these tests need: it must run as root), and
+    `stop DIRECTORY` afterwards, whatever the tests did. Without root (or without the service's tools and apt-get
+    to install them) the calling tests skip with one line saying how to run them (`tests`: their file), or fail
+    where MEGACOCA_REQUIRE_ALL_TESTS=1 (CI)."""
+    tools, packages = SERVICE_TOOLS[script]
+    problem = root_problem(os.geteuid(), missing_tools(tools), missing_tools(["apt-get"]) == [], packages)
+    if problem:
+        python = os.path.relpath(sys.executable, REPO) if sys.executable.startswith(REPO + os.sep) else sys.executable
+        skip_or_fail(f"{why}: {problem}", f"run them as root: sudo make test, or sudo {python} -m pytest {tests} "
+                                          "(CI does)")
     path = os.path.join(REPO, "scripts", script)
     started = subprocess.run(["bash", path, "start", str(directory), *args], capture_output=True, text=True)
     assert started.returncode == 0, started.stdout + started.stderr
