@@ -109,7 +109,7 @@ def plan_command(args) -> int:
     rows = []
     for index, item in enumerate(plans[: args.top], start=1):
         layout, time = item.layout, item.time
-        rows.append([str(index), str(layout.tp), str(layout.pp), str(layout.dp), str(layout.zero),
+        rows.append([str(index), str(layout.tp), str(layout.pp), str(layout.dp), str(layout.zero_stage),
                      f"{layout.micro_batch} x {layout.grad_accum}", "yes" if layout.checkpointing else "no",
                      str(layout.text_ahead) if layout.pp > 1 else "-", f"{item.peak_bytes / 1e9:.1f}",
                      f"{time.samples_per_s:,.0f}", f"{time.samples_per_s_per_gpu:.1f}",
@@ -132,7 +132,7 @@ def plan_command(args) -> int:
               "GPUs")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([{"layout": vars(item.layout), "peak_bytes": item.peak_bytes,
+            json.dump([{"layout": item.layout.record(), "peak_bytes": item.peak_bytes,
                         "stages": [vars(stage) for stage in item.memory], "step_s": item.time.seconds,
                         "samples_per_s": item.time.samples_per_s, "mfu": item.time.mfu, "parts": item.time.parts}
                        for item in plans], f, indent=1, default=str)

@@ -913,7 +913,8 @@ def calibrate_trainer(profile: DeviceProfile, ranks: int, micro_batch: int = 4, 
     from megacoca.config.flavors import get_flavor
     from megacoca.plan.comm import analytic_comm
     from megacoca.plan.measure import measure_layout
-    from megacoca.plan.memory import Layout, default_text_ahead
+    from megacoca.config.layout import Layout
+    from megacoca.plan.memory import default_text_ahead
     from megacoca.plan.timing import predict_time
 
     choice = dict(TRAINER_CALIBRATION)
@@ -927,7 +928,7 @@ def calibrate_trainer(profile: DeviceProfile, ranks: int, micro_batch: int = 4, 
                      f"parallel.pp={pp}", f"schedule.global_batch_size={b * dp * accum}", *extra]
         measured = max(rank["step_time_s"] for rank in measure_layout(overrides, ranks, cfg, steps=6,
                                                                        timeout=timeout))
-        layout = Layout(tp=tp, pp=pp, dp=dp, zero=zero, micro_batch=b, grad_accum=accum,
+        layout = Layout(tp=tp, pp=pp, dp=dp, zero_stage=zero, micro_batch=b, grad_accum=accum,
                         precision="fp32" if zero == 0 else "bf16", text_ahead=default_text_ahead(cfg, pp, accum))
         return measured - predict_time(cfg, layout, candidate).seconds
 

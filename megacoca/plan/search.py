@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megacoca.plan.memory import Layout, StageMemory, ZeroBuffers, predict
+from megacoca.config.layout import Layout
+from megacoca.plan.memory import StageMemory, ZeroBuffers, predict
 from megacoca.plan.profile import DeviceProfile
 from megacoca.plan.timing import StepTime, predict_time
 
@@ -83,7 +84,7 @@ def layouts(cfg, gpus: int, global_batch: int, precision: str, gpus_per_node: in
                 text_ahead = auto_text_ahead(split, pp, accum) if pp > 1 else 0
                 for zero in stages:
                     for ckpt in checkpointing:
-                        yield Layout(tp=tp, pp=pp, dp=dp, zero=zero, micro_batch=micro, grad_accum=accum,
+                        yield Layout(tp=tp, pp=pp, dp=dp, zero_stage=zero, micro_batch=micro, grad_accum=accum,
                                      precision=precision, checkpointing=ckpt, text_ahead=text_ahead,
                                      kernels=kernels)
 
@@ -110,12 +111,12 @@ def emit_config(plan_: Plan, flavor: str | None, model_overrides: dict | None = 
     """The chosen layout as nested overrides for `megacoca train --config FILE`."""
     layout = plan_.layout
     ds = {0: "zero0_fp32", 1: "zero1_bf16", 2: "zero2_bf16", 3: "zero3_bf16" if layout.precision == "bf16"
-          else "zero3_fp32"}[layout.zero]
+          else "zero3_fp32"}[layout.zero_stage]
     parallel = {"deepspeed_config": ds, "tp": layout.tp, "pp": layout.pp,
                 "activation_checkpointing": layout.checkpointing}
-    if layout.precision == "fp32" and layout.zero in (1, 2):
+    if layout.precision == "fp32" and layout.zero_stage in (1, 2):
         parallel["deepspeed_config"] = "zero0_fp32"
-        parallel["deepspeed_overrides"] = {"zero_optimization.stage": layout.zero}
+        parallel["deepspeed_overrides"] = {"zero_optimization.stage": layout.zero_stage}
     if layout.pp > 1:
         parallel["text_ahead"] = layout.text_ahead
     model = {"flavor": flavor} if flavor else {}

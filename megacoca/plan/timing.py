@@ -35,9 +35,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from megacoca.config.layout import Layout
 from megacoca.metrics.flops import forward_flops_breakdown, train_flops_per_sample
 from megacoca.plan.comm import analytic_comm
-from megacoca.plan.memory import Layout
 from megacoca.plan.params import pipeline_split, stage_tensors
 from megacoca.plan.profile import DeviceProfile
 
@@ -210,7 +210,7 @@ def predict_time(cfg, layout: Layout, profile: DeviceProfile) -> StepTime:
     stage_params = [stage.elements for stage in shards]
     # ZeRO-3 gathers a block's parameters (with its hooks, per tensor) for every forward it runs: a recomputed
     # forward is a fourth pass over them after forward, backward and the gradients' reduce-scatter
-    zero3_passes = 4 / 3 if layout.zero == 3 and layout.checkpointing else 1.0
+    zero3_passes = 4 / 3 if layout.zero_stage == 3 and layout.checkpointing else 1.0
     forward, backward = [], []
     compute_total = 0.0
     text_blocks = cfg.text_layers + cfg.decoder_layers + 2  # + the poolers
@@ -218,11 +218,11 @@ def predict_time(cfg, layout: Layout, profile: DeviceProfile) -> StepTime:
         work = stage_work(cfg, vit_blocks, text_side, t, layout.checkpointing, patch_embedding=s == 0)
         per_sample = work_seconds(work, profile, layout.precision) + (profile.sample_overhead_s if text_side else 0.0)
         compute = b * per_sample \
-            + stage_params[s] * profile.micro_param(layout.zero) * zero3_passes  # the engine's per-parameter work
+            + stage_params[s] * profile.micro_param(layout.zero_stage) * zero3_passes  # the engine's per-parameter work
         blocks = vit_blocks + (text_blocks if text_side else 0)
         overhead = blocks * profile.block_overhead(layout.precision) * (4 / 3 if layout.checkpointing else 1) \
-            + tensors[s] * profile.tensor_overhead(layout.zero) * zero3_passes \
-            + (profile.micro_overhead(layout.zero) if text_side else 0.0) \
+            + tensors[s] * profile.tensor_overhead(layout.zero_stage) * zero3_passes \
+            + (profile.micro_overhead(layout.zero_stage) if text_side else 0.0) \
             + (profile.parallel_overhead("pp") if pp > 1 else 0.0)
         comm = vit_comm * (vit_blocks / max(cfg.vision_layers, 1)) + (rest_comm if text_side else 0.0)
         # backward = 2 x forward in FLOPs; a recomputed forward runs inside backward
@@ -247,23 +247,23 @@ def predict_time(cfg, layout: Layout, profile: DeviceProfile) -> StepTime:
     params = max(stage_params)
     dp = layout.dp
     dp_bw = _bandwidth(dp * t * pp, profile) if dp > 1 else profile.intra_node_bw
-    per_micro, per_step = dp_comm(layout.zero, e * params, dp, dp_bw, profile.latency(dp))
+    per_micro, per_step = dp_comm(layout.zero_stage, e * params, dp, dp_bw, profile.latency(dp))
     per_micro *= zero3_passes
     overlap, last_backward = profile.overlap, max(backward)
-    if layout.zero == 0:  # the all-reduce after the last backward
+    if layout.zero_stage == 0:  # the all-reduce after the last backward
         dp_exposed, after_step = per_step, 0.0
-    elif layout.zero == 1:  # the reduce-scatter under the last backward, the all-gather of the weights after the step
+    elif layout.zero_stage == 1:  # the reduce-scatter under the last backward, the all-gather of the weights after the step
         reduce = after_step = per_step / 2
         dp_exposed = max(reduce - overlap * last_backward, 0.0)
-    elif layout.zero == 2:  # a reduce-scatter under every backward, the all-gather after the step
+    elif layout.zero_stage == 2:  # a reduce-scatter under every backward, the all-gather after the step
         dp_exposed, after_step = m * max(per_micro - overlap * last_backward, 0.0), per_step
     else:  # gathers and reduce-scatters prefetched under each micro-batch's compute; the first gather exposed
         dp_exposed = m * max(per_micro - overlap * (max(forward) + last_backward), 0.0) \
             + (_ring(e * params / max(cfg.vision_layers, 1), dp, dp_bw, profile.latency(dp), factor=1.0)
                if dp > 1 else 0.0)
         after_step = 0.0
-    partition = params if layout.zero == 0 else -(-params // dp)
-    optimizer = partition * profile.step_param(layout.zero) + profile.step_overhead(layout.zero)
+    partition = params if layout.zero_stage == 0 else -(-params // dp)
+    optimizer = partition * profile.step_param(layout.zero_stage) + profile.step_overhead(layout.zero_stage)
     seconds = pipeline + dp_exposed + after_step + optimizer
     samples = layout.global_batch / seconds
     peak = profile.peak_flops.get(layout.precision)
