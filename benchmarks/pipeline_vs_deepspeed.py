@@ -22,10 +22,10 @@ hyper-parameters, same param groups, same lr schedule, grad clipping 1.0) on the
   megacoca's initial ZeRO-1 stage weights against that CoCa's by name and prints the first losses of every row.
 for m micro-batches per step (`--micro-batches`, default 2 4 8) of `--micro-batch-size` samples (default 8).
 
-How measured: both ranks are forked once from a forkserver that imported torch and DeepSpeed (gloo, FileStore
-rendezvous, 1 thread per rank, OMP_NUM_THREADS=1), and run every configuration in turn (for each m, all sides; the
-order of the sides alternates from one m to the next). Each configuration builds its engine(s), runs `--warmup`
-untimed steps, then `--steps` timed ones. Each step starts after a barrier; its time is the wall time of one call
+How measured: both ranks are forked once from a forkserver that imported torch and DeepSpeed
+(megacoca.launch.ranks: gloo, FileStore rendezvous, 1 thread per rank, OMP_NUM_THREADS=1), and run every
+configuration in turn (for each m, all sides; the order of the sides alternates from one m to the next). Each
+configuration builds its engine(s), runs `--warmup` untimed steps, then `--steps` timed ones. Each step starts after a barrier; its time is the wall time of one call
 (`Trainer.train_step` / `PipelineEngine.train_batch`: the whole optimizer step, micro-batches already in memory)
 on the slower rank; the table gives the median over the timed steps. Idle (bubble) fraction of a stage = the time
 it spent blocked on its neighbour / the time of its schedule, per step, median over the timed steps:
@@ -47,23 +47,20 @@ import argparse
 import copy
 import datetime
 import os
-import pickle
 import platform
-import queue as queue_module
 import shlex
 import statistics
 import sys
 import tempfile
 import time
-import traceback
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported anywhere (the forkserver inherits it)
-
-import multiprocessing as mp  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+
+from megacoca.launch.ranks import RankFailure, run_ranks  # noqa: E402
 
 PP = 2
 DEFAULT_MODEL_SET = ("vision_layers=8", "text_layers=3", "decoder_layers=3")
@@ -340,21 +337,20 @@ def _run_deepspeed(args, m, zero, data, reference, tmp):
     return info, steps
 
 
-def _rank_main(rank, world_size, args, store_path):
+def _rank_main(rank, world_size, args):
+    """One rank (its gloo group made by megacoca.launch.ranks): every configuration in turn."""
+    os.dup2(2, 1)  # the ranks' (and DeepSpeed's) prints go to stderr; stdout carries only the report
     import logging
 
     import deepspeed
     import torch
-    import torch.distributed as dist
 
     from megacoca.config.recipes import build_config  # noqa: F401 - import errors surface here
     from megacoca.models.coca import CoCa
     from megacoca.parallel.dims import ParallelDims
     from megacoca.optim import seed_everything
 
-    torch.set_num_threads(1)
     deepspeed.utils.logger.setLevel(logging.WARNING)
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, world_size), rank=rank, world_size=world_size)
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, dist_init_required=False)
 
     cfg = model_config(args)
@@ -392,64 +388,21 @@ def _rank_main(rank, world_size, args, store_path):
     return out
 
 
-def _entry(rank, world_size, args, store_path, results):
-    os.dup2(2, 1)  # the ranks' (and DeepSpeed's) prints go to stderr; stdout carries only the report
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT="1",
-                      OMP_NUM_THREADS="1")
-    import torch.distributed as dist
-
-    try:
-        results.put((rank, "ok", pickle.dumps(_rank_main(rank, world_size, args, store_path))))
-    except BaseException:  # noqa: BLE001 - reported to the parent
-        results.put((rank, "error", traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def run_two_ranks(args) -> list[dict]:
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
-    results = ctx.Queue()
-    with tempfile.TemporaryDirectory(prefix="ppbench_store_") as tmp:
-        store = os.path.join(tmp, "filestore")
-        procs = [ctx.Process(target=_entry, args=(rank, PP, args, store, results)) for rank in range(PP)]
-        # The forkserver starts with the first process and keeps this stdout: point it at stderr meanwhile, so
-        # its imports' messages (and the ranks') stay out of the report.
-        sys.stdout.flush()
-        saved = os.dup(1)
-        os.dup2(2, 1)
-        try:
-            for proc in procs:
-                proc.start()
-        finally:
-            os.dup2(saved, 1)
-            os.close(saved)
-        collected: dict[int, tuple[str, object]] = {}
-        deadline = time.monotonic() + args.timeout
-        while len(collected) < PP and time.monotonic() < deadline:
-            try:
-                rank, status, value = results.get(timeout=1)
-                collected[rank] = (status, value)
-                if status == "error":
-                    break
-            except queue_module.Empty:
-                if not any(p.is_alive() for p in procs):
-                    break
-        for proc in procs:
-            proc.join(timeout=10 if len(collected) == PP else 0.5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-    errors = [f"rank {rank}:\n{value}" for rank, (status, value) in sorted(collected.items()) if status == "error"]
-    if errors:
-        raise SystemExit("benchmark failed\n" + "\n".join(errors))
-    if len(collected) < PP:
-        missing = sorted(set(range(PP)) - set(collected))
-        raise SystemExit(f"ranks {missing} gave no result within {args.timeout}s (hang or crash; exit codes "
-                         f"{[p.exitcode for p in procs]})")
-    return [pickle.loads(collected[rank][1]) for rank in range(PP)]
+    """_rank_main on PP ranks (megacoca.launch.ranks: forked from a forkserver that imported PRELOAD, FileStore
+    rendezvous, one thread each)."""
+    # The forkserver starts with the first rank and keeps this stdout: point it at stderr meanwhile, so its imports'
+    # messages (and the ranks') stay out of the report.
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        return run_ranks(_rank_main, PP, args, timeout=args.timeout, env={"OMP_NUM_THREADS": "1"}, preload=PRELOAD)
+    except RankFailure as failure:
+        raise SystemExit(f"benchmark failed\n{failure}") from None
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 # ------------------------------------------------------------------------------------------------ reporting

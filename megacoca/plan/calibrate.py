@@ -567,13 +567,13 @@ def _rank_main(rank: int, world: int, store_path: str, compute_ranks: int, devic
 
 
 def _run(world: int, args: tuple, timeout: float, preload: list[str] = PRELOAD) -> list[dict]:
-    """_rank_main(rank, world, store_path, *args) on `world` forked processes (megacoca.plan._ranks: `preload`
+    """_rank_main(rank, world, store_path, *args) on `world` forked processes (megacoca.launch.ranks: `preload`
     imported once in the forkserver, if this call starts it), each setting up its own process group; the results
     in rank order."""
-    from megacoca.plan._ranks import run_ranks
+    from megacoca.launch.ranks import run_ranks
 
     return run_ranks(_rank_main, world, *args, timeout=timeout, init=False, preload=preload,
-                     what="calibration failed on ")
+                     what="calibration failed on ", grace=1.0)
 
 
 # --- the profile -------------------------------------------------------------------------------------------------

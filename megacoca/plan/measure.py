@@ -44,6 +44,11 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from megacoca.launch.ranks import run_ranks
+
+# what the ranks' forkserver imports once (megacoca.launch.ranks): a rank's fork then starts in well under a second
+PRELOAD = ["torch", "torch.distributed", "deepspeed", "megacoca.trainer", "megacoca.models.coca", "megacoca.losses",
+           "deepspeed.runtime.zero.stage3", "deepspeed.runtime.zero.stage_1_and_2"]
 CATEGORIES = ("params", "grads", "optimizer", "activations", "temp", "other")
 _PHASE_CATEGORY = {"forward": "activations", "backward": "temp", "step": "temp", None: "other"}
 # DeepSpeed optimizer attributes by name, first match wins: the reduce buckets ("ipg") and gradient partitions are
@@ -390,7 +395,5 @@ def measure_layout(overrides: list[str], world_size: int, model_cfg, steps: int 
     """Measure one layout on `world_size` gloo CPU ranks of this machine: the job of `build_config(overrides=...)`
     training `model_cfg` (a CoCaConfig) on MeasureLoader batches, as build_measured_trainer builds it. Returns
     measure_step's dict of every rank, in rank order, with its rank and (dp, pp, tp) coordinates."""
-
-    from megacoca.plan._ranks import run_ranks
-
-    return run_ranks(_measure_rank, world_size, list(overrides), model_cfg, steps, timeout=timeout)
+    return run_ranks(_measure_rank, world_size, list(overrides), model_cfg, steps, timeout=timeout, preload=PRELOAD,
+                     grace=1.0)
