@@ -3,7 +3,7 @@
 Model states (per rank of pipeline stage s, tensor rank 0; P = that stage's parameter elements on one tensor rank,
 from the project's own meta-device build: megacoca.plan.params; e = 2 bytes in bf16, 4 in fp32; dp = the
 data-parallel size; B = `reduce_bucket_size`), as DeepSpeed 0.19.8 keeps them with megacoca's configs, and as
-measured by megacoca.plan.measure on CPU ranks:
+measured by megacoca.profiling.measure on CPU ranks:
 
 | ZeRO | weights | gradients | fp32 masters + Adam m, v | step temporaries (G: largest param group) |
 |---|---|---|---|---|
@@ -42,6 +42,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megacoca.config.layout import Layout
+from megacoca.parallel.pipeline.schedule import auto_text_ahead
 from megacoca.plan.params import pipeline_split, stage_tensors, vit_blocks_per_stage
 
 MB = 1e6
@@ -70,7 +71,8 @@ class ZeroBuffers:
 @dataclass
 class StageMemory:
     """Bytes per rank of one pipeline stage at its peak, by category (the tracker's categories,
-    megacoca.plan.measure): `phase` is when the peak falls ("forward/backward", "gradient all-reduce", "step")."""
+    megacoca.profiling.memory_tracker): `phase` is when the peak falls ("forward/backward", "gradient all-reduce",
+    "step")."""
 
     stage: int
     params: float
@@ -96,7 +98,7 @@ def _ceil_div(a: int, b: int) -> int:
 
 def state_bytes(numels, layout: Layout, buffers: ZeroBuffers, groups=()) -> dict:
     """What one rank holding the parameters `numels` (one tensor rank of one stage) keeps: "params", "grads" and
-    "optimizer" at all times, and what the moments of a step add (measured with megacoca.plan.measure):
+    "optimizer" at all times, and what the moments of a step add (measured with megacoca.profiling.measure):
     "gathered" / "gathered_backward" (ZeRO-3's whole weights: at the end of forward both the all-gather's output
     and the parameters' storage are live, in backward one copy), "accumulated" (gradients carried between
     micro-batches), "buckets" (ZeRO-1/2's reduce buckets and gradient partition, allocated in backward after the
@@ -267,5 +269,4 @@ def default_text_ahead(cfg, pp: int, micro_batches: int) -> int:
     """The text-ahead the trainer runs with by default (parallel.text_ahead = -1): the cost model's."""
     if pp == 1:
         return 0
-    from megacoca.parallel.pipeline.schedule import auto_text_ahead
     return auto_text_ahead(pipeline_split(cfg, pp), pp, micro_batches)

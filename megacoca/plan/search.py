@@ -14,7 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megacoca.config.layout import Layout
+from megacoca.parallel.pipeline.schedule import auto_text_ahead
+from megacoca.parallel.pipeline.split import check_pipeline
+from megacoca.parallel.tensor import check_tensor_parallel
 from megacoca.plan.memory import StageMemory, ZeroBuffers, predict
+from megacoca.plan.params import pipeline_split
 from megacoca.plan.profile import DeviceProfile
 from megacoca.plan.timing import StepTime, predict_time
 
@@ -52,11 +56,6 @@ def _divisors(n: int) -> list[int]:
 
 def layouts(cfg, gpus: int, global_batch: int, precision: str, gpus_per_node: int, *, kernels: str = "torch",
             zero_stages=None, tp_values=None, pp_values=None, checkpointing=(False, True)):
-    from megacoca.parallel.pipeline.schedule import auto_text_ahead
-    from megacoca.parallel.pipeline.split import check_pipeline
-    from megacoca.plan.params import pipeline_split
-    from megacoca.parallel.tensor import check_tensor_parallel
-
     stages = zero_stages or ((0, 1, 2, 3) if precision == "fp32" else (1, 2, 3))
     for tp in tp_values or [d for d in _divisors(gpus_per_node) if gpus % d == 0]:
         try:

@@ -1,11 +1,12 @@
-"""The memory tracker of megacoca.plan.measure against exact byte counts: a plain torch model with AdamW, and a
+"""The memory tracker of megacoca.profiling against exact byte counts: a plain torch model with AdamW, and a
 2-rank DeepSpeed ZeRO-1 run whose optimizer state is read back from the engine's flat partitions."""
 
 import torch
 
 from megacoca.config.model import CoCaConfig
 from megacoca.launch.ranks import run_ranks
-from megacoca.plan.measure import CATEGORIES, PRELOAD, MemoryTracker, build_measured_trainer, measure_step
+from megacoca.profiling.measure import PRELOAD, build_measured_trainer, measure_step
+from megacoca.profiling.memory_tracker import CATEGORIES, MemoryTracker
 
 # A CoCa whose 2-rank ZeRO-1 step takes well under a second on CPU.
 TINY = CoCaConfig(image_size=32, patch_size=8, vision_width=32, vision_layers=1, vision_heads=2, vision_mlp_dim=64,

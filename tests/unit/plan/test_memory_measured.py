@@ -1,4 +1,4 @@
-"""The planner's predicted peak memory per rank against the tracker's measurement (megacoca.plan.measure) of real
+"""The planner's predicted peak memory per rank against the tracker's measurement (megacoca.profiling.measure) of real
 DeepSpeed training steps on gloo CPU ranks: within 10% (the issue's bound; docs/benchmarks.md has the full tables,
 within 5.5% on every rank of 44 layouts). ZeRO-1 with a small reduce bucket (so the activations and the optimizer
 step decide the peak), ZeRO-3 with activation checkpointing, and a 2-stage pipeline with accumulation."""
@@ -7,7 +7,7 @@ import pytest
 
 from megacoca.config.layout import Layout
 from megacoca.config.model import CoCaConfig
-from megacoca.plan.measure import measure_layout
+from megacoca.profiling.measure import measure_layout
 from megacoca.plan.memory import ZeroBuffers, default_text_ahead, predict
 
 CFG = CoCaConfig(image_size=64, patch_size=8, vision_width=64, vision_layers=2, vision_heads=2, vision_mlp_dim=256,

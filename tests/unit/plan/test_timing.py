@@ -9,7 +9,8 @@ import pytest
 
 from megacoca.config.flavors import get_flavor
 from megacoca.config.layout import Layout
-from megacoca.plan.profile import PRESETS, DeviceProfile
+from megacoca.plan.presets import PRESETS
+from megacoca.plan.profile import DeviceProfile
 from megacoca.plan.timing import Work, predict_time, stage_work, work_seconds
 
 BASE = get_flavor("coca_base")
@@ -71,8 +72,8 @@ def test_zero3_with_checkpointing_gathers_again_for_the_recompute():
     slow = DeviceProfile(**{**A100.__dict__, "inter_node_bw": 1e9, "tensor_overhead_s": {"3": 1e-3}})
 
     def step(zero, checkpointing):
-        return predict_time(BASE, Layout(dp=64, zero_stage=zero, micro_batch=4, grad_accum=4, checkpointing=checkpointing),
-                            slow.with_nodes(8))
+        layout = Layout(dp=64, zero_stage=zero, micro_batch=4, grad_accum=4, checkpointing=checkpointing)
+        return predict_time(BASE, layout, slow.with_nodes(8))
 
     zero3 = step(3, True).parts["data-parallel exposed"] / step(3, False).parts["data-parallel exposed"]
     assert zero3 > 1.2
