@@ -166,7 +166,7 @@ def _tp_comm_seconds(cfg, layout: Layout, profile: DeviceProfile, e: int) -> tup
     for term in analytic_comm(cfg, layout.micro_batch, e, layout.checkpointing):
         seconds = term["calls"] * (_ring(term["elements"] * term["element_bytes"], t, bandwidth, profile.latency(t))
                                    + profile.parallel_overhead("tp"))
-        if "ViT" in term["what"] and "pooler" not in term["what"]:
+        if term["part"] == "vision":
             vit += seconds
         else:
             rest += seconds
