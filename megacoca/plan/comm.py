@@ -13,15 +13,11 @@ from __future__ import annotations
 
 def analytic_comm(cfg, batch: int, act_bytes: int, activation_checkpointing: bool,
                   early_stop: bool = True) -> list[dict]:
-    """Megatron's tensor-parallel collectives for one CoCa micro-batch (forward + backward), per rank.
-
-    Row-parallel outputs all-reduce in forward, column-parallel inputs (one copy per distinct input) all-reduce
-    their gradient in backward. Every term is (phase, what, calls, elements per call, reduce op, bytes/element,
-    part: "vision" for the ViT blocks, which a pipeline spreads over its stages, "text" for the rest, on the last
-    stage).
-    The pooler query copies are Megatron's minimum: the gradient of the (Q, width) query, all-reduced once before
-    it is broadcast over the batch.
-    """
+    """Megatron's tensor-parallel collectives for one CoCa micro-batch (forward + backward), per rank: row-parallel
+    outputs all-reduce in forward, column-parallel inputs (one copy per distinct input) their gradient in backward.
+    Every term is (phase, what, calls, elements per call, reduce op, bytes/element, part: "vision" for the ViT
+    blocks, which a pipeline spreads over its stages, else "text", the last stage). The pooler query copies are
+    Megatron's minimum: the (Q, width) query's gradient, all-reduced once before it is broadcast over the batch."""
     b = batch
     ni, l = cfg.image_tokens, cfg.context_length
     tu, td = l + 1, l - 1  # unimodal text + CLS; decoder positions (inputs text[:, :-1])
