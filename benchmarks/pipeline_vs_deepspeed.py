@@ -12,23 +12,24 @@ hyper-parameters, same param groups, same lr schedule, grad clipping 1.0) on the
   (`parallel.text_ahead=-1`);
 - DeepSpeed: `deepspeed.pipe.PipelineModule` + `PipelineEngine` (its own 1F1B `TrainSchedule`, blocking sends),
   ZeRO-1 (`--ds-zero`; DeepSpeed refuses ZeRO-2/3 under its pipeline). CoCa is written as a linear chain of layers
-  that pass tuples: layer 0 (images, text) -> (patch-embedded hidden, text), one layer per ViT block
-  (hidden, text) -> (hidden, text), and a last layer that runs the image pooler, the text tower, the multimodal
-  decoder and the heads and returns the scalar CoCa loss (no `loss_fn`: the engine then takes the last layer's
-  output as the loss). The text travels from stage 0 as an int64 tensor (no gradient asked for it). A
-  PipelineModule subclass sets the layer partition explicitly so that stage 0 holds `vision.embed` + exactly
-  megacoca's stage-0 ViT blocks. The layers wrap the modules of one CoCa built as the Trainer builds its model
-  (`seed_everything(job.seed)`, `CoCa(cfg)`), so both sides start from the same weights: the script checks
-  megacoca's initial ZeRO-1 stage weights against that CoCa's by name and prints the first losses of every row.
+  that pass tuples: layer 0 (images, text) -> (patch-embedded hidden, text), one layer per ViT block (hidden, text)
+  -> (hidden, text), and a last layer that runs the image pooler, the text tower, the multimodal decoder and the
+  heads and returns the scalar CoCa loss (no `loss_fn`: the engine then takes the last layer's output as the loss;
+  the layers are in benchmarks/deepspeed_pipeline_chain.py). The text travels from stage 0 as an int64 tensor (no
+  gradient asked for it). A PipelineModule subclass sets the layer partition explicitly so that stage 0 holds
+  `vision.embed` + exactly megacoca's stage-0 ViT blocks. The layers wrap the modules of one CoCa built as the
+  Trainer builds its model (`seed_everything(job.seed)`, `CoCa(cfg)`), so both sides start from the same weights:
+  the script checks megacoca's initial ZeRO-1 stage weights against that CoCa's by name and prints the first losses
+  of every row.
 for m micro-batches per step (`--micro-batches`, default 2 4 8) of `--micro-batch-size` samples (default 8).
 
-How measured: both ranks are forked once from a forkserver that imported torch and DeepSpeed (gloo, FileStore
-rendezvous, 1 thread per rank, OMP_NUM_THREADS=1), and run every configuration in turn (for each m, all sides; the
-order of the sides alternates from one m to the next). Each configuration builds its engine(s), runs `--warmup`
-untimed steps, then `--steps` timed ones. Each step starts after a barrier; its time is the wall time of one call
-(`Trainer.train_step` / `PipelineEngine.train_batch`: the whole optimizer step, micro-batches already in memory)
-on the slower rank; the table gives the median over the timed steps. Idle (bubble) fraction of a stage = the time
-it spent blocked on its neighbour / the time of its schedule, per step, median over the timed steps:
+How measured: both ranks are forked once from a forkserver that imported torch and DeepSpeed (megacoca.launch.ranks:
+gloo, FileStore rendezvous, 1 thread per rank, OMP_NUM_THREADS=1), and run every configuration in turn (for each m,
+all sides; the order of the sides alternates from one m to the next). Each configuration builds its engine(s), runs
+`--warmup` untimed steps, then `--steps` timed ones. Each step starts after a barrier; its time is the wall time of
+one call (`Trainer.train_step` / `PipelineEngine.train_batch`: the whole optimizer step, micro-batches already in
+memory) on the slower rank; the table gives the median over the timed steps. Idle (bubble) fraction of a stage = the
+time it spent blocked on its neighbour / the time of its schedule, per step, median over the timed steps:
 - megacoca: `PipelineRunner.last_wait_s / last_step_s` (receives and the end-of-step wait for the async sends);
 - DeepSpeed: the time inside its SendActivation / RecvActivation / SendGrad / RecvGrad instructions (its sends
   block) / the time of `_exec_schedule` (both include the optimizer step, neither the final loss broadcast).
@@ -47,23 +48,23 @@ import argparse
 import copy
 import datetime
 import os
-import pickle
 import platform
-import queue as queue_module
 import shlex
 import statistics
 import sys
 import tempfile
 import time
-import traceback
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported anywhere (the forkserver inherits it)
-
-import multiprocessing as mp  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+
+from bench_report import print_table  # noqa: E402
+from deepspeed_pipeline_chain import deepspeed_layers, fixed_split_pipeline_module, instrument_deepspeed  # noqa: E402
+
+from megacoca.launch.ranks import RankFailure, run_ranks  # noqa: E402
 
 PP = 2
 DEFAULT_MODEL_SET = ("vision_layers=8", "text_layers=3", "decoder_layers=3")
@@ -155,101 +156,6 @@ def job_config(args, m: int, run_dir: str, zero: int, text_ahead: int):
     return job
 
 
-# ------------------------------------------------------------------------------------- DeepSpeed's pipeline
-def deepspeed_layers(model, loss_fn):
-    """CoCa as the linear chain of tuple-passing layers DeepSpeed's PipelineModule runs (modules shared with
-    `model`, so the weights are `model`'s)."""
-    import torch.nn as nn
-
-    from megacoca.models.coca.model import JoinedTowers
-
-    class PatchEmbed(nn.Module):
-        def __init__(self, embed):
-            super().__init__()
-            self.embed = embed
-
-        def forward(self, inputs):
-            images, text = inputs
-            return self.embed(images).contiguous(), text
-
-    class VitBlock(nn.Module):
-        def __init__(self, block):
-            super().__init__()
-            self.block = block
-
-        def forward(self, inputs):
-            hidden, text = inputs
-            return self.block(hidden).contiguous(), text
-
-    class TextSideAndLoss(JoinedTowers, nn.Module):
-        """megacoca's last-stage forward after its ViT blocks (PipelineStage.forward), then the CoCa loss."""
-
-        def __init__(self, coca):
-            super().__init__()
-            self.cfg = coca.cfg
-            self.image_pooler = coca.image_pooler
-            self.text = coca.text
-            self.decoder = coca.decoder
-            self.caption_head = coca.caption_head
-            self.logit_scale = coca.logit_scale
-
-        def forward(self, inputs):
-            hidden, text = inputs
-            keep = self.text_keep(text)
-            image_embedding, caption_tokens = self.image_pooler(hidden)
-            text_embedding, token_outputs = self.text(text, keep)
-            out = self.joined_outputs(image_embedding, caption_tokens, text_embedding, token_outputs, text, keep)
-            loss, _ = loss_fn(out, dp_group=None)  # dp = 1
-            return loss
-
-    return [PatchEmbed(model.vision.embed)] + [VitBlock(b) for b in model.vision.blocks] + [TextSideAndLoss(model)]
-
-
-def fixed_split_pipeline_module(layers, parts: list[int]):
-    """A PipelineModule whose stage boundaries are `parts` (layer indices, DeepSpeed's `parts` convention)."""
-    from deepspeed.pipe import PipelineModule
-
-    class FixedSplitPipelineModule(PipelineModule):
-        def _partition_layers(self, method="uniform"):
-            self.parts = list(parts)
-            stage_id = self._topo.get_coord(self.global_rank).pipe
-            self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])
-
-    return FixedSplitPipelineModule(layers=layers, num_stages=PP, loss_fn=None, partition_method="fixed",
-                                    activation_checkpoint_interval=0)
-
-
-def instrument_deepspeed(engine) -> dict:
-    """Time this rank's p2p instructions and its whole schedule per train_batch (instance-level wrappers)."""
-    from deepspeed.runtime.pipe import schedule as S
-
-    stats = {"wait": 0.0, "window": 0.0}
-    comm = (S.SendActivation, S.RecvActivation, S.SendGrad, S.RecvGrad)
-
-    def timed(fn):
-        def wrapper(self, **kwargs):
-            began = time.perf_counter()
-            try:
-                return fn(self, **kwargs)
-            finally:
-                stats["wait"] += time.perf_counter() - began
-
-        return wrapper
-
-    engine._INSTRUCTION_MAP = {kind: (timed(fn) if kind in comm else fn)
-                               for kind, fn in type(engine)._INSTRUCTION_MAP.items()}
-    real = engine._exec_schedule
-
-    def exec_schedule(pipe_schedule):
-        stats["wait"] = 0.0
-        began = time.perf_counter()
-        real(pipe_schedule)
-        stats["window"] = time.perf_counter() - began
-
-    engine._exec_schedule = exec_schedule
-    return stats
-
-
 # ------------------------------------------------------------------------------------------------- one rank
 def _release(*objects):
     import gc
@@ -339,21 +245,20 @@ def _run_deepspeed(args, m, zero, data, reference, tmp):
     return info, steps
 
 
-def _rank_main(rank, world_size, args, store_path):
+def _rank_main(rank, world_size, args):
+    """One rank (its gloo group made by megacoca.launch.ranks): every configuration in turn."""
+    os.dup2(2, 1)  # the ranks' (and DeepSpeed's) prints go to stderr; stdout carries only the report
     import logging
 
     import deepspeed
     import torch
-    import torch.distributed as dist
 
     from megacoca.config.recipes import build_config  # noqa: F401 - import errors surface here
     from megacoca.models.coca import CoCa
     from megacoca.parallel.dims import ParallelDims
     from megacoca.optim import seed_everything
 
-    torch.set_num_threads(1)
     deepspeed.utils.logger.setLevel(logging.WARNING)
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, world_size), rank=rank, world_size=world_size)
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, dist_init_required=False)
 
     cfg = model_config(args)
@@ -391,75 +296,24 @@ def _rank_main(rank, world_size, args, store_path):
     return out
 
 
-def _entry(rank, world_size, args, store_path, results):
-    os.dup2(2, 1)  # the ranks' (and DeepSpeed's) prints go to stderr; stdout carries only the report
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT="1",
-                      OMP_NUM_THREADS="1")
-    import torch.distributed as dist
-
-    try:
-        results.put((rank, "ok", pickle.dumps(_rank_main(rank, world_size, args, store_path))))
-    except BaseException:  # noqa: BLE001 - reported to the parent
-        results.put((rank, "error", traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def run_two_ranks(args) -> list[dict]:
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
-    results = ctx.Queue()
-    with tempfile.TemporaryDirectory(prefix="ppbench_store_") as tmp:
-        store = os.path.join(tmp, "filestore")
-        procs = [ctx.Process(target=_entry, args=(rank, PP, args, store, results)) for rank in range(PP)]
-        # The forkserver starts with the first process and keeps this stdout: point it at stderr meanwhile, so
-        # its imports' messages (and the ranks') stay out of the report.
-        sys.stdout.flush()
-        saved = os.dup(1)
-        os.dup2(2, 1)
-        try:
-            for proc in procs:
-                proc.start()
-        finally:
-            os.dup2(saved, 1)
-            os.close(saved)
-        collected: dict[int, tuple[str, object]] = {}
-        deadline = time.monotonic() + args.timeout
-        while len(collected) < PP and time.monotonic() < deadline:
-            try:
-                rank, status, value = results.get(timeout=1)
-                collected[rank] = (status, value)
-                if status == "error":
-                    break
-            except queue_module.Empty:
-                if not any(p.is_alive() for p in procs):
-                    break
-        for proc in procs:
-            proc.join(timeout=10 if len(collected) == PP else 0.5)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-    errors = [f"rank {rank}:\n{value}" for rank, (status, value) in sorted(collected.items()) if status == "error"]
-    if errors:
-        raise SystemExit("benchmark failed\n" + "\n".join(errors))
-    if len(collected) < PP:
-        missing = sorted(set(range(PP)) - set(collected))
-        raise SystemExit(f"ranks {missing} gave no result within {args.timeout}s (hang or crash; exit codes "
-                         f"{[p.exitcode for p in procs]})")
-    return [pickle.loads(collected[rank][1]) for rank in range(PP)]
+    """_rank_main on PP ranks (megacoca.launch.ranks: forked from a forkserver that imported PRELOAD, FileStore
+    rendezvous, one thread each)."""
+    # The forkserver starts with the first rank and keeps this stdout: point it at stderr meanwhile, so its imports'
+    # messages (and the ranks') stay out of the report.
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        return run_ranks(_rank_main, PP, args, timeout=args.timeout, env={"OMP_NUM_THREADS": "1"}, preload=PRELOAD)
+    except RankFailure as failure:
+        raise SystemExit(f"benchmark failed\n{failure}") from None
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 # ------------------------------------------------------------------------------------------------ reporting
-def print_table(headers: list[str], rows: list[list]) -> None:
-    print("| " + " | ".join(headers) + " |")
-    print("|" + "|".join("---" for _ in headers) + "|")
-    for row in rows:
-        print("| " + " | ".join(str(cell) for cell in row) + " |")
-    print()
-
-
 def side_label(side: str, info: dict, ds_zero: int) -> tuple[str, str, str]:
     kind, zero, text_ahead = SIDES[side]
     if kind == "deepspeed":

@@ -1,7 +1,7 @@
 """Measured memory per rank and step time of parallel layouts on gloo CPU ranks, for the planner to be held to.
 
 Each layout runs on --world ranks of this machine (forked, FileStore rendezvous) through megacoca's own Trainer
-with the shipped DeepSpeed configs, and megacoca.plan.measure reports per rank: the peak of live tensor bytes
+with the shipped DeepSpeed configs, and megacoca.profiling.measure reports per rank: the peak of live tensor bytes
 over one training step with its breakdown (params, grads, optimizer, activations, temp, other; defined in that
 module's docstring), the bytes held between steps, and the median step time of untracked steps. Not a test.
 
@@ -24,7 +24,8 @@ from datetime import datetime, timezone
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megacoca.config.flavors import get_flavor  # noqa: E402
-from megacoca.plan.measure import CATEGORIES, measure_layout  # noqa: E402
+from megacoca.profiling.measure import measure_layout  # noqa: E402
+from megacoca.profiling.memory_tracker import CATEGORIES  # noqa: E402
 
 # coca_tiny, and a model with more image tokens and layers so that activations weigh next to the model states;
 # both with the torch kernels (no Triton interpreter on CPU).

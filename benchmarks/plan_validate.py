@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from plan_measure import MODELS  # noqa: E402
 
-from megacoca.plan.memory import Layout, ZeroBuffers, default_text_ahead, predict  # noqa: E402
+from megacoca.config.layout import Layout  # noqa: E402
+from megacoca.plan.memory import ZeroBuffers, default_text_ahead, predict  # noqa: E402
 from megacoca.plan.profile import DeviceProfile  # noqa: E402
 from megacoca.plan.timing import predict_time  # noqa: E402
 
@@ -46,7 +47,7 @@ def layout_of(row: dict) -> tuple[Layout, ZeroBuffers]:
     buffers = ZeroBuffers(reduce_bucket=int(values.get(prefix + "reduce_bucket_size", 50_000_000)),
                           persistence_threshold=int(values.get(prefix + "stage3_param_persistence_threshold",
                                                                100_000)))
-    layout = Layout(tp=tp, pp=pp, dp=dp, zero=zero, micro_batch=micro, grad_accum=accum,
+    layout = Layout(tp=tp, pp=pp, dp=dp, zero_stage=zero, micro_batch=micro, grad_accum=accum,
                     precision="fp32" if "fp32" in ds else "bf16",
                     checkpointing=values.get("parallel.activation_checkpointing") == "true",
                     text_ahead=default_text_ahead(MODELS[row["model"]], pp, accum))

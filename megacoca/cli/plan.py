@@ -1,4 +1,5 @@
-"""`megacoca plan`: the command line only; the model is megacoca.plan.memory / timing / search.
+"""`megacoca plan`: the command line only; the model is megacoca.plan.memory / timing / search, the
+calibration megacoca.profiling.calibrate.
 
     megacoca plan --flavor coca_giant --cluster a100-80gb --gpus 512 --global-batch 65536
     megacoca plan --flavor coca_base --cluster my_h100.json --gpus 64 --global-batch 4096 --emit-config base.yaml
@@ -16,8 +17,13 @@ import argparse
 import json
 import sys
 
+import yaml
+
 from megacoca.cli import inputs
 from megacoca.cli.inputs import argument
+from megacoca.config.flavors import get_flavor
+from megacoca.config.train import ConfigError
+from megacoca.metrics.flops import train_flops_per_sample
 
 
 def register(subparsers) -> None:
@@ -52,9 +58,6 @@ def register(subparsers) -> None:
 
 
 def _model_config(args):
-    from megacoca.config.flavors import get_flavor
-    from megacoca.config.train import ConfigError
-
     overrides = {}
     for item in args.model_overrides:
         key, sep, value = item.partition("=")
@@ -70,21 +73,64 @@ def _model_config(args):
         raise ConfigError(f"--flavor/--set: {error}") from None
 
 
+def _calibrate(args) -> int:
+    # heavy (torch, DeepSpeed, the Trainer): `megacoca --help` imports this module
+    from megacoca.plan.profile import save_profile
+    from megacoca.profiling.calibrate import calibrate
+
+    profile = calibrate(ranks=int(args.ranks))  # both precisions: one profile plans fp32 and bf16 layouts
+    save_profile(profile, args.calibrate)
+    rates = ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in profile.matmul_flops.items())
+    print(f"wrote {args.calibrate}: matmuls {rates} per rank; {profile.source}")
+    return 0
+
+
+def _print_table(plans: list, top: int) -> None:
+    header = ["#", "tp", "pp", "dp", "ZeRO", "micro x accum", "ckpt", "text-ahead", "peak GB", "samples/s",
+              "/GPU", "MFU", "negatives", "limited by (beyond compute)"]
+    rows = []
+    for index, item in enumerate(plans[:top], start=1):
+        layout, time = item.layout, item.time
+        rows.append([str(index), str(layout.tp), str(layout.pp), str(layout.dp), str(layout.zero_stage),
+                     f"{layout.micro_batch} x {layout.grad_accum}", "yes" if layout.checkpointing else "no",
+                     str(layout.text_ahead) if layout.pp > 1 else "-", f"{item.peak_bytes / 1e9:.1f}",
+                     f"{time.samples_per_s:,.0f}", f"{time.samples_per_s_per_gpu:.1f}",
+                     "-" if time.mfu is None else f"{100 * time.mfu:.1f}%", f"{item.negatives:,}", item.limit()])
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+def _write_outputs(args, plans: list, overrides: dict, gpus: int) -> None:
+    """--emit-config: the best layout as a config file; --json: every fitting layout."""
+    from megacoca.plan.search import emit_config  # heavy (torch): `megacoca --help` imports this module
+
+    if args.emit_config:
+        config = emit_config(plans[0], args.flavor, overrides)
+        with open(args.emit_config, "w") as f:
+            if args.emit_config.endswith((".yaml", ".yml")):
+                yaml.safe_dump(config, f, sort_keys=False)
+            else:
+                json.dump(config, f, indent=1)
+        print(f"wrote {args.emit_config}: `megacoca train --config {args.emit_config}` runs layout #1 on {gpus} "
+              "GPUs")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([{"layout": item.layout.record(), "peak_bytes": item.peak_bytes,
+                        "stages": [vars(stage) for stage in item.memory], "step_s": item.time.seconds,
+                        "samples_per_s": item.time.samples_per_s, "mfu": item.time.mfu, "parts": item.time.parts}
+                       for item in plans], f, indent=1, default=str)
+
+
 def plan_command(args) -> int:
-    from megacoca.config.train import ConfigError
-    from megacoca.metrics.flops import train_flops_per_sample
+    # heavy (torch, through the meta-device model build): `megacoca --help` imports this module
     from megacoca.plan.params import stage_tensors
-    from megacoca.plan.profile import get_profile
-    from megacoca.plan.search import emit_config, plan
+    from megacoca.plan.presets import get_profile
+    from megacoca.plan.search import plan
 
     if args.calibrate:
-        from megacoca.plan.calibrate import calibrate, save_profile
-
-        profile = calibrate(ranks=int(args.ranks))  # both precisions: one profile plans fp32 and bf16 layouts
-        save_profile(profile, args.calibrate)
-        rates = ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in profile.matmul_flops.items())
-        print(f"wrote {args.calibrate}: matmuls {rates} per rank; {profile.source}")
-        return 0
+        return _calibrate(args)
     cfg, overrides = _model_config(args)
     try:
         profile = get_profile(args.cluster)
@@ -104,37 +150,7 @@ def plan_command(args) -> int:
         print(f"no layout fits in {args.memory_fraction:.0%} of {profile.memory_bytes / 1e9:.0f} GB ({too_big} valid "
               "layouts were too big)", file=sys.stderr)
         return 1
-    header = ["#", "tp", "pp", "dp", "ZeRO", "micro x accum", "ckpt", "text-ahead", "peak GB", "samples/s",
-              "/GPU", "MFU", "negatives", "limited by (beyond compute)"]
-    rows = []
-    for index, item in enumerate(plans[: args.top], start=1):
-        layout, time = item.layout, item.time
-        rows.append([str(index), str(layout.tp), str(layout.pp), str(layout.dp), str(layout.zero),
-                     f"{layout.micro_batch} x {layout.grad_accum}", "yes" if layout.checkpointing else "no",
-                     str(layout.text_ahead) if layout.pp > 1 else "-", f"{item.peak_bytes / 1e9:.1f}",
-                     f"{time.samples_per_s:,.0f}", f"{time.samples_per_s_per_gpu:.1f}",
-                     "-" if time.mfu is None else f"{100 * time.mfu:.1f}%", f"{item.negatives:,}", item.limit()])
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    _print_table(plans, args.top)
     print(f"{len(plans)} layouts fit, {too_big} more were valid but too big")
-    if args.emit_config:
-        config = emit_config(plans[0], args.flavor, overrides)
-        with open(args.emit_config, "w") as f:
-            if args.emit_config.endswith((".yaml", ".yml")):
-                import yaml
-
-                yaml.safe_dump(config, f, sort_keys=False)
-            else:
-                json.dump(config, f, indent=1)
-        print(f"wrote {args.emit_config}: `megacoca train --config {args.emit_config}` runs layout #1 on {gpus} "
-              "GPUs")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([{"layout": vars(item.layout), "peak_bytes": item.peak_bytes,
-                        "stages": [vars(stage) for stage in item.memory], "step_s": item.time.seconds,
-                        "samples_per_s": item.time.samples_per_s, "mfu": item.time.mfu, "parts": item.time.parts}
-                       for item in plans], f, indent=1, default=str)
+    _write_outputs(args, plans, overrides, gpus)
     return 0
-

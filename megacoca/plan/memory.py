@@ -3,7 +3,7 @@
 Model states (per rank of pipeline stage s, tensor rank 0; P = that stage's parameter elements on one tensor rank,
 from the project's own meta-device build: megacoca.plan.params; e = 2 bytes in bf16, 4 in fp32; dp = the
 data-parallel size; B = `reduce_bucket_size`), as DeepSpeed 0.19.8 keeps them with megacoca's configs, and as
-measured by megacoca.plan.measure on CPU ranks:
+measured by megacoca.profiling.measure on CPU ranks:
 
 | ZeRO | weights | gradients | fp32 masters + Adam m, v | step temporaries (G: largest param group) |
 |---|---|---|---|---|
@@ -41,38 +41,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from megacoca.config.layout import Layout
+from megacoca.parallel.pipeline.schedule import auto_text_ahead
 from megacoca.plan.params import pipeline_split, stage_tensors, vit_blocks_per_stage
 
 MB = 1e6
-
-
-@dataclass(frozen=True)
-class Layout:
-    """A training layout: degrees, ZeRO stage, per-rank micro-batch and accumulation, precision, recompute."""
-
-    tp: int = 1
-    pp: int = 1
-    dp: int = 1
-    zero: int = 1
-    micro_batch: int = 1
-    grad_accum: int = 1
-    precision: str = "bf16"
-    checkpointing: bool = False
-    text_ahead: int = 0
-    kernels: str = "torch"  # "triton": the fused caption loss keeps no logits
-
-    @property
-    def world(self) -> int:
-        return self.tp * self.pp * self.dp
-
-    @property
-    def global_batch(self) -> int:
-        return self.micro_batch * self.grad_accum * self.dp
-
-    def describe(self) -> str:
-        return (f"tp={self.tp} pp={self.pp} dp={self.dp} ZeRO-{self.zero} {self.precision} micro={self.micro_batch}"
-                f" x accum {self.grad_accum}" + (" ckpt" if self.checkpointing else "")
-                + (f" text-ahead {self.text_ahead}" if self.text_ahead else ""))
 
 
 @dataclass(frozen=True)
@@ -98,7 +71,8 @@ class ZeroBuffers:
 @dataclass
 class StageMemory:
     """Bytes per rank of one pipeline stage at its peak, by category (the tracker's categories,
-    megacoca.plan.measure): `phase` is when the peak falls ("forward/backward", "gradient all-reduce", "step")."""
+    megacoca.profiling.memory_tracker): `phase` is when the peak falls ("forward/backward", "gradient all-reduce",
+    "step")."""
 
     stage: int
     params: float
@@ -124,7 +98,7 @@ def _ceil_div(a: int, b: int) -> int:
 
 def state_bytes(numels, layout: Layout, buffers: ZeroBuffers, groups=()) -> dict:
     """What one rank holding the parameters `numels` (one tensor rank of one stage) keeps: "params", "grads" and
-    "optimizer" at all times, and what the moments of a step add (measured with megacoca.plan.measure):
+    "optimizer" at all times, and what the moments of a step add (measured with megacoca.profiling.measure):
     "gathered" / "gathered_backward" (ZeRO-3's whole weights: at the end of forward both the all-gather's output
     and the parameters' storage are live, in backward one copy), "accumulated" (gradients carried between
     micro-batches), "buckets" (ZeRO-1/2's reduce buckets and gradient partition, allocated in backward after the
@@ -139,16 +113,16 @@ def state_bytes(numels, layout: Layout, buffers: ZeroBuffers, groups=()) -> dict
     accumulating = layout.grad_accum > 1
     out = {"params": 0.0, "grads": 0.0, "optimizer": 0.0, "gathered": 0.0, "gathered_backward": 0.0,
            "accumulated": 0.0, "buckets": 0.0, "step_grads": 0.0, "step": step, "all_grads": 0.0, "reduce": 0.0}
-    if layout.zero == 0:
+    if layout.zero_stage == 0:
         if layout.precision != "fp32":
             raise ValueError("ZeRO-0 trains in fp32 here (bf16 needs ZeRO-1 or more)")
         out.update(params=4 * p, optimizer=8 * p, accumulated=4 * p if accumulating else 0.0, all_grads=4 * p,
                    reduce=4 * min(p, buffers.allreduce_bucket), step=3 * 4 * (max(numels) if numels else 0),
                    step_grads=4 * p)
-    elif layout.zero in (1, 2):
+    elif layout.zero_stage in (1, 2):
         out.update(params=e * p, optimizer=12 * _ceil_div(p, dp),
-                   accumulated=e * p if layout.zero == 1 and accumulating else 0.0,
-                   buckets=2 * e * buffers.reduce_bucket + (e * _ceil_div(p, dp) if layout.zero == 2 else 0.0),
+                   accumulated=e * p if layout.zero_stage == 1 and accumulating else 0.0,
+                   buckets=2 * e * buffers.reduce_bucket + (e * _ceil_div(p, dp) if layout.zero_stage == 2 else 0.0),
                    step_grads=e * _ceil_div(p, dp))
     else:
         persistent = sum(n for n in numels if n <= buffers.persistence_threshold)
@@ -295,5 +269,4 @@ def default_text_ahead(cfg, pp: int, micro_batches: int) -> int:
     """The text-ahead the trainer runs with by default (parallel.text_ahead = -1): the cost model's."""
     if pp == 1:
         return 0
-    from megacoca.parallel.pipeline.schedule import auto_text_ahead
     return auto_text_ahead(pipeline_split(cfg, pp), pp, micro_batches)

@@ -13,6 +13,11 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 
+from megacoca.config.model import CoCaConfig
+from megacoca.optim import param_groups
+from megacoca.parallel.build import meta_model
+from megacoca.parallel.pipeline.split import split_stages
+from megacoca.parallel.pipeline.stage import PipelineStage
 
 
 @dataclass(frozen=True)
@@ -22,7 +27,7 @@ class StageTensors:
 
     numels: tuple[int, ...]
     sharded: int
-    groups: tuple[int, ...] = ()  # elements of each optimizer param group (megacoca.trainer.param_groups)
+    groups: tuple[int, ...] = ()  # elements of each optimizer param group (megacoca.optim.param_groups)
 
     @property
     def elements(self) -> int:
@@ -35,15 +40,9 @@ def stage_tensors(cfg, tp: int, pp: int) -> tuple[StageTensors, ...]:
 
 @lru_cache(maxsize=64)
 def _stage_tensors(key: str, tp: int, pp: int) -> tuple[StageTensors, ...]:
-    from megacoca.config.model import CoCaConfig
-    from megacoca.parallel.build import meta_model
-    from megacoca.parallel.pipeline.stage import PipelineStage
-
     cfg = CoCaConfig.from_dict(json.loads(key))
     model = meta_model(cfg, tp if tp > 1 else None)
     stages = [model] if pp == 1 else [PipelineStage(model, _pipeline_split(key, pp), s) for s in range(pp)]
-    from megacoca.optim import param_groups
-
     out = []
     for stage in stages:
         params = list(stage.parameters())  # distinct Parameters (a tied weight once)
@@ -62,9 +61,6 @@ def pipeline_split(cfg, pp: int):
 
 @lru_cache(maxsize=64)
 def _pipeline_split(key: str, pp: int):
-    from megacoca.config.model import CoCaConfig
-    from megacoca.parallel.pipeline.split import split_stages
-
     return split_stages(CoCaConfig.from_dict(json.loads(key)), pp)
 
 

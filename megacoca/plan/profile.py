@@ -3,19 +3,18 @@
 A `DeviceProfile` holds achieved rates, not datasheet peaks: dense matmul FLOP/s on transformer-sized GEMMs, a
 fixed cost per transformer block and micro-batch (launches, LayerNorms, attention's non-GEMM work, framework
 hooks: what a FLOP count misses), the bus bandwidth of a ring collective inside a node and across nodes, the
-latency of one collective, and the memory bandwidth the optimizer step streams at. Presets for A100-40/80GB,
-H100 and H200 nodes come from the datasheet peaks times published efficiencies (named in `source`); a profile
-from `megacoca plan --calibrate` (megacoca.plan.calibrate) is measured on the machine it ran on and says so.
+latency of one collective, and the memory bandwidth the optimizer step streams at. The presets for A100-40/80GB,
+H100 and H200 nodes are in megacoca.plan.presets; a profile from `megacoca plan --calibrate`
+(megacoca.profiling.calibrate measures, megacoca.plan.fit turns the measurements into a profile) is measured on
+the machine it ran on and says so. `save_profile` writes one as JSON, `DeviceProfile.load` reads it back.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from dataclasses import asdict, dataclass, field, replace
-
-from megacoca.metrics.peak import PEAK_FLOPS
-
-GB = 1e9
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,7 @@ class DeviceProfile:
     # collectives (Adam, the precision casts, the gradient norm): {"0": s, ...}; absent: 32 bytes at memory_bw
     step_param_s: dict = field(default_factory=dict)
     # seconds per sample per micro-batch that a whole CoCa costs beyond its blocks' work (embeddings, the losses, the
-    # poolers' small ops), measured on real Trainer steps (megacoca.plan.calibrate.calibrate_trainer)
+    # poolers' small ops), measured on real Trainer steps (megacoca.profiling.calibrate.calibrate_trainer)
     sample_overhead_s: float = 0.0
     # seconds per micro-batch on every rank that megacoca's tensor-parallel layers ("tp") and pipeline runner ("pp")
     # add beyond the model's work and the collectives the time model counts, measured the same way
@@ -117,47 +116,11 @@ class DeviceProfile:
         return replace(self, gpus_per_node=gpus_per_node)
 
 
-# Efficiencies the presets assume (estimates until `megacoca plan --calibrate` measures a node): dense bf16 GEMMs of
-# transformer shapes reach about 70% of the datasheet peak on A100/H100 (whole GPT training steps reach 41-49% MFU on
-# H100: the "Training Speed and Scalability" table of github.com/NVIDIA/Megatron-LM's README.md); NCCL ring
-# all-reduce bus bandwidth ("busbw" as doc/PERFORMANCE.md of github.com/NVIDIA/nccl-tests defines it) about 80% of
-# NVLink's per-direction rate inside a node; one 200 Gb/s (A100 nodes) or 400 Gb/s (H100/H200 nodes) NIC per GPU
-# across nodes (NVIDIA's DGX A100 / DGX H100 user guides) at about 80%.
-_GEMM_EFFICIENCY = 0.70
-_LINK_EFFICIENCY = 0.80
-
-
-def _preset(name: str, device: str, memory_gb: float, nvlink_gbs: float, nic_gbit: float, hbm_tbs: float
-            ) -> DeviceProfile:
-    peak = PEAK_FLOPS[device]
-    return DeviceProfile(
-        name=name, peak_flops=dict(peak), matmul_flops={k: v * _GEMM_EFFICIENCY for k, v in peak.items()},
-        block_overhead_s=60e-6, step_overhead_s=5e-3,
-        # DeepSpeed's per-tensor work on a GPU: hooks and bucket copies (~10 us), ZeRO-3's per-module gather and
-        # release around an NCCL all-gather (~60 us at 30 us latency): estimates, not measured here
-        tensor_overhead_s={"0": 0.0, "1": 10e-6, "2": 10e-6, "3": 60e-6},
-        intra_node_bw=nvlink_gbs * GB * _LINK_EFFICIENCY, inter_node_bw=nic_gbit / 8 * GB * _LINK_EFFICIENCY,
-        collective_latency_s=30e-6, memory_bw=hbm_tbs * 1e12 * 0.8, memory_bytes=memory_gb * GB, gpus_per_node=8,
-        source=f"preset: {device} datasheet peak x {_GEMM_EFFICIENCY} (GEMMs), NVLink {nvlink_gbs:.0f} GB/s and a "
-               f"{nic_gbit:.0f} Gb/s NIC per GPU x {_LINK_EFFICIENCY}; not calibrated")
-
-
-PRESETS: dict[str, DeviceProfile] = {
-    "a100-40gb": _preset("a100-40gb", "A100", 40, 300, 200, 1.555),
-    "a100-80gb": _preset("a100-80gb", "A100", 80, 300, 200, 2.039),
-    "h100": _preset("h100", "H100", 80, 450, 400, 3.35),
-    "h200": _preset("h200", "H200", 141, 450, 400, 4.8),
-}
-
-
-def get_profile(spec: str) -> DeviceProfile:
-    """A preset name or the path of a profile JSON (from `megacoca plan --calibrate`)."""
-    if spec in PRESETS:
-        return PRESETS[spec]
-    try:
-        return DeviceProfile.load(spec)
-    except FileNotFoundError:
-        raise ValueError(f"unknown cluster profile {spec!r}: a preset ({', '.join(PRESETS)}) or a profile JSON "
-                         "from `megacoca plan --calibrate`") from None
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{spec}: not a device profile ({error})") from None
+def save_profile(profile: DeviceProfile, path: str) -> None:
+    """Write the profile as JSON (DeviceProfile.load / megacoca.plan.presets.get_profile read it back), replacing
+    any file there."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as f:
+        f.write(profile.to_json() + "\n")
+    os.replace(f.name, path)

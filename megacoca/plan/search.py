@@ -13,7 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megacoca.plan.memory import Layout, StageMemory, ZeroBuffers, predict
+from megacoca.config.layout import Layout
+from megacoca.parallel.pipeline.schedule import auto_text_ahead
+from megacoca.parallel.pipeline.split import check_pipeline
+from megacoca.parallel.tensor import check_tensor_parallel
+from megacoca.plan.memory import StageMemory, ZeroBuffers, predict
+from megacoca.plan.params import pipeline_split
 from megacoca.plan.profile import DeviceProfile
 from megacoca.plan.timing import StepTime, predict_time
 
@@ -51,11 +56,6 @@ def _divisors(n: int) -> list[int]:
 
 def layouts(cfg, gpus: int, global_batch: int, precision: str, gpus_per_node: int, *, kernels: str = "torch",
             zero_stages=None, tp_values=None, pp_values=None, checkpointing=(False, True)):
-    from megacoca.parallel.pipeline.schedule import auto_text_ahead
-    from megacoca.parallel.pipeline.split import check_pipeline
-    from megacoca.plan.params import pipeline_split
-    from megacoca.parallel.tensor import check_tensor_parallel
-
     stages = zero_stages or ((0, 1, 2, 3) if precision == "fp32" else (1, 2, 3))
     for tp in tp_values or [d for d in _divisors(gpus_per_node) if gpus % d == 0]:
         try:
@@ -83,7 +83,7 @@ def layouts(cfg, gpus: int, global_batch: int, precision: str, gpus_per_node: in
                 text_ahead = auto_text_ahead(split, pp, accum) if pp > 1 else 0
                 for zero in stages:
                     for ckpt in checkpointing:
-                        yield Layout(tp=tp, pp=pp, dp=dp, zero=zero, micro_batch=micro, grad_accum=accum,
+                        yield Layout(tp=tp, pp=pp, dp=dp, zero_stage=zero, micro_batch=micro, grad_accum=accum,
                                      precision=precision, checkpointing=ckpt, text_ahead=text_ahead,
                                      kernels=kernels)
 
@@ -110,12 +110,12 @@ def emit_config(plan_: Plan, flavor: str | None, model_overrides: dict | None = 
     """The chosen layout as nested overrides for `megacoca train --config FILE`."""
     layout = plan_.layout
     ds = {0: "zero0_fp32", 1: "zero1_bf16", 2: "zero2_bf16", 3: "zero3_bf16" if layout.precision == "bf16"
-          else "zero3_fp32"}[layout.zero]
+          else "zero3_fp32"}[layout.zero_stage]
     parallel = {"deepspeed_config": ds, "tp": layout.tp, "pp": layout.pp,
                 "activation_checkpointing": layout.checkpointing}
-    if layout.precision == "fp32" and layout.zero in (1, 2):
+    if layout.precision == "fp32" and layout.zero_stage in (1, 2):
         parallel["deepspeed_config"] = "zero0_fp32"
-        parallel["deepspeed_overrides"] = {"zero_optimization.stage": layout.zero}
+        parallel["deepspeed_overrides"] = {"zero_optimization.stage": layout.zero_stage}
     if layout.pp > 1:
         parallel["text_ahead"] = layout.text_ahead
     model = {"flavor": flavor} if flavor else {}

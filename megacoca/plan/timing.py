@@ -5,7 +5,7 @@ Per micro-batch of b samples on pipeline stage s and one tensor rank:
   backward, + the recomputed forwards under activation checkpointing) / tp; the elements the memory-bound work
   between the matmuls reads and writes (LayerNorms and residual adds whole on every tensor rank, GELU and the rest
   split); attention-score elements and rows / tp. A calibrated profile divides each by its own rate, fitted on
-  real blocks and fused attention calls (megacoca.plan.calibrate); a preset divides the FLOPs by its matmul rate
+  real blocks and fused attention calls (megacoca.plan.fit); a preset divides the FLOPs by its matmul rate
   and the elementwise bytes by its memory bandwidth. Plus the profile's fixed costs per transformer block, per
   parameter tensor, per parameter and per micro-batch (DeepSpeed's engine: measured on real engines), and per
   sample and micro-batch on the stage that holds the losses (megacoca's Trainer beyond the blocks: measured on
@@ -35,9 +35,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from megacoca.config.layout import Layout
 from megacoca.metrics.flops import forward_flops_breakdown, train_flops_per_sample
+from megacoca.parallel.pipeline.schedule import simulate
 from megacoca.plan.comm import analytic_comm
-from megacoca.plan.memory import Layout
 from megacoca.plan.params import pipeline_split, stage_tensors
 from megacoca.plan.profile import DeviceProfile
 
@@ -74,7 +75,7 @@ def _stages(cfg, pp: int) -> list[tuple[int, bool]]:
 @dataclass(frozen=True)
 class Work:
     """What one sample costs on one tensor rank, forward + backward (+ recompute), in the quantities a block's time
-    is fitted to (megacoca.plan.calibrate): matmul FLOPs, elements the memory-bound work between the matmuls
+    is fitted to (megacoca.plan.fit): matmul FLOPs, elements the memory-bound work between the matmuls
     reads and writes (LayerNorms, residual adds, GELU, the attention output's transpose, the caption logits'
     softmax), and attention-score elements (heads x queries x keys) and rows (heads x queries): a fused attention
     kernel on a CPU costs per block of query rows whatever their length, and per score element."""
@@ -165,7 +166,7 @@ def _tp_comm_seconds(cfg, layout: Layout, profile: DeviceProfile, e: int) -> tup
     for term in analytic_comm(cfg, layout.micro_batch, e, layout.checkpointing):
         seconds = term["calls"] * (_ring(term["elements"] * term["element_bytes"], t, bandwidth, profile.latency(t))
                                    + profile.parallel_overhead("tp"))
-        if "ViT" in term["what"] and "pooler" not in term["what"]:
+        if term["part"] == "vision":
             vit += seconds
         else:
             rest += seconds
@@ -188,82 +189,106 @@ SIMULATED = 64  # micro-batches simulated; beyond, every more one adds the bottl
 def _makespan(pp: int, m: int, text_ahead: int, forward: tuple, text: float, ratio: float, period: float) -> float:
     """The 1F1B (+ text-ahead) step's makespan, simulated; for m > SIMULATED the steady state is extrapolated
     (exact once the schedule is periodic: each extra micro-batch costs the slowest stage one forward + backward)."""
-    from megacoca.parallel.pipeline.schedule import simulate
-
     simulated = min(m, SIMULATED)
     makespan = simulate(pp, simulated, min(text_ahead, simulated), forward=list(forward), text=text,
                         backward_ratio=ratio)["makespan"]
     return makespan + (m - simulated) * period
 
 
-def predict_time(cfg, layout: Layout, profile: DeviceProfile) -> StepTime:
-    e = 2 if layout.precision == "bf16" else 4
-    b, t, pp, m = layout.micro_batch, layout.tp, layout.pp, layout.grad_accum
-    stages = _stages(cfg, pp)
-    vit_comm, rest_comm = _tp_comm_seconds(cfg, layout, profile, e)
+def _zero3_passes(layout: Layout) -> float:
+    """ZeRO-3 gathers a block's parameters (with its hooks, per tensor) for every forward it runs: a recomputed
+    forward is a fourth pass over them after forward, backward and the gradients' reduce-scatter."""
+    return 4 / 3 if layout.zero_stage == 3 and layout.checkpointing else 1.0
+
+
+def _stage_times(cfg, layout: Layout, profile: DeviceProfile, e: int, comm: tuple[float, float]
+                 ) -> tuple[list[float], list[float], float]:
+    """Seconds of one micro-batch's forward and of its backward on every pipeline stage (compute, the engine's and
+    the Trainer's fixed costs, the stage's share of the tensor-parallel all-reduces `comm` (ViT, the rest), the
+    pipeline's sends), and the longest forward + backward of a stage."""
+    b, t, pp = layout.micro_batch, layout.tp, layout.pp
+    vit_comm, rest_comm = comm
     p2p = 0.0
     if pp > 1:
         p2p = _ring(b * cfg.image_tokens * cfg.vision_width * e, 2, _bandwidth(t * pp, profile),
                     profile.latency(2), factor=1.0)  # one send: 2 ranks, (n-1)/n = 1/2 x 2
     shards = stage_tensors(cfg, t, pp)  # each stage's parameters on one tensor rank
-    tensors = [len(stage.numels) for stage in shards]
-    stage_params = [stage.elements for stage in shards]
-    # ZeRO-3 gathers a block's parameters (with its hooks, per tensor) for every forward it runs: a recomputed
-    # forward is a fourth pass over them after forward, backward and the gradients' reduce-scatter
-    zero3_passes = 4 / 3 if layout.zero == 3 and layout.checkpointing else 1.0
+    zero, zero3_passes = layout.zero_stage, _zero3_passes(layout)
     forward, backward = [], []
     compute_total = 0.0
     text_blocks = cfg.text_layers + cfg.decoder_layers + 2  # + the poolers
-    for s, (vit_blocks, text_side) in enumerate(stages):
+    for s, (vit_blocks, text_side) in enumerate(_stages(cfg, pp)):
         work = stage_work(cfg, vit_blocks, text_side, t, layout.checkpointing, patch_embedding=s == 0)
         per_sample = work_seconds(work, profile, layout.precision) + (profile.sample_overhead_s if text_side else 0.0)
         compute = b * per_sample \
-            + stage_params[s] * profile.micro_param(layout.zero) * zero3_passes  # the engine's per-parameter work
+            + shards[s].elements * profile.micro_param(zero) * zero3_passes  # the engine's per-parameter work
         blocks = vit_blocks + (text_blocks if text_side else 0)
         overhead = blocks * profile.block_overhead(layout.precision) * (4 / 3 if layout.checkpointing else 1) \
-            + tensors[s] * profile.tensor_overhead(layout.zero) * zero3_passes \
-            + (profile.micro_overhead(layout.zero) if text_side else 0.0) \
+            + len(shards[s].numels) * profile.tensor_overhead(zero) * zero3_passes \
+            + (profile.micro_overhead(zero) if text_side else 0.0) \
             + (profile.parallel_overhead("pp") if pp > 1 else 0.0)
-        comm = vit_comm * (vit_blocks / max(cfg.vision_layers, 1)) + (rest_comm if text_side else 0.0)
+        stage_comm = vit_comm * (vit_blocks / max(cfg.vision_layers, 1)) + (rest_comm if text_side else 0.0)
         # backward = 2 x forward in FLOPs; a recomputed forward runs inside backward
         forward_share = 1 / (4 if layout.checkpointing else 3)
-        fwd = (compute + overhead) * forward_share + comm / 2 + (p2p if s > 0 else 0.0)
-        bwd = (compute + overhead) * (1 - forward_share) + comm / 2 + (p2p if s < pp - 1 else 0.0)
+        fwd = (compute + overhead) * forward_share + stage_comm / 2 + (p2p if s > 0 else 0.0)
+        bwd = (compute + overhead) * (1 - forward_share) + stage_comm / 2 + (p2p if s < pp - 1 else 0.0)
         forward.append(fwd)
         backward.append(bwd)
         compute_total = max(compute_total, fwd + bwd)
-    if pp == 1:
-        pipeline = m * (forward[0] + backward[0])
-    else:
-        text_work = stage_work(cfg, 0, True, t, layout.checkpointing, text_tower_only=True)
-        text = b * work_seconds(text_work, profile, layout.precision) / (4 if layout.checkpointing else 3)
-        ratio = max(backward[s] / forward[s] for s in range(pp))
-        last_forward = list(forward)
-        last_forward[-1] = max(forward[-1] - text, 0.0)
-        pipeline = _makespan(pp, m, layout.text_ahead, tuple(last_forward), text, ratio,
-                             max(f + b for f, b in zip(forward, backward)))
+    return forward, backward, compute_total
 
-    # data parallelism, per rank of the largest stage
-    params = max(stage_params)
-    dp = layout.dp
+
+def _pipeline_seconds(cfg, layout: Layout, profile: DeviceProfile, forward: list[float],
+                      backward: list[float]) -> float:
+    """The step's micro-batches: one after the other without a pipeline, else the simulated 1F1B (+ text-ahead)
+    makespan, the last stage's text tower (what text-ahead runs early) taken out of its forward."""
+    pp, m = layout.pp, layout.grad_accum
+    if pp == 1:
+        return m * (forward[0] + backward[0])
+    text_work = stage_work(cfg, 0, True, layout.tp, layout.checkpointing, text_tower_only=True)
+    text = layout.micro_batch * work_seconds(text_work, profile, layout.precision) \
+        / (4 if layout.checkpointing else 3)
+    ratio = max(backward[s] / forward[s] for s in range(pp))
+    last_forward = list(forward)
+    last_forward[-1] = max(forward[-1] - text, 0.0)
+    return _makespan(pp, m, layout.text_ahead, tuple(last_forward), text, ratio,
+                     max(f + b for f, b in zip(forward, backward)))
+
+
+def _dp_seconds(cfg, layout: Layout, profile: DeviceProfile, e: int, params: int, forward: list[float],
+                backward: list[float]) -> tuple[float, float]:
+    """(data-parallel traffic exposed during the step, traffic after the optimizer step), per rank of the largest
+    stage (`params` parameters)."""
+    m, t, pp, dp = layout.grad_accum, layout.tp, layout.pp, layout.dp
     dp_bw = _bandwidth(dp * t * pp, profile) if dp > 1 else profile.intra_node_bw
-    per_micro, per_step = dp_comm(layout.zero, e * params, dp, dp_bw, profile.latency(dp))
-    per_micro *= zero3_passes
+    per_micro, per_step = dp_comm(layout.zero_stage, e * params, dp, dp_bw, profile.latency(dp))
+    per_micro *= _zero3_passes(layout)
     overlap, last_backward = profile.overlap, max(backward)
-    if layout.zero == 0:  # the all-reduce after the last backward
-        dp_exposed, after_step = per_step, 0.0
-    elif layout.zero == 1:  # the reduce-scatter under the last backward, the all-gather of the weights after the step
+    if layout.zero_stage == 0:  # the all-reduce after the last backward
+        return per_step, 0.0
+    if layout.zero_stage == 1:  # the reduce-scatter under the last backward, the weights' all-gather after the step
         reduce = after_step = per_step / 2
-        dp_exposed = max(reduce - overlap * last_backward, 0.0)
-    elif layout.zero == 2:  # a reduce-scatter under every backward, the all-gather after the step
-        dp_exposed, after_step = m * max(per_micro - overlap * last_backward, 0.0), per_step
-    else:  # gathers and reduce-scatters prefetched under each micro-batch's compute; the first gather exposed
-        dp_exposed = m * max(per_micro - overlap * (max(forward) + last_backward), 0.0) \
-            + (_ring(e * params / max(cfg.vision_layers, 1), dp, dp_bw, profile.latency(dp), factor=1.0)
-               if dp > 1 else 0.0)
-        after_step = 0.0
-    partition = params if layout.zero == 0 else -(-params // dp)
-    optimizer = partition * profile.step_param(layout.zero) + profile.step_overhead(layout.zero)
+        return max(reduce - overlap * last_backward, 0.0), after_step
+    if layout.zero_stage == 2:  # a reduce-scatter under every backward, the all-gather after the step
+        return m * max(per_micro - overlap * last_backward, 0.0), per_step
+    # ZeRO-3: gathers and reduce-scatters prefetched under each micro-batch's compute; the first gather exposed
+    dp_exposed = m * max(per_micro - overlap * (max(forward) + last_backward), 0.0) \
+        + (_ring(e * params / max(cfg.vision_layers, 1), dp, dp_bw, profile.latency(dp), factor=1.0)
+           if dp > 1 else 0.0)
+    return dp_exposed, 0.0
+
+
+def predict_time(cfg, layout: Layout, profile: DeviceProfile) -> StepTime:
+    """The step time of `layout` on `profile` (see the module docstring), with its parts by cause."""
+    e = 2 if layout.precision == "bf16" else 4
+    pp, m = layout.pp, layout.grad_accum
+    vit_comm, rest_comm = _tp_comm_seconds(cfg, layout, profile, e)
+    forward, backward, compute_total = _stage_times(cfg, layout, profile, e, (vit_comm, rest_comm))
+    pipeline = _pipeline_seconds(cfg, layout, profile, forward, backward)
+    params = max(stage.elements for stage in stage_tensors(cfg, layout.tp, pp))  # the largest stage's, one tensor rank
+    dp_exposed, after_step = _dp_seconds(cfg, layout, profile, e, params, forward, backward)
+    partition = params if layout.zero_stage == 0 else -(-params // layout.dp)
+    optimizer = partition * profile.step_param(layout.zero_stage) + profile.step_overhead(layout.zero_stage)
     seconds = pipeline + dp_exposed + after_step + optimizer
     samples = layout.global_batch / seconds
     peak = profile.peak_flops.get(layout.precision)

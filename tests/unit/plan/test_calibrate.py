@@ -1,5 +1,6 @@
-"""megacoca.plan.calibrate: a quick calibration on 2 CPU ranks gives a sane, round-tripping profile with both
-precisions and every ZeRO stage measured on real DeepSpeed engines; the fits recover known numbers."""
+"""megacoca.profiling.calibrate and megacoca.plan.fit: a quick calibration on 2 CPU ranks gives a sane,
+round-tripping profile with both precisions and every ZeRO stage measured on real DeepSpeed engines; the fits
+recover known numbers."""
 
 import os
 import socket
@@ -10,13 +11,14 @@ import pytest
 import torch
 
 from megacoca.config.flavors import get_flavor
-from megacoca.plan.calibrate import (ENGINE_CONFIGS, TYPICAL_TENSORS, block_work, build_profile,
-                                     calibrate, engine_config, engine_toys, fit_engine, fit_line, fit_rates,
-                                     fit_residuals, fit_ring, measure, measured_precisions, save_profile, sizes_for,
-                                     toy_model)
-from megacoca.plan.memory import Layout
-from megacoca.plan.profile import DeviceProfile, get_profile
+from megacoca.config.layout import Layout
+from megacoca.plan.fit import (ENGINE_CONFIGS, TYPICAL_TENSORS, block_work, build_profile, fit_engine, fit_line,
+                               fit_rates, fit_residuals, fit_ring)
+from megacoca.plan.presets import get_profile
+from megacoca.plan.profile import DeviceProfile, save_profile
 from megacoca.plan.timing import predict_time
+from megacoca.profiling.calibrate import calibrate, measure, measured_precisions, sizes_for
+from megacoca.profiling.calibrate_rank import engine_config, engine_toys, toy_model
 
 STAGES = {"0", "1", "2", "3"}
 
@@ -79,7 +81,7 @@ def test_calibrated_profile_plans_both_precisions(quick_two_ranks):
     cfg = get_flavor("coca_tiny")
     for precision in ("fp32", "bf16"):
         for zero in range(4):
-            step = predict_time(cfg, Layout(dp=2, zero=zero, micro_batch=4, grad_accum=2, precision=precision),
+            step = predict_time(cfg, Layout(dp=2, zero_stage=zero, micro_batch=4, grad_accum=2, precision=precision),
                                 profile)
             assert 0 < step.seconds < 60
             assert step.parts["optimizer step"] >= profile.step_overhead(zero)

@@ -1,10 +1,12 @@
-"""The memory tracker of megacoca.plan.measure against exact byte counts: a plain torch model with AdamW, and a
+"""The memory tracker of megacoca.profiling against exact byte counts: a plain torch model with AdamW, and a
 2-rank DeepSpeed ZeRO-1 run whose optimizer state is read back from the engine's flat partitions."""
 
 import torch
 
 from megacoca.config.model import CoCaConfig
-from megacoca.plan.measure import CATEGORIES, MemoryTracker, build_measured_trainer, measure_step
+from megacoca.launch.ranks import run_ranks
+from megacoca.profiling.measure import PRELOAD, build_measured_trainer, measure_step
+from megacoca.profiling.memory_tracker import CATEGORIES, MemoryTracker
 
 # A CoCa whose 2-rank ZeRO-1 step takes well under a second on CPU.
 TINY = CoCaConfig(image_size=32, patch_size=8, vision_width=32, vision_layers=1, vision_heads=2, vision_mlp_dim=64,
@@ -80,9 +82,7 @@ def _zero1_rank(rank, world_size, run_dir):
 
 
 def test_zero1_optimizer_state_exact(tmp_path):
-    from megacoca.plan._ranks import run_ranks
-
-    results = run_ranks(_zero1_rank, 2, str(tmp_path), timeout=120)
+    results = run_ranks(_zero1_rank, 2, str(tmp_path), timeout=120, preload=PRELOAD)
     for result in results:
         for breakdown in (result["steady_bytes"], result["peak_by_category"]):
             assert breakdown["optimizer"] == result["expected_optimizer"], (breakdown, result["expected_optimizer"])

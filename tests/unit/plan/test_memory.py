@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from megacoca.config.flavors import get_flavor
+from megacoca.config.layout import Layout
 from megacoca.models.coca import CoCa
-from megacoca.plan.memory import Layout, ZeroBuffers, activation_parts, predict, state_bytes
+from megacoca.plan.memory import ZeroBuffers, activation_parts, predict, state_bytes
 from megacoca.plan.params import stage_tensors
 
 
@@ -67,7 +68,7 @@ def test_model_states_per_zero_stage(zero, params, grads, optimizer, backward_bu
     elements here) that ZeRO-1/2 allocate in backward and ZeRO-3 keeps."""
     numels = [400_000] * 10  # above the persistence threshold, divisible by dp
     p = sum(numels)
-    states = state_bytes(numels, Layout(dp=4, zero=zero), ZeroBuffers(reduce_bucket=1000, prefetch_bucket=0),
+    states = state_bytes(numels, Layout(dp=4, zero_stage=zero), ZeroBuffers(reduce_bucket=1000, prefetch_bucket=0),
                          groups=(3_000_000, 1_000_000))
     assert states["params"] == params * p and states["optimizer"] == optimizer * p
     assert states["grads"] == (grads if zero == 3 else 0) and states["buckets"] == backward_buckets
@@ -76,8 +77,8 @@ def test_model_states_per_zero_stage(zero, params, grads, optimizer, backward_bu
 
 def test_checkpointing_and_pipelines_cut_activations():
     cfg = get_flavor("coca_base")
-    plain = predict(cfg, Layout(micro_batch=16, zero=3, dp=8))
-    ckpt = predict(cfg, Layout(micro_batch=16, zero=3, dp=8, checkpointing=True))
+    plain = predict(cfg, Layout(micro_batch=16, zero_stage=3, dp=8))
+    ckpt = predict(cfg, Layout(micro_batch=16, zero_stage=3, dp=8, checkpointing=True))
     assert ckpt[0].activations < plain[0].activations / 5
-    pipe = predict(cfg, Layout(micro_batch=16, pp=4, dp=2, zero=1, grad_accum=8))
+    pipe = predict(cfg, Layout(micro_batch=16, pp=4, dp=2, zero_stage=1, grad_accum=8))
     assert [stage.detail["in_flight"] for stage in pipe] == [4, 3, 2, 1]
