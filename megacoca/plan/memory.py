@@ -30,8 +30,9 @@ activation checkpointing (each ViT block, text block and decoder layer) a block 
 the block being recomputed in backward holds its full activations. The caption loss on torch kernels keeps fp32
 log-probabilities (4 b (L-1) V/t bytes) and, while it runs backward, (8 + e) b (L-1) V/t; the Triton kernel keeps
 none. Under a pipeline stage s of pp holds min(m, pp - s) micro-batches' activations (1F1B), the last stage also
-the text tower of `text_ahead` more, and every stage the input batches of all m micro-batches (the pipeline takes
-them up front); without one, micro-batches run one after the other.
+the text tower of `text_ahead` more; stage 0 holds the images and token ids of all m micro-batches (it reads them
+up front and sends the token ids to the last stage, which holds them too; the stages between read nothing); without
+a pipeline, micro-batches run one after the other.
 
 The peak is the largest of four moments: the end of forward, backward, ZeRO-0's gradient all-reduce and the
 optimizer step, each the always-live states plus what that moment adds.
@@ -228,11 +229,8 @@ def predict(cfg, layout: Layout, buffers: ZeroBuffers | None = None, *, text_tok
             saved = sum(part["saved"] for part in mine.values())
             recompute = 0.0
         in_flight = 1 if layout.pp == 1 else min(layout.grad_accum, layout.pp - s)
-        # the input batches: one micro-batch at a time, but a pipeline step takes all m of them up front (every
-        # stage: fp32 images, int64 token ids)
-        batch_inputs = layout.micro_batch * (4 * cfg.in_channels * cfg.image_size ** 2 + 8 * cfg.context_length)
-        activations = e * saved * in_flight + batch_inputs * (layout.grad_accum if layout.pp > 1 else 1)
         last = s == len(stages) - 1
+        activations = e * saved * in_flight + _batch_input_bytes(cfg, layout, s, e)
         if last and layout.text_ahead:
             activations += e * parts["text_blocks"]["saved"] * layout.text_ahead
         if last:
@@ -263,6 +261,19 @@ def predict(cfg, layout: Layout, buffers: ZeroBuffers | None = None, *, text_tok
 
 def peak(cfg, layout: Layout, buffers: ZeroBuffers | None = None, **kwargs) -> float:
     return max(stage.peak for stage in predict(cfg, layout, buffers, **kwargs))
+
+
+def _batch_input_bytes(cfg, layout: Layout, stage: int, e: int) -> float:
+    """The step's input batches a rank of `stage` holds: without a pipeline one micro-batch at a time (fp32 images,
+    int64 token ids); under one, stage 0 reads all m micro-batches up front (images cast to the training dtype, and
+    their token ids stacked into the one message it sends), the last stage holds those token ids, the stages between
+    hold none (megacoca.schedules.pipeline)."""
+    images = layout.micro_batch * cfg.in_channels * cfg.image_size ** 2
+    tokens = layout.micro_batch * cfg.context_length
+    if layout.pp == 1:
+        return 4 * images + 8 * tokens
+    first, last = stage == 0, stage == layout.pp - 1
+    return layout.grad_accum * ((e * images if first else 0) + (8 * tokens if first or last else 0))
 
 
 def default_text_ahead(cfg, pp: int, micro_batches: int) -> int:
