@@ -24,6 +24,7 @@ import re
 import shutil
 import uuid
 
+import numpy as np
 import torch
 
 from megacoca.config.train import ConfigError
@@ -49,7 +50,7 @@ class UnsafeCheckpointError(BadCheckpointError):
 
 def _deepspeed_globals() -> list:
     """The classes DeepSpeed's ZeRO optimizer-state files pickle (seen in ZeRO 1/2/3, bf16/fp32, offload)."""
-    try:
+    try:  # DeepSpeed is not needed to read a consolidated model (megacoca.load on a machine without it)
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum
         from deepspeed.utils.tensor_fragment import fragment_address
@@ -60,8 +61,6 @@ def _deepspeed_globals() -> list:
 
 def _numpy_rng_globals() -> list:
     """numpy's RNG state as megacoca rank files before the tensor-only format held it (an array of uint32)."""
-    import numpy as np
-
     multiarray = getattr(np, "_core", None) or np.core
     return [multiarray.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 

@@ -89,6 +89,9 @@ def register(subparsers) -> None:
     p.set_defaults(func=reshape_command)
 
 
+# The commands import the conversions (torch, the model) when they run, not when `megacoca --help` imports this module.
+
+
 def from_open_clip_command(args) -> int:
     from megacoca.checkpoint.export import import_open_clip
 

@@ -11,11 +11,13 @@ the CLI prints it as `megacoca <command>: error: <message>` and exits with code 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tarfile
 import tempfile
 from typing import Any, Callable
 
+from megacoca.config.model import CoCaConfig
 from megacoca.config.train import ConfigError
 
 
@@ -105,7 +107,7 @@ def readable_dir(path: str, what: str = "directory") -> str:
 
 def images_dir(path: str) -> None:
     """A folder with at least one image file (megacoca data from-folder --images); stops at the first found."""
-    from megacoca.data.shard_reader import IMAGE_EXTENSIONS
+    from megacoca.data.shard_reader import IMAGE_EXTENSIONS  # heavy (webdataset, torch): not at `megacoca --help`
 
     readable_dir(path, "images folder")
     for _, _, files in os.walk(path):
@@ -129,7 +131,7 @@ def shards(spec: str) -> list[str]:
     """The urls of a shard spec (`megacoca.data.shard_urls.expand_shards`); every local path must exist and the
     first local shard must open as a tar archive (one header read: checking all of a 10,000-shard set from
     every rank would load the filesystem's metadata server for little gain). Remote urls are not checked."""
-    from megacoca.data.shard_urls import expand_shards, is_remote
+    from megacoca.data.shard_urls import expand_shards, is_remote  # heavy (webdataset): not at `--help`
 
     if not spec:
         raise ConfigError("no shards given (an empty spec): pass a directory of .tar shards, a file or a pattern")
@@ -151,8 +153,6 @@ def tokenizer(spec: str, context_length: int | None = None):
 
 
 def json_file(path: str, what: str = "JSON file") -> Any:
-    import json
-
     readable_file(path, what)
     try:
         with open(path, encoding="utf-8") as handle:
@@ -163,7 +163,7 @@ def json_file(path: str, what: str = "JSON file") -> Any:
 
 def captions_file(path: str) -> None:
     """A .csv/.tsv/.jsonl captions file whose first row has an image and a caption column."""
-    from megacoca.data.from_folder import read_caption_file
+    from megacoca.data.from_folder import read_caption_file  # heavy (torch): not at `megacoca --help`
 
     readable_file(path, "captions file")
     try:
@@ -263,7 +263,7 @@ def weights_file(path: str) -> None:
 
 def open_clip_model(spec: str) -> None:
     """An open_clip CoCa model name or model-config JSON that megacoca can express (checked on the config alone)."""
-    from megacoca.models.coca.open_clip import config_from_open_clip
+    from megacoca.models.coca.open_clip import config_from_open_clip  # heavy (torch): not at `--help`
 
     if spec.endswith(".json") or os.path.isfile(spec):
         json_file(spec, "open_clip model config")
@@ -277,8 +277,7 @@ def open_clip_model(spec: str) -> None:
 
 def model_dir(path: str) -> None:
     """A megacoca model directory: config.json (a CoCaConfig megacoca reads) and model.safetensors."""
-    from megacoca.config.model import CoCaConfig
-    from megacoca.models.coca.loading import read_config
+    from megacoca.models.coca.loading import read_config  # heavy (torch): not at `megacoca --help`
 
     readable_dir(path, "model directory")
     try:
@@ -296,8 +295,6 @@ def model_dir(path: str) -> None:
 
 def model_config_file(path: str) -> None:
     """A CoCaConfig JSON, or a model directory's config.json (megacoca convert from-deepspeed --model-config)."""
-    from megacoca.config.model import CoCaConfig
-
     config_path = os.path.join(path, "config.json") if os.path.isdir(path) else path
     values = json_file(config_path, "model config")
     if isinstance(values, dict) and values.get("format") == "megacoca":
@@ -313,6 +310,7 @@ def model_config_file(path: str) -> None:
 def deepspeed_checkpoint(path: str) -> None:
     """A complete megacoca DeepSpeed checkpoint: a tag directory, or a checkpoint directory with `latest` (every file
     of its layout there; their contents are checked once, when the checkpoint is read)."""
+    # heavy (torch, DeepSpeed): not at `megacoca --help`
     from megacoca.checkpoint.reshape import find_layout_free
     from megacoca.checkpoint.tags import locate_tag
 

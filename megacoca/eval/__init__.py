@@ -8,7 +8,7 @@ __all__ = ["EvalSet", "evaluate", "load_eval_set", "load_model_for_eval", "make_
 
 def __getattr__(name):
     if name in __all__:
-        from megacoca.eval import runner
+        from megacoca.eval import runner  # lazy: see the module docstring
 
         return getattr(runner, name)
     raise AttributeError(f"module 'megacoca.eval' has no attribute {name!r}")

@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 from megacoca.config.model import CoCaConfig
+from megacoca.models.coca.model import CoCa
 
 __all__ = [
     "NotExpressibleError", "config_from_open_clip", "open_clip_config", "from_open_clip", "to_open_clip",
@@ -50,7 +51,7 @@ def resolve_open_clip_config(model: str | os.PathLike | dict) -> tuple[dict, str
         with open(text) as handle:
             return json.load(handle), None
     try:
-        import open_clip
+        import open_clip  # optional: only to look a model name up
     except ImportError as error:  # pragma: no cover - open_clip is a test dependency
         raise ImportError(
             f"resolving the open_clip model name {text!r} needs open_clip_torch (pip install "
@@ -63,13 +64,8 @@ def resolve_open_clip_config(model: str | os.PathLike | dict) -> tuple[dict, str
     return config, text
 
 
-def config_from_open_clip(model: str | os.PathLike | dict, **overrides) -> CoCaConfig:
-    """CoCaConfig equal to open_clip's CoCa `model` (a name, a model-config JSON path or dict)."""
-    config, name = resolve_open_clip_config(model)
-    label = name or "the open_clip config"
-    vision, text, multimodal = config.get("vision_cfg", {}), config.get("text_cfg", {}), config.get("multimodal_cfg", {})
-    embed_dim = config["embed_dim"]
-
+def _unsupported_towers(config: dict, vision: dict, text: dict, multimodal: dict) -> list[str]:
+    """The settings of open_clip's towers megacoca's CoCa does not implement, one phrase each."""
     problems = []
 
     def unsupported(section: str, values: dict, key: str, allowed) -> None:
@@ -109,25 +105,41 @@ def config_from_open_clip(model: str | os.PathLike | dict, **overrides) -> CoCaC
     unsupported("text_cfg", text, "proj_bias", (False,))
     if not text.get("embed_cls", False):
         problems.append("text_cfg.embed_cls must be True (CoCa's CLS token)")
+    return problems
 
-    vision_width = vision.get("width", 768)
-    head_width = vision.get("head_width", 64)
+
+def _mismatched_widths(config: dict, text: dict, multimodal: dict) -> list[str]:
+    """Where open_clip's text and multimodal towers disagree in a way megacoca's shared settings cannot hold."""
+    problems = []
     text_width, text_heads = text.get("width", 512), text.get("heads", 8)
-    text_mlp = int(text_width * text.get("mlp_ratio", 4.0))
     mm_width, mm_heads = multimodal.get("width", 512), multimodal.get("heads", 8)
     if mm_width != text_width:
         problems.append(f"multimodal_cfg.width {mm_width} != text_cfg.width {text_width}")
     if mm_heads != text_heads:
         problems.append(f"multimodal_cfg.heads {mm_heads} != text_cfg.heads {text_heads}")
-    if text_mlp != 4 * mm_width:  # open_clip's multimodal decoder ignores mlp_ratio: its MLPs are 4x wide
+    if int(text_width * text.get("mlp_ratio", 4.0)) != 4 * mm_width:  # open_clip's decoder MLPs are 4x wide
         problems.append(f"text_cfg.mlp_ratio {text.get('mlp_ratio')} (the decoder's MLP is 4x; they must agree)")
-    if embed_dim != mm_width:
-        problems.append(f"embed_dim {embed_dim} != multimodal width {mm_width} (open_clip itself fails on this)")
+    if config["embed_dim"] != mm_width:
+        problems.append(f"embed_dim {config['embed_dim']} != multimodal width {mm_width} (open_clip itself fails on "
+                        "this)")
     if multimodal.get("vocab_size", text.get("vocab_size")) != text.get("vocab_size", 49408):
         problems.append("multimodal_cfg.vocab_size differs from text_cfg.vocab_size")
-    if problems:
-        raise ValueError(f"cannot convert {label}: " + "; ".join(problems))
+    return problems
 
+
+def config_from_open_clip(model: str | os.PathLike | dict, **overrides) -> CoCaConfig:
+    """CoCaConfig equal to open_clip's CoCa `model` (a name, a model-config JSON path or dict); ValueError naming
+    every setting megacoca cannot express."""
+    config, name = resolve_open_clip_config(model)
+    vision, text, multimodal = config.get("vision_cfg", {}), config.get("text_cfg", {}), config.get("multimodal_cfg", {})
+    embed_dim = config["embed_dim"]
+    problems = _unsupported_towers(config, vision, text, multimodal) + _mismatched_widths(config, text, multimodal)
+    if problems:
+        raise ValueError(f"cannot convert {name or 'the open_clip config'}: " + "; ".join(problems))
+    vision_width = vision.get("width", 768)
+    head_width = vision.get("head_width", 64)
+    text_width, text_heads = text.get("width", 512), text.get("heads", 8)
+    text_mlp = int(text_width * text.get("mlp_ratio", 4.0))
     values = dict(
         image_size=vision.get("image_size", 224),
         patch_size=vision.get("patch_size", 16),
@@ -225,10 +237,6 @@ def open_clip_config(cfg: CoCaConfig) -> dict:
 
 
 # ---- state dicts --------------------------------------------------------------------------------------------
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
 def _transpose(x: torch.Tensor) -> torch.Tensor:
     return x.t().contiguous()
 
@@ -378,7 +386,6 @@ def to_open_clip_stream(items, cfg: CoCaConfig):
 
 def open_clip_shapes(cfg: CoCaConfig) -> dict[str, tuple[int, ...]]:
     """{open_clip name: shape} of the open_clip state dict `to_open_clip` gives for `cfg`, without any data."""
-    from megacoca.models.coca.model import CoCa
 
     with torch.device("meta"):
         state = CoCa(cfg).state_dict()
