@@ -30,7 +30,7 @@ all sides; the order of the sides alternates from one m to the next). Each confi
 one call (`Trainer.train_step` / `PipelineEngine.train_batch`: the whole optimizer step, micro-batches already in
 memory) on the slower rank; the table gives the median over the timed steps. Idle (bubble) fraction of a stage = the
 time it spent blocked on its neighbour / the time of its schedule, per step, median over the timed steps:
-- megacoca: `PipelineRunner.last_wait_s / last_step_s` (receives and the end-of-step wait for the async sends);
+- megacoca: `PipelineSchedule.last_wait_s / last_step_s` (receives and the end-of-step wait for the async sends);
 - DeepSpeed: the time inside its SendActivation / RecvActivation / SendGrad / RecvGrad instructions (its sends
   block) / the time of `_exec_schedule` (both include the optimizer step, neither the final loss broadcast).
 The textbook 1F1B idle fraction (p-1)/(m+p-1) assumes equal stages and free communication.
@@ -78,7 +78,7 @@ SIDES = {  # name -> (kind, ZeRO stage (None: --ds-zero), text-ahead)
 }
 ALIASES = {"all": list(SIDES), "megacoca": [s for s in SIDES if s.startswith("megacoca")]}
 PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "deepspeed", "deepspeed.pipe", "megacoca.trainer",
-           "megacoca.models.coca", "megacoca.losses", "megacoca.parallel.pipeline.runner",
+           "megacoca.models.coca", "megacoca.losses", "megacoca.schedules.pipeline",
            "deepspeed.runtime.zero.muon.muon_optimizer",  # torch.compile at import: pulls in inductor
            "deepspeed.runtime.zero.stage3", "deepspeed.runtime.zero.stage_1_and_2"]
 
@@ -178,7 +178,7 @@ def _run_megacoca(args, m, zero, text_ahead, dims, data, reference, tmp, notes):
     job = job_config(args, m, os.path.join(tmp, f"mc_m{m}_z{str(zero).replace(' ', '_')}_ta{text_ahead}"), zero,
                      text_ahead)
     trainer = Trainer(job, _ListLoader(data), dims=dims, logger=_silent_logger())
-    runner = trainer.pipeline
+    runner = trainer.schedule
     info = {"stage": dims.pp_rank, "text_ahead": runner.text_ahead, "split": trainer.pipeline_split.describe(),
             "zero": zero}
     if zero not in (3, "3 kept gathered") and "weights" not in notes:  # megacoca's initial stage weights against the DeepSpeed side's CoCa

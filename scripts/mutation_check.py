@@ -39,6 +39,20 @@ class Mutation:
 
 MUTATIONS = [
     Mutation(
+        "pipeline_position_not_shared", "stages after the first keep a stale data position in their rank files",
+        "megacoca/schedules/pipeline.py",
+        "        if not self.stage.is_first and state[0] is not None:\n",
+        "        if False:\n",
+        ("tests/distributed/test_resume.py",),
+    ),
+    Mutation(
+        "planner_imports_the_trainer", "the planner reaches up to the trainer (a floor broken)",
+        "megacoca/plan/params.py",
+        "from __future__ import annotations\n",
+        "from __future__ import annotations\n\nimport megacoca.trainer  # noqa: F401\n",
+        ("tests/unit/test_floors.py",),
+    ),
+    Mutation(
         "padding_of_row_0", "the text key mask uses row 0's padding for every row",
         "megacoca/models/coca/text.py",
         "    real = text != pad_id\n",
