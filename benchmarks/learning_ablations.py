@@ -43,6 +43,10 @@ VARIANTS: dict[str, list[str]] = {
     "coca": [],
     "contrastive_only": ["optim.caption_weight=0"],
     "captioning_only": ["optim.contrastive_weight=0"],
+    # contrastive negatives (issue 23): the whole batch as 8 micro-batches of 16, each gathered alone ("micro":
+    # 15 negatives per image) or the whole batch exactly ("global": 127, as `coca`'s one micro-batch of 128)
+    "micro_accum8": ["schedule.micro_batch_size=16"],
+    "global_accum8": ["schedule.micro_batch_size=16", "loss.negatives=global"],
 }
 METRICS = ("zeroshot_shape_acc", "zeroshot_top1", "caption_match", "i2t_r1")
 

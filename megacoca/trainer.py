@@ -82,7 +82,8 @@ class Trainer:
         self.guard = StepGuard(job.fault.max_bad_steps, job.fault.loss_spike_factor, job.fault.loss_spike_window)
         self.guard.wrap_client_optimizer(self.engine.optimizer)
         self.schedule = build_schedule(self.engine, self.dims, self.layout, self.coca_loss, self.guard,
-                                       dtype=self.dtype, pipeline_split=self.pipeline_split)
+                                       dtype=self.dtype, pad_id=self.model_config.pad_id, seed=job.seed,
+                                       pipeline_split=self.pipeline_split)
         self.step = 0
         self.history: list[dict] = []  # the train records this rank computed (all ranks, for tests)
         self.flops_per_sample = train_flops_per_sample(self.model_config, **self.coca_loss.model_kwargs)
@@ -102,8 +103,12 @@ class Trainer:
             f"{layout.precision} | batch {job.schedule.global_batch_size} = {job.schedule.micro_batch_size} x dp "
             f"{self.dims.dp_size} x accum {self.grad_accum} | {self.flops_per_sample / 1e9:.3g} GFLOP/sample "
             f"| device {self.device_name or self.device} (peak {peak})")
-        self.logger.info(f"contrastive negatives per image: {job.schedule.micro_batch_size * self.dims.dp_size - 1} "
-                         f"(each micro-batch of {job.schedule.micro_batch_size} gathered over dp {self.dims.dp_size})")
+        if layout.negatives == "global":
+            self.logger.info(f"contrastive negatives per image: {layout.contrastive_negatives} (the whole global batch "
+                             f"of {job.schedule.global_batch_size}: loss.negatives=global)")
+        else:
+            self.logger.info(f"contrastive negatives per image: {layout.contrastive_negatives} (each micro-batch of "
+                             f"{job.schedule.micro_batch_size} gathered over dp {self.dims.dp_size})")
         if self.text_overlapped:
             self.logger.info("the text tower runs on a CUDA side stream, overlapped with the image tower")
         described = self.schedule.describe()

@@ -39,6 +39,38 @@ class Mutation:
 
 MUTATIONS = [
     Mutation(
+        "negatives_text_ahead_not_replayed", "under a pipeline, text-ahead's text tower draws other masks in pass 2",
+        "megacoca/schedules/pipeline.py",
+        '                with self._piece(run, "T", k):\n                    run.text_outputs[k]',
+        '                with contextlib.nullcontext():\n                    run.text_outputs[k]',
+        ("tests/distributed/test_global_negatives.py::test_global_negatives_equal_one_micro_batch_of_the_whole_batch"
+         "[2ranks]",),
+    ),
+    Mutation(
+        "negatives_grad_to_wrong_micro_batch", "global negatives apply micro-batch k+1's cached gradient to k",
+        "megacoca/schedules/negatives.py",
+        "        image_grad, text_grad = self.grads[k]\n",
+        "        image_grad, text_grad = self.grads[(k + 1) % len(self.grads)]\n",
+        ("tests/distributed/test_global_negatives.py::test_global_negatives_equal_one_micro_batch_of_the_whole_batch"
+         "[1rank]",),
+    ),
+    Mutation(
+        "negatives_remote_rows_detached", "the gathered embeddings pass no gradient back to the ranks they came from",
+        "megacoca/schedules/negatives.py",
+        "            all_image = all_gather_with_grad(image, self.dp_group)\n",
+        "            all_image = all_gather_with_grad(image, self.dp_group).detach()\n",
+        ("tests/distributed/test_global_negatives.py::test_global_negatives_equal_one_micro_batch_of_the_whole_batch"
+         "[2ranks]",),
+    ),
+    Mutation(
+        "negatives_randomness_not_replayed", "pass 2 draws other dropout masks than pass 1",
+        "megacoca/schedules/accumulate.py",
+        "            with self._piece(step, k):\n",
+        "            with contextlib.nullcontext():\n",
+        ("tests/distributed/test_global_negatives.py::test_global_negatives_equal_one_micro_batch_of_the_whole_batch"
+         "[1rank]",),
+    ),
+    Mutation(
         "pipeline_position_not_shared", "stages after the first keep a stale data position in their rank files",
         "megacoca/schedules/pipeline.py",
         "        if not self.stage.is_first and state[0] is not None:\n",

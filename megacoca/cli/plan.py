@@ -44,6 +44,9 @@ def register(subparsers) -> None:
                         help="triton: the fused caption loss keeps no logits (what `auto` does on CUDA)")
     parser.add_argument("--min-negatives", type=int, default=0,
                         help="only layouts with at least this many contrastive negatives per image")
+    parser.add_argument("--negatives", choices=("micro", "global"), default="micro",
+                        help="loss.negatives: the micro-batch gathered over dp (micro), or the whole global batch "
+                             "(global: one extra forward of both towers per step)")
     parser.add_argument("--memory-fraction", type=float, default=0.9,
                         help="share of the device memory a layout may use (default 0.9)")
     parser.add_argument("--top", type=int, default=10, help="layouts to print (default 10)")
@@ -140,11 +143,12 @@ def plan_command(args) -> int:
         profile = profile.with_nodes(int(args.gpus_per_node))
     gpus, batch = int(args.gpus), int(args.global_batch)
     plans, too_big = plan(cfg, profile, gpus, batch, args.precision, kernels=args.kernels,
-                          memory_fraction=args.memory_fraction, min_negatives=args.min_negatives)
+                          memory_fraction=args.memory_fraction, min_negatives=args.min_negatives,
+                          negatives=args.negatives)
     params = stage_tensors(cfg, 1, 1)[0].elements
     print(f"{args.flavor}: {params / 1e6:,.0f}M parameters, {train_flops_per_sample(cfg) / 1e12:.3g} TFLOP per "
           f"sample (train) | {gpus} GPUs ({profile.gpus_per_node} per node, {profile.memory_bytes / 1e9:.0f} GB "
-          f"each) | global batch {batch:,} | {args.precision}, {args.kernels} kernels")
+          f"each) | global batch {batch:,} | {args.precision}, {args.kernels} kernels | {args.negatives} negatives")
     print(f"profile {profile.name}: {profile.source}")
     if not plans:
         print(f"no layout fits in {args.memory_fraction:.0%} of {profile.memory_bytes / 1e9:.0f} GB ({too_big} valid "

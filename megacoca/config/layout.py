@@ -30,6 +30,7 @@ class Layout:
     text_ahead: int = 0
     keep_gathered: bool = False
     kernels: str = "torch"  # "triton": the fused caption loss keeps no logits
+    negatives: str = "micro"  # "global": the contrastive loss over the whole global batch (an extra tower forward)
 
     def __post_init__(self) -> None:
         for name in ("dp", "tp", "pp", "micro_batch", "grad_accum"):
@@ -40,6 +41,8 @@ class Layout:
             raise ValueError(f"Layout: zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"Layout: precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.negatives not in ("micro", "global"):
+            raise ValueError(f"Layout: negatives must be 'micro' or 'global', got {self.negatives!r}")
 
     @property
     def world(self) -> int:
@@ -48,6 +51,11 @@ class Layout:
     @property
     def global_batch(self) -> int:
         return self.micro_batch * self.grad_accum * self.dp
+
+    @property
+    def contrastive_negatives(self) -> int:
+        """Negatives per image: the micro-batch gathered over dp, or (global) the whole global batch, less itself."""
+        return (self.global_batch if self.negatives == "global" else self.micro_batch * self.dp) - 1
 
     def replace(self, **changes) -> "Layout":
         return dataclasses.replace(self, **changes)
@@ -64,7 +72,8 @@ class Layout:
         return (f"tp={self.tp} pp={self.pp} dp={self.dp} ZeRO-{self.zero_stage} {self.precision} "
                 f"micro={self.micro_batch} x accum {self.grad_accum}" + (" ckpt" if self.checkpointing else "")
                 + (f" text-ahead {self.text_ahead}" if self.text_ahead else "")
-                + (" keep-gathered" if self.keep_gathered else ""))
+                + (" keep-gathered" if self.keep_gathered else "")
+                + (" global negatives" if self.negatives == "global" else ""))
 
     def record(self) -> dict:
         """Plain data for a checkpoint's client state or a JSON file."""
@@ -108,4 +117,4 @@ def job_layout(job, world_size: int, ds_config: dict) -> Layout:
                   precision="bf16" if ds_config.get("bf16", {}).get("enabled", False) else "fp32",
                   micro_batch=job.schedule.micro_batch_size, grad_accum=job.grad_accum_steps(dp),
                   checkpointing=p.activation_checkpointing, text_ahead=p.text_ahead,
-                  keep_gathered=p.pipeline_keep_gathered and zero == 3)
+                  keep_gathered=p.pipeline_keep_gathered and zero == 3, negatives=job.loss.negatives)

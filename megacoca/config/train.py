@@ -87,6 +87,15 @@ class LoggingConfig:
 
 
 @dataclass
+class LossConfig:
+    # Which samples an image's contrastive loss scores it against. "micro": its micro-batch gathered over the
+    # data-parallel ranks (micro_batch_size x dp - 1 negatives). "global": the whole global batch, whatever the
+    # accumulation, tensor or pipeline degrees (global_batch_size - 1 negatives, the paper's), computed exactly by
+    # caching the embeddings' gradients (megacoca.schedules.negatives): one extra forward of both towers per step.
+    negatives: Literal["micro", "global"] = "micro"
+
+
+@dataclass
 class EvalConfig:
     every: int = 0  # steps between calls of the trainer's eval hook; 0 disables
 
@@ -148,6 +157,7 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
 
@@ -174,6 +184,11 @@ class JobConfig:
         the batch split over the ranks."""
         _check_data_and_schedule(self.data, self.schedule)
         _check_optim(self.optim)
+        _require(self.loss.negatives in ("micro", "global"),
+                 f"loss.negatives must be 'micro' or 'global', got {self.loss.negatives!r}")
+        _require(self.loss.negatives == "micro" or self.optim.contrastive_weight > 0,
+                 "loss.negatives=global needs the contrastive loss, but optim.contrastive_weight is 0 (a "
+                 "captioning-only run has no negatives: use loss.negatives=micro)")
         _check_parallel(self.parallel)
         _check_fault(self.fault)
         _require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")

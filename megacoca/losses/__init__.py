@@ -1,5 +1,5 @@
-from megacoca.losses.caption import caption_loss
+from megacoca.losses.caption import StepTokens, caption_loss, caption_token_count
 from megacoca.losses.coca import CoCaLoss
 from megacoca.losses.contrastive import contrastive_loss
 
-__all__ = ["CoCaLoss", "caption_loss", "contrastive_loss"]
+__all__ = ["CoCaLoss", "StepTokens", "caption_loss", "caption_token_count", "contrastive_loss"]

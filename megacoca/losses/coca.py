@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from megacoca.losses.caption import caption_loss
+from megacoca.losses.caption import StepTokens, caption_loss
 from megacoca.losses.contrastive import contrastive_loss
 
 
@@ -35,14 +35,24 @@ class CoCaLoss:
         """What the model's training forward (CoCa.forward, a pipeline's last stage) must compute for this loss."""
         return {"contrastive": self.contrastive, "captioning": self.captioning}
 
-    def __call__(self, out: dict, dp_group=None) -> tuple[torch.Tensor, dict]:
+    def __call__(self, out: dict, dp_group=None, *, step_tokens: StepTokens | None = None,
+                 contrastive: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+        """The weighted loss of a micro-batch's training outputs, and its parts (detached). `step_tokens`: the
+        caption loss is this micro-batch's share of the step's mean token loss over the global batch; without it,
+        the mean over this micro-batch's tokens (gathered over dp).
+        `contrastive`: the contrastive loss computed elsewhere (the global-negatives schedule's, whose gradient
+        reaches this micro-batch's features); without it, this micro-batch's gathered over `dp_group`."""
         logit_scale = out["logit_scale"]
         zero = torch.zeros((), device=logit_scale.device)
         loss_contrastive = loss_caption = zero
         if self.contrastive:
-            loss_contrastive = contrastive_loss(out["image_features"], out["text_features"], logit_scale, dp_group)
+            loss_contrastive = contrastive if contrastive is not None else contrastive_loss(
+                out["image_features"], out["text_features"], logit_scale, dp_group)
         if self.captioning:
-            loss_caption = caption_loss(out["caption_loss_sum"], out["caption_tokens"], dp_group)
+            if step_tokens is not None:
+                loss_caption = step_tokens.loss(out["caption_loss_sum"])
+            else:
+                loss_caption = caption_loss(out["caption_loss_sum"], out["caption_tokens"], dp_group)
         if self.contrastive and self.captioning:
             loss = self.contrastive_weight * loss_contrastive + self.caption_weight * loss_caption
         else:

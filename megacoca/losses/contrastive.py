@@ -19,11 +19,17 @@ def contrastive_loss(
     """
     image_features = image_features.float()
     text_features = text_features.float()
-    all_image = all_gather_with_grad(image_features, dp_group)
-    all_text = all_gather_with_grad(text_features, dp_group)
+    return gathered_contrastive_loss(image_features, text_features, all_gather_with_grad(image_features, dp_group),
+                                     all_gather_with_grad(text_features, dp_group), logit_scale, group_rank(dp_group))
+
+
+def gathered_contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, all_image: torch.Tensor,
+                              all_text: torch.Tensor, logit_scale: torch.Tensor, rank: int) -> torch.Tensor:
+    """The local rows (fp32) of data-parallel rank `rank` against every row of the gathered `all_image` /
+    `all_text`, where the local rows sit at [rank x rows, (rank + 1) x rows)."""
     scale = logit_scale.float().reshape(())
     logits_per_image = scale * image_features @ all_text.T
     logits_per_text = scale * text_features @ all_image.T
     rows = image_features.shape[0]
-    labels = torch.arange(rows, device=image_features.device) + rows * group_rank(dp_group)
+    labels = torch.arange(rows, device=image_features.device) + rows * rank
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2

@@ -230,7 +230,8 @@ def predict(cfg, layout: Layout, buffers: ZeroBuffers | None = None, *, text_tok
             recompute = 0.0
         in_flight = 1 if layout.pp == 1 else min(layout.grad_accum, layout.pp - s)
         last = s == len(stages) - 1
-        activations = e * saved * in_flight + _batch_input_bytes(cfg, layout, s, e)
+        kept, solve = _global_negatives_bytes(cfg, layout, e) if last else (0.0, 0.0)
+        activations = e * saved * in_flight + _batch_input_bytes(cfg, layout, s, e) + kept
         if last and layout.text_ahead:
             activations += e * parts["text_blocks"]["saved"] * layout.text_ahead
         if last:
@@ -246,6 +247,8 @@ def predict(cfg, layout: Layout, buffers: ZeroBuffers | None = None, *, text_tok
             "backward": (states["gathered_backward"], states["buckets"], without_loss,
                          states["accumulated"] + recomputed),
             "gradient all-reduce": (0.0, states["all_grads"], 0.0, states["reduce"]),
+            # global negatives: between the two passes, the contrastive loss over the gathered embeddings
+            "global contrastive loss": (0.0, 0.0, _batch_input_bytes(cfg, layout, s, e) + kept, solve),
             "step": (0.0, states["step_grads"], 0.0, states["step"]),
         }
         phase = max(moments, key=lambda k: sum(moments[k]))
@@ -264,16 +267,32 @@ def peak(cfg, layout: Layout, buffers: ZeroBuffers | None = None, **kwargs) -> f
 
 
 def _batch_input_bytes(cfg, layout: Layout, stage: int, e: int) -> float:
-    """The step's input batches a rank of `stage` holds: without a pipeline one micro-batch at a time (fp32 images,
-    int64 token ids); under one, stage 0 reads all m micro-batches up front (images cast to the training dtype, and
-    their token ids stacked into the one message it sends), the last stage holds those token ids, the stages between
-    hold none (megacoca.schedules.pipeline)."""
+    """The step's input batches a rank of `stage` holds: every schedule reads a step's m micro-batches up front
+    (their caption tokens are counted before the first backward). Without a pipeline, all m as the loader gives
+    them (fp32 images, int64 token ids; on a GPU they wait in host memory: an overestimate of the device's by m - 1
+    micro-batches of images); under one, stage 0 holds them (images cast to the training dtype, and their token ids
+    stacked into the one message it sends), the last stage those token ids, the stages between none
+    (megacoca.schedules.pipeline)."""
     images = layout.micro_batch * cfg.in_channels * cfg.image_size ** 2
     tokens = layout.micro_batch * cfg.context_length
     if layout.pp == 1:
-        return 4 * images + 8 * tokens
+        return layout.grad_accum * (4 * images + 8 * tokens)
     first, last = stage == 0, stage == layout.pp - 1
     return layout.grad_accum * ((e * images if first else 0) + (8 * tokens if first or last else 0))
+
+
+def _global_negatives_bytes(cfg, layout: Layout, e: int) -> tuple[float, float]:
+    """(bytes kept through pass 2, bytes of the loss between the passes) of `loss.negatives: global` on the stage
+    that computes the loss (megacoca.schedules.negatives): pass 1's normalised image and text embeddings of the
+    step's m micro-batches (training dtype) and their cached fp32 gradients; for the loss, the embeddings gathered
+    over the data-parallel group in fp32 and their gradients (the gather's backward all-reduces them whole), and this
+    rank's rows' logits against every row, both directions, with their softmax gradients."""
+    if layout.negatives != "global":
+        return 0.0, 0.0
+    rows, total = layout.micro_batch * layout.grad_accum, layout.global_batch
+    kept = 2 * rows * cfg.embed_dim * (e + 4)
+    solve = 2 * 2 * total * cfg.embed_dim * 4 + 2 * 2 * rows * total * 4 + 2 * 2 * rows * cfg.embed_dim * 4
+    return kept, solve
 
 
 def default_text_ahead(cfg, pp: int, micro_batches: int) -> int:

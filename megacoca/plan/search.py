@@ -37,8 +37,9 @@ class Plan:
 
     @property
     def negatives(self) -> int:
-        """Contrastive negatives per image: each micro-batch is gathered over the data-parallel ranks."""
-        return self.layout.micro_batch * self.layout.dp - 1
+        """Contrastive negatives per image: the micro-batch gathered over the data-parallel ranks, or (global
+        negatives) the whole global batch."""
+        return self.layout.contrastive_negatives
 
     def limit(self) -> str:
         """What limits the layout: the largest share of its step time beyond the matmuls."""
@@ -55,7 +56,7 @@ def _divisors(n: int) -> list[int]:
 
 
 def layouts(cfg, gpus: int, global_batch: int, precision: str, gpus_per_node: int, *, kernels: str = "torch",
-            zero_stages=None, tp_values=None, pp_values=None, checkpointing=(False, True)):
+            zero_stages=None, tp_values=None, pp_values=None, checkpointing=(False, True), negatives: str = "micro"):
     stages = zero_stages or ((0, 1, 2, 3) if precision == "fp32" else (1, 2, 3))
     for tp in tp_values or [d for d in _divisors(gpus_per_node) if gpus % d == 0]:
         try:
@@ -85,7 +86,7 @@ def layouts(cfg, gpus: int, global_batch: int, precision: str, gpus_per_node: in
                     for ckpt in checkpointing:
                         yield Layout(tp=tp, pp=pp, dp=dp, zero_stage=zero, micro_batch=micro, grad_accum=accum,
                                      precision=precision, checkpointing=ckpt, text_ahead=text_ahead,
-                                     kernels=kernels)
+                                     kernels=kernels, negatives=negatives)
 
 
 def plan(cfg, profile: DeviceProfile, gpus: int, global_batch: int, precision: str = "bf16", *,
@@ -95,7 +96,7 @@ def plan(cfg, profile: DeviceProfile, gpus: int, global_batch: int, precision: s
     fitting, too_big = [], 0
     budget = memory_fraction * profile.memory_bytes
     for layout in layouts(cfg, gpus, global_batch, precision, profile.gpus_per_node, kernels=kernels, **choices):
-        if layout.micro_batch * layout.dp - 1 < min_negatives:
+        if layout.contrastive_negatives < min_negatives:
             continue
         memory = predict(cfg, layout, buffers)
         if max(stage.peak for stage in memory) > budget:
@@ -118,10 +119,11 @@ def emit_config(plan_: Plan, flavor: str | None, model_overrides: dict | None = 
         parallel["deepspeed_overrides"] = {"zero_optimization.stage": layout.zero_stage}
     if layout.pp > 1:
         parallel["text_ahead"] = layout.text_ahead
+    loss = {"loss": {"negatives": "global"}} if layout.negatives == "global" else {}
     model = {"flavor": flavor} if flavor else {}
     if model_overrides:
         model["overrides"] = dict(model_overrides)
     if layout.kernels != "torch":
         model.setdefault("overrides", {})["kernels"] = "auto"
-    return {"model": model, "parallel": parallel,
+    return {"model": model, "parallel": parallel, **loss,
             "schedule": {"global_batch_size": layout.global_batch, "micro_batch_size": layout.micro_batch}}

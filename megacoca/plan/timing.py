@@ -105,7 +105,8 @@ def stage_work(cfg, vit_blocks: int, text_side: bool, tp: int = 1, checkpointing
     """Work per sample of a pipeline stage holding `vit_blocks` ViT blocks (and the text side: poolers, text tower,
     decoder, heads and losses, if `text_side`) on one of `tp` tensor ranks; `text_tower_only`: the unimodal text
     tower alone (what text-ahead runs early); `patch_embedding`: the stage embeds the patches. Matmul FLOPs are
-    megacoca.metrics.flops' (x 3 for forward + backward, + one forward of every recomputed block)."""
+    megacoca.metrics.flops' (x 3 for forward + backward, + one forward of every recomputed block). A block's own
+    forward is a third of its work without checkpointing (`embedding_pass_work` uses that)."""
     parts = forward_flops_breakdown(cfg)
     passes = 4 if checkpointing else 3
     n, s = cfg.image_tokens, cfg.context_length
@@ -142,6 +143,21 @@ def stage_work(cfg, vit_blocks: int, text_side: bool, tp: int = 1, checkpointing
         work += text + Work(3 * side_flops / tp + (passes - 3) * (parts["decoder"] + parts["decoder_attention"]) / tp,
                             decoder + poolers + logits, attention, rows)
     return work
+
+
+def embedding_pass_work(cfg, vit_blocks: int, text_side: bool, tp: int = 1, patch_embedding: bool = False) -> Work:
+    """Work per sample of global negatives' first pass on a stage (megacoca.schedules.negatives): the forward of its
+    ViT blocks and, on the last stage, of the poolers and the text tower; no multimodal decoder, heads or backward."""
+    work = stage_work(cfg, vit_blocks, False, tp, patch_embedding=patch_embedding)
+    if text_side:
+        parts = forward_flops_breakdown(cfg)
+        n, q, d = cfg.image_tokens, cfg.caption_queries, cfg.pooled_width
+        keys = q if cfg.pooler_layout == "paper" and cfg.pooler_cascade else n
+        poolers = Work(3 * (parts["poolers"] + parts["poolers_attention"]) / tp,
+                       10 * n * cfg.vision_width + block_elementwise(q, d, 0, tp),
+                       3 * cfg.pooler_heads * (q * n + keys) / tp, 3 * cfg.pooler_heads * (q + 1) / tp)
+        work += stage_work(cfg, 0, True, tp, text_tower_only=True) + poolers
+    return Work(work.flops / 3, work.elementwise / 3, work.attention / 3, work.attention_rows / 3)
 
 
 def work_seconds(work: Work, profile: DeviceProfile, precision: str) -> float:
@@ -278,6 +294,35 @@ def _dp_seconds(cfg, layout: Layout, profile: DeviceProfile, e: int, params: int
     return dp_exposed, 0.0
 
 
+def _negatives_seconds(cfg, layout: Layout, profile: DeviceProfile, e: int, params: int) -> float:
+    """What `loss.negatives: global` adds to a step (megacoca.schedules.negatives): the first pass, every micro-batch
+    forward through each stage's share of the towers (pipelined like a forward-only fill: the sum of the stages' times
+    for the first, the slowest stage's for each other), with the engine's per-block cost; under ZeRO-3 (unless the
+    pipeline keeps the stage gathered) one more gather of the stage's parameters per micro-batch, exposed beyond what
+    the pass's compute hides; and the loss between the passes: the embeddings all-gathered over dp in fp32, their
+    gradient all-reduced back, and the logits of this rank's rows against the global batch, forward and backward."""
+    if layout.negatives != "global":
+        return 0.0
+    b, t, m, dp = layout.micro_batch, layout.tp, layout.grad_accum, layout.dp
+    stages = []
+    for s, (vit_blocks, text_side) in enumerate(_stages(cfg, layout.pp)):
+        work = embedding_pass_work(cfg, vit_blocks, text_side, t, patch_embedding=s == 0)
+        blocks = vit_blocks + (cfg.text_layers + 2 if text_side else 0)
+        stages.append(b * work_seconds(work, profile, layout.precision)
+                      + blocks * profile.block_overhead(layout.precision) / 3)
+    sweep = sum(stages) + (m - 1) * max(stages)
+    dp_bw = _bandwidth(dp * t * layout.pp, profile) if dp > 1 else profile.intra_node_bw
+    if layout.zero_stage == 3 and not layout.keep_gathered:
+        gather = _ring(e * params, dp, dp_bw, profile.latency(dp), factor=1.0)
+        sweep += m * max(gather - profile.overlap * max(stages), 0.0)
+    rows, total = b * m, layout.global_batch
+    features = 2 * total * cfg.embed_dim * 4
+    loss = _ring(features, dp, dp_bw, profile.latency(dp), factor=1.0) + _ring(features, dp, dp_bw, profile.latency(dp))
+    loss += 3 * 2 * 2 * rows * total * cfg.embed_dim / profile.matmul_flops.get("fp32", profile.matmul_flops[
+        layout.precision])
+    return sweep + loss
+
+
 def predict_time(cfg, layout: Layout, profile: DeviceProfile) -> StepTime:
     """The step time of `layout` on `profile` (see the module docstring), with its parts by cause."""
     e = 2 if layout.precision == "bf16" else 4
@@ -289,12 +334,14 @@ def predict_time(cfg, layout: Layout, profile: DeviceProfile) -> StepTime:
     dp_exposed, after_step = _dp_seconds(cfg, layout, profile, e, params, forward, backward)
     partition = params if layout.zero_stage == 0 else -(-params // layout.dp)
     optimizer = partition * profile.step_param(layout.zero_stage) + profile.step_overhead(layout.zero_stage)
-    seconds = pipeline + dp_exposed + after_step + optimizer
+    negatives = _negatives_seconds(cfg, layout, profile, e, params)
+    seconds = pipeline + dp_exposed + after_step + optimizer + negatives
     samples = layout.global_batch / seconds
     peak = profile.peak_flops.get(layout.precision)
     mfu = train_flops_per_sample(cfg) * samples / (layout.world * peak) if peak else None
     parts = {"compute and TP (pipeline makespan)" if pp > 1 else "compute and TP": pipeline,
              "tensor-parallel all-reduces": m * (vit_comm + rest_comm) if pp == 1 else (vit_comm + rest_comm) * m,
              "data-parallel exposed": dp_exposed + after_step, "optimizer step": optimizer,
-             "pipeline bubble": pipeline - m * compute_total if pp > 1 else 0.0}
+             "pipeline bubble": pipeline - m * compute_total if pp > 1 else 0.0,
+             "global negatives' first pass and loss": negatives}
     return StepTime(seconds, samples, samples / layout.world, mfu, parts)

@@ -21,7 +21,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from megacoca.losses import CoCaLoss
+from megacoca.losses import CoCaLoss, StepTokens, caption_token_count
 from megacoca.parallel.tensor import is_tensor_parallel
 from megacoca.step_guard import StepGuard, inject_loss_faults
 
@@ -82,26 +82,38 @@ def replicated_grad_norm(module: torch.nn.Module, dims) -> float:
 
 
 class MicroBatchWork:
-    """The work on one micro-batch that every schedule shares, written once: the inputs cast and moved, the CoCa
-    loss (with MEGACOCA_FAULTS' injected faults) and its logged sums, the step guard's gate before backward, and
-    the optimizer step after it (with this rank's own gradient norm before the last, where DeepSpeed reports
-    none: ZeRO-0 fp32, whose client optimizer the guard then skips on a non-finite norm)."""
+    """The work on one micro-batch that every schedule shares, written once: the inputs cast and moved, the step's
+    caption tokens counted before its first backward, the CoCa loss (with MEGACOCA_FAULTS' injected faults) and its
+    logged sums, the step guard's gate before backward, and the optimizer step after it (with this rank's own
+    gradient norm before the last, where DeepSpeed reports none: ZeRO-0 fp32, whose client optimizer the guard then
+    skips on a non-finite norm)."""
 
     def __init__(self, engine, dims, loss: CoCaLoss, guard: StepGuard, *, dtype: torch.dtype, micro_batches: int,
-                 own_grad_norm: bool) -> None:
+                 own_grad_norm: bool, pad_id: int) -> None:
         self.engine, self.dims, self.coca_loss, self.guard = engine, dims, loss, guard
         self.dtype, self.micro_batches, self.own_grad_norm = dtype, micro_batches, own_grad_norm
+        self.pad_id = pad_id
         self.device = engine.device
         self.model_kwargs = loss.model_kwargs
         self.step = 0
         self.sums = torch.zeros(4, device=self.device)
         self.grad_norm: float | None = None
+        self.step_tokens: StepTokens | None = None
 
     def begin(self, step: int) -> None:
         """A new optimizer step, number `step`: the sums start at 0 (they stay on the device: no host sync)."""
         self.step = step
         self.sums = torch.zeros(4, device=self.device)
         self.grad_norm = None
+        self.step_tokens = None
+
+    def count_tokens(self, texts: list[torch.Tensor]) -> None:
+        """The caption tokens of the step's micro-batches `texts` (this rank's), summed over the data-parallel group
+        (one all-reduce), before the step's first backward: each micro-batch's caption loss is then its share of the
+        global batch's mean token loss (megacoca.losses.StepTokens). Every rank that computes the loss calls it."""
+        if self.coca_loss.captioning:
+            local = sum(caption_token_count(text, self.pad_id) for text in texts)
+            self.step_tokens = StepTokens.count(local.to(self.device), self.micro_batches, self.dims.dp_group)
 
     def images(self, batch: dict) -> torch.Tensor:
         return batch["images"].to(self.device, dtype=self.dtype, non_blocking=True)
@@ -109,10 +121,11 @@ class MicroBatchWork:
     def text(self, batch: dict) -> torch.Tensor:
         return batch["text"].to(self.device, non_blocking=True)
 
-    def loss(self, out: dict) -> torch.Tensor:
+    def loss(self, out: dict, contrastive: torch.Tensor | None = None) -> torch.Tensor:
         """The CoCa loss of a micro-batch's training outputs (the contrastive part gathered over the data-parallel
-        group), its logged values added to the step's sums."""
-        loss, parts = self.coca_loss(out, dp_group=self.dims.dp_group)
+        group, or `contrastive`: the global-negatives one), its logged values added to the step's sums."""
+        loss, parts = self.coca_loss(out, dp_group=self.dims.dp_group, step_tokens=self.step_tokens,
+                                     contrastive=contrastive)
         loss = inject_loss_faults(loss, self.step)
         self.sums += self.coca_loss.sums(loss, parts)
         return loss

@@ -22,10 +22,18 @@ of its pipeline (`share_data_position`), so every rank file holds the exact posi
 
 Messages: the first activation a stage sends in a step (and the step's text) carries a shape header; the others,
 and every gradient sent back (its activation's shape), go without one (megacoca.parallel.pipeline.p2p).
+
+Global negatives (`loss.negatives: global`, megacoca.schedules.negatives): before 1F1B, a forward-only sweep of the
+stages runs every micro-batch through the image tower and, on the last stage, the poolers and the text tower
+(nothing kept but the embeddings, each stage's sends waited for at its end); the last stage computes the global
+contrastive loss and its gradients, and 1F1B with text-ahead then runs as above with that loss as each micro-batch's
+contrastive part. Every forward piece runs on its own seeded generators in both passes (`RandomPieces`: a
+micro-batch's forward on every stage, and apart from it the last stage's text tower where text-ahead runs it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Iterator
 
@@ -37,14 +45,16 @@ from megacoca.parallel.pipeline.p2p import PendingSends, recv_tensor, send_tenso
 from megacoca.parallel.pipeline.schedule import stage_actions
 from megacoca.parallel.pipeline.zero3 import GatheredForStep, scope_trace_check_to_stage, unscope_trace_check
 from megacoca.schedules.base import MicroBatchWork, Schedule, StepResult
+from megacoca.schedules.negatives import GlobalNegatives
 
 
 class PipelineSchedule(Schedule):
     def __init__(self, work: MicroBatchWork, split, *, text_ahead: int, keep_gathered: bool = False,
-                 zero3: bool = False) -> None:
+                 zero3: bool = False, negatives: GlobalNegatives | None = None) -> None:
         """`split`: the StageSplit the engine's stage was cut by; `text_ahead`: text-tower forwards the last stage
-        runs ahead (resolved: >= 0); `keep_gathered` (ZeRO-3): the stage's parameters gathered once per step."""
-        self.work, self.split, self.text_ahead = work, split, text_ahead
+        runs ahead (resolved: >= 0); `keep_gathered` (ZeRO-3): the stage's parameters gathered once per step;
+        `negatives`: global negatives (a forward-only sweep first)."""
+        self.work, self.split, self.text_ahead, self.negatives = work, split, text_ahead, negatives
         self.engine, self.dims = work.engine, work.dims
         self.stage = work.engine.module
         self.micro_batches = work.micro_batches
@@ -54,6 +64,7 @@ class PipelineSchedule(Schedule):
         self.prev = ranks[s - 1] if s > 0 else None
         self.next = ranks[s + 1] if s < self.dims.pp_size - 1 else None
         self.actions = stage_actions(s, self.dims.pp_size, self.micro_batches, text_ahead)
+        self.ahead = {k for kind, k in self.actions if kind == "T"}  # micro-batches whose text tower runs apart
         self.zero_optimizer = isinstance(self.engine.optimizer, ZeROOptimizer)
         self.gathered = GatheredForStep(self.stage) if keep_gathered else None
         self.zero3 = zero3
@@ -65,7 +76,9 @@ class PipelineSchedule(Schedule):
         self.last_wait_s = 0.0
 
     def describe(self) -> str:
-        return f"{self.split.describe()} | 1F1B over {self.micro_batches} micro-batches, text-ahead {self.text_ahead}"
+        negatives = ", global negatives (a forward-only sweep first)" if self.negatives is not None else ""
+        return (f"{self.split.describe()} | 1F1B over {self.micro_batches} micro-batches, text-ahead "
+                f"{self.text_ahead}{negatives}")
 
     def log_fields(self) -> dict:
         """`pipeline_idle`: per stage, the fraction of the last step it spent waiting for its neighbours (its
@@ -73,7 +86,12 @@ class PipelineSchedule(Schedule):
         own = torch.tensor([self.last_wait_s / max(self.last_step_s, 1e-9)], device=self.device)
         parts = [torch.zeros_like(own) for _ in range(self.dims.pp_size)]
         dist.all_gather(parts, own, group=self.dims.pp_group)
-        return {"pipeline_idle": [round(float(part), 4) for part in parts]}
+        fields = {"pipeline_idle": [round(float(part), 4) for part in parts]}
+        if self.negatives is not None:  # the last stage's, on every stage
+            error = self.negatives.replay_error.to(self.device).reshape(1).float()
+            dist.broadcast(error, self.pp_ranks[-1], group=self.dims.pp_group)
+            fields["negatives_replay_error"] = float(error)
+        return fields
 
     def share_data_position(self, loader) -> None:
         """Stage 0's loader position, broadcast over the pipeline group, loaded by every other stage's loader."""
@@ -118,13 +136,18 @@ class PipelineSchedule(Schedule):
         self.work.begin(step)
         began = time.perf_counter()
         self.last_wait_s = 0.0
-        run = _StepRun(self.stage)
+        run = _StepRun(self.stage, step)
         self._step_inputs(batches, run)
+        if self.stage.is_last:
+            self.work.count_tokens(run.texts)
         if self.gathered is not None:
             self.gathered.gather()
+        if self.negatives is not None:
+            self._embedding_sweep(run)
         for kind, k in self.actions:
             if kind == "T":
-                run.text_outputs[k] = self.engine(text=run.texts[k], keep=run.keep(k), part="text")
+                with self._piece(run, "T", k):
+                    run.text_outputs[k] = self.engine(text=run.texts[k], keep=run.keep(k), part="text")
             elif kind == "F":
                 self._forward(run, k)
             else:
@@ -136,6 +159,51 @@ class PipelineSchedule(Schedule):
         dist.broadcast(self.work.sums, self.pp_ranks[-1], group=self.dims.pp_group)
         return self.work.result()
 
+    def _piece(self, run: "_StepRun", kind: str, k: int):
+        """A forward piece's generators (global negatives: seeded, the same in both passes); else as they are."""
+        if self.negatives is None:
+            return contextlib.nullcontext()
+        return self.negatives.pieces.piece(run.step, kind, k)
+
+    def _send_activation(self, run: "_StepRun", y: torch.Tensor, pending: PendingSends) -> None:
+        """The stage's output to the next stage, with the shape header if it is the step's first (the receiver reads
+        one exactly then: `run.activation` is unknown until it has)."""
+        send_tensor(y, self.next, self.dims.pp_group, pending, header=not run.sent_header)
+        run.sent_header = True
+
+    def _embedding_sweep(self, run: "_StepRun") -> None:
+        """Global negatives' pass 1: every micro-batch through this stage without gradients, in order; the last
+        stage keeps the normalised embeddings (its text tower apart where text-ahead runs it apart, as 1F1B will)
+        and solves the global contrastive loss. Each stage waits for its sends at the end (their activations can
+        go)."""
+        pending = PendingSends()
+        if self.stage.is_last:
+            self.negatives.begin()
+        with torch.no_grad():
+            for k in range(self.micro_batches):
+                if self.stage.is_first:
+                    x = run.images[k]
+                else:
+                    x = self._recv(self.prev, run.activation)
+                    run.activation = (x.shape, x.dtype)
+                if not self.stage.is_last:
+                    with self._piece(run, "F", k):
+                        y = self.engine(x)
+                    self._send_activation(run, y, pending)
+                    continue
+                text_outputs = None
+                if k in self.ahead:
+                    with self._piece(run, "T", k):
+                        text_outputs = self.engine(text=run.texts[k], keep=run.keep(k), part="text")
+                with self._piece(run, "F", k):
+                    self.negatives.add(self.engine(x, text=run.texts[k], keep=run.keep(k), text_outputs=text_outputs,
+                                                   contrastive=True, captioning=False))
+        waited = time.perf_counter()
+        pending.wait()
+        self.last_wait_s += time.perf_counter() - waited
+        if self.stage.is_last:
+            self.negatives.solve()
+
     def _forward(self, run: "_StepRun", k: int) -> None:
         """F(k): this stage's forward of micro-batch k; the last stage's ends in the CoCa loss, kept for B(k)."""
         if self.stage.is_first:
@@ -144,14 +212,18 @@ class PipelineSchedule(Schedule):
             x = self._recv(self.prev, run.activation).requires_grad_()
             run.activation = (x.shape, x.dtype)
             run.inputs[k] = x
+        with self._piece(run, "F", k):
+            if self.stage.is_last:
+                out = self.engine(x, text=run.texts[k], keep=run.keep(k), text_outputs=run.text_outputs.pop(k, None),
+                                  **self.work.model_kwargs)
+            else:
+                y = self.engine(x)
         if self.stage.is_last:
-            out = self.engine(x, text=run.texts[k], keep=run.keep(k), text_outputs=run.text_outputs.pop(k, None),
-                              **self.work.model_kwargs)
-            run.losses[k] = self.work.loss(out)
+            contrastive = self.negatives.contrastive(k, out) if self.negatives is not None else None
+            run.losses[k] = self.work.loss(out, contrastive)
         else:
-            y = self.engine(x)
             run.outputs[k] = y
-            send_tensor(y, self.next, self.dims.pp_group, run.pending, header=k == 0)
+            self._send_activation(run, y, run.pending)
 
     def _backward(self, run: "_StepRun", k: int) -> None:
         """B(k): this stage's backward of micro-batch k, then `engine.step()` (the optimizer's at the last)."""
@@ -176,10 +248,11 @@ class PipelineSchedule(Schedule):
 class _StepRun:
     """What one step keeps between its actions on this stage: the inputs, each micro-batch's text length, the
     text-ahead outputs, received activations, sent outputs and losses awaiting their backward, the pending sends,
-    and the activations' (shape, dtype) once the step's first one said it."""
+    the activations' (shape, dtype) once the step's first one said it, and whether this stage sent its header."""
 
-    def __init__(self, stage) -> None:
-        self.stage = stage
+    def __init__(self, stage, step: int) -> None:
+        self.stage, self.step = stage, step
+        self.sent_header = False
         self.images: list[torch.Tensor] = []
         self.texts: list[torch.Tensor] = []
         self.pending = PendingSends()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from memory_data import global_batch
 
-from megacoca.losses import CoCaLoss
+from megacoca.losses import CoCaLoss, StepTokens, caption_token_count
 from megacoca.models.coca import CoCa
 from megacoca.optim import lr_lambda, param_groups, seed_everything
 
@@ -14,7 +14,9 @@ from megacoca.optim import lr_lambda, param_groups, seed_everything
 def reference_run(job, cfg, *, steps: int, global_batch_size: int, accumulation: int) -> dict:
     """A step of `global_batch_size` samples is `accumulation` micro-batches of the samples every dp rank sees
     in that micro-step (MemoryLoader: micro-step k holds samples k*B*dp ... (k+1)*B*dp); each micro-batch's
-    loss (contrastive over its samples, caption over its tokens) is divided by `accumulation`.
+    loss (contrastive over its samples, caption its share of the step's mean token loss: its token sum over the
+    step's token count) is divided by `accumulation`. With accumulation 1 the step is the whole global batch as
+    one micro-batch: what `loss.negatives=global` must equal at any layout.
 
     Returns losses and grad norms per step, the initial and final parameters, and the first step's gradients
     (before clipping)."""
@@ -28,9 +30,13 @@ def reference_run(job, cfg, *, steps: int, global_batch_size: int, accumulation:
     micro_samples = global_batch_size // accumulation
     for step in range(steps):
         total = 0.0
-        for micro in range(accumulation):
-            batch = global_batch((step * accumulation + micro) * micro_samples, micro_samples, cfg)
-            loss, _ = loss_fn(model(batch["images"], batch["text"], **loss_fn.model_kwargs))
+        batches = [global_batch((step * accumulation + micro) * micro_samples, micro_samples, cfg)
+                   for micro in range(accumulation)]
+        tokens = StepTokens.count(sum(caption_token_count(batch["text"], cfg.pad_id) for batch in batches),
+                                  accumulation)
+        for batch in batches:
+            out = model(batch["images"], batch["text"], **loss_fn.model_kwargs)
+            loss, _ = loss_fn(out, step_tokens=tokens)
             (loss / accumulation).backward()
             total += loss.item() / accumulation
         for param in model.parameters():  # one a dropped objective's forward skipped (a weight of 0)

@@ -199,13 +199,16 @@ class CoCa(JoinedTowers, nn.Module):
         return self.image_stage(images, contrastive), self.text_stage(text, keep)
 
     def forward(self, images: torch.Tensor, text: torch.Tensor, *, caption_loss: bool = True,
-                contrastive: bool = True, captioning: bool = True) -> dict:
+                contrastive: bool = True, captioning: bool = True, keep: int | None = None) -> dict:
         """images (B, 3, H, W); text (B, L): bos, tokens, eos, pads. See docs/design.md for the outputs.
         `contrastive` / `captioning` = False compute only what the other objective needs (the ablations of
-        the paper's Table 8b: CoCaLoss.model_kwargs)."""
+        the paper's Table 8b: CoCaLoss.model_kwargs). `keep`: the text positions to run (default: the trimmed
+        length `text_keep` when the caption loss is computed, else all); a caller that runs the same batch twice
+        passes the same `keep` to both."""
         if not (contrastive or captioning):
             raise ValueError("a CoCa forward needs the contrastive or the captioning outputs (or both)")
-        keep = self.text_keep(text) if caption_loss and captioning else text.shape[1]
+        if keep is None:
+            keep = self.text_keep(text) if caption_loss and captioning else text.shape[1]
         (image_embedding, caption_tokens), (text_embedding, token_outputs) = self.towers(images, text, keep,
                                                                                            contrastive)
         return self.joined_outputs(image_embedding, caption_tokens, text_embedding, token_outputs, text, keep,
