@@ -82,8 +82,9 @@ def make_data(work: str) -> str:
     return config
 
 
-def run_layout(name: str, work: str, config: str) -> list[dict]:
+def run_layout(name: str, work: str, config: str, extra: list[str] = ()) -> list[dict]:
     ranks, overrides = LAYOUTS[name]
+    overrides = [*overrides, *extra]
     run_dir = os.path.join(work, name)
     shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: start each run afresh
     args = ["--config", config, "--train-shards", os.path.join(work, "shapes", "train"), "--run-dir", run_dir]
@@ -123,6 +124,8 @@ def main() -> int:
     parser.add_argument("--work", help="scratch directory (default: a temporary one)")
     parser.add_argument("--only", nargs="*", help="layouts to run (default all)", choices=sorted(LAYOUTS))
     parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"))
+    parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every layout (e.g. optim.caption_weight=0)")
     args = parser.parse_args()
     if args.compare:
         return compare(*args.compare)
@@ -130,7 +133,7 @@ def main() -> int:
     config = make_data(work)
     results = {}
     for name in args.only or LAYOUTS:
-        results[name] = run_layout(name, work, config)
+        results[name] = run_layout(name, work, config, args.extra)
         print(name, json.dumps(results[name][-1]), flush=True)
         if args.out:
             with open(args.out, "w") as f:

@@ -31,6 +31,8 @@ from megacoca.config.recipes import build_config
 from megacoca.parallel.dims import ParallelDims
 from megacoca.trainer import Trainer
 
+pytestmark = pytest.mark.slow  # DeepSpeed's own tools on a trained checkpoint (~25 s): CI runs them (make test)
+
 CFG = TINY.replace(vocab_size=65)
 TAG = tag_for(2)
 # run: (DeepSpeed config, ZeRO stage override, tp); 2 ranks each, dp = 2 / tp

@@ -165,6 +165,7 @@ PP4 = [("paper", "zero3_fp32", 2, 1, -1, None), ("paper", "zero3_fp32", 2, 1, -1
        ("paper", "zero0_fp32/1", 4, 1, 0, None), ("paper", "zero3_fp32", 4, 1, 2, None)]
 
 
+@pytest.mark.slow  # 4 ranks, ~11 s: CI runs it (make test); test_pp2_equals_one_process is in the fast set
 @pytest.mark.timeout(600)
 def test_pp2_dp2_pp2_tp2_and_pp4_equal_one_process(tmp_path):
     _check(run_ranks(_all_variants, 4, tmp_path, str(tmp_path), PP4, timeout=560), tmp_path)

@@ -67,7 +67,11 @@ def _check_positions_agree_over_stages(checkpoint_dir, world, tp, pp):
             assert data[rank] == data[first_of_dp_rank] and data[rank]["position"] > 0, (tag_dir, rank, data)
 
 
-@pytest.mark.parametrize("world, tp, pp", [(2, 1, 1), (4, 2, 1), (2, 1, 2), (4, 1, 2)],
+FOUR_RANKS = pytest.mark.slow  # the 4-rank layouts (~10 s each): CI runs them (make test); the 2-rank ones are fast
+
+
+@pytest.mark.parametrize("world, tp, pp", [(2, 1, 1), pytest.param(4, 2, 1, marks=FOUR_RANKS), (2, 1, 2),
+                                           pytest.param(4, 1, 2, marks=FOUR_RANKS)],
                          ids=["dp2", "tp2xdp2", "pp2", "pp2xdp2"])
 def test_resume_gives_identical_losses(tmp_path, world, tp, pp):
     ckpt_a = str(tmp_path / "a" / "checkpoints")

@@ -114,8 +114,8 @@ def _train(rank, world_size, tmp, model, ds_name, kernels, tp):
             "params": params, "first_grads": grads, "replicas_differ": differ}
 
 
-def _all_variants(rank, world_size, tmp):
-    return {variant: _train(rank, world_size, tmp, *variant) for variant in VARIANTS[world_size]}
+def _all_variants(rank, world_size, tmp, variants=None):
+    return {variant: _train(rank, world_size, tmp, *variant) for variant in variants or VARIANTS[world_size]}
 
 
 def _check(results, tmp_path):
@@ -160,11 +160,20 @@ def _assert_bf16_twins(mine, twin, reference, what):
     assert _weights_error(mine, reference) < 1.25 * _weights_error(twin, reference), what
 
 
+def test_tp2_zero3_fp32_equals_one_process(tmp_path):
+    """The edit-test loop's representative of the two matrices below (`make test-fast`): one tp=2 ZeRO-3 fp32 run
+    with a tied, padded vocabulary."""
+    variants = [("paper-tied-odd-vocab", "zero3_fp32", "torch", 2)]
+    _check(run_ranks(_all_variants, 2, tmp_path, str(tmp_path), variants, timeout=200), tmp_path)
+
+
+@pytest.mark.slow  # the whole matrix, ~45 s: CI runs it (make test)
 @pytest.mark.timeout(600)
 def test_tp2_equals_one_process(tmp_path):
     _check(run_ranks(_all_variants, 2, tmp_path, str(tmp_path), timeout=560), tmp_path)
 
 
+@pytest.mark.slow  # ~30 s on 4 ranks: CI runs it (make test)
 @pytest.mark.timeout(600)
 def test_tp2_dp2_equals_one_process(tmp_path):
     _check(run_ranks(_all_variants, 4, tmp_path, str(tmp_path), timeout=560), tmp_path)
