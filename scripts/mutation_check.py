@@ -39,6 +39,14 @@ class Mutation:
 
 MUTATIONS = [
     Mutation(
+        "step_tokens_counted_locally", "the step's caption tokens are this rank's, not the global batch's",
+        "megacoca/losses/caption.py",
+        "        total = all_reduce_sum(local_tokens.to(torch.float32), dp_group).clamp(min=1)\n",
+        "        total = local_tokens.to(torch.float32).clamp(min=1)\n",
+        ("tests/distributed/test_global_negatives.py::test_global_negatives_equal_one_micro_batch_of_the_whole_batch"
+         "[2ranks]",),
+    ),
+    Mutation(
         "negatives_text_ahead_not_replayed", "under a pipeline, text-ahead's text tower draws other masks in pass 2",
         "megacoca/schedules/pipeline.py",
         '                with self._piece(run, "T", k):\n                    run.text_outputs[k]',
