@@ -21,7 +21,7 @@ DATA_SEED=${DATA_SEED:-0}  # synth-shapes generator seed (the training seed is t
 IMAGE_SIZE=${IMAGE_SIZE:-64}  # the data's (and, when set, the model's; coca_tiny's is 64 with patch 8)
 TWO_OBJECT_FRACTION=${TWO_OBJECT_FRACTION:-0.0}  # held-out images have one object; two-object captions cost steps
 VOCAB_SIZE=${VOCAB_SIZE:-128}
-# training: the coca_tiny_shapes recipe (megacoca/config/train.py) holds every setting; any of these, when set,
+# training: the coca_tiny_shapes recipe (megacoca/config/recipes.py) holds every setting; any of these, when set,
 # overrides it: STEPS GLOBAL_BATCH LR WARMUP LR_DECAY EVAL_EVERY DS_CONFIG POOLER_LAYOUT, and EXTRA_SETS (more
 # `--set KEY=VALUE` words, e.g. "--set seed=1")
 RECIPE=${RECIPE:-coca_tiny_shapes}
