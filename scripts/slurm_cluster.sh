@@ -80,6 +80,8 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobRequeue=1
 KillWait=30
+# keep an ended job's record for an hour (default 300 s), so a slow test still reads how a job ended
+MinJobAge=3600
 $nodes
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 CONF

@@ -63,22 +63,38 @@ def _occupied_port():
 
 
 def _state(cluster, job):
-    out = subprocess.run(["scontrol", "show", "job", job], env=cluster[1], capture_output=True, text=True).stdout
-    return dict(re.findall(r"(\w+)=(\S+)", out))
+    """`scontrol show job` as a dict; {"error": ...} when scontrol says nothing about the job."""
+    shown = subprocess.run(["scontrol", "show", "job", job], env=cluster[1], capture_output=True, text=True)
+    return dict(re.findall(r"(\w+)=(\S+)", shown.stdout)) or {"error": (shown.stderr or "no such job").strip()}
 
 
-def _wait(cluster, job, timeout=300, until=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")):
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+         "PREEMPTED")
+
+
+def _why(cluster, job, run_dir=None):
+    """What to read when a job did not end as expected: its state, its log's tail and slurmctld's lines on it."""
+    log_dir = cluster[0] / "cluster" / "log"
+    ctld = [line for line in open(log_dir / "slurmctld.log", errors="replace") if f"JobId={job}" in line
+            or f"job {job}" in line] if (log_dir / "slurmctld.log").exists() else []
+    out = open(str(run_dir) + ".out", errors="replace").read()[-3000:] if run_dir else ""
+    return f"job {job}: {_state(cluster, job)}\n--- slurmctld:\n{''.join(ctld[-30:])}--- job log:\n{out}"
+
+
+def _wait(cluster, job, timeout=300, restarts=0, run_dir=None):
+    """The job's state once it has ended after `restarts` requeues (a requeued job passes through REQUEUED and
+    PENDING, never an ended state); fails with the job's log and slurmctld's lines when it does not end in time."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         state = _state(cluster, job)
-        if state.get("JobState") in until:
+        if state.get("JobState") in ENDED and int(state.get("Restarts", "0")) >= restarts:
             return state
         if state.get("JobState") == "PENDING" and state.get("Reason") == "BeginTime":
             # a requeued job waits ~2 minutes before it may start again; let it start now
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster[1], check=False,
                            capture_output=True)
         time.sleep(1)
-    raise AssertionError(f"job {job} not done within {timeout}s: {_state(cluster, job)}")
+    raise AssertionError(f"not ended within {timeout}s: {_why(cluster, job, run_dir)}")
 
 
 def _losses(run_dir):
@@ -90,9 +106,9 @@ def _losses(run_dir):
 def test_batch_script_trains_to_a_complete_checkpoint(cluster, script, sbatch_args):
     run_dir = cluster[0] / script.replace(".", "_")
     job = _sbatch(cluster, script, run_dir, "--steps", "2", sbatch_args=sbatch_args)
-    state = _wait(cluster, job)
+    state = _wait(cluster, job, run_dir=run_dir)
     log = open(str(run_dir) + ".out").read()
-    assert state["JobState"] == "COMPLETED", log[-3000:]
+    assert state["JobState"] == "COMPLETED", _why(cluster, job, run_dir)
     assert "dp=2 pp=1 tp=1 (world 2)" in log and "training exited with status 0" in log
     assert os.path.isfile(run_dir / "checkpoints" / "step00000002" / "COMPLETE")
     assert len(_losses(run_dir)) == 2
@@ -106,9 +122,9 @@ def test_two_node_allocation_trains_across_the_nodes(cluster, script, sbatch_arg
     job = _sbatch(cluster, script, run_dir, "--steps", "2",
                   sbatch_args=("-p", "netns", "--nodes", "2", "--export", "ALL,MEGACOCA_PROCS_PER_NODE=1,"
                                "GLOO_SOCKET_IFNAME=eth0", *sbatch_args))
-    state = _wait(cluster, job)
+    state = _wait(cluster, job, run_dir=run_dir)
     log = open(str(run_dir) + ".out").read()
-    assert state["JobState"] == "COMPLETED", log[-3000:]
+    assert state["JobState"] == "COMPLETED", _why(cluster, job, run_dir)
     assert "on 2 node(s) mch1 mch2, rendezvous 10.77.0.1:" in log  # the master is the first node's NodeAddr
     assert "dp=2 pp=1 tp=1 (world 2)" in log and "training exited with status 0" in log
     if script == "train.sbatch":  # one deepspeed launcher per node
@@ -122,7 +138,7 @@ def test_signalled_job_checkpoints_requeues_and_resumes_exactly(cluster):
     steps = "24"
     whole_dir, cut_dir = cluster[0] / "whole", cluster[0] / "cut"
     whole = _sbatch(cluster, "train_srun.sbatch", whole_dir, "--steps", steps, sbatch_args=("--ntasks-per-node", "2"))
-    _wait(cluster, whole)
+    assert _wait(cluster, whole, run_dir=whole_dir)["JobState"] == "COMPLETED", _why(cluster, whole, whole_dir)
     cut = _sbatch(cluster, "train_srun.sbatch", cut_dir, "--steps", steps, sbatch_args=("--ntasks-per-node", "2"))
     metrics = cut_dir / "metrics.jsonl"
     deadline = time.time() + 300
@@ -130,10 +146,10 @@ def test_signalled_job_checkpoints_requeues_and_resumes_exactly(cluster):
         time.sleep(0.3)
     # what `#SBATCH --signal=B:USR1@180` does before the time limit: SIGUSR1 to the batch script
     subprocess.run(["scancel", "--signal=USR1", "--batch", cut], env=cluster[1], check=True)
-    # Requeued: it passes through a failed/requeued state, waits, runs again, and completes.
-    state = _wait(cluster, cut, timeout=400, until=("COMPLETED",))
+    # Requeued: it passes through REQUEUED and PENDING, runs again, and completes.
+    state = _wait(cluster, cut, timeout=400, restarts=1, run_dir=cut_dir)
     log = open(str(cut_dir) + ".out").read()
-    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", log[-3000:]
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", _why(cluster, cut, cut_dir)
     assert "requeueing job" in log and "preempted (SIGUSR1)" in log and "resumed from" in log
     assert _losses(cut_dir) == _losses(whole_dir)  # steps 1-24 of the two, bit for bit
 
@@ -157,8 +173,8 @@ def test_chain_of_jobs_continues_without_lost_steps(cluster):
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('"loss"') >= 4):
         time.sleep(0.3)
     subprocess.run(["scancel", "--signal=USR1", "--batch", first], env=env, check=True)
-    assert _wait(cluster, first)["JobState"] == "COMPLETED"
-    assert _wait(cluster, second)["JobState"] == "COMPLETED"
+    assert _wait(cluster, first, run_dir=chain_dir)["JobState"] == "COMPLETED", _why(cluster, first, chain_dir)
+    assert _wait(cluster, second, run_dir=chain_dir)["JobState"] == "COMPLETED", _why(cluster, second, chain_dir)
     log = open(str(chain_dir) + ".out").read()
     assert "not requeueing (MEGACOCA_REQUEUE=0)" in log and "resumed from" in log and "requeueing job" not in log
     assert _losses(chain_dir) == _losses(whole_dir)
