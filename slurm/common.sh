@@ -2,7 +2,8 @@
 # Variables: MEGACOCA_DIR (the checkout; default: the directory sbatch was called from), MEGACOCA_PYTHON
 # (default: python), MEGACOCA_REQUEUE (default 1; 0 in a chain of --dependency=afterany jobs), MASTER_ADDR
 # (default: the first node's NodeAddr), MASTER_PORT (default: the first free port on the first node from
-# 20000 + job id mod 40000, so two jobs on a node do not collide; MEGACOCA_PORT_TRIES are tried, default 100).
+# 20000 + job id mod 40000, so two jobs on a node do not collide; MEGACOCA_PORT_TRIES are tried, default 100),
+# MEGACOCA_REQUEUE_WAIT_S (default 1: a refused requeue is tried again after 1, 2, 3 and 4 times that).
 set -euo pipefail
 MEGACOCA_DIR=${MEGACOCA_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}
 cd "$MEGACOCA_DIR"
@@ -72,8 +73,14 @@ run_with_requeue() {
       exit 0
     fi
     echo "megacoca slurm: training stopped with a complete checkpoint; requeueing job $SLURM_JOB_ID"
-    scontrol requeue "$SLURM_JOB_ID"
-    exit 0
+    # slurmctld can refuse a requeue while the job's step is still being cleaned up: try again before giving up
+    for attempt in 1 2 3 4 5; do
+      scontrol requeue "$SLURM_JOB_ID" && exit 0
+      sleep $((attempt * ${MEGACOCA_REQUEUE_WAIT_S:-1}))
+    done
+    echo "megacoca slurm: error: scontrol requeue $SLURM_JOB_ID failed 5 times; the checkpoint is complete:" \
+         "submit the same job again (it resumes with --resume auto)" >&2
+    exit "$REQUEUE_EXIT_CODE"
   fi
   echo "megacoca slurm: training exited with status $status"
   exit "$status"
