@@ -54,15 +54,6 @@ def _check_trained(result, run_dir, world, tp=1, pp=1):
     assert os.path.isfile(run_dir / "checkpoints" / "step00000002" / "COMPLETE")
 
 
-def test_deepspeed_num_gpus_module(data):
-    run_dir = data / "ds_module"
-    result = _run(["deepspeed", "--num_gpus", "2", "--master_port", _port(), "--module", "megacoca.train",
-                   *_train_args(data, run_dir), "--val-shards", str(data / "shapes" / "val"), "--set", "eval.every=2"])
-    _check_trained(result, run_dir, 2)
-    evals = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if '"eval/' in line]
-    assert [r["step"] for r in evals] == [2]  # the eval hook ran through the launcher
-
-
 def test_deepspeed_hostfile_module_file(data):
     run_dir = data / "ds_hostfile"
     hostfile = data / "hostfile"
@@ -73,13 +64,16 @@ def test_deepspeed_hostfile_module_file(data):
     _check_trained(result, run_dir, 2)
 
 
-def test_deepspeed_resume_under_another_layout(data):
-    """A dp=2 ZeRO-3 checkpoint resumed through the launcher at TP=2 (dp=1) under ZeRO-1: the run says what it
-    reshaped and continues from step 2."""
+def test_deepspeed_num_gpus_module_then_resume_under_another_layout(data):
+    """`deepspeed --num_gpus 2 --module megacoca.train` with the periodic eval hook; its dp=2 ZeRO-3 checkpoint
+    resumed through the launcher at TP=2 (dp=1) under ZeRO-1: the run says what it reshaped and continues from
+    step 2."""
     first, second = data / "reshape_dp2", data / "reshape_tp2"
     result = _run(["deepspeed", "--num_gpus", "2", "--master_port", _port(), "--module", "megacoca.train",
-                   *_train_args(data, first)])
+                   *_train_args(data, first), "--val-shards", str(data / "shapes" / "val"), "--set", "eval.every=2"])
     _check_trained(result, first, 2)
+    evals = [json.loads(line) for line in open(first / "metrics.jsonl") if '"eval/' in line]
+    assert [r["step"] for r in evals] == [2]  # the eval hook ran through the launcher
     result = _run(["deepspeed", "--num_gpus", "2", "--master_port", _port(), "--module", "megacoca.train",
                    *_train_args(data, second), "--set", "parallel.tp=2", "--deepspeed-config", "zero1_bf16",
                    "--resume", str(first / "checkpoints"), "--steps", "4"])
@@ -87,13 +81,6 @@ def test_deepspeed_resume_under_another_layout(data):
     assert ("at step 2, reshaped dp=2 x pp=1 x tp=1 ZeRO-3 -> dp=1 x pp=1 x tp=2 ZeRO-1" in result.stdout)
     records = [r for r in map(json.loads, open(second / "metrics.jsonl")) if "loss" in r]
     assert [r["step"] for r in records] == [3, 4] and all(r["loss"] > 0 for r in records)
-
-
-def test_torchrun(data):
-    run_dir = data / "torchrun"
-    result = _run(["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "megacoca.train",
-                   *_train_args(data, run_dir)])
-    _check_trained(result, run_dir, 2)
 
 
 def test_deepspeed_four_ranks_tensor_parallel(data):
@@ -112,13 +99,6 @@ def test_deepspeed_four_ranks_tensor_parallel(data):
     assert converted.returncode == 0, converted.stderr[-3000:]
     config = json.loads((run_dir / "exported" / "config.json").read_text())
     assert config["model"]["vision_width"] == 32 and (run_dir / "exported" / "model.safetensors").stat().st_size
-
-
-def test_torchrun_four_ranks_tensor_parallel(data):
-    run_dir = data / "torchrun_tp"
-    result = _run(["torchrun", "--standalone", "--nproc_per_node", "4", "-m", "megacoca.train",
-                   *_train_args(data, run_dir), "--set", "parallel.tp=2"])
-    _check_trained(result, run_dir, 4, tp=2)
 
 
 def test_deepspeed_four_ranks_pipeline_tensor_parallel(data):
@@ -140,7 +120,9 @@ def test_deepspeed_four_ranks_pipeline_tensor_parallel(data):
     assert (run_dir / "exported" / "model.safetensors").stat().st_size
 
 
-def test_torchrun_pipeline_with_data_parallel(data):
+def test_torchrun_four_ranks_pipeline_with_data_parallel(data):
+    """torchrun's rank variables (RANK, LOCAL_RANK, WORLD_SIZE, the rendezvous) at 4 ranks, PP=2 x DP=2. Tensor
+    parallelism through a launcher is the deepspeed tests' above; the layouts' numbers are tests/distributed's."""
     run_dir = data / "torchrun_pp"
     result = _run(["torchrun", "--standalone", "--nproc_per_node", "4", "-m", "megacoca.train",
                    *_train_args(data, run_dir), "--set", "parallel.pp=2", "--set", "schedule.micro_batch_size=2"])
