@@ -217,8 +217,8 @@ MUTATIONS = [
     Mutation(
         "launched_job_never_evaluates", "a launched job with held-out shards never runs the periodic eval hook",
         "megacoca/cli/train.py",
-        "        eval_fn = make_train_eval_fn(job, model_cfg, dims, tokenizer) if job.eval.every and job.data.val_shards",
-        "        eval_fn = make_train_eval_fn(job, model_cfg, dims, tokenizer) if job.eval.every and not job.data.val_shards",
+        "if job.eval.every and job.data.val_shards \\\n",
+        "if job.eval.every and not job.data.val_shards \\\n",
         ("tests/e2e/test_train_launchers.py::test_deepspeed_num_gpus_module_then_resume_under_another_layout",),
     ),
 ]

@@ -28,7 +28,8 @@ def _run_with_requeue(tmp_path, refusals, child_status=75):
     host = socket.gethostname()
     env = dict(os.environ, PATH=f"{bindir}{os.pathsep}{os.environ['PATH']}", FAKE_DIR=str(tmp_path),
                FAKE_HOST=host, FAKE_REFUSALS=str(refusals), SLURM_JOB_ID="7", SLURM_JOB_NODELIST=host,
-               SLURMD_NODENAME="another-node", MEGACOCA_DIR=REPO, MEGACOCA_PYTHON=sys.executable, MEGACOCA_REQUEUE_WAIT_S="0")
+               SLURMD_NODENAME="another-node", MEGACOCA_DIR=REPO, MEGACOCA_PYTHON=sys.executable,
+               MEGACOCA_REQUEUE_WAIT_S="0")
     script = f"source slurm/common.sh && run_with_requeue bash -c 'exit {child_status}'"
     done = subprocess.run(["bash", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
                           check=False)
