@@ -78,17 +78,23 @@ def _why(cluster, job, run_dir=None):
     ctld = [line for line in open(log_dir / "slurmctld.log", errors="replace") if f"JobId={job}" in line
             or f"job {job}" in line] if (log_dir / "slurmctld.log").exists() else []
     out = open(str(run_dir) + ".out", errors="replace").read()[-3000:] if run_dir else ""
-    return f"job {job}: {_state(cluster, job)}\n--- slurmctld:\n{''.join(ctld[-30:])}--- job log:\n{out}"
+    state = {key: value for key, value in _state(cluster, job).items()
+             if key in ("JobState", "Reason", "Restarts", "ExitCode", "RunTime", "error")}
+    return f"job {job}: {state}\n--- slurmctld:\n{''.join(ctld[-30:])}--- job log:\n{out}"
 
 
 def _wait(cluster, job, timeout=300, restarts=0, run_dir=None):
     """The job's state once it has ended after `restarts` requeues (a requeued job passes through REQUEUED and
     PENDING, never an ended state); fails with the job's log and slurmctld's lines when it does not end in time."""
-    deadline = time.time() + timeout
+    deadline, ended_early = time.time() + timeout, None
     while time.time() < deadline:
         state = _state(cluster, job)
-        if state.get("JobState") in ENDED and int(state.get("Restarts", "0")) >= restarts:
-            return state
+        if state.get("JobState") in ENDED:
+            if int(state.get("Restarts", "0")) >= restarts:
+                return state
+            ended_early = ended_early or time.time()
+            if time.time() - ended_early > 30:  # ended before its requeue, and still ended: it never requeued
+                raise AssertionError(f"ended without its {restarts} requeue(s): {_why(cluster, job, run_dir)}")
         if state.get("JobState") == "PENDING" and state.get("Reason") == "BeginTime":
             # a requeued job waits ~2 minutes before it may start again; let it start now
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster[1], check=False,
