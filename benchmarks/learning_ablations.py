@@ -49,6 +49,9 @@ VARIANTS: dict[str, list[str]] = {
     "global_accum8": ["schedule.micro_batch_size=16", "loss.negatives=global"],
 }
 METRICS = ("zeroshot_shape_acc", "zeroshot_top1", "caption_match", "i2t_r1")
+# run_all puts a port that is free when the run starts here (one taken when the sweep started can be in use by then)
+PORT_AT_LAUNCH = "<free port at launch>"
+WALL_FILE = "wall_s.json"  # a finished run's wall time, beside its metrics (what --reuse reads)
 
 
 def command(variant: str, seed: int, args, run_dir: str) -> list[str]:
@@ -59,9 +62,7 @@ def command(variant: str, seed: int, args, run_dir: str) -> list[str]:
             f"eval.every={args.eval_every}", "checkpoint.every=0", "checkpoint.save_final=false",
             "logging.tensorboard=false", f"seed={seed}", MODEL + "context_length=12", MODEL + "image_size=64",
             MODEL + "patch_size=8", *VARIANTS[variant], *args.set]
-    from megacoca.launch.process_group import free_port  # a free port for the rendezvous
-
-    return ["deepspeed", "--num_gpus", "1", "--master_port", str(free_port()), "--module", "megacoca.train",
+    return ["deepspeed", "--num_gpus", "1", "--master_port", PORT_AT_LAUNCH, "--module", "megacoca.train",
             "--recipe", "coca_tiny_cpu", "--train-shards", f"{data}/train", "--val-shards", f"{data}/val",
             "--run-dir", run_dir, "--deepspeed-config", "zero0_fp32",
             *(word for s in sets for word in ("--set", s))]
@@ -77,9 +78,21 @@ def curve(run_dir: str) -> dict[int, dict]:
     return out
 
 
+def finished(run_dir: str, steps: int) -> dict | None:
+    """{"curve", "wall_s"} of a run that finished in `run_dir` (its wall time recorded, its curve reaching `steps`),
+    else None."""
+    wall = os.path.join(run_dir, WALL_FILE)
+    if not os.path.exists(wall):
+        return None
+    result = {"curve": curve(run_dir), "wall_s": json.load(open(wall))}
+    return result if result["curve"] and max(result["curve"]) == steps else None
+
+
 def run_all(runs: dict, parallel: int) -> dict:
     """Run {name: (command, run_dir)} `parallel` at a time, one thread each; {name: {"curve", "wall_s"}} of the
     runs that finished (a failed one is reported and left out)."""
+    from megacoca.launch.process_group import free_port  # a free port for each rendezvous, taken at its start
+
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     queue = list(runs.items())
@@ -89,6 +102,7 @@ def run_all(runs: dict, parallel: int) -> dict:
             name, (argv, run_dir) = queue.pop(0)
             os.makedirs(run_dir, exist_ok=True)
             log = open(os.path.join(run_dir, "train.log"), "w")
+            argv = [str(free_port()) if word == PORT_AT_LAUNCH else word for word in argv]
             proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
             running.append((name, run_dir, proc, log, time.perf_counter()))
         time.sleep(2)
@@ -102,6 +116,8 @@ def run_all(runs: dict, parallel: int) -> dict:
                 print(f"{name}: FAILED (exit {proc.returncode}), see {run_dir}/train.log", flush=True)
                 continue
             results[name] = {"curve": curve(run_dir), "wall_s": round(time.perf_counter() - began, 1)}
+            with open(os.path.join(run_dir, WALL_FILE), "w") as handle:
+                json.dump(results[name]["wall_s"], handle)
             print(f"{name}: done in {results[name]['wall_s']:.0f} s", flush=True)
     return results
 
@@ -132,12 +148,19 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", nargs="+", default=["paper", "open_clip"], choices=list(VARIANTS))
     add_run_arguments(parser, steps=400, decay="constant", eval_every=100, out="ablations")
     parser.add_argument("--json", metavar="PATH", help="also write every run's curve and wall time")
+    parser.add_argument("--reuse", action="store_true",
+                        help="take runs that finished in --out before (their curve at --steps and wall time) as they "
+                             "are: a sweep that was interrupted continues")
     args = parser.parse_args(argv)
     check_data(parser, args)
 
     runs = {(v, s): (command(v, s, args, os.path.join(args.out, f"{v}_s{s}")), os.path.join(args.out, f"{v}_s{s}"))
             for s in args.seeds for v in args.variants}
-    results = run_all(runs, args.parallel)
+    reused = {name: finished(run_dir, args.steps) for name, (_, run_dir) in runs.items()} if args.reuse else {}
+    reused = {name: result for name, result in reused.items() if result}
+    for name in reused:
+        print(f"{name}: finished before, in {runs[name][1]} (--reuse)", flush=True)
+    results = {**reused, **run_all({k: v for k, v in runs.items() if k not in reused}, args.parallel)}
     for (variant, seed), result in results.items():
         last = result["curve"][max(result["curve"])]
         print(f"{variant} seed {seed}: {result['wall_s']:.0f} s, final " +
