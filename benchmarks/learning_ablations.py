@@ -84,7 +84,8 @@ def finished(run_dir: str, steps: int) -> dict | None:
     wall = os.path.join(run_dir, WALL_FILE)
     if not os.path.exists(wall):
         return None
-    result = {"curve": curve(run_dir), "wall_s": json.load(open(wall))}
+    with open(wall) as handle:
+        result = {"curve": curve(run_dir), "wall_s": json.load(handle)}
     return result if result["curve"] and max(result["curve"]) == steps else None
 
 

@@ -76,7 +76,7 @@ run_with_requeue() {
     # slurmctld can refuse a requeue while the job's step is still being cleaned up: try again before giving up
     for attempt in 1 2 3 4 5; do
       scontrol requeue "$SLURM_JOB_ID" && exit 0
-      sleep $((attempt * ${MEGACOCA_REQUEUE_WAIT_S:-1}))
+      ((attempt == 5)) || sleep $((attempt * ${MEGACOCA_REQUEUE_WAIT_S:-1}))
     done
     echo "megacoca slurm: error: scontrol requeue $SLURM_JOB_ID failed 5 times; the checkpoint is complete:" \
          "submit the same job again (it resumes with --resume auto)" >&2
