@@ -15,8 +15,8 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# The short schedule: larger batches at a constant lr after warmup, 400 steps (51k samples, ~3 min on 2 quiet
-# cores). Measured with these settings and the open_clip layout the demo used until 2026-11-30 (480 held-out
+# The short schedule: larger batches at a constant lr after warmup, 400 steps (51k samples, ~4 min on 2 quiet cores
+# with the data). Measured with these settings and the open_clip layout the demo used until 2026-11-30 (480 held-out
 # images, zero-shot shape accuracy at step 100/200/300/400): seed 0 0.25/0.37/0.60/0.70, seed 1 0.27/0.26/0.31/0.51,
 # seed 2 (500 steps) 0.27/0.40/0.64/0.78, seed 3 0.24/0.48/0.71/0.89; color 0.99-1.0 from step 100 on. With the
 # coca_tiny_shapes recipe's paper layout, seed 0 (what CI runs): shape 0.588, caption shape 0.569 (2026-11-30).
