@@ -49,8 +49,8 @@ MUTATIONS = [
     Mutation(
         "negatives_text_ahead_not_replayed", "under a pipeline, text-ahead's text tower draws other masks in pass 2",
         "megacoca/schedules/pipeline.py",
-        '                with self._piece(run, "T", k):\n                    run.text_outputs[k]',
-        '                with contextlib.nullcontext():\n                    run.text_outputs[k]',
+        '                with piece(self.negatives, run.step, "T", k):\n                    run.text_outputs[k]',
+        '                with piece(None, run.step, "T", k):\n                    run.text_outputs[k]',
         ("tests/distributed/test_global_negatives.py::test_global_negatives_equal_one_micro_batch_of_the_whole_batch"
          "[2ranks]",),
     ),
@@ -73,8 +73,8 @@ MUTATIONS = [
     Mutation(
         "negatives_randomness_not_replayed", "pass 2 draws other dropout masks than pass 1",
         "megacoca/schedules/accumulate.py",
-        "            with self._piece(step, k):\n",
-        "            with contextlib.nullcontext():\n",
+        '            with piece(self.negatives, step, "F", k):  # pass 2 draws what pass 1 drew\n',
+        '            with piece(None, step, "F", k):  # pass 2 draws what pass 1 drew\n',
         ("tests/distributed/test_global_negatives.py::test_global_negatives_equal_one_micro_batch_of_the_whole_batch"
          "[1rank]",),
     ),

@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
-import contextlib
 from typing import Iterator
 
 import torch
 
 from megacoca.schedules.base import MicroBatchWork, Schedule, StepResult
-from megacoca.schedules.negatives import GlobalNegatives
+from megacoca.schedules.negatives import GlobalNegatives, piece
 
 
 class AccumulationSchedule(Schedule):
@@ -43,7 +42,7 @@ class AccumulationSchedule(Schedule):
         keeps = self._embeddings(micro, step) if self.negatives is not None else [None] * self.micro_batches
         for k, batch in enumerate(micro):
             last = k == self.micro_batches - 1
-            with self._piece(step, k):
+            with piece(self.negatives, step, "F", k):  # pass 2 draws what pass 1 drew
                 out = self.engine(work.images(batch), work.text(batch), keep=keeps[k], **work.model_kwargs)
             contrastive = self.negatives.contrastive(k, out) if self.negatives is not None else None
             work.backward(work.loss(out, contrastive), last)
@@ -51,12 +50,6 @@ class AccumulationSchedule(Schedule):
                 work.before_optimizer_step()
             self.engine.step()
         return work.result()
-
-    def _piece(self, step: int, k: int):
-        """Pass 2's forward of micro-batch k draws what pass 1's drew (global negatives only)."""
-        if self.negatives is None:
-            return contextlib.nullcontext()
-        return self.negatives.pieces.piece(step, "F", k)
 
     def _embeddings(self, micro: list[dict], step: int) -> list[int]:
         """Pass 1 of global negatives: every micro-batch's embeddings without gradients, then the global loss's
@@ -69,9 +62,8 @@ class AccumulationSchedule(Schedule):
         negatives.begin()
         with torch.no_grad():
             for k, batch in enumerate(micro):
-                with negatives.pieces.piece(step, "F", k):
+                with piece(negatives, step, "F", k):
                     negatives.add(self.engine(work.images(batch), work.text(batch), keep=keeps[k],
                                               contrastive=True, captioning=False))
         negatives.solve()
         return keeps
-

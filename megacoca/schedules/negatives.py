@@ -54,6 +54,13 @@ class RandomPieces:
             yield
 
 
+def piece(negatives: "GlobalNegatives | None", step: int, kind: str, k: int):
+    """A forward piece's generators: with global negatives seeded (the same draws in both passes), else untouched."""
+    if negatives is None:
+        return contextlib.nullcontext()
+    return negatives.pieces.piece(step, kind, k)
+
+
 class GlobalNegatives:
     """One step's embeddings (pass 1), the global contrastive loss over them and its cached gradients (`solve`), and
     each micro-batch's stand-in contrastive loss in pass 2 (`contrastive`)."""

@@ -33,7 +33,6 @@ micro-batch's forward on every stage, and apart from it the last stage's text to
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Iterator
 
@@ -45,7 +44,7 @@ from megacoca.parallel.pipeline.p2p import PendingSends, recv_tensor, send_tenso
 from megacoca.parallel.pipeline.schedule import stage_actions
 from megacoca.parallel.pipeline.zero3 import GatheredForStep, scope_trace_check_to_stage, unscope_trace_check
 from megacoca.schedules.base import MicroBatchWork, Schedule, StepResult
-from megacoca.schedules.negatives import GlobalNegatives
+from megacoca.schedules.negatives import GlobalNegatives, piece
 
 
 class PipelineSchedule(Schedule):
@@ -146,7 +145,7 @@ class PipelineSchedule(Schedule):
             self._embedding_sweep(run)
         for kind, k in self.actions:
             if kind == "T":
-                with self._piece(run, "T", k):
+                with piece(self.negatives, run.step, "T", k):
                     run.text_outputs[k] = self.engine(text=run.texts[k], keep=run.keep(k), part="text")
             elif kind == "F":
                 self._forward(run, k)
@@ -158,12 +157,6 @@ class PipelineSchedule(Schedule):
         self.last_step_s = time.perf_counter() - began
         dist.broadcast(self.work.sums, self.pp_ranks[-1], group=self.dims.pp_group)
         return self.work.result()
-
-    def _piece(self, run: "_StepRun", kind: str, k: int):
-        """A forward piece's generators (global negatives: seeded, the same in both passes); else as they are."""
-        if self.negatives is None:
-            return contextlib.nullcontext()
-        return self.negatives.pieces.piece(run.step, kind, k)
 
     def _send_activation(self, run: "_StepRun", y: torch.Tensor, pending: PendingSends) -> None:
         """The stage's output to the next stage, with the shape header if it is the step's first (the receiver reads
@@ -187,15 +180,15 @@ class PipelineSchedule(Schedule):
                     x = self._recv(self.prev, run.activation)
                     run.activation = (x.shape, x.dtype)
                 if not self.stage.is_last:
-                    with self._piece(run, "F", k):
+                    with piece(self.negatives, run.step, "F", k):
                         y = self.engine(x)
                     self._send_activation(run, y, pending)
                     continue
                 text_outputs = None
                 if k in self.ahead:
-                    with self._piece(run, "T", k):
+                    with piece(self.negatives, run.step, "T", k):
                         text_outputs = self.engine(text=run.texts[k], keep=run.keep(k), part="text")
-                with self._piece(run, "F", k):
+                with piece(self.negatives, run.step, "F", k):
                     self.negatives.add(self.engine(x, text=run.texts[k], keep=run.keep(k), text_outputs=text_outputs,
                                                    contrastive=True, captioning=False))
         waited = time.perf_counter()
@@ -212,7 +205,7 @@ class PipelineSchedule(Schedule):
             x = self._recv(self.prev, run.activation).requires_grad_()
             run.activation = (x.shape, x.dtype)
             run.inputs[k] = x
-        with self._piece(run, "F", k):
+        with piece(self.negatives, run.step, "F", k):
             if self.stage.is_last:
                 out = self.engine(x, text=run.texts[k], keep=run.keep(k), text_outputs=run.text_outputs.pop(k, None),
                                   **self.work.model_kwargs)
