@@ -29,7 +29,7 @@ from megacoca.losses import CoCaLoss
 from megacoca.metrics.flops import train_flops_per_sample
 from megacoca.metrics.logger import MetricsLogger
 from megacoca.metrics.peak import current_device_name, peak_flops
-from megacoca.metrics.records import train_record
+from megacoca.metrics.records import source_record, train_record
 from megacoca.metrics.stragglers import StragglerMonitor
 from megacoca.optim import seed_everything
 from megacoca.parallel.build import meta_model
@@ -111,6 +111,8 @@ class Trainer:
                              f"{job.schedule.micro_batch_size} gathered over dp {self.dims.dp_size})")
         if self.text_overlapped:
             self.logger.info("the text tower runs on a CUDA side stream, overlapped with the image tower")
+        if hasattr(self.train_loader, "describe"):
+            self.logger.info(self.train_loader.describe())
         described = self.schedule.describe()
         if described:
             self.logger.info(described)
@@ -137,6 +139,8 @@ class Trainer:
         self.logger.resume_at(self.step)
         reshaped = f", reshaped {state['reshaped']}" if state.get("reshaped") else ""
         self.logger.info(f"resumed from {target} at step {self.step}{reshaped}")
+        for line in getattr(self.train_loader, "changes", []):  # a mixture's weights or sources changed
+            self.logger.info(line)
         return True
 
     def save(self) -> str:
@@ -187,6 +191,24 @@ class Trainer:
             dist.all_reduce(count, group=self.dims.dp_group)
         return int(count.item())
 
+    def _source_fields(self) -> dict:
+        """A mixture's per-source accounting over the data-parallel ranks (samples and skips summed, the epochs
+        every rank completed: the minimum), as flat `data/<source>/...` fields; {} for a one-source loader."""
+        accounting = getattr(self.train_loader, "accounting", None)
+        if accounting is None:
+            return {}
+        per_source = accounting()
+        names = list(per_source)
+        sums = torch.tensor([[per_source[n]["samples"], per_source[n]["skipped"]] for n in names],
+                            dtype=torch.float64, device=self.device)
+        epochs = torch.tensor([float(per_source[n]["epochs"]) for n in names], dtype=torch.float64,
+                              device=self.device)
+        if self.dims.dp_size > 1:
+            dist.all_reduce(sums, group=self.dims.dp_group)
+            dist.all_reduce(epochs, op=dist.ReduceOp.MIN, group=self.dims.dp_group)
+        return source_record({name: {"samples": int(sums[i, 0]), "skipped": int(sums[i, 1]),
+                                     "epochs": int(epochs[i])} for i, name in enumerate(names)})
+
     preemption = None  # a megacoca.launch.preemption.PreemptionWatch: stop at a step boundary when it fires
     watchdog = None  # the megacoca.launch.watchdog.StepWatchdog of the running train(): `with watchdog.paused():`
     preempted = False  # train() stopped early on a preemption signal, after a complete checkpoint
@@ -207,6 +229,7 @@ class Trainer:
             samples_per_s=window_steps * job.schedule.global_batch_size / max(elapsed, 1e-9),
             flops_per_sample=self.flops_per_sample, world_size=self.dims.world_size, peak_flops=self.peak,
             skipped_samples=self._skipped_samples())
+        record.update(self._source_fields())
         record.update(self.schedule.log_fields())
         straggler = stragglers.report(self.step, elapsed / window_steps)
         if straggler is not None:

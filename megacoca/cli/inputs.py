@@ -145,6 +145,48 @@ def shards(spec: str) -> list[str]:
     return urls
 
 
+LABEL_CHECK_SAMPLES = 256  # samples of a label source's first shard whose labels are checked before a run
+
+
+def data_source(source, readers: int = 1, *, strict_labels: bool = True) -> list[str]:
+    """A `SourceConfig` / `ValSourceConfig`'s files (megacoca.config.sources): its shards (`shards`), at least
+    `readers` of them (dp ranks x workers each read one at least), and for a label source its class-name and
+    template files and the labels of the first LABEL_CHECK_SAMPLES samples of its first local shard (headers and
+    labels only, no image decoded): with `strict_labels` (a training source) any label out of range is an error,
+    and at least one must be present (else the label_field is wrong); without (a validation set, which skips and
+    counts bad labels as `megacoca eval` does), one valid label among them is enough. Labels further on that are
+    bad are skipped and counted at run time (`bad_label`): reading a whole data set before the start would cost
+    more than the run's first minutes. Returns the shard urls."""
+    from megacoca.data.shard_reader import read_shard  # heavy (webdataset): not at `--help`
+    from megacoca.data.shard_urls import is_remote
+    from megacoca.data.source_text import text_rule
+
+    urls = keyed("shards", shards, source.shards)
+    if len(urls) < readers:
+        raise ConfigError(f"shards: {len(urls)} shards cannot feed {readers} readers (dp ranks x workers, each "
+                          "needs >= 1 shard of every source): write more, smaller shards or use fewer workers")
+    if source.text != "labels":
+        return urls
+    rule = text_rule(source)
+    local = next((url for url in urls if not is_remote(url)), None)
+    if local is None:
+        return urls
+    field = "the .cls file" if source.label_field == "cls" else f"the .json field {source.label_field!r}"
+    labelled = 0
+    for index, raw in enumerate(read_shard(local, on_error=lambda error: None)):
+        if index >= LABEL_CHECK_SAMPLES:
+            break
+        label, reason = rule.label(raw)
+        if reason == "bad_label" and strict_labels:
+            raise ConfigError(f"sample {raw.get('__key__')} of {local}: the label in {field} is out of range or "
+                              f"not one of the {len(rule.class_names)} class names of {source.class_names}")
+        labelled += reason is None
+    if not labelled:
+        raise ConfigError(f"none of the first samples of {local} has a valid label in {field}: check label_field "
+                          "and class_names")
+    return urls
+
+
 def tokenizer(spec: str, context_length: int | None = None):
     """The tokenizer a spec names ("clip-bpe" or a SentencePiece .model file), loaded; one line if it cannot be."""
     from megacoca.data.tokenizer import open_tokenizer  # heavy: imports torch

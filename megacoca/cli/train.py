@@ -90,18 +90,25 @@ def check_inputs(job: JobConfig, world_size: int) -> tuple[Layout, dict]:
     from megacoca.checkpoint.state import find_resume_checkpoint  # heavy: imports torch
 
     layout, ds_config = check_layout(job, world_size)
-    if not job.data.train_shards:
+    need = layout.dp * max(job.data.num_workers, 1)
+    if job.data.sources:
+        for index, source in enumerate(job.data.sources):
+            inputs.keyed(f"data.sources[{index}] ({source.name!r})", inputs.data_source, source, need)
+    elif not job.data.train_shards:
         raise ConfigError("data.train_shards is empty: pass --train-shards DIR (e.g. from "
-                          "`megacoca data synth-shapes --out data/shapes`)")
-    urls = inputs.keyed("data.train_shards", inputs.shards, job.data.train_shards)
+                          "`megacoca data synth-shapes --out data/shapes`) or give data.sources")
+    else:
+        urls = inputs.keyed("data.train_shards", inputs.shards, job.data.train_shards)
+        if len(urls) < need:
+            raise ConfigError(f"data.train_shards: {len(urls)} shards cannot feed dp {layout.dp} x num_workers "
+                              f"{max(job.data.num_workers, 1)} readers; write more shards or use fewer workers")
     try:
         find_resume_checkpoint(job)
     except FileNotFoundError as error:
         raise ConfigError(str(error)) from None
-    need = layout.dp * max(job.data.num_workers, 1)
-    if len(urls) < need:
-        raise ConfigError(f"data.train_shards: {len(urls)} shards cannot feed dp {layout.dp} x "
-                          f"num_workers {max(job.data.num_workers, 1)} readers; write more shards or use fewer workers")
+    for index, source in enumerate(job.eval.val_sources if job.eval.every else []):
+        inputs.keyed(f"eval.val_sources[{index}] ({source.name!r})", inputs.data_source, source,
+                     strict_labels=False)
     if job.eval.every and job.data.val_shards:
         try:
             inputs.shards(job.data.val_shards)
@@ -186,8 +193,8 @@ def train(job: JobConfig, layout: Layout, ds_config: dict, model_cfg, tokenizer,
     try:
         dims = ParallelDims.from_layout(layout).build(timeout=timedelta(seconds=job.fault.collective_timeout_s))
         loader = build_train_loader(job, model_cfg, dims, tokenizer)
-        eval_fn = make_train_eval_fn(job, model_cfg, dims, tokenizer) if job.eval.every and job.data.val_shards \
-            else None
+        evaluates = job.eval.every and (job.data.val_shards or job.eval.val_sources)
+        eval_fn = make_train_eval_fn(job, model_cfg, dims, tokenizer) if evaluates else None
         trainer = Trainer(job, loader, dims=dims, layout=layout, ds_config=ds_config, eval_fn=eval_fn)
         trainer.resume()
         # Installed until the process exits: once one rank has stopped for preemption and exits, a launcher

@@ -165,6 +165,8 @@ def coerce(value: Any, hint: Any, label: str) -> Any:
         raise ConfigError(f"{label}: must be one of {', '.join(repr(a) for a in args)}, got {value!r}")
     if hint in _SCALARS:
         return _SCALARS[hint](value, hint, label)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return _coerce_dataclass(value, hint, label)
     if origin in (tuple, list):
         return _coerce_sequence(value, hint, label)
     if origin is dict or hint is dict:
@@ -172,6 +174,22 @@ def coerce(value: Any, hint: Any, label: str) -> Any:
             _mismatch(value, hint, label)
         return dict(value)
     return value
+
+
+def _coerce_dataclass(value: Any, hint: type, label: str) -> Any:
+    """A mapping -> an instance of the dataclass `hint`, each key checked and coerced (one line naming it)."""
+    if isinstance(value, hint):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"{label}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(hint))}, "
+                          f"got {value!r}")
+    instance = hint()
+    for key, item in value.items():
+        names = [f.name for f in dataclasses.fields(hint)]
+        if key not in names:
+            raise ConfigError(f"{label}: unknown key {key!r} (known: {', '.join(names)})")
+        setattr(instance, key, coerce(item, typing.get_type_hints(hint)[key], f"{label}.{key}"))
+    return instance
 
 
 def _mismatch(value: Any, hint: Any, label: str) -> typing.NoReturn:
@@ -234,7 +252,8 @@ def _coerce_sequence(value: Any, hint: Any, label: str) -> tuple | list:
             _mismatch(value, hint, label)
         return tuple(coerce(v, a, label) for v, a in zip(value, args))
     inner = args[0] if args else Any
-    return origin(coerce(v, inner, label) for v in value)
+    return origin(coerce(v, inner, f"{label}[{i}]" if dataclasses.is_dataclass(inner) else label)
+                  for i, v in enumerate(value))
 
 
 def _type_name(hint: Any) -> str:

@@ -148,9 +148,12 @@ def build_config(recipe_name: str | None = None, config_file: str | None = None,
     recipe_name = recipe_name or file_values.pop("recipe", None) or "coca_tiny_cpu"
     file_values.pop("recipe", None)
     config = get_recipe(recipe_name)
+    recipe_shards = config.data.train_shards
     apply_nested(config, file_values, where=config_file or "")
     for assignment in overrides:
         key, value = parse_set(assignment)
         set_key(config, key, value, where="--set")
+    if config.data.sources and config.data.train_shards == recipe_shards:
+        config.data.train_shards = ""  # a mixture replaces the recipe's one source (a user-set one is an error)
     config.validate()
     return config

@@ -17,6 +17,8 @@ from megacoca.config.flavors import get_flavor
 from megacoca.config.layout import infer_dp
 from megacoca.config.model import CoCaConfig
 from megacoca.config.overrides import ConfigError, apply_nested
+from megacoca.config.sources import SourceConfig, ValSourceConfig, check_sources
+
 
 @dataclass
 class ModelChoice:
@@ -47,6 +49,13 @@ class DataConfig:
     # is skipped and counted; a stream silent for shard_timeout_s seconds is a failed attempt (0: no timeout).
     shard_retries: int = 3
     shard_timeout_s: float = 120.0
+    # A mixture of sources instead of train_shards (megacoca.config.sources; megacoca.data.mixture): each batch
+    # draws its samples' sources by weight, every source keeps its own epochs and shard order.
+    sources: list[SourceConfig] = field(default_factory=list)
+    # A source none of whose samples can be read in a whole epoch (every shard corrupt or failed): "stop" ends the
+    # run naming it (the default: silently training on another mixture than the one asked for changes the
+    # experiment); "drop" logs it and goes on with the others, their weights renormalised.
+    on_source_failure: Literal["stop", "drop"] = "stop"
 
 
 @dataclass
@@ -98,6 +107,9 @@ class LossConfig:
 @dataclass
 class EvalConfig:
     every: int = 0  # steps between calls of the trainer's eval hook; 0 disables
+    # Named validation sets, each evaluated on its own (retrieval on a caption source, zero-shot top-1/top-5 on a
+    # label source), in the periodic eval and in `megacoca eval --config`; metrics are prefixed `<name>/`.
+    val_sources: list[ValSourceConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -196,6 +208,7 @@ class JobConfig:
         _require(self.checkpoint.keep >= 0, f"checkpoint.keep must be >= 0, got {self.checkpoint.keep}")
         _require(self.logging.log_every >= 1, f"logging.log_every must be >= 1, got {self.logging.log_every}")
         _require(self.eval.every >= 0, f"eval.every must be >= 0, got {self.eval.every}")
+        check_sources(self.eval.val_sources, "eval.val_sources", weighted=False)
         _require(bool(self.logging.run_dir), "logging.run_dir is empty (default runs/{name})")
         self.model_config()  # model.flavor and model.overrides, one line each (ConfigError)
         if world_size is not None:
@@ -229,6 +242,11 @@ def _check_data_and_schedule(d: DataConfig, s: ScheduleConfig) -> None:
     _require(d.shard_retries >= 0, f"data.shard_retries must be >= 0, got {d.shard_retries}")
     _require(math.isfinite(d.shard_timeout_s) and d.shard_timeout_s >= 0,
              f"data.shard_timeout_s must be >= 0 seconds (0: no timeout), got {d.shard_timeout_s}")
+    _require(not (d.sources and d.train_shards), "data.sources and data.train_shards are both set: give one "
+             "(data.train_shards is the one-source case)")
+    check_sources(d.sources, "data.sources", weighted=True)
+    _require(d.on_source_failure in ("stop", "drop"),
+             f"data.on_source_failure must be 'stop' or 'drop', got {d.on_source_failure!r}")
     _require(bool(d.tokenizer), "data.tokenizer is empty: use 'clip-bpe' or the path of a SentencePiece .model")
     _require(s.steps >= 1, f"schedule.steps must be >= 1, got {s.steps}")
     _require(s.micro_batch_size >= 1, f"schedule.micro_batch_size must be >= 1, got {s.micro_batch_size}")

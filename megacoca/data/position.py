@@ -35,7 +35,7 @@ from collections import Counter
 from typing import Any, Sequence
 
 SKIP_REASONS = ("corrupt_image", "empty_caption", "non_utf8_text", "missing_image", "missing_caption", "corrupt_shard",
-                "failed_shard")
+                "failed_shard", "missing_label", "bad_label")  # the last two: label sources (megacoca.data.source_text)
 RETRY_COUNT = "shard_retry"  # failed attempts at remote shards, kept with the skip counts (not a skip reason)
 STATE_VERSION = 2  # 2: adds the re-split plan (version 1 states load as having none)
 

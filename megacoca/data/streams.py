@@ -37,6 +37,10 @@ from megacoca.data.transforms import load_image
 log = logging.getLogger(__name__)
 
 
+class SourceExhaustedError(RuntimeError):
+    """A stream read a whole epoch of its shards and found no valid sample (all corrupt, failed or unlabelled)."""
+
+
 def _shuffle_buffer(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
     """Reservoir-style shuffle buffer: deterministic for `rng`; `size >= shard length` is a full permutation."""
     if size <= 1:
@@ -59,8 +63,10 @@ class RankStreams:
     streams. `plan` is the re-split plan the loader's position holds (megacoca.data.position)."""
 
     def __init__(self, urls, batch_size, tokenizer, transform, dp_rank, dp_size, num_streams, seed, shuffle,
-                 shuffle_buffer, epochs, with_json, read_options):
+                 shuffle_buffer, epochs, with_json, read_options, text_rule=None):
         self.urls = urls
+        # how a sample's text is made (megacoca.data.source_text); None: its caption (`decode_caption`)
+        self.text_rule = text_rule
         self.read_options = read_options  # read_shard's retries, timeout, retry_delay
         self.batch_size = batch_size
         self.tokenizer = tokenizer
@@ -107,7 +113,10 @@ class RankStreams:
         return _shuffle_buffer(samples, self.shuffle_buffer, rng)
 
     def decode(self, raw, epoch, shard, index, skipped: Counter):
-        caption, reason = decode_caption(raw)
+        if self.text_rule is None:
+            caption, reason = decode_caption(raw)
+        else:
+            caption, reason = self.text_rule.text(raw, epoch, shard, index)
         data = image_bytes(raw)
         if reason is None and data is None:
             reason = "missing_image"
@@ -148,10 +157,12 @@ class RankStreams:
             batch["json"] = [item[3] for item in items]
         return batch
 
-    def batches(self, stream: int, start: dict[str, Any]) -> Iterator[dict[str, Any]]:
-        """Batches of one stream from position `start` (epoch, shard, sample, skipped)."""
+    def samples(self, stream: int, start: dict[str, Any], skipped: Counter) -> Iterator[tuple[Any, tuple]]:
+        """The decoded samples of one stream from position `start` (epoch, shard, sample), each with the stream's
+        position after it, `(epoch, shard index in the stream's pieces, samples of that shard emitted)`. Bad samples
+        are counted in `skipped` by reason as they are passed. Ends after `epochs` epochs (never if None); raises
+        SourceExhaustedError when a whole (unplanned) epoch of the stream's shards gives no valid sample."""
         epoch, shard_pos, sample_pos = int(start["epoch"]), int(start["shard"]), int(start["sample"])
-        skipped = Counter({k: int(v) for k, v in start.get("skipped", {}).items()})
 
         def on_error(exn):
             if isinstance(exn, ShardFailedError):
@@ -164,7 +175,6 @@ class RankStreams:
         def on_retry(exn):
             skipped[RETRY_COUNT] += 1
 
-        pending = []
         while self.epochs is None or epoch < self.epochs:
             pieces = self.stream_pieces(epoch, stream)
             # a planned (re-split) epoch holds leftovers, possibly none or all bad: it cannot spin forever
@@ -180,18 +190,26 @@ class RankStreams:
                     if item is None:
                         continue
                     valid += 1
-                    pending.append(item)
-                    if len(pending) == self.batch_size:
-                        position = {"stream": stream, "epoch": epoch, "shard": shard_pos, "sample": sample_pos,
-                                    "skipped": dict(skipped)}
-                        yield self.collate(pending, position)
-                        pending = []
+                    yield item, (epoch, shard_pos, sample_pos)
                 shard_pos, sample_pos = shard_pos + 1, 0
             if full_epoch and valid == 0:
-                raise RuntimeError(
+                raise SourceExhaustedError(
                     f"rank {self.dp_rank} stream {stream}: no valid sample in a whole epoch of shards "
                     f"{[self.urls[i] for i, _ in pieces]}; skipped so far: {dict(skipped)}"
                 )
             epoch, shard_pos = epoch + 1, 0
+
+    def batches(self, stream: int, start: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """Batches of one stream from position `start` (epoch, shard, sample, skipped)."""
+        skipped = Counter({k: int(v) for k, v in start.get("skipped", {}).items()})
+        pending = []
+        for item, (epoch, shard_pos, sample_pos) in self.samples(stream, start, skipped):
+            pending.append(item)
+            if len(pending) == self.batch_size:
+                position = {"stream": stream, "epoch": epoch, "shard": shard_pos, "sample": sample_pos,
+                            "skipped": dict(skipped)}
+                yield self.collate(pending, position)
+                pending = []
         # finite epochs: a last position-only item, so skips after the last full batch are counted too
-        yield {"_position": {"stream": stream, "epoch": epoch, "shard": 0, "sample": 0, "skipped": dict(skipped)}}
+        yield {"_position": {"stream": stream, "epoch": self.epochs, "shard": 0, "sample": 0,
+                             "skipped": dict(skipped)}}

@@ -11,6 +11,8 @@ module does not know is an error (a typo must not make a fault test pass without
     nan_grad=STEP      one gradient of step STEP becomes NaN in backward (the loss stays finite)
     inf_loss=STEP      the loss of step STEP becomes +inf
     loss_scale=STEP:F  the loss of step STEP is multiplied by F (a loss spike)
+    kill=STEP          SIGKILL this process as train step STEP begins (`kill -9` at a step: a resume must lose
+                       nothing but the steps after the last checkpoint)
     stall=STEP         SIGSTOP this process as train step STEP begins (a hung rank: it can print nothing more; the
                        other ranks' watchdogs must end the job, megacoca.launch.watchdog)
     slow=SECONDS       every input batch arrives SECONDS later (a straggler: a slow disk or decoder)
@@ -41,10 +43,11 @@ KINDS = {
     "nan_grad": "a gradient of a step becomes NaN",
     "inf_loss": "the loss of a step becomes +inf",
     "loss_scale": "the loss of a step is multiplied by a factor",
+    "kill": "SIGKILL this process as a step begins",
     "stall": "SIGSTOP this process as a step begins",
     "slow": "delay every input batch by SECONDS",
 }
-STEP_KINDS = ("nan_loss", "nan_grad", "inf_loss", "loss_scale", "stall")
+STEP_KINDS = ("nan_loss", "nan_grad", "inf_loss", "loss_scale", "kill", "stall")
 POINT_KINDS = ("kill_at", "enospc_at")
 
 # Where megacoca.checkpoint calls point(): the order a save goes through (see megacoca.checkpoint.state).

@@ -120,6 +120,9 @@ class StepWatchdog:
         """A train step begins (every rank, the same step); armed from the second step of this watchdog on."""
         self.step = step
         self.steps_begun += 1
+        if faults.at_step("kill", step) is not None:
+            _write(f"{faults.ENV}: rank {self.rank} kills itself (SIGKILL) as step {step} begins\n")
+            os.kill(os.getpid(), signal.SIGKILL)
         if faults.at_step("stall", step) is not None:
             _write(f"{faults.ENV}: rank {self.rank} stops itself (SIGSTOP) as step {step} begins\n")
             os.kill(os.getpid(), signal.SIGSTOP)

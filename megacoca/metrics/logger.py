@@ -3,7 +3,9 @@
 Every record is one JSON object per line; training records carry at least
 step, loss, loss_contrastive, loss_caption, logit_scale, lr, grad_norm, samples_per_s, tflops_per_device,
 mfu (null when the device's peak is unknown) and skipped_samples, and `straggler` when one rank held the others
-up (megacoca.metrics.stragglers). Eval records carry step and `eval/...`.
+up (megacoca.metrics.stragglers), and with a data mixture `data/<source>/samples|epochs|skipped`
+(megacoca.metrics.records.source_record; the progress line shows each source's share and epochs compactly).
+Eval records carry step and `eval/...`.
 Other ranks get a logger whose methods do nothing, so callers never branch on rank.
 """
 
@@ -126,6 +128,9 @@ class MetricsLogger:
             line += f" | MFU {100 * record['mfu']:.1f}%"
         if record.get("skipped_samples"):
             line += f" | skipped {record['skipped_samples']}"
+        mixture = _mixture_summary(record)
+        if mixture:
+            line += f" | {mixture}"
         if record.get("skipped_step"):
             line += f" | SKIPPED: {record.get('skip_reason')}"
         if record.get("straggler"):
@@ -142,6 +147,17 @@ class MetricsLogger:
         if self.jsonl is not None:
             self.jsonl.close()
             self.jsonl = None
+
+
+def _mixture_summary(record: dict) -> str:
+    """`a 50% e2, b 30% e0`: each mixture source's share of the samples taken so far and its completed epochs."""
+    samples = {key[len("data/"):-len("/samples")]: value for key, value in record.items()
+               if key.startswith("data/") and key.endswith("/samples")}
+    total = sum(samples.values())
+    if not total:
+        return ""
+    return ", ".join(f"{name} {100 * count / total:.0f}% e{record.get(f'data/{name}/epochs', 0)}"
+                     for name, count in samples.items())
 
 
 def _duration(seconds: float) -> str:

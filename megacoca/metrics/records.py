@@ -18,3 +18,13 @@ def train_record(*, step: int, losses: list[float], lr: float, grad_norm, sample
         "mfu": None if peak_flops is None else tflops * 1e12 / peak_flops,
         "skipped_samples": skipped_samples,
     }
+
+
+SOURCE_FIELDS = ("samples", "epochs", "skipped")  # per mixture source: samples taken, epochs completed, skipped
+
+
+def source_record(per_source: dict[str, dict[str, int]]) -> dict:
+    """A data mixture's accounting as flat fields `data/<source>/samples|epochs|skipped` (over every data-parallel
+    rank: samples taken since the start, epochs every rank completed, bad samples skipped), in the sources' order."""
+    return {f"data/{name}/{field}": int(values[field]) for name, values in per_source.items()
+            for field in SOURCE_FIELDS}

@@ -188,7 +188,8 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, num_workers):
     batches = list(loader)
     assert sorted(k for b in batches for k in b["keys"]) == ["good0", "good0", "good1", "good1"]
     assert loader.skipped == {"corrupt_image": 4, "empty_caption": 2, "non_utf8_text": 2, "missing_image": 2,
-                              "missing_caption": 2, "corrupt_shard": 0, "failed_shard": 0}
+                              "missing_caption": 2, "corrupt_shard": 0, "failed_shard": 0, "missing_label": 0,
+                              "bad_label": 0}
     assert loader.state_dict()["streams"][0]["skipped"]  # counts travel with the checkpoint
 
 

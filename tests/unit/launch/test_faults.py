@@ -17,7 +17,8 @@ def test_parse_kinds_ranks_and_counts():
 
 
 @pytest.mark.parametrize("text, message", [
-    ("kill=save:begin", "unknown fault kind 'kill'"),  # a typo fails instead of testing nothing
+    ("kill=save:begin", "kill=save:begin: expected \\[rankR@\\]STEP"),  # a point given to the step kind fails
+    ("kil_at=save:begin", "unknown fault kind 'kil_at'"),  # a typo fails instead of testing nothing
     ("kill_at", "is not kind=value"),
     ("kill_at=", "is not kind=value"),
     ("kill_at=save:middle", "unknown point 'save:middle'"),
