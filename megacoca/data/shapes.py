@@ -7,6 +7,11 @@ classification (chance 1/24 ~ 0.04) and caption correctness (`caption_matches`).
 
 Every sample is generated from `np.random.default_rng([seed, split, index])`, and tars are written with
 a fixed mtime, so the output bytes depend only on the arguments (not on the number of processes).
+
+`labels_only=True` writes a label-only source instead (`synth_labels`): single-object images whose samples are
+`key.jpg` + `key.cls` (the class id in CLASS_NAMES order) and no caption, from split ids of their own (other images
+than the captioned set of the same seed), with `classnames.txt` and `templates.txt` (LABEL_TEMPLATES) beside the
+shards: the second source of a two-source mixture (megacoca.config.sources, `text: labels`).
 """
 
 from __future__ import annotations
@@ -53,12 +58,17 @@ PAIR_TEMPLATES = (
     "a picture of a {a} {rel} a {b}",
 )
 ZERO_SHOT_TEMPLATES = ("a photo of a {color} {shape}", "a {color} {shape}", "there is a {color} {shape}")
+# A label source's templates (`{c}`: the class name, "red circle"): the zero-shot ones, then the other single-object
+# caption templates, without the size word no class name holds.
+LABEL_TEMPLATES = tuple(dict.fromkeys([t.replace("{color} {shape}", "{c}") for t in ZERO_SHOT_TEMPLATES]
+                                      + [t.replace("{a}", "{c}") for t in SINGLE_TEMPLATES]))
 
 # Object half-extent as a fraction of the image side.
 SIZE_RANGE = {"small": (0.15, 0.18), "large": (0.25, 0.29)}
 JITTER = 0.15  # single objects: centre within 0.5 +- JITTER of the side
 BACKGROUND_NOISE, OBJECT_NOISE = 10.0, 5.0  # gaussian std in 0..255 units
 SPLIT_IDS = {"train": 0, "val": 1}
+LABEL_SPLIT_IDS = {"train": 2, "val": 3}  # a label-only source's images: none of them is a captioned one's
 
 
 def class_index(color: str, shape: str) -> int:
@@ -262,7 +272,9 @@ def _encode(image: np.ndarray, fmt: str) -> bytes:
 def _write_shard(job) -> int:
     from webdataset import TarWriter  # heavy (imports torch): only writing shards needs it, not the caption checks
 
-    path, split, start, stop, image_size, seed, fmt, two_object_fraction = job
+    path, split, start, stop, image_size, seed, fmt, two_object_fraction, labels_only = job
+    if labels_only:
+        return _write_label_shard(path, split, start, stop, image_size, seed, fmt)
     split_id = SPLIT_IDS[split]
     tmp = path + ".tmp"
     with TarWriter(tmp, mtime=0) as writer:
@@ -283,9 +295,31 @@ def _write_shard(job) -> int:
     return stop - start
 
 
+def _write_label_shard(path: str, split: str, start: int, stop: int, image_size: int, seed: int, fmt: str) -> int:
+    """A label-only shard: single-object images (val: balanced over the classes, train: drawn), `key.cls` the
+    class id, no caption."""
+    from webdataset import TarWriter  # heavy: see _write_shard
+
+    split_id = LABEL_SPLIT_IDS[split]
+    tmp = path + ".tmp"
+    with TarWriter(tmp, mtime=0) as writer:
+        for index in range(start, stop):
+            rng = np.random.default_rng([seed, split_id, index])
+            image, _, attributes = make_sample(rng, image_size, 1, cls=index % len(CLASSES) if split == "val" else None)
+            writer.write({
+                "__key__": f"{split}_label{index:08d}",
+                fmt: _encode(image, fmt),
+                "cls": str(attributes["class"]).encode("ascii"),
+            })
+    os.replace(tmp, path)
+    return stop - start
+
+
 def write_split(out_dir: str, split: str, num_samples: int, image_size: int = 64, seed: int = 0,
-                shard_size: int = 1000, fmt: str = "jpg", two_object_fraction: float = 0.4, workers: int = 1) -> list[str]:
-    """Write `num_samples` samples of `split` ("train" or "val") as out_dir/split/{00000..}.tar."""
+                shard_size: int = 1000, fmt: str = "jpg", two_object_fraction: float = 0.4, workers: int = 1,
+                labels_only: bool = False) -> list[str]:
+    """Write `num_samples` samples of `split` ("train" or "val") as out_dir/split/{00000..}.tar; `labels_only`:
+    label-only samples (`_write_label_shard`)."""
     if split not in SPLIT_IDS:
         raise ValueError(f"split must be one of {list(SPLIT_IDS)}, got {split!r}")
     if fmt not in ("jpg", "png"):
@@ -295,7 +329,8 @@ def write_split(out_dir: str, split: str, num_samples: int, image_size: int = 64
     jobs = []
     for shard, start in enumerate(range(0, num_samples, shard_size)):
         path = os.path.join(split_dir, f"{shard:05d}.tar")
-        jobs.append((path, split, start, min(start + shard_size, num_samples), image_size, seed, fmt, two_object_fraction))
+        jobs.append((path, split, start, min(start + shard_size, num_samples), image_size, seed, fmt,
+                     two_object_fraction, labels_only))
     if workers > 1 and len(jobs) > 1:
         with get_context("fork").Pool(min(workers, len(jobs))) as pool:
             list(pool.imap_unordered(_write_shard, jobs))
@@ -307,13 +342,16 @@ def write_split(out_dir: str, split: str, num_samples: int, image_size: int = 64
 
 def synth_shapes(out_dir: str, train_samples: int = 20000, val_samples: int = 1200, image_size: int = 64,
                  seed: int = 0, shard_size: int = 1000, fmt: str = "jpg", two_object_fraction: float = 0.4,
-                 workers: int | None = None) -> dict:
-    """Write out_dir/train/*.tar, out_dir/val/*.tar and out_dir/meta.json; returns the meta dict."""
+                 workers: int | None = None, labels_only: bool = False) -> dict:
+    """Write out_dir/train/*.tar, out_dir/val/*.tar and out_dir/meta.json; returns the meta dict. `labels_only`:
+    the label-only source (`synth_labels`)."""
     if image_size < 16:
         raise ValueError(f"image_size must be >= 16, got {image_size}")
     if shard_size <= 0:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
     workers = workers if workers is not None else (os.cpu_count() or 1)
+    if labels_only:
+        return synth_labels(out_dir, train_samples, val_samples, image_size, seed, shard_size, fmt, workers)
     began = time.perf_counter()
     train = write_split(out_dir, "train", train_samples, image_size, seed, shard_size, fmt, two_object_fraction, workers)
     val = write_split(out_dir, "val", val_samples, image_size, seed, shard_size, fmt, 0.0, workers)
@@ -331,6 +369,37 @@ def synth_shapes(out_dir: str, train_samples: int = 20000, val_samples: int = 12
         "colors": list(COLORS),
         "shapes": list(SHAPES),
         "sizes": list(SIZES),
+        "classes": CLASS_NAMES,
+    }
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    meta["seconds"] = seconds
+    return meta
+
+
+def synth_labels(out_dir: str, train_samples: int = 20000, val_samples: int = 1200, image_size: int = 64,
+                 seed: int = 0, shard_size: int = 1000, fmt: str = "jpg", workers: int = 1) -> dict:
+    """The label-only source: out_dir/train/*.tar and out_dir/val/*.tar of `key.jpg` + `key.cls`, out_dir/
+    classnames.txt (CLASS_NAMES, one per line: line k is class id k), out_dir/templates.txt (LABEL_TEMPLATES, one
+    per line) and out_dir/meta.json; returns the meta dict."""
+    began = time.perf_counter()
+    train = write_split(out_dir, "train", train_samples, image_size, seed, shard_size, fmt, 0.0, workers, True)
+    val = write_split(out_dir, "val", val_samples, image_size, seed, shard_size, fmt, 0.0, workers, True)
+    for name, lines in (("classnames.txt", CLASS_NAMES), ("templates.txt", LABEL_TEMPLATES)):
+        with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in lines))
+    seconds = time.perf_counter() - began
+    meta = {
+        "dataset": "synth-shapes-labels",
+        "seed": seed,
+        "image_size": image_size,
+        "format": fmt,
+        "train_samples": train_samples,
+        "val_samples": val_samples,
+        "train_shards": len(train),
+        "val_shards": len(val),
+        "class_names": "classnames.txt",
+        "templates": "templates.txt",
         "classes": CLASS_NAMES,
     }
     with open(os.path.join(out_dir, "meta.json"), "w") as f:

@@ -2,12 +2,14 @@
 
 `load_model_for_eval(path)` is `megacoca.load` in fp32: a model directory or a DeepSpeed checkpoint of a megacoca
 run, of any layout (megacoca.checkpoint.loader, the one loader eval and convert share). `load_eval_set` reads
-shards in order, `evaluate` returns the metrics dict that `megacoca eval` writes as JSON. The trainer's periodic
-eval can call `evaluate` directly.
+shards in order, `evaluate` returns the metrics dict that `megacoca eval` writes as JSON. A labelled (ImageNet-style)
+set is classified zero-shot by megacoca.eval.labelled. `make_train_eval_fn` is the trainer's periodic eval: on
+`data.val_shards`, or on each named set of `eval.val_sources` (caption or label), its metrics keyed `<name>/...`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -18,6 +20,7 @@ import torch
 from megacoca.checkpoint.loader import load
 from megacoca.data.shapes import CLASSES, ZERO_SHOT_TEMPLATES, class_index
 from megacoca.data.shard_reader import decode_caption, image_bytes, iter_samples
+from megacoca.data.source_text import text_rule
 from megacoca.data.transforms import ImageTransform, load_image
 from megacoca.eval.captioning import (
     caption_match_rate,
@@ -26,6 +29,7 @@ from megacoca.eval.captioning import (
     shapes_caption_matches,
     shapes_caption_shape_matches,
 )
+from megacoca.eval.labelled import LABEL_TRAIN_EVAL_KEYS, direct, label_problem, zeroshot_labelled
 from megacoca.eval.retrieval import retrieval_metrics
 from megacoca.eval.zeroshot import (
     attribute_accuracy,
@@ -57,14 +61,15 @@ class EvalSet:
         return len(self.captions)
 
 
-def load_eval_set(shards, image_size: int, max_samples: int | None = None) -> EvalSet:
-    """Read shards in order (no shuffle), center-crop transform; undecodable samples are skipped."""
+def load_eval_set(shards, image_size: int, max_samples: int | None = None, caption_rule=None) -> EvalSet:
+    """Read shards in order (no shuffle), center-crop transform; undecodable samples are skipped. `caption_rule`:
+    a megacoca.data.source_text.CaptionText (a caption source's `caption_field`); None: the `.txt`."""
     transform = ImageTransform(image_size, train=False)
     images, captions, attributes, keys = [], [], [], []
     for raw in iter_samples(shards):
         if max_samples is not None and len(captions) >= max_samples:
             break
-        caption, _ = decode_caption(raw)
+        caption, _ = decode_caption(raw) if caption_rule is None else caption_rule.text(raw)
         data = image_bytes(raw)
         if caption is None or data is None:
             continue
@@ -245,8 +250,9 @@ TRAIN_EVAL_KEYS = ("zeroshot_top1", "zeroshot_color_acc", "zeroshot_shape_acc", 
 
 
 def make_train_eval_fn(job, model_cfg, dims, tokenizer, *, max_samples: int = 480, caption_samples: int = 240,
-                       batch_size: int = 240, max_new_tokens: int = 20):
-    """The trainer's periodic eval: `eval_fn(engine, step) -> dict` on the first `max_samples` val samples.
+                       batch_size: int = 240, max_new_tokens: int = 20, chunk_size: int = 1024):
+    """The trainer's periodic eval: `eval_fn(engine, step) -> dict` on the first `max_samples` val samples, or with
+    `eval.val_sources` on each named set in turn, its metrics keyed `<name>/<metric>` (`val_sources_eval_fn`).
 
     Runs sharded, on the training model itself: every rank evaluates the same samples in lockstep through the
     engine's module, so ZeRO-3 gathers each layer's parameters only while that layer runs and tensor-parallel
@@ -258,7 +264,29 @@ def make_train_eval_fn(job, model_cfg, dims, tokenizer, *, max_samples: int = 48
     last stage evaluates while the stages before it run their share of the image tower on request
     (megacoca.parallel.pipeline.evaluation).
     """
+    if job.eval.val_sources:
+        return val_sources_eval_fn(job, model_cfg, dims, tokenizer, caption_samples=caption_samples,
+                                   batch_size=batch_size, max_new_tokens=max_new_tokens, chunk_size=chunk_size)
     eval_set = load_eval_set(job.data.val_shards, model_cfg.image_size, max_samples)
+    metrics_of = _train_metrics(tokenizer, eval_set, caption_samples=caption_samples, batch_size=batch_size,
+                                max_new_tokens=max_new_tokens)
+
+    def eval_fn(engine, step: int) -> dict:
+        return engine_run(engine, dims)(metrics_of, eval_set.images)
+
+    return eval_fn
+
+
+def engine_run(engine, dims):
+    """`run(fn, images) -> fn(model)` on the training model (megacoca.eval.labelled): the engine's module, or
+    under pipeline parallelism the last stage's stand-in while the others serve rows of `images`."""
+    if dims.pp_size > 1:
+        return lambda fn, images: pipelined_evaluate(engine, dims, fn, images)
+    return direct(getattr(engine, "module", engine))
+
+
+def _train_metrics(tokenizer, eval_set: EvalSet, *, caption_samples: int, batch_size: int, max_new_tokens: int):
+    """`metrics_of(model)`: TRAIN_EVAL_KEYS of `evaluate` on a caption set, and the first sample's caption."""
 
     def metrics_of(model) -> dict:
         results = evaluate(model, tokenizer, eval_set, batch_size=batch_size, max_new_tokens=max_new_tokens,
@@ -268,9 +296,45 @@ def make_train_eval_fn(job, model_cfg, dims, tokenizer, *, max_samples: int = 48
             out["sample_caption"] = results["samples"][0]["generated"]
         return out
 
+    return metrics_of
+
+
+def val_sources_eval_fn(job, model_cfg, dims, tokenizer, *, caption_samples: int = 240, batch_size: int = 240,
+                        max_new_tokens: int = 20, chunk_size: int = 1024):
+    """`eval_fn(engine, step)` over `job.eval.val_sources`, each set in turn, its metrics keyed `<name>/<metric>`:
+    a caption set (held in memory, read here) gives TRAIN_EVAL_KEYS of `evaluate` and `sample_caption`; a label
+    set (read again at each eval, `chunk_size` images at a time: megacoca.eval.labelled) gives
+    LABEL_TRAIN_EVAL_KEYS. Each set is its first `max_samples` samples (0: all). The class-name and template files
+    are read, and a label set's first samples checked for a valid label, here: a bad source is an error before
+    training starts, not at its first eval."""
+    evaluators = []
+    for source in job.eval.val_sources:
+        rule = text_rule(source, job.seed)  # ConfigError naming the source
+        if source.text == "labels":
+            problem = label_problem(source.shards, rule)
+            if problem:
+                raise ValueError(f"eval.val_sources {source.name!r}: {problem}")
+            evaluators.append((source.name, functools.partial(
+                _labelled_train_metrics, tokenizer=tokenizer, shards=source.shards, rule=rule,
+                image_size=model_cfg.image_size, batch_size=batch_size, max_samples=source.max_samples,
+                chunk_size=chunk_size)))
+        else:
+            eval_set = load_eval_set(source.shards, model_cfg.image_size, source.max_samples or None, rule)
+            metrics_of = _train_metrics(tokenizer, eval_set, caption_samples=caption_samples, batch_size=batch_size,
+                                        max_new_tokens=max_new_tokens)
+            evaluators.append((source.name, functools.partial(_run_on_set, metrics_of, eval_set.images)))
+
     def eval_fn(engine, step: int) -> dict:
-        if dims.pp_size > 1:
-            return pipelined_evaluate(engine, dims, metrics_of, eval_set.images)
-        return metrics_of(getattr(engine, "module", engine))
+        run = engine_run(engine, dims)
+        return {f"{name}/{key}": value for name, metrics_of in evaluators for key, value in metrics_of(run).items()}
 
     return eval_fn
+
+
+def _run_on_set(metrics_of, images: torch.Tensor, run) -> dict:
+    return run(metrics_of, images)
+
+
+def _labelled_train_metrics(run, **options) -> dict:
+    results = zeroshot_labelled(run, **options)
+    return {key: results[key] for key in LABEL_TRAIN_EVAL_KEYS if results.get(key) is not None}

@@ -7,6 +7,8 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from megacoca.data.source_text import render
+
 
 def class_prompts(classes: Sequence[str | Mapping[str, str]], templates: Sequence[str]) -> list[list[str]]:
     """Prompts per class: a class is a name (templates with `{}`) or a mapping of fields (`{color} {shape}`)."""
@@ -21,18 +23,36 @@ def class_prompts(classes: Sequence[str | Mapping[str, str]], templates: Sequenc
     return prompts
 
 
+def named_class_prompts(class_names: Sequence[str], templates: Sequence[str]) -> list[list[str]]:
+    """Prompts per class of a labelled set: every template (`{}` or `{c}` where the name goes, open_clip's ImageNet
+    templates written out) with the class name in it (megacoca.data.source_text.render). Unlike `class_prompts`,
+    a name or template holding other braces is taken literally."""
+    if not templates:
+        raise ValueError("zero-shot classification needs at least one template")
+    return [[render(template, name) for template in templates] for name in class_names]
+
+
 @torch.no_grad()
-def class_embeddings(model, tokenizer, classes, templates: Sequence[str], batch_size: int = 256) -> torch.Tensor:
-    """(C, E) L2-normalised: each class's mean over its normalised template embeddings, renormalised."""
-    prompts = class_prompts(classes, templates)
+def prompt_embeddings(model, tokenizer, prompts: Sequence[Sequence[str]], batch_size: int = 256) -> torch.Tensor:
+    """(C, E) L2-normalised: per class, the mean of its prompts' normalised text embeddings, renormalised (open_clip's
+    zero-shot classifier). Every class has the same number of prompts."""
+    count = len(prompts[0]) if prompts else 0
+    if any(len(per_class) != count for per_class in prompts):
+        raise ValueError("every class needs the same number of prompts")
     flat = [p for per_class in prompts for p in per_class]
     device = next(model.parameters()).device
     features = []
     for start in range(0, len(flat), batch_size):
         text = tokenizer.encode(flat[start:start + batch_size]).to(device)
         features.append(model.encode_text(text, normalize=True).float().cpu())
-    features = torch.cat(features).view(len(prompts), len(templates), -1)
+    features = torch.cat(features).view(len(prompts), count, -1)
     return F.normalize(features.mean(dim=1), dim=-1)
+
+
+def class_embeddings(model, tokenizer, classes, templates: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    """(C, E) L2-normalised: each class's mean over its normalised template embeddings (`class_prompts`),
+    renormalised."""
+    return prompt_embeddings(model, tokenizer, class_prompts(classes, templates), batch_size)
 
 
 @torch.no_grad()
@@ -70,17 +90,27 @@ def zeroshot_logits(image_features: torch.Tensor, class_features: torch.Tensor) 
     return image_features.float() @ class_features.float().T
 
 
+def _classes_above(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row, the classes other than the label that score at least as high as it (ties go against the label)."""
+    if logits.shape[0] != labels.shape[0]:
+        raise ValueError(f"{logits.shape[0]} rows of logits but {labels.shape[0]} labels")
+    own = logits.gather(1, labels.long().to(logits.device)[:, None])
+    return (logits >= own).sum(dim=1) - 1
+
+
+def topk_hits(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, int]:
+    """{k: number of rows whose label is among the k highest logits}; ties go against the label."""
+    above = _classes_above(logits, labels)
+    return {k: int((above < k).sum()) for k in ks}
+
+
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[int, float]:
     """{k: fraction of rows whose label is among the k highest logits}. Ties go against the label (a
     collapsed model whose logits are all equal scores 0)."""
-    if logits.shape[0] != labels.shape[0]:
-        raise ValueError(f"{logits.shape[0]} rows of logits but {labels.shape[0]} labels")
+    above = _classes_above(logits, labels)
     if logits.shape[0] == 0:
         return {k: float("nan") for k in ks}
-    labels = labels.long().to(logits.device)
-    own = logits.gather(1, labels[:, None])
-    others = (logits >= own).sum(dim=1) - 1  # classes other than the label that score at least as high
-    return {k: float((others < k).float().mean()) for k in ks}
+    return {k: float((above < k).float().mean()) for k in ks}
 
 
 def attribute_accuracy(logits: torch.Tensor, labels: torch.Tensor, class_attribute: Sequence) -> float:

@@ -10,7 +10,10 @@ from dist_harness import run_ranks
 from memory_data import SHARD_ALL, TINY, MemoryLoader
 
 from megacoca.config.recipes import build_config
+from megacoca.config.sources import ValSourceConfig
 from megacoca.data import shapes
+from megacoca.data.source_text import LabelText
+from megacoca.eval.labelled import direct, zeroshot_labelled
 from megacoca.eval.runner import evaluate, load_eval_set, make_train_eval_fn
 from megacoca.models.coca import CoCa
 from megacoca.parallel.dims import ParallelDims
@@ -60,7 +63,7 @@ def val_shards(tmp_path_factory):
     return str(out / "val")
 
 
-def _sharded_eval(rank, world_size, run_dir, val_shards, tp=2, pp=1):
+def _sharded_eval(rank, world_size, run_dir, val_shards, tp=2, pp=1, val_sources=(), chunk_size=1024):
     dp = world_size // (tp * pp)
     job = build_config(overrides=[
         "parallel.deepspeed_config=zero3_fp32", f"parallel.tp={tp}", f"parallel.pp={pp}", "schedule.steps=1",
@@ -68,8 +71,9 @@ def _sharded_eval(rank, world_size, run_dir, val_shards, tp=2, pp=1):
         f"logging.run_dir={run_dir}", f"data.val_shards={val_shards}", "logging.tensorboard=false",
         "checkpoint.save_final=false", SHARD_ALL])
     job.model.overrides = CFG.to_dict()
+    job.eval.val_sources = list(val_sources)
     dims = ParallelDims.from_config(job.parallel, world_size).build()
-    eval_fn = make_train_eval_fn(job, CFG, dims, WordTokenizer(), **EVAL)
+    eval_fn = make_train_eval_fn(job, CFG, dims, WordTokenizer(), **EVAL, chunk_size=chunk_size)
     trainer = Trainer(job, MemoryLoader(2, dims.dp_rank, dims.dp_size, CFG), dims=dims, eval_fn=eval_fn)
     stats = partition_stats(trainer.engine.module)
     metrics = trainer.evaluate()
@@ -97,3 +101,35 @@ def test_sharded_eval_equals_the_unsharded_model(tmp_path, val_shards, world, tp
         for key in ("zeroshot_top1", "i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "caption_match"):
             assert np.isclose(metrics[key], expected[key], rtol=0, atol=1e-9), (key, metrics[key], expected[key])
         assert metrics["sample_caption"] == expected["samples"][0]["generated"]
+
+
+@pytest.fixture(scope="module")
+def label_set(tmp_path_factory):
+    out = tmp_path_factory.mktemp("labels")
+    shapes.synth_shapes(str(out), 0, 48, image_size=32, shard_size=16, workers=1, labels_only=True)
+    return out
+
+
+@pytest.mark.parametrize("world, tp, pp", [(2, 1, 2), (2, 2, 1)], ids=["pp2", "tp2"])
+def test_sharded_eval_of_named_sets_equals_the_unsharded_model(tmp_path, val_shards, label_set, world, tp, pp):
+    """eval.val_sources through the pipeline (a labelled set's class embeddings on the last stage, its images 20 at a
+    time through every stage) and tensor-parallel: each set's metrics, keyed `<name>/`, are the unsharded model's."""
+    sources = [ValSourceConfig(name="labels", shards=str(label_set / "val"), text="labels",
+                               class_names=str(label_set / "classnames.txt"),
+                               templates=str(label_set / "templates.txt")),
+               ValSourceConfig(name="captions", shards=val_shards, max_samples=24)]
+    results = run_ranks(_sharded_eval, world, tmp_path, str(tmp_path / "run"), val_shards, tp, pp, sources, 20)
+    torch.manual_seed(0)
+    model = CoCa(CFG)
+    options = {k: v for k, v in EVAL.items() if k != "max_samples"}
+    captions = evaluate(model, WordTokenizer(), load_eval_set(val_shards, 32, 24), **options, num_examples=1)
+    labels = zeroshot_labelled(direct(model), WordTokenizer(), str(label_set / "val"),
+                               LabelText(shapes.CLASS_NAMES, list(shapes.LABEL_TEMPLATES)), 32, batch_size=8)
+    for result in results:
+        metrics = result["metrics"]
+        assert {key for key in metrics if key.startswith("labels/")} == {"labels/zeroshot_top1", "labels/zeroshot_top5"}
+        for key in ("zeroshot_top1", "zeroshot_top5"):
+            assert np.isclose(metrics[f"labels/{key}"], labels[key], rtol=0, atol=1e-9), (key, metrics, labels)
+        for key in ("zeroshot_top1", "i2t_r1", "t2i_r1", "caption_match"):
+            assert np.isclose(metrics[f"captions/{key}"], captions[key], rtol=0, atol=1e-9), key
+        assert metrics["captions/sample_caption"] == captions["samples"][0]["generated"]

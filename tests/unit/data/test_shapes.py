@@ -82,3 +82,52 @@ def test_synth_shapes_writes_deterministic_splits(tmp_path):
     counts = Counter(len(json.loads(raw["json"])["objects"]) for raw in train)
     assert counts[1] > 0 and counts[2] > 0
     assert len({decode_caption(raw)[0].split(" ")[0] for raw in train}) >= 3  # varied templates
+
+
+def test_label_only_source_holds_class_ids_and_no_captions(tmp_path):
+    meta = shapes.synth_shapes(str(tmp_path / "a"), train_samples=30, val_samples=48, image_size=32, seed=3,
+                               shard_size=20, workers=2, labels_only=True)
+    assert meta["dataset"] == "synth-shapes-labels" and meta["train_shards"] == 2 and meta["val_shards"] == 3
+    assert sorted(os.listdir(tmp_path / "a")) == ["classnames.txt", "meta.json", "templates.txt", "train", "val"]
+    assert (tmp_path / "a" / "classnames.txt").read_text().splitlines() == shapes.CLASS_NAMES
+    templates = (tmp_path / "a" / "templates.txt").read_text().splitlines()
+    assert templates == list(shapes.LABEL_TEMPLATES) and templates[0] == "a photo of a {c}"
+    assert all("{c}" in t and "{" not in t.replace("{c}", "") for t in templates) and len(templates) > 3
+    shapes.synth_shapes(str(tmp_path / "b"), train_samples=30, val_samples=48, image_size=32, seed=3,
+                        shard_size=20, workers=1, labels_only=True)
+
+    def digest(root):
+        return [hashlib.sha1(open(os.path.join(root, split, name), "rb").read()).hexdigest()
+                for split in ("train", "val") for name in sorted(os.listdir(os.path.join(root, split)))]
+
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")  # same bytes, any number of processes
+    for split, count in (("train", 30), ("val", 48)):
+        samples = list(iter_samples(str(tmp_path / "a" / split)))
+        assert len(samples) == count
+        labels = []
+        for raw in samples:
+            assert set(raw) - {"__key__", "__url__"} == {"jpg", "cls"}  # an image and a class id, no caption
+            labels.append(int(raw["cls"]))
+            assert load_image(raw["jpg"]).size == (32, 32)
+        assert all(0 <= label < 24 for label in labels)
+        if split == "val":
+            assert Counter(labels) == Counter({i: 2 for i in range(24)})  # balanced, as the captioned val split
+        else:
+            assert len(set(labels)) > 8
+    # each image is one object of its class: the captioned set's generator, drawn from split ids of its own
+    for split, index in (("train", 7), ("val", 29)):
+        raw = list(iter_samples(str(tmp_path / "a" / split)))[index]
+        rng = np.random.default_rng([3, shapes.LABEL_SPLIT_IDS[split], index])
+        image, _, attributes = shapes.make_sample(rng, 32, 1, cls=index % 24 if split == "val" else None)
+        assert raw["jpg"] == shapes._encode(image, "jpg") and int(raw["cls"]) == attributes["class"]
+        assert len(attributes["objects"]) == 1
+
+
+def test_label_only_images_are_not_the_captioned_ones(tmp_path):
+    shapes.synth_shapes(str(tmp_path / "captions"), 20, 24, image_size=32, seed=1, shard_size=50, workers=1)
+    shapes.synth_shapes(str(tmp_path / "labels"), 20, 24, image_size=32, seed=1, shard_size=50, workers=1,
+                        labels_only=True)
+    for split in ("train", "val"):
+        captioned = {raw["jpg"] for raw in iter_samples(str(tmp_path / "captions" / split))}
+        labelled = {raw["jpg"] for raw in iter_samples(str(tmp_path / "labels" / split))}
+        assert not captioned & labelled, split
