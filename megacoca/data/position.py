@@ -52,6 +52,12 @@ def check_loader_args(batch_size: int, dp_rank: int, dp_size: int, num_workers: 
         raise ValueError(f"seed must be >= 0, got {seed}")
 
 
+def _refuse_mixture_state(state: Any) -> None:
+    if isinstance(state, dict) and state.get("kind") == "mixture":
+        raise ValueError("the checkpoint's data-loader state is a mixture's (data.sources), this run reads one source "
+                         "(data.train_shards): resume it with the same data.sources, or start fresh")
+
+
 def shards_fingerprint(urls: Sequence[str]) -> str:
     """What a state records of its shard list: a hash of the shards' file names, in order."""
     names = "\n".join(os.path.basename(url.rstrip("/")) for url in urls)
@@ -156,6 +162,7 @@ class LoaderPosition:
         """Take `state` (from `state_dict()` of a loader with the same shards, seed, dp_rank, dp_size and
         num_workers, or from `reshard_states` for this dp size and num_workers; the batch size may differ:
         positions count samples). Version 1 states (no plan) are accepted."""
+        _refuse_mixture_state(state)
         if state.get("version") not in (1, STATE_VERSION):
             raise ValueError(f"unsupported data-loader state version {state.get('version')!r} "
                              f"(expected 1 or {STATE_VERSION})")
@@ -239,6 +246,7 @@ def _checked_plan(states: Sequence[dict[str, Any]], dp_size: int, num_workers: i
     if dp_size < 1 or num_workers < 0:
         raise ValueError(f"reshard_states needs dp_size >= 1 and num_workers >= 0, got {dp_size} and {num_workers}")
     for rank, state in enumerate(states):
+        _refuse_mixture_state(state)
         version = state.get("version") if isinstance(state, dict) else None
         if version not in (1, STATE_VERSION):
             raise ValueError(f"states[{rank}]: unsupported data-loader state version {version!r} "

@@ -65,7 +65,7 @@ class _Recorded:
         return getattr(self.loader, name)
 
 
-def _run(rank, world_size, root, run_dir, resume, workers=2):
+def _run(rank, world_size, root, run_dir, resume, workers=2, pp=1, steps=STEPS):
     from megacoca.cli.train import resolve_model_to_tokenizer
     from megacoca.data import load_tokenizer
     from megacoca.data.loaders import build_train_loader
@@ -74,14 +74,16 @@ def _run(rank, world_size, root, run_dir, resume, workers=2):
 
     job = build_config(overrides=[
         f"data.sources={_sources(root)}", f"data.num_workers={workers}", "parallel.deepspeed_config=zero1_bf16",
-        f"schedule.steps={STEPS}", "schedule.global_batch_size=8", "schedule.micro_batch_size=2",
+        f"schedule.steps={steps}", f"parallel.pp={pp}", "schedule.global_batch_size=8", "schedule.micro_batch_size=2",
         "schedule.warmup_steps=1", f"checkpoint.every={EVERY}", "checkpoint.keep=0", f"checkpoint.resume={resume}",
         f"logging.run_dir={run_dir}", "logging.log_every=1", "logging.tensorboard=false", "eval.every=0"])
     job.model.overrides = {**TINY.to_dict(), "context_length": 16}
     tokenizer = load_tokenizer(job.data.tokenizer, job.model_config().context_length)
     model_cfg = resolve_model_to_tokenizer(job, tokenizer)
-    dims = ParallelDims(-1, 1, 1, dist.get_world_size()).build()
-    loader = _Recorded(build_train_loader(job, model_cfg, dims, tokenizer), os.path.join(run_dir, f"keys{rank}"))
+    dims = ParallelDims(-1, 1, pp, dist.get_world_size()).build()
+    loader = build_train_loader(job, model_cfg, dims, tokenizer)
+    if pp == 1:
+        loader = _Recorded(loader, os.path.join(run_dir, f"keys{rank}"))
     trainer = Trainer(job, loader, dims=dims)
     resumed = trainer.step if trainer.resume() else 0
     history = trainer.train()
@@ -145,3 +147,12 @@ def test_resume_on_one_rank_reads_every_unread_sample_once(tmp_path, data, whole
     for name, size in sizes.items():
         assert len(order[name]) >= size, name
         assert len(set(order[name][:size])) == size, name  # the first epoch: every sample once
+
+
+def test_a_pipeline_keeps_the_mixture_position_on_every_stage(tmp_path, data):
+    """pp=2: stage 0 reads the mixture, stage 1 holds a MixtureMirror; each checkpoint's rank files both hold stage
+    0's exact position (a resume of either rank lands where the reading rank was)."""
+    results = run_ranks(_run, 2, tmp_path, data, str(tmp_path / "run"), "none", 0, 2, 2)
+    assert results[0]["data"]["kind"] == "mixture"
+    assert results[1]["data"] == results[0]["data"]
+    assert results[0]["data"]["batches"] == 2 * 4  # 2 steps of 4 micro-batches on the one data-parallel rank

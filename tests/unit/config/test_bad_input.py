@@ -4,6 +4,7 @@ convert), run through `megacoca.cli.main` in-process, and a few through `python 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shlex
@@ -19,6 +20,10 @@ TRAIN = ("train --train-shards {shards} --set eval.every=0 --set schedule.steps=
          "--set schedule.global_batch_size=8 --set schedule.micro_batch_size=4 ")
 EVAL = "eval --checkpoint {emptydir} --shards {shards} --tokenizer clip-bpe "
 FOLDER = "data from-folder --out {tmp}/out "
+MIX = ("train --set eval.every=0 --set schedule.steps=1 --set schedule.global_batch_size=8 "
+       "--set schedule.micro_batch_size=4 ")
+CAPS = "{{name: caps, shards: {shards}}}"
+LABELS = "{{name: labs, shards: {label_shards}, text: labels, class_names: {names}, templates: {templates}}}"
 
 # (command line, a fragment the error line must hold: it names the key, argument or file and says what is wrong)
 CASES = [
@@ -91,6 +96,30 @@ CASES = [
      "zero3_bf16 + parallel.deepspeed_overrides: zero_optimization.stage must be 0, 1, 2 or 3, got 'x'"),
     (TRAIN + "--set parallel.deepspeed_overrides.train_batch_size=3",
      "parallel.deepspeed_overrides.train_batch_size: megacoca derives this"),
+    # ---- train: a data mixture (data.sources, eval.val_sources)
+    (MIX + "--set 'data.sources=[{{name: a, shards: {shards}, weight: 0}}]'", "data.sources[0] ('a').weight must be "
+     "a number > 0, got 0"),
+    (MIX + "--set 'data.sources=[{{name: a, shards: {shards}, weight: abc}}]'",
+     "--set data.sources[0].weight: expected float, got 'abc'"),
+    (MIX + "--set 'data.sources=[{{name: a, shards: {shards}, wieght: 1}}]'", "--set data.sources[0]: unknown key "
+     "'wieght'"),
+    (MIX + "--set 'data.sources=[" + CAPS + "," + CAPS + "]'", "data.sources[1] ('caps'): duplicate source name"),
+    (MIX + "--set 'data.sources=[{{name: l, shards: {shards}, text: labels, class_names: {names}}}]'",
+     "data.sources[0] ('l'): a label source needs templates"),
+    (MIX + "--set 'data.sources=[{{name: a, shards: {tmp}/missing}}]'",
+     "data.sources[0] ('a'): shards: shard not found: {tmp}/missing"),
+    (MIX + "--set 'data.sources=[" + CAPS + "," + LABELS + "]'", "data.sources[1] ('labs'): sample l0001 of "
+     "{label_shards}/00000.tar: the label in the .cls file is out of range"),
+    (MIX + "--set 'data.sources=[{{name: l, shards: {label_shards}, text: labels, class_names: {names}, "
+     "templates: {names}}}]'", "data.sources[0] ('l'): source 'l': templates file {names}: 'cat' has no '{{}}'"),
+    (MIX + "--set data.num_workers=3 --set 'data.sources=[" + CAPS + "]'",
+     "data.sources[0] ('caps'): shards: 2 shards cannot feed 3 readers"),
+    (MIX + "--set 'data.sources=[" + CAPS + "]' --set data.on_source_failure=skip",
+     "--set data.on_source_failure: must be one of 'stop', 'drop'"),
+    (TRAIN + "--set 'data.sources=[" + CAPS + "]'", "data.sources and data.train_shards are both set"),
+    (MIX + "--set 'data.sources=[" + CAPS + "]' --set eval.every=5 --set 'eval.val_sources=[{{name: v, shards: "
+     "{label_shards}, text: labels, class_names: {tmp}/missing.txt, templates: {templates}}}]'",
+     "eval.val_sources[0] ('v'): source 'v': class names file not found: {tmp}/missing.txt"),
     # ---- eval
     (EVAL + "--shards {tmp}/missing", "megacoca eval: error: argument --shards: shard not found: {tmp}/missing"),
     (EVAL + "--tokenizer {not_a_model}", "argument --tokenizer: {not_a_model} is not a SentencePiece model"),
@@ -201,6 +230,16 @@ def files(tmp_path_factory):
     paths["shards"] = str(tmp / "shards")
     (tmp / "emptydir").mkdir()
     paths["emptydir"] = str(tmp / "emptydir")
+    (tmp / "label_shards").mkdir()
+    with tarfile.open(tmp / "label_shards" / "00000.tar", "w") as tar:  # l0001's class id 7 is out of range
+        for key, label in (("l0000", b"1"), ("l0001", b"7")):
+            for ext, data in (("jpg", b"never decoded"), ("cls", label)):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    paths["label_shards"] = str(tmp / "label_shards")
+    write("names.txt", "cat\ndog\nowl\n")
+    write("templates.txt", "a photo of a {c}.\n")
     write("a_file", "a file where a directory belongs\n")
     write("not_a_model.model", "this is not a SentencePiece model\n")
     write("not_a_tar.tar", "this is not a tar archive\n")

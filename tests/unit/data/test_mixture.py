@@ -152,6 +152,10 @@ def test_single_source_state_is_refused_with_one_line(tmp_path):
     single = ShardLoader(sources[0].shards, 4, StubTokenizer(), _transform)
     with pytest.raises(ValueError, match="single source's"):
         _loader(sources).load_state_dict(single.state_dict())
+    with pytest.raises(ValueError, match="a mixture's"):
+        single.load_state_dict(_loader(sources).state_dict())
+    with pytest.raises(ValueError, match="a mixture's"):
+        single.load_resplit_state([_loader(sources).state_dict()])
 
 
 def test_mirror_holds_the_reading_position(tmp_path):

@@ -52,3 +52,21 @@ def test_disabled_logger_does_nothing(tmp_path):
     logger.info("x")
     logger.close()
     assert not (tmp_path / "other").exists()
+
+
+def test_mixture_accounting_reaches_jsonl_tensorboard_and_the_progress_line(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from megacoca.metrics.records import source_record
+
+    stream = io.StringIO()
+    logger = MetricsLogger(str(tmp_path), total_steps=10, stream=stream)
+    fields = source_record({"captions": {"samples": 300, "epochs": 2, "skipped": 1},
+                            "labels": {"samples": 100, "epochs": 0, "skipped": 0}})
+    logger.log_train({"step": 1, "loss": 3.0, "samples_per_s": 100.0, **fields})
+    logger.close()
+    record = json.loads(open(tmp_path / "metrics.jsonl").readline())
+    assert record["data/captions/samples"] == 300 and record["data/labels/epochs"] == 0
+    assert "| captions 75% e2, labels 25% e0 |" in stream.getvalue()
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert {"data/captions/samples", "data/labels/skipped"} <= set(events.Tags()["scalars"])
