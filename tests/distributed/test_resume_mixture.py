@@ -22,6 +22,9 @@ from memory_data import TINY
 from megacoca.config.recipes import build_config
 
 STEPS, EVERY = 6, 2
+# ~70 s in all (4 two-rank runs with loader workers, a one-rank resume, a pipeline): CI runs them (make test); the
+# mixture's order, resume and re-split are in the fast set at the loader's level (tests/unit/data/test_mixture.py)
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
