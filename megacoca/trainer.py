@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
-from megacoca.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
+from megacoca.checkpoint import load_checkpoint, resume_checkpoint, save_checkpoint
 from megacoca.checkpoint.tags import incomplete_checkpoints, tag_for
 from megacoca.config.deepspeed import build_deepspeed_config, precision_dtype
 from megacoca.config.layout import Layout, job_layout
@@ -125,7 +125,7 @@ class Trainer:
         """Apply checkpoint.resume ("none", "auto" or a path); returns whether a checkpoint was loaded. Tags whose
         save was interrupted are never chosen; they are reported here and removed by a later save. Raises
         megacoca.checkpoint.CheckpointError (one line, on every rank) for a file that is not tensors and data."""
-        target = find_resume_checkpoint(self.job)
+        target = resume_checkpoint(self.job, say=self.logger.info)
         if self.job.checkpoint.resume == "auto":
             for _, partial in incomplete_checkpoints(self.job.checkpoint_dir):
                 self.logger.info(f"resume auto: ignoring {partial}: its save was interrupted (no COMPLETE marker); "
@@ -146,8 +146,13 @@ class Trainer:
     def save(self) -> str:
         """A complete checkpoint of this step, or megacoca.checkpoint.CheckpointError on every rank (one line;
         the previous complete checkpoint untouched) when a write failed on any rank."""
+        began = time.perf_counter()
         self.schedule.share_data_position(self.train_loader)
-        return save_checkpoint(self.engine, self.job, self.step, self.train_loader, layout=self.layout)
+        tag_dir = save_checkpoint(self.engine, self.job, self.step, self.train_loader, layout=self.layout)
+        fsync_s = getattr(self.engine.checkpoint_engine, "fsync_s", 0.0)
+        self.logger.info(f"checkpoint {tag_dir}: saved in {time.perf_counter() - began:.2f} s, of which "
+                         f"{fsync_s:.3f} s syncing rank 0's files to disk")
+        return tag_dir
 
     # ------------------------------------------------------------------------------------------- train
 

@@ -10,7 +10,13 @@ state when saving."""
 
 from megacoca.checkpoint.consolidate import consolidated_state_dict, iter_consolidated
 from megacoca.checkpoint.files import BadCheckpointError, CheckpointError, UnsafeCheckpointError, safe_load
-from megacoca.checkpoint.state import find_resume_checkpoint, load_checkpoint, save_checkpoint
+from megacoca.checkpoint.state import (
+    find_resume_checkpoint,
+    load_checkpoint,
+    resume_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from megacoca.checkpoint.tags import complete_checkpoints
 
 __all__ = [
@@ -22,6 +28,8 @@ __all__ = [
     "find_resume_checkpoint",
     "iter_consolidated",
     "load_checkpoint",
+    "resume_checkpoint",
+    "verify_checkpoint",
     "save_checkpoint",
     "safe_load",
 ]

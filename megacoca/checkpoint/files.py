@@ -140,14 +140,64 @@ def _probe_write(directory: str, size: int = 1 << 16) -> OSError | None:
     return None
 
 
+def fsync_path(path: str) -> None:
+    """Flush a file's or a directory's data and metadata to the device (a directory: the names it holds), so a
+    power loss or a node crash cannot leave it empty or missing after something that vouches for it is written."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: str, write) -> None:
+    """`write(tmp_path)`, then the temporary file fsynced, renamed to `path`, and its directory fsynced: after
+    this returns, `path` holds the whole content even across a power loss, and before it, the old content."""
+    tmp = path + ".tmp"
+    write(tmp)
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(os.path.dirname(path) or ".")
+
+
+_SYNC_POOL = None  # the fsync worker threads, made on first use
+
+
 class GuardedCheckpointEngine:
     """Wraps a DeepSpeed checkpoint engine: `load` is `safe_load`; a failed `makedirs` or `save` is recorded in
     `error` (the first one, described) and the save's later writes on this rank are skipped, never raised inside
-    DeepSpeed's save. Also marks the fault-injection points after each file DeepSpeed writes."""
+    DeepSpeed's save. Also marks the fault-injection points after each file DeepSpeed writes, and lists the files
+    and directories this rank wrote in `written` (`begin_save()` clears it), for the save to fsync them."""
 
     def __init__(self, inner) -> None:
         self.inner = inner
         self.error: str | None = None
+        self.written: list[str] = []
+        self.fsync_s = 0.0  # seconds the last save waited for this rank's files to reach the device
+        self.syncing: list = []  # fsyncs under way (futures), one per file written
+
+    def begin_save(self, error: str | None = None) -> None:
+        self.error, self.written, self.fsync_s, self.syncing = error, [], 0.0, []
+
+    def _sync_in_background(self, path: str) -> None:
+        """fsync a file just written on a worker thread while DeepSpeed serialises the next one (the device writes
+        while the CPU pickles); the save waits for them all before COMPLETE (`wait_synced`)."""
+        global _SYNC_POOL
+        if _SYNC_POOL is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _SYNC_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="megacoca-fsync")
+        self.syncing.append((path, _SYNC_POOL.submit(fsync_path, path)))
+
+    def wait_synced(self) -> None:
+        """Wait for the background fsyncs; the first one's OSError is raised (with its file name)."""
+        syncing, self.syncing = self.syncing, []
+        for path, future in syncing:
+            try:
+                future.result()
+            except OSError as error:
+                error.filename = error.filename or path
+                raise
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -156,6 +206,7 @@ class GuardedCheckpointEngine:
         if self.error is None:
             try:
                 self.inner.makedirs(path, exist_ok=exist_ok)
+                self.written.append(path)
             except OSError as error:
                 self.error = f"{error.strerror or error} creating {path}"
 
@@ -164,6 +215,8 @@ class GuardedCheckpointEngine:
             return
         try:
             self.inner.save(state_dict, path)
+            self.written.append(path)
+            self._sync_in_background(path)
             if path.endswith("model_states.pt"):
                 faults.point("save:after_model_states")
             elif path.endswith("optim_states.pt"):

@@ -24,6 +24,14 @@ every write succeeded; rank 0 writes COMPLETE (save:before_complete, save:after_
 untouched. A write that fails (full disk, read-only directory) on any rank stops every rank at the agreement
 with the same one-line CheckpointError; the partial tag is removed and the previous checkpoint is untouched.
 
+Durable: COMPLETE vouches only for what is on the device. Each file DeepSpeed writes is fsynced on a worker thread
+as soon as it is written (the disk writes while the next file is serialised); a rank's own file is written to a
+temporary name, fsynced and renamed; before the ranks agree, each waits for its fsyncs and fsyncs the directories it
+made, the tag directory and the checkpoint directory. COMPLETE and `latest` are written the same way (temporary
+file fsynced, renamed, directory fsynced). A power loss or node crash can then leave a tag without COMPLETE, never a
+COMPLETE tag with an empty or cut file. For what the disk may still do wrong, `resume_checkpoint` verifies the tag
+it picks and, under `resume=auto`, falls back to the previous complete checkpoint with one line.
+
 Loading never unpickles code (megacoca.checkpoint.files): before DeepSpeed reads anything, the ranks check
 every file of the tag between them (weights_only, mmap: no tensor bytes read) and agree; DeepSpeed's own loads
 then go through the guarded checkpoint engine, `weights_only=True` as well.
@@ -32,6 +40,7 @@ then go through the guarded checkpoint engine, `weights_only=True` as well.
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -42,10 +51,12 @@ from megacoca.checkpoint.files import (
     UnsafeCheckpointError,
     checkpoint_files,
     describe_write_error,
+    fsync_path,
     guard,
     remove_tree,
     safe_load,
     verify_files,
+    write_durably,
 )
 from megacoca.checkpoint.reshape import is_layout_free, load_reshaped, needs_reshape
 from megacoca.checkpoint.tags import (
@@ -107,10 +118,11 @@ def _failures(failure) -> list[tuple[int, object]]:
 
 
 def _write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    write_durably(path, write)
 
 
 def _clear_tag(tag_dir: str, rank: int) -> str | None:
@@ -130,12 +142,27 @@ def _write_rank_file(tag_dir: str, rank: int, step: int, train_loader) -> str | 
     try:
         local = {"step": step, "rng": rng_state(),
                  "data": train_loader.state_dict() if hasattr(train_loader, "state_dict") else None}
-        torch.save(local, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        write_durably(path, lambda tmp: torch.save(local, tmp))
         faults.point("save:after_rank_file")
     except (OSError, RuntimeError) as exc:
         return describe_write_error(exc, path)
     return None
+
+
+def _sync_written(files, tag_dir: str) -> tuple[str | None, float]:
+    """Wait for the fsyncs of every file this rank wrote in the save (started as each was written: `files` is the
+    GuardedCheckpointEngine), then fsync the directories it made, the tag directory and the directory that holds
+    it (their entries): (the failure, described, or None; the seconds it waited)."""
+    began = time.perf_counter()
+    try:
+        files.wait_synced()
+        made = [path for path in files.written if os.path.isdir(path)]
+        for path in dict.fromkeys([*made, tag_dir, os.path.dirname(tag_dir.rstrip("/"))]):
+            if os.path.exists(path):
+                fsync_path(path)
+    except OSError as exc:
+        return f"{exc.strerror or exc} syncing {exc.filename or tag_dir} to disk", time.perf_counter() - began
+    return None, time.perf_counter() - began
 
 
 def _mark_complete(job, step: int, tag_dir: str) -> str | None:
@@ -181,7 +208,7 @@ def save_checkpoint(engine, job, step: int, train_loader=None, *, layout: Layout
     tag_dir = os.path.join(checkpoint_dir, tag)
     rank = dist.get_rank()
     files = guard(engine)
-    files.error = _clear_tag(tag_dir, rank)
+    files.begin_save(_clear_tag(tag_dir, rank))
     dist.barrier()  # the tag is gone on disk before any rank writes into it
     client_state = {"step": step, "config": job.to_dict(), **client_record(engine.module, layout),
                     "optimizer_param_names": optimizer_param_names(engine),
@@ -190,6 +217,8 @@ def save_checkpoint(engine, job, step: int, train_loader=None, *, layout: Layout
     error = files.error
     if error is None:
         error = _write_rank_file(tag_dir, rank, step, train_loader)
+    if error is None:  # before COMPLETE vouches for them: every file this rank wrote is on the device
+        error, files.fsync_s = _sync_written(files, tag_dir)
     failed = _failures(error)  # every rank's DeepSpeed files and client file are on disk, or every rank raises
     if not failed and rank == 0:
         error = _mark_complete(job, step, tag_dir)
@@ -233,6 +262,50 @@ def _verify_between_ranks(tag_dir: str, rank: int, world: int) -> None:
     if failed:
         unsafe, message = failed[0][1]
         raise (UnsafeCheckpointError if unsafe else BadCheckpointError)(f"resume from {tag_dir}: {message}")
+
+
+def verify_checkpoint(tag_dir: str) -> None:
+    """Collective: the tag holds every file of its layout (`check_resumable`; a layout-free one is not checked for
+    rank files) and every file reads as tensors and plain data (each checked by one rank, mmap: a file cut short,
+    as a power loss can leave one, fails here). Raises the same BadCheckpointError / UnsafeCheckpointError on
+    every rank."""
+    failure = None
+    try:
+        if not is_layout_free(tag_dir):
+            check_resumable(tag_dir)
+    except BadCheckpointError as error:
+        failure = (False, str(error))
+    failed = _failures(failure)
+    if failed:
+        raise BadCheckpointError(failed[0][1][1])
+    _verify_between_ranks(tag_dir, dist.get_rank(), dist.get_world_size())
+
+
+def resume_checkpoint(job, say=print) -> str | None:
+    """Collective: the tag directory to resume from, verified (`verify_checkpoint`). `checkpoint.resume=auto`:
+    the newest complete checkpoint; when it fails verification (a file truncated by a power loss after COMPLETE
+    was written, say), `say` gets one line and the previous complete one is tried, and so on. A checkpoint the user
+    named is never replaced by another: its failure is raised. An unsafe file (a pickle that would run code) is
+    always raised: that is not damage to recover from silently."""
+    target = find_resume_checkpoint(job)
+    if target is None:
+        return None
+    if job.checkpoint.resume != "auto":
+        verify_checkpoint(target)
+        return target
+    candidates = [path for _, path in complete_checkpoints(job.checkpoint_dir)][::-1]
+    for index, tag_dir in enumerate(candidates):
+        try:
+            verify_checkpoint(tag_dir)
+            return tag_dir
+        except UnsafeCheckpointError:
+            raise
+        except BadCheckpointError as error:
+            if index + 1 == len(candidates):
+                raise
+            say(f"resume auto: {tag_dir} fails verification ({' '.join(str(error).split())}); falling back to the "
+                f"previous complete checkpoint, {candidates[index + 1]}")
+    return None
 
 
 def load_checkpoint(engine, tag_dir: str, train_loader=None, *, layout: Layout) -> dict:

@@ -44,6 +44,8 @@ def _run(rank, world_size, run_dir, keep, checkpoint_dir=""):
     job.model.overrides = TINY.to_dict()
     dims = ParallelDims.from_config(job.parallel, world_size).build()
     trainer = Trainer(job, MemoryLoader(2, dims.dp_rank, dims.dp_size), dims=dims)
+    said, info = [], trainer.logger.info
+    trainer.logger.info = lambda line: (said.append(line), info(line))
     error = resumed = None
     try:
         resumed = trainer.step if trainer.resume() else None
@@ -53,7 +55,7 @@ def _run(rank, world_size, run_dir, keep, checkpoint_dir=""):
     masters = full_tensors(trainer.engine.module, dims, fp32_master)
     trainer.close()
     return {"resumed": resumed, "steps": [r["step"] for r in trainer.history],
-            "loss": [r["loss"] for r in trainer.history], "masters": masters, "error": error}
+            "loss": [r["loss"] for r in trainer.history], "masters": masters, "error": error, "said": said}
 
 
 def _records(run_dir) -> dict:
@@ -132,6 +134,50 @@ def test_killed_after_complete_resumes_that_checkpoint(tmp_path, whole):
     assert [s for s, _ in complete_checkpoints(checkpoints)] == [2, 4]  # keep=1, but the kill came before pruning
     assert open(os.path.join(checkpoints, "latest")).read() == tag_for(2)
     _assert_same_as(run_ranks(_run, 2, tmp_path, run_dir, 1), full, resumed_at=4)
+
+
+@pytest.mark.parametrize("cut", ["megacoca_rank00001.pt", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"])
+def test_a_file_cut_short_after_complete_falls_back_to_the_previous_checkpoint(tmp_path, whole, cut):
+    """What a power loss can leave when nothing is fsynced: COMPLETE on disk, a file it vouches for cut short.
+    `resume auto` finds it in verification, says so in one line, resumes from the previous complete checkpoint
+    and ends as the run without the fault did (its own save of step 4 replaces the broken one)."""
+    reference, full = whole
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(reference, run_dir)
+    broken = os.path.join(run_dir, "checkpoints", tag_for(4), cut)
+    size = os.path.getsize(broken)
+    with open(broken, "r+b") as handle:
+        handle.truncate(size // 2)
+    result = run_ranks(_run, 2, tmp_path, run_dir, 0)
+    _assert_same_as(result, full, resumed_at=2)
+    fallback = [line for line in result[0]["said"] if "fails verification" in line]
+    assert len(fallback) == 1 and tag_for(4) in fallback[0] and cut in fallback[0] and tag_for(2) in fallback[0]
+    assert os.path.getsize(broken) > size // 2  # saved again, whole
+
+
+def test_a_named_checkpoint_that_fails_verification_is_refused_not_replaced(tmp_path, whole):
+    reference, _ = whole
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(reference, run_dir)
+    broken = os.path.join(run_dir, "checkpoints", tag_for(4), "megacoca_rank00000.pt")
+    open(broken, "w").close()  # empty: COMPLETE survived, the file did not
+
+    with pytest.raises(AssertionError, match="megacoca_rank00000.pt"):
+        run_ranks(_run_named, 2, tmp_path, run_dir, os.path.join(run_dir, "checkpoints", tag_for(4)))
+
+
+def _run_named(rank, world_size, run_dir, tag_dir):
+    job = build_config(overrides=["parallel.deepspeed_config=zero1_bf16", f"schedule.steps={STEPS}",
+                                  "schedule.global_batch_size=8", "schedule.micro_batch_size=2",
+                                  f"checkpoint.resume={tag_dir}", f"logging.run_dir={run_dir}",
+                                  "logging.tensorboard=false"])
+    job.model.overrides = TINY.to_dict()
+    dims = ParallelDims.from_config(job.parallel, world_size).build()
+    trainer = Trainer(job, MemoryLoader(2, dims.dp_rank, dims.dp_size), dims=dims)
+    try:
+        trainer.resume()
+    finally:
+        trainer.close()
 
 
 def test_full_disk_on_one_rank_stops_every_rank_with_one_line(tmp_path, whole):
@@ -214,3 +260,51 @@ def test_resume_refuses_a_file_that_would_run_code(tmp_path, whole):
         assert message.startswith(f"resume from {os.path.dirname(evil)}: refused to load {evil}: it holds posix.system")
         assert result[rank]["resumed"] is None and result[rank]["steps"] == []
     assert not marker.exists()
+
+
+def _run_recording_fsyncs(rank, world_size, run_dir):
+    """A 2-step run saving at step 2, with every fsync and the COMPLETE / `latest` writes recorded in order."""
+    import megacoca.checkpoint.state as state
+
+    events = []
+    real_fsync, real_write_text = os.fsync, state._write_text
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(os.readlink(f"/proc/self/fd/{fd}"))))
+        real_fsync(fd)
+
+    def write_text(path, text):
+        events.append(("write", os.path.basename(path)))
+        real_write_text(path, text)
+
+    os.fsync, state._write_text = fsync, write_text
+    try:
+        job = build_config(overrides=["parallel.deepspeed_config=zero1_bf16", "schedule.steps=2",
+                                      "schedule.global_batch_size=4", "schedule.micro_batch_size=2",
+                                      "checkpoint.every=2", f"logging.run_dir={run_dir}", "logging.tensorboard=false"])
+        job.model.overrides = TINY.to_dict()
+        dims = ParallelDims.from_config(job.parallel, world_size).build()
+        trainer = Trainer(job, MemoryLoader(2, dims.dp_rank, dims.dp_size), dims=dims)
+        trainer.train()
+        trainer.close()
+    finally:
+        os.fsync, state._write_text = real_fsync, real_write_text
+    return events
+
+
+def test_every_file_is_on_the_device_before_complete_vouches_for_it(tmp_path):
+    """Rank 0's view of a save on 2 ranks: each file it wrote (DeepSpeed's and its own), the tag directory and the
+    checkpoint directory are fsynced before COMPLETE is written; COMPLETE and `latest` are fsynced themselves (as
+    their temporary files, before the rename) with their directory after."""
+    run_dir = str(tmp_path / "run")
+    events = run_ranks(_run_recording_fsyncs, 2, tmp_path, run_dir)[0]
+    tag_dir = os.path.realpath(os.path.join(run_dir, "checkpoints", tag_for(2)))
+    complete = events.index(("write", "COMPLETE"))
+    synced_before = {path for kind, path in events[:complete] if kind == "fsync"}
+    written_by_rank0 = {os.path.join(tag_dir, name) for name in ("mp_rank_00_model_states.pt",
+                                                                 "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                                                 "megacoca_rank00000.pt.tmp")}  # synced, renamed
+    assert written_by_rank0 | {tag_dir, os.path.dirname(tag_dir)} <= synced_before
+    after = [path for kind, path in events[complete:] if kind == "fsync"]
+    assert after[:2] == [os.path.join(tag_dir, "COMPLETE.tmp"), tag_dir]
+    assert after[2:4] == [os.path.join(os.path.dirname(tag_dir), "latest.tmp"), os.path.dirname(tag_dir)]

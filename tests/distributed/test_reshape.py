@@ -55,7 +55,7 @@ def _run(rank, world_size, run_dir, layout, steps, resume, cfg=None):
     return {"loss": {r["step"]: r["loss"] for r in history}, "position": loader.position, "dp": dims.dp_size,
             "micro": micro,
             "lr": {r["step"]: r["lr"] for r in history},
-            "reshaped": [m for m in messages if "reshaped" in m]}
+            "reshaped": [m for m in messages if m.startswith("resumed from") and "reshaped" in m]}
 
 
 def _tag(run_dir, step):
