@@ -18,9 +18,10 @@ the module files are mapped; one tensor at a time is read.
 
 A checkpoint is checked before anything is read (megacoca.checkpoint.tags.open_tag): its COMPLETE marker, every
 file the layout implies (`missing_files`: each data-parallel rank's optimizer partition, each model-parallel rank's
-model states), and every file loadable as tensors and plain data (megacoca.checkpoint.files; DeepSpeed's zero_to_fp32
-loads with `weights_only=False`, so this comes first). A missing or unreadable file is one `BadCheckpointError`
-line naming it.
+model states), and every file loadable as tensors and plain data (megacoca.checkpoint.files). DeepSpeed's zero_to_fp32
+loads with `weights_only=False`; while megacoca uses it, its `torch.load` is `safe_load` (`quiet_zero_to_fp32`), so a
+file replaced after that check is refused too. A missing or unreadable file is one `BadCheckpointError` line naming
+it.
 
 The pieces megacoca.checkpoint.full_state reads the optimizer's state with are public here: `merge_shards`,
 `tensor_of`, `shared_params`, `single_device_name`, `as_mp_rank_00`, `quiet_zero_to_fp32`.
@@ -56,18 +57,33 @@ def _rank_tensors(tag_dir: str, files: TagFiles, mp_rank: int) -> dict:
             os.path.dirname(scratch_tag), tag=os.path.basename(scratch_tag), lazy_mode=True)
 
 
+class _VerifiedTorch:
+    """torch, but `load` is megacoca's `safe_load` (weights_only, ALLOWED_GLOBALS): what zero_to_fp32 sees as its
+    `torch` while megacoca uses it, so its `torch.load(..., weights_only=False)` calls never unpickle code, even
+    from a file replaced after the tag was verified."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def load(f, map_location=None, mmap=False, weights_only=None, **kwargs):
+        return safe_load(os.fspath(f), map_location="cpu" if map_location is None else map_location, mmap=bool(mmap))
+
+
 @contextlib.contextmanager
 def quiet_zero_to_fp32():
     """DeepSpeed's zero_to_fp32 module, its progress bars off (they went to the stderr of every command that read a
-    ZeRO-3 checkpoint, and of every rank resuming under another layout)."""
+    ZeRO-3 checkpoint, and of every rank resuming under another layout) and its file loads through `safe_load`
+    (`_VerifiedTorch`): no path of megacoca reads a checkpoint with `weights_only=False`."""
     from deepspeed.utils import zero_to_fp32  # heavy: deepspeed, only when a ZeRO checkpoint is read
 
-    bar = zero_to_fp32.tqdm
+    bar, real_torch = zero_to_fp32.tqdm, zero_to_fp32.torch
     zero_to_fp32.tqdm = lambda iterable, *args, **kwargs: iterable
+    zero_to_fp32.torch = _VerifiedTorch()
     try:
         yield zero_to_fp32
     finally:
-        zero_to_fp32.tqdm = bar
+        zero_to_fp32.tqdm, zero_to_fp32.torch = bar, real_torch
 
 
 @contextlib.contextmanager

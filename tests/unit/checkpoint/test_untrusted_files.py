@@ -129,3 +129,22 @@ def test_rank_file_rng_state_is_tensors_and_data(tmp_path):
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     set_rng_state(safe_load(str(tmp_path / "old.pt"))["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_zero_to_fp32_reads_through_the_verified_loader(tmp_path):
+    """A file replaced after the tag was verified: DeepSpeed's zero_to_fp32 (which loads with weights_only=False)
+    reads it through safe_load while megacoca uses it, so the code in it never runs; outside, its torch is torch."""
+    from deepspeed.utils import zero_to_fp32
+
+    from megacoca.checkpoint.consolidate import quiet_zero_to_fp32
+
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": {}, "buffer_names": [], "evil": RunsCode(marker)}, path)
+    with quiet_zero_to_fp32() as module, pytest.raises(UnsafeCheckpointError, match="mp_rank_00_model_states.pt"):
+        module.parse_model_states([str(path)])
+    assert not marker.exists()
+    assert zero_to_fp32.torch is torch
+    torch.save({"module": {"w": torch.ones(2)}, "buffer_names": [], "param_shapes": [], "shared_params": {}}, path)
+    with quiet_zero_to_fp32() as module:
+        assert module.parse_model_states([str(path)])[0].buffers == {}
