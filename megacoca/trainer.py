@@ -216,7 +216,7 @@ class Trainer:
 
     preemption = None  # a megacoca.launch.preemption.PreemptionWatch: stop at a step boundary when it fires
     watchdog = None  # the megacoca.launch.watchdog.StepWatchdog of the running train(): `with watchdog.paused():`
-    preempted = False  # train() stopped early on a preemption signal, after a complete checkpoint
+    preempted = False  # train() stopped on a preemption signal: after a complete checkpoint, or before its first step
 
     def train(self) -> list[dict]:
         """The step loop, under the step watchdog (megacoca.launch.watchdog, armed in each step but the first, not
@@ -245,6 +245,13 @@ class Trainer:
 
     def _train(self) -> list[dict]:
         job = self.job
+        if self.preemption is not None and self.step < job.schedule.steps and self.preemption.agreed(self.device):
+            # a signal on any rank during the build or the resume: nothing is new since the checkpoint resumed
+            # (or none), so there is nothing to save
+            self.preempted = True
+            self.logger.info(f"preempted ({', '.join(self.preemption.received) or 'another rank'}) before the "
+                             f"first step, at step {self.step}: nothing new to save; resume with --resume auto")
+            return self.history
         stragglers = StragglerMonitor(job.fault.straggler_factor, self.device)
         batches = stragglers.timed(self._batches(), self.step)
         last_saved = self.step if self.step else -1

@@ -18,10 +18,10 @@ from datetime import timedelta
 from megacoca.cli import ArgumentParser, inputs
 from megacoca.config.deepspeed import build_deepspeed_config
 from megacoca.config.layout import Layout, job_layout
-from megacoca.config.recipes import RECIPES
-from megacoca.config.recipes import build_config
+from megacoca.config.recipes import RECIPES, build_config
 from megacoca.config.train import ConfigError, JobConfig
 from megacoca.launch import faults
+from megacoca.launch.preemption import REQUEUE_EXIT_CODE, PreemptionWatch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -144,9 +144,13 @@ def _list_recipes() -> int:
     return 0
 
 
-def run(args) -> int:
+def run(args, preemption: PreemptionWatch | None = None) -> int:
+    """`megacoca train`. `preemption`: the watch `python -m megacoca.train` installed as its first act; without
+    one (`megacoca train`) it is installed here, before anything else. A SIGUSR1/SIGTERM from then on ends the
+    run with REQUEUE_EXIT_CODE and nothing lost (megacoca.launch.preemption), unless the input is bad (2)."""
     if args.list_recipes:
         return _list_recipes()
+    preemption = preemption or PreemptionWatch().install()
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -160,26 +164,34 @@ def run(args) -> int:
         if args.print_config:
             if rank == 0:
                 print(json.dumps(job.to_dict(), indent=2))
+            preemption.uninstall()
             return 0
+        faults.point("check:begin")
         layout, ds_config = check_inputs(job, world_size)
         tokenizer = inputs.keyed("data.tokenizer", inputs.tokenizer, job.data.tokenizer,
                                  job.model_config().context_length)
         model_cfg = resolve_model_to_tokenizer(job, tokenizer)
     except (ConfigError, FileNotFoundError, ValueError) as error:
+        # even after a signal: the same input would fail the same way after a requeue
+        preemption.uninstall()
         return fail(" ".join(str(error).split()))
-    return train(job, layout, ds_config, model_cfg, tokenizer, fail)
+    return train(job, layout, ds_config, model_cfg, tokenizer, fail, preemption)
 
 
-def train(job: JobConfig, layout: Layout, ds_config: dict, model_cfg, tokenizer, fail) -> int:
+def train(job: JobConfig, layout: Layout, ds_config: dict, model_cfg, tokenizer, fail,
+          preemption: PreemptionWatch) -> int:
     """The checked job on this rank: process group, groups, loader, Trainer, resume, the step loop, close.
-    Returns the exit status (0, REQUEUE_EXIT_CODE after a preemption, a CheckpointError's or BadStepsError's)."""
+    Returns the exit status (0, REQUEUE_EXIT_CODE after a preemption, a CheckpointError's or BadStepsError's).
+    `preemption` (installed) stays installed until the process exits: once one rank has stopped for preemption
+    and exits, a launcher (srun --kill-on-bad-exit, the deepspeed launcher) SIGTERMs the others while they shut
+    down, and they must still exit with REQUEUE_EXIT_CODE, not die of it."""
     # heavy (torch, DeepSpeed, the model): imported once the input is known to be good, not at `--help`
     import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
 
     from megacoca.checkpoint import CheckpointError
     from megacoca.data.loaders import build_train_loader
     from megacoca.eval import make_train_eval_fn
-    from megacoca.launch.preemption import REQUEUE_EXIT_CODE, PreemptionWatch
     from megacoca.launch.process_group import ensure_launch_env, init_distributed
     from megacoca.parallel.dims import ParallelDims
     from megacoca.step_guard import BadStepsError
@@ -189,21 +201,29 @@ def train(job: JobConfig, layout: Layout, ds_config: dict, model_cfg, tokenizer,
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     ensure_launch_env()
     init_distributed(job.fault.collective_timeout_s)
+    if preemption.agreed(get_accelerator().current_device_name()):
+        # a signal (on any rank) while the input was checked: nothing built, nothing to save
+        if dist.get_rank() == 0:
+            print(f"megacoca train: preempted ({', '.join(preemption.received) or 'another rank'}) before the "
+                  "model was built: nothing new to save; resume with --resume auto", flush=True)
+        preemption.ignore_from_now_on()
+        dist.destroy_process_group()
+        return REQUEUE_EXIT_CODE
     trainer = None
     try:
+        faults.point("build:begin")
         dims = ParallelDims.from_layout(layout).build(timeout=timedelta(seconds=job.fault.collective_timeout_s))
         loader = build_train_loader(job, model_cfg, dims, tokenizer)
         evaluates = job.eval.every and (job.data.val_shards or job.eval.val_sources)
         eval_fn = make_train_eval_fn(job, model_cfg, dims, tokenizer) if evaluates else None
         trainer = Trainer(job, loader, dims=dims, layout=layout, ds_config=ds_config, eval_fn=eval_fn)
+        # a signal during the build or the resume: the ranks agree before the first step and stop there
+        trainer.preemption = preemption
+        faults.point("resume:begin")
         trainer.resume()
-        # Installed until the process exits: once one rank has stopped for preemption and exits, a launcher
-        # (srun --kill-on-bad-exit, the deepspeed launcher) SIGTERMs the others while they shut down, and they
-        # must still exit with REQUEUE_EXIT_CODE, not die of it.
-        trainer.preemption = PreemptionWatch().install()
         trainer.train()
         if trainer.preempted:
-            trainer.preemption.ignore_from_now_on()
+            preemption.ignore_from_now_on()
     except BaseException as error:
         # Leave the process group alone: destroying it can block on peers waiting in a collective. This rank
         # exits with the traceback and the launcher stops the others.
@@ -219,8 +239,8 @@ def train(job: JobConfig, layout: Layout, ds_config: dict, model_cfg, tokenizer,
     return REQUEUE_EXIT_CODE if trainer.preempted else 0
 
 
-def main(argv=None) -> int:
-    """`python -m megacoca.train` (what the launchers run)."""
+def main(argv=None, preemption: PreemptionWatch | None = None) -> int:
+    """`python -m megacoca.train` (what the launchers run; it passes the PreemptionWatch it installed first)."""
     parser = ArgumentParser(prog="python -m megacoca.train", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
@@ -228,4 +248,4 @@ def main(argv=None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # --help (0), or a bad argument (2) whose one line argparse printed
         return stop.code if isinstance(stop.code, int) else 2
-    return run(args)
+    return run(args, preemption)

@@ -10,6 +10,12 @@ fields are derived from the JobConfig so that they can never disagree with the t
 A JSON that sets one of them anyway must agree, or `ConfigError`. The same holds for precision
 (`bf16.enabled`; fp16 is not supported) and `gradient_clipping` (from `optim.grad_clip`).
 
+The bad-step guard (megacoca.step_guard) relies on DeepSpeed's optimizer refusing a step whose gradients are not
+finite. Under ZeRO-1/2 two settings switch that off: `bf16.check_grad_overflow: false` (bf16: no check at all)
+and `zero_optimization.compute_grad_norm: false` (fp32: the gradient norm is the only check; it is also the
+`grad_norm` megacoca logs). A JSON that sets either to anything but true is refused with one line (GUARD_KEYS).
+`gradient_clipping: 0` (`optim.grad_clip=0`) is fine: DeepSpeed computes the norm with clipping off too.
+
 `parallel.deepspeed_overrides` (dotted JSON paths -> values) changes engine settings of the named file
 without copying it, e.g. `zero_optimization.stage3_param_persistence_threshold: 0` so that ZeRO-3 partitions
 a tiny model's tensors too (DeepSpeed keeps tensors under that threshold, 1e5 elements by default, whole on
@@ -69,6 +75,13 @@ def zero_stage(ds: dict) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
+# What the bad-step guard relies on, in the DeepSpeed JSON: key -> what setting it to false switches off.
+GUARD_KEYS = {
+    "bf16.check_grad_overflow": "the skip of a bf16 step whose gradients are not finite (ZeRO-1/2)",
+    "zero_optimization.compute_grad_norm": "the gradient norm (logged; ZeRO-1/2 fp32 skips a bad step by it)",
+}
+
+
 def check_json(ds: dict, where: str) -> None:
     """The keys megacoca reads, and DeepSpeed's own model of the `zero_optimization` section, checked now:
     DeepSpeed would refuse a misspelt ZeRO key only in `deepspeed.initialize`, after the process group and
@@ -91,6 +104,11 @@ def check_json(ds: dict, where: str) -> None:
         value = ds.get(key, "auto")
         if value != "auto" and (isinstance(value, bool) or not isinstance(value, (int, float))):
             fail(key, "a number or \"auto\"")
+    for key, what in GUARD_KEYS.items():
+        section, name = key.split(".")
+        if ds.get(section, {}).get(name, True) is not True:
+            raise ConfigError(f"DeepSpeed config {where}: {key} must be true (or left out), got "
+                              f"{ds[section][name]!r}: megacoca's bad-step guard relies on {what}")
     zero = ds.get("zero_optimization", {})
     stage = zero.get("stage", 0)
     if isinstance(stage, bool) or not isinstance(stage, int) or stage not in (0, 1, 2, 3):

@@ -7,18 +7,27 @@ the first signal arrived anywhere) to stop together at the same step, write a co
 exit with REQUEUE_EXIT_CODE. The batch script recognises that status and requeues the job, which resumes with
 `--resume auto` exactly where it stopped: the same losses as an uninterrupted run (tested).
 
-`megacoca.train` installs the handlers for the rest of the process: a second signal while the checkpoint is
-being written is recorded and otherwise ignored (the save finishes), and so is the SIGTERM a launcher sends
-the other ranks when the first one exits with REQUEUE_EXIT_CODE (srun --kill-on-bad-exit, the deepspeed
-launcher), so that every rank exits with it.
+A signal can come at any moment, so `python -m megacoca.train` installs the handlers as the first thing it does
+(before torch is imported: this module imports it only in `agreed`), and `megacoca train` as the first thing
+its command does, and they stay installed for the rest of the process:
+
+- while the input is checked (no process group yet): the ranks agree as soon as they have a process group and
+  stop there, before building anything; bad input is still exit status 2 (a requeue would fail the same way);
+- while the process groups, the model and the engine are built or the checkpoint is resumed (a reshape of a
+  whole checkpoint can take minutes): the ranks agree before the first step and stop there without saving,
+  since nothing is new (the checkpoint resumed, or nothing, is the state to resume from);
+- while a checkpoint is written: the save completes, then the agreement after the step stops without saving
+  it again; the same for a second signal then, and for the SIGTERM a launcher sends the other ranks when the
+  first one exits with REQUEUE_EXIT_CODE (srun --kill-on-bad-exit, the deepspeed launcher), so that every
+  rank exits with it.
+
+Every one of these ends with REQUEUE_EXIT_CODE and nothing lost (tests/distributed/test_preemption.py,
+tests/e2e/test_preemption_entry.py). A run that has no step left to take ends with 0 as usual.
 """
 
 from __future__ import annotations
 
 import signal
-
-import torch
-import torch.distributed as dist
 
 # EX_TEMPFAIL from sysexits.h: "a temporary failure; the user is invited to retry".
 REQUEUE_EXIT_CODE = 75
@@ -56,6 +65,9 @@ class PreemptionWatch:
 
     def agreed(self, device, group=None) -> bool:
         """Collective: True on every rank if any rank has received a signal (call it at the same step everywhere)."""
+        import torch  # heavy: the entry installs the watch before anything imports torch
+        import torch.distributed as dist
+
         flag = torch.tensor([1.0 if self.received else 0.0], device=device)
         if dist.is_initialized() and dist.get_world_size(group) > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)

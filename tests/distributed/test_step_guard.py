@@ -1,12 +1,14 @@
 """The step guard on 2 gloo ranks: a step whose loss is NaN (on one rank only), whose gradients are NaN with a
 finite loss, or whose loss spikes is skipped on every rank alike, for the client optimizer DeepSpeed steps as is
-(ZeRO-0 fp32), DeepSpeed's ZeRO-1 and ZeRO-3 optimizers (bf16 and fp32), a 2-stage pipeline (ZeRO-0 fp32 and
-ZeRO-1 bf16) and 2-way tensor parallelism: the fp32 master
-weights, the optimizer state and the lr schedule after the skipped step are those before it, bit for bit, and the
-train record says why. Too many skipped steps in a row save a complete checkpoint of that state and stop every
+(ZeRO-0 fp32), DeepSpeed's ZeRO-1, ZeRO-2 and ZeRO-3 optimizers (bf16 and fp32; ZeRO-2 fp32 also with gradient
+clipping off: DeepSpeed still computes the gradient norm it judges an fp32 step by), a 2-stage pipeline (ZeRO-0
+fp32 and ZeRO-1 bf16) and 2-way tensor parallelism: the fp32 master weights, the optimizer state and the lr
+schedule after the skipped step are those before it, bit for bit, every good step has a finite gradient norm, and
+the train record says why. Too many skipped steps in a row save a complete checkpoint of that state and stop every
 rank with one line; through the CLI, exit status 65."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -59,9 +61,9 @@ def _same(a, b) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _guarded_run(rank, world_size, tmp, ds_name, pp, tp):
+def _guarded_run(rank, world_size, tmp, ds_name, pp, tp, extra):
     os.environ["MEGACOCA_FAULTS"] = FAULTS
-    job = _job(os.path.join(tmp, f"{ds_name}_pp{pp}_tp{tp}"), ds_name, pp=pp, tp=tp)
+    job = _job(tmp, ds_name, pp=pp, tp=tp, extra=extra)
     dims = ParallelDims.from_config(job.parallel, world_size).build()
     trainer = Trainer(job, MemoryLoader(4, dims.dp_rank, dims.dp_size, TINY.replace(vision_layers=2)), dims=dims)
     batches = trainer._batches()
@@ -70,7 +72,9 @@ def _guarded_run(rank, world_size, tmp, ds_name, pp, tp):
         masters, moments, position = _state(trainer)
         result = trainer.train_step(batches)
         after_masters, after_moments, after_position = _state(trainer)
+        grad_norm = None if result["grad_norm"] is None else float(result["grad_norm"])
         report.append({"step": trainer.step, "skipped": result["skipped"], "moments": len(moments),
+                       "grad_norm": grad_norm,
                        "masters_same": _same(masters, after_masters), "moments_same": _same(moments, after_moments),
                        "lr_advanced": after_position - position})
     trainer.close()
@@ -78,11 +82,24 @@ def _guarded_run(rank, world_size, tmp, ds_name, pp, tp):
     return report
 
 
-@pytest.mark.parametrize("ds_name, pp, tp", [("zero0_fp32", 1, 1), ("zero1_bf16", 1, 1), ("zero3_bf16", 1, 1),
-                                             ("zero3_fp32", 1, 1), ("zero1_bf16", 2, 1), ("zero0_fp32", 2, 1),
-                                             ("zero3_bf16", 1, 2)])
-def test_bad_steps_are_skipped_on_every_rank_with_nothing_changed(tmp_path, ds_name, pp, tp):
-    reports = run_ranks(_guarded_run, 2, tmp_path, str(tmp_path), ds_name, pp, tp)
+STAGE = "parallel.deepspeed_overrides.zero_optimization.stage={}"  # ds_configs/ has no ZeRO-1/2 fp32 file
+LAYOUTS = {  # id: (DeepSpeed config, pp, tp, more overrides)
+    "zero0_fp32": ("zero0_fp32", 1, 1, ()),
+    "zero1_bf16": ("zero1_bf16", 1, 1, ()),
+    "zero2_bf16": ("zero2_bf16", 1, 1, ()),
+    "zero3_bf16": ("zero3_bf16", 1, 1, ()),
+    "zero1_fp32": ("zero0_fp32", 1, 1, (STAGE.format(1),)),
+    "zero2_fp32-noclip": ("zero0_fp32", 1, 1, (STAGE.format(2), "optim.grad_clip=0")),
+    "zero3_fp32": ("zero3_fp32", 1, 1, ()),
+    "zero1_bf16-pp2": ("zero1_bf16", 2, 1, ()),
+    "zero0_fp32-pp2": ("zero0_fp32", 2, 1, ()),
+    "zero3_bf16-tp2": ("zero3_bf16", 1, 2, ()),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_bad_steps_are_skipped_on_every_rank_with_nothing_changed(tmp_path, layout):
+    reports = run_ranks(_guarded_run, 2, tmp_path, str(tmp_path), *LAYOUTS[layout])
     for report in reports:  # every rank (both stages, both tensor-parallel halves) the same
         for entry in report:
             step, reason = entry["step"], EXPECTED.get(entry["step"])
@@ -92,6 +109,7 @@ def test_bad_steps_are_skipped_on_every_rank_with_nothing_changed(tmp_path, ds_n
                 assert entry["masters_same"] and entry["moments_same"] and entry["lr_advanced"] == 0, entry
             else:
                 assert not entry["masters_same"] and not entry["moments_same"] and entry["lr_advanced"] == 1, entry
+                assert entry["grad_norm"] is not None and math.isfinite(entry["grad_norm"]), entry
 
 
 def _stopping_run(rank, world_size, tmp):

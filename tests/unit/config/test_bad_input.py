@@ -92,6 +92,13 @@ CASES = [
     (TRAIN + "--ds-config {ds_typo}", "zero_optimization.stage3_param_persistance_threshold is not a ZeRO setting "
                                       "DeepSpeed knows; did you mean stage3_param_persistence_threshold?"),
     (TRAIN + "--ds-config {ds_optimizer}", "DeepSpeed config has an 'optimizer' section"),
+    (TRAIN + "--ds-config {ds_no_overflow_check}", "DeepSpeed config {ds_no_overflow_check}: bf16.check_grad_overflow "
+                                                   "must be true (or left out), got False: megacoca's bad-step guard "
+                                                   "relies on the skip of a bf16 step whose gradients are not finite"),
+    (TRAIN + "--ds-config {ds_no_grad_norm} --set optim.grad_clip=0",
+     "DeepSpeed config {ds_no_grad_norm}: zero_optimization.compute_grad_norm must be true (or left out), got False"),
+    (TRAIN + "--set parallel.deepspeed_overrides.bf16.check_grad_overflow=false",
+     "zero3_bf16 + parallel.deepspeed_overrides: bf16.check_grad_overflow must be true (or left out), got False"),
     (TRAIN + "--set parallel.deepspeed_overrides.zero_optimization.stage=x",
      "zero3_bf16 + parallel.deepspeed_overrides: zero_optimization.stage must be 0, 1, 2 or 3, got 'x'"),
     (TRAIN + "--set parallel.deepspeed_overrides.train_batch_size=3",
@@ -256,6 +263,9 @@ def files(tmp_path_factory):
         "ds_offload": {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "gpu"}}},
         "ds_typo": {"zero_optimization": {"stage": 3, "stage3_param_persistance_threshold": 0}},
         "ds_optimizer": {"optimizer": {"type": "Adam"}},
+        "ds_no_overflow_check": {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True,
+                                                                            "check_grad_overflow": False}},
+        "ds_no_grad_norm": {"zero_optimization": {"stage": 1, "compute_grad_norm": False}, "bf16": {"enabled": False}},
         "not_a_coca_json": {"a": 1},
     }.items():
         write(f"{name}.json", json.dumps(values))
