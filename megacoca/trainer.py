@@ -10,6 +10,7 @@ the record.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Callable, Iterable
@@ -24,6 +25,7 @@ from megacoca.config.deepspeed import build_deepspeed_config, precision_dtype
 from megacoca.config.layout import Layout, job_layout
 from megacoca.config.train import JobConfig
 from megacoca.engine import build_engine
+from megacoca.launch import faults
 from megacoca.launch.watchdog import StepWatchdog
 from megacoca.losses import CoCaLoss
 from megacoca.metrics.flops import train_flops_per_sample
@@ -147,8 +149,9 @@ class Trainer:
         """A complete checkpoint of this step, or megacoca.checkpoint.CheckpointError on every rank (one line;
         the previous complete checkpoint untouched) when a write failed on any rank."""
         began = time.perf_counter()
-        self.schedule.share_data_position(self.train_loader)
-        tag_dir = save_checkpoint(self.engine, self.job, self.step, self.train_loader, layout=self.layout)
+        with self._timed("save"):
+            self.schedule.share_data_position(self.train_loader)
+            tag_dir = save_checkpoint(self.engine, self.job, self.step, self.train_loader, layout=self.layout)
         fsync_s = getattr(self.engine.checkpoint_engine, "fsync_s", 0.0)
         self.logger.info(f"checkpoint {tag_dir}: saved in {time.perf_counter() - began:.2f} s, of which "
                          f"{fsync_s:.3f} s syncing rank 0's files to disk")
@@ -215,14 +218,24 @@ class Trainer:
                                      "epochs": int(epochs[i])} for i, name in enumerate(names)})
 
     preemption = None  # a megacoca.launch.preemption.PreemptionWatch: stop at a step boundary when it fires
-    watchdog = None  # the megacoca.launch.watchdog.StepWatchdog of the running train(): `with watchdog.paused():`
+    watchdog = None  # the megacoca.launch.watchdog.StepWatchdog of the build and train() (`with self._timed(phase):`)
     preempted = False  # train() stopped on a preemption signal: after a complete checkpoint, or before its first step
 
     def train(self) -> list[dict]:
-        """The step loop, under the step watchdog (megacoca.launch.watchdog, armed in each step but the first, not
-        in eval or saves) and with the straggler report (megacoca.metrics.stragglers) in the logged records."""
-        with StepWatchdog.for_job(self.job, self.rank, self.dims.world_size) as self.watchdog:
+        """The step loop, under the watchdog (megacoca.launch.watchdog: each step, the first, evaluations and saves
+        timed, each with its own timeout; the one the CLI started at the build when it set `self.watchdog`, else one
+        for this loop) and with the straggler report (megacoca.metrics.stragglers) in the logged records."""
+        if self.watchdog is not None:
             return self._train()
+        try:
+            with StepWatchdog.for_job(self.job, self.rank, self.dims.world_size) as self.watchdog:
+                return self._train()
+        finally:
+            self.watchdog = None
+
+    def _timed(self, phase: str):
+        """`with self._timed("save"):` the phase under the watchdog when one runs (megacoca.launch.watchdog)."""
+        return self.watchdog.timing(phase) if self.watchdog is not None else contextlib.nullcontext()
 
     def _record(self, result: dict, window_steps: int, elapsed: float, stragglers: StragglerMonitor) -> dict:
         """The train record of the step just taken (collectives over the data-parallel and pipeline groups: every
@@ -303,7 +316,8 @@ class Trainer:
     def evaluate(self) -> dict:
         self.engine.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self._timed("eval"):
+                faults.point("eval:begin")
                 metrics = self.eval_fn(self.engine, self.step) or {}
         finally:
             self.engine.train()

@@ -193,6 +193,7 @@ def train(job: JobConfig, layout: Layout, ds_config: dict, model_cfg, tokenizer,
     from megacoca.data.loaders import build_train_loader
     from megacoca.eval import make_train_eval_fn
     from megacoca.launch.process_group import ensure_launch_env, init_distributed
+    from megacoca.launch.watchdog import RendezvousDeadline, StepWatchdog
     from megacoca.parallel.dims import ParallelDims
     from megacoca.step_guard import BadStepsError
     from megacoca.trainer import Trainer
@@ -200,8 +201,13 @@ def train(job: JobConfig, layout: Layout, ds_config: dict, model_cfg, tokenizer,
     # DeepSpeed 0.19 calls torch's deprecated collective names every step: one warning per call, per rank.
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     ensure_launch_env()
-    init_distributed(job.fault.collective_timeout_s)
-    if preemption.agreed(get_accelerator().current_device_name()):
+    # the rendezvous and the groups' set-up, bounded by fault.rendezvous_timeout_s (a rank that never joins)
+    with RendezvousDeadline(job.fault.rendezvous_timeout_s, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])):
+        init_distributed(job.fault.collective_timeout_s)
+        preempted_early = preemption.agreed(get_accelerator().current_device_name())
+        if not preempted_early:
+            dims = ParallelDims.from_layout(layout).build(timeout=timedelta(seconds=job.fault.collective_timeout_s))
+    if preempted_early:
         # a signal (on any rank) while the input was checked: nothing built, nothing to save
         if dist.get_rank() == 0:
             print(f"megacoca train: preempted ({', '.join(preemption.received) or 'another rank'}) before the "
@@ -210,21 +216,27 @@ def train(job: JobConfig, layout: Layout, ds_config: dict, model_cfg, tokenizer,
         dist.destroy_process_group()
         return REQUEUE_EXIT_CODE
     trainer = None
+    # every phase from here on is timed (fault.build_timeout_s, resume_, first_step_, eval_, save_, the steps)
+    watchdog = StepWatchdog.for_job(job, dist.get_rank(), dist.get_world_size()).start()
     try:
         faults.point("build:begin")
-        dims = ParallelDims.from_layout(layout).build(timeout=timedelta(seconds=job.fault.collective_timeout_s))
-        loader = build_train_loader(job, model_cfg, dims, tokenizer)
-        evaluates = job.eval.every and (job.data.val_shards or job.eval.val_sources)
-        eval_fn = make_train_eval_fn(job, model_cfg, dims, tokenizer) if evaluates else None
-        trainer = Trainer(job, loader, dims=dims, layout=layout, ds_config=ds_config, eval_fn=eval_fn)
+        with watchdog.timing("build"):
+            loader = build_train_loader(job, model_cfg, dims, tokenizer)
+            evaluates = job.eval.every and (job.data.val_shards or job.eval.val_sources)
+            eval_fn = make_train_eval_fn(job, model_cfg, dims, tokenizer) if evaluates else None
+            trainer = Trainer(job, loader, dims=dims, layout=layout, ds_config=ds_config, eval_fn=eval_fn)
+        trainer.watchdog = watchdog
         # a signal during the build or the resume: the ranks agree before the first step and stop there
         trainer.preemption = preemption
         faults.point("resume:begin")
-        trainer.resume()
+        with watchdog.timing("resume"):
+            trainer.resume()
         trainer.train()
+        watchdog.stop()
         if trainer.preempted:
             preemption.ignore_from_now_on()
     except BaseException as error:
+        watchdog.stop()
         # Leave the process group alone: destroying it can block on peers waiting in a collective. This rank
         # exits with the traceback and the launcher stops the others.
         if trainer is not None:

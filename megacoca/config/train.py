@@ -148,11 +148,21 @@ class FaultConfig:
     # losses (0 disables; the window must fill first). Counts toward max_bad_steps like a non-finite one.
     loss_spike_factor: float = 0.0
     loss_spike_window: int = 50
-    # Hung ranks (megacoca.launch.watchdog): every collective and the rendezvous give up after
-    # collective_timeout_s; a train step (not the first, not eval or a save) making no progress for
-    # watchdog_timeout_s ends the job, naming the stalled rank (0: no watchdog). The watchdog must be the shorter.
+    # Hung ranks (megacoca.launch.watchdog): every collective gives up after collective_timeout_s; a train step
+    # (after the first) making no progress for watchdog_timeout_s ends the job, naming the stalled rank (0: no
+    # watchdog). The watchdog must be the shorter.
     collective_timeout_s: float = 1800.0
     watchdog_timeout_s: float = 600.0
+    # The phases around the steps, each with its own timeout (0: not timed), named and ended as a stalled step is
+    # (megacoca.launch.watchdog): the process group's rendezvous and set-up (a rank that never joins, or dies while
+    # connecting, ends every other rank with status 124 after this long, not after the collective timeout), the
+    # model and engine build, the resume, the first step (compilation, first gathers), an evaluation, a save.
+    rendezvous_timeout_s: float = 600.0
+    build_timeout_s: float = 1200.0
+    resume_timeout_s: float = 1200.0
+    first_step_timeout_s: float = 1200.0
+    eval_timeout_s: float = 1800.0
+    save_timeout_s: float = 1200.0
     # Name a rank whose step time exceeds straggler_factor x the median rank's, every log interval
     # (megacoca.metrics.stragglers; 0: off).
     straggler_factor: float = 1.5
@@ -292,5 +302,9 @@ def _check_fault(f: FaultConfig) -> None:
              f"fault.watchdog_timeout_s must be >= 0 (0: off) and below fault.collective_timeout_s "
              f"{f.collective_timeout_s:g} (the watchdog must fire first to name the stalled rank), got "
              f"{f.watchdog_timeout_s}")
+    for key in ("rendezvous_timeout_s", "build_timeout_s", "resume_timeout_s", "first_step_timeout_s",
+                "eval_timeout_s", "save_timeout_s"):
+        value = getattr(f, key)
+        _require(math.isfinite(value) and value >= 0, f"fault.{key} must be >= 0 seconds (0: not timed), got {value}")
     _require(math.isfinite(f.straggler_factor) and (f.straggler_factor == 0 or f.straggler_factor > 1),
              f"fault.straggler_factor must be 0 (off) or > 1, got {f.straggler_factor}")

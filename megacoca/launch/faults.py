@@ -7,6 +7,8 @@ module does not know is an error (a typo must not make a fault test pass without
 
     kill_at=POINT      SIGKILL this process when it reaches POINT, as a node dying or `kill -9` would
     enospc_at=POINT    raise OSError(ENOSPC) at POINT, as a full disk would
+    stall_at=POINT     SIGSTOP this process at POINT (a rank hung in an eval, a save, a resume: the others' watchdogs
+                       must end the job naming it)
     signal_at=POINT    send SIGUSR1 to this process at POINT, as SLURM's warning before the time limit would (a
                        preemption at that moment: megacoca.launch.preemption)
     nan_loss=STEP      the loss of optimizer step STEP (1-based, the step being computed) becomes NaN
@@ -42,6 +44,7 @@ KINDS = {
     "kill_at": "SIGKILL this process at a point",
     "enospc_at": "raise OSError(ENOSPC) at a point",
     "signal_at": "send SIGUSR1 to this process at a point",
+    "stall_at": "SIGSTOP this process at a point",
     "nan_loss": "the loss of a step becomes NaN",
     "nan_grad": "a gradient of a step becomes NaN",
     "inf_loss": "the loss of a step becomes +inf",
@@ -51,7 +54,7 @@ KINDS = {
     "slow": "delay every input batch by SECONDS",
 }
 STEP_KINDS = ("nan_loss", "nan_grad", "inf_loss", "loss_scale", "kill", "stall")
-POINT_KINDS = ("kill_at", "enospc_at", "signal_at")
+POINT_KINDS = ("kill_at", "enospc_at", "signal_at", "stall_at")
 
 # Where point() is called: the start of `megacoca train` (megacoca.cli.train), then the order a save goes through
 # (megacoca.checkpoint.state).
@@ -59,6 +62,7 @@ POINTS = (
     "check:begin",                # the config parsed; its layout and files not checked yet, no process group
     "build:begin",                # the process group made; the groups, the loader and the Trainer not built yet
     "resume:begin",               # the Trainer built; the checkpoint to resume (if any) not looked for yet
+    "eval:begin",                 # an evaluation (Trainer.evaluate) begins
     "save:begin",                 # earlier files of the tag removed, DeepSpeed has written nothing yet
     "save:after_model_states",    # after each DeepSpeed *model_states.pt this rank writes
     "save:after_optim_states",    # after each DeepSpeed *optim_states.pt this rank writes
@@ -205,5 +209,8 @@ def point(name: str) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             elif kind == "signal_at":
                 os.kill(os.getpid(), signal.SIGUSR1)  # its handler runs in the main thread, then this goes on
+            elif kind == "stall_at":
+                os.write(2, f"{ENV}: rank {_rank()} stops itself (SIGSTOP) at {name}\n".encode())
+                os.kill(os.getpid(), signal.SIGSTOP)
             else:
                 raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (injected by {ENV} at {name})")

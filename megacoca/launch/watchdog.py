@@ -8,9 +8,9 @@ collective. Two settings bound how long that lasts (megacoca.config.train.FaultC
     fault.watchdog_timeout_s    a train step that makes no progress this long ends the rank (0: off); must be
                                 below the collective timeout, so the watchdog speaks first and names the rank
 
-`StepWatchdog` runs two daemon threads per rank while `Trainer.train()` runs. The trainer arms it as each step
-begins and disarms it after the step's logging, so eval, checkpoint saves and the first step of `train()`
-(compilation, first gathers, a resume's warm-up) are never timed: the collective timeout alone bounds them.
+`StepWatchdog` runs two daemon threads per rank from the model's build to the end of training. The trainer arms
+it as each step begins and disarms it after the step's logging; eval, checkpoint saves, the build, the resume and
+the first step of `train()` (compilation, first gathers, a resume's warm-up) are timed as phases, below.
 - The heartbeat thread publishes `beat step state where` to the c10d store every `heartbeat_s` (a tenth of
   the timeout, 0.1-5 s): a counter, the step this rank is in, and where its main thread is (its innermost
   Python frame). A stopped process stops beating; a rank stuck in a read beats on, showing where it waits.
@@ -22,6 +22,11 @@ begins and disarms it after the step's logging, so eval, checkpoint saves and th
   a collective while the others wait in one. When the store itself does not answer and it lives in rank 0's
   process (env:// rendezvous, as under the deepspeed launcher), rank 0 is named. A SIGSTOPped rank cannot
   print; its peers name it.
+
+Phases (`timing(phase)`: build, resume, eval, save; and the first step) are timed the same way, each with its own
+timeout (fault.build_timeout_s, ...: PHASES), and the line names the phase. Before the process group exists there is
+no store: `RendezvousDeadline` bounds the rendezvous and the groups' set-up (fault.rendezvous_timeout_s), so a rank
+that never joins or dies while connecting ends the others after that long, not after the collective timeout.
 
 The job ends within watchdog_timeout_s plus about three heartbeats, then the launcher's teardown: the
 deepspeed launcher and torchrun SIGTERM the other ranks and SIGKILL those still there 30 s later, which a
@@ -46,6 +51,9 @@ from megacoca.launch import faults
 # scripts do not requeue a job that hung (a requeue lands on the same broken node as often as not).
 STALL_EXIT_CODE = 124
 KEY = "megacoca/watchdog/{rank}"
+# The phases timed besides the steps, and the FaultConfig key that holds each one's timeout.
+PHASES = {"build": "build_timeout_s", "resume": "resume_timeout_s", "first step": "first_step_timeout_s",
+          "eval": "eval_timeout_s", "save": "save_timeout_s"}
 
 
 def where(frame) -> str:
@@ -79,8 +87,12 @@ class StepWatchdog:
     """
 
     def __init__(self, timeout_s: float, *, rank: int = 0, world_size: int = 1, store=None,
-                 store_on_rank0: bool = False, exit_fn=None, stream=None):
+                 store_on_rank0: bool = False, exit_fn=None, stream=None, phase_timeouts: dict | None = None):
         self.timeout_s = float(timeout_s)
+        # {phase: seconds}, for the phases of PHASES (0 or absent: that phase is not timed)
+        self.phase_timeouts = {name: float(value) for name, value in (phase_timeouts or {}).items()}
+        self.phase = "step"  # what the armed clock times: "step", or one of PHASES
+        self._limit = self.timeout_s
         self.rank, self.world_size = rank, world_size
         self.store = store if world_size > 1 else None
         self.store_on_rank0 = store_on_rank0
@@ -99,7 +111,8 @@ class StepWatchdog:
 
     @classmethod
     def for_job(cls, job, rank: int, world_size: int) -> "StepWatchdog":
-        """The watchdog `job.fault` asks for, over the default process group's store."""
+        """The watchdog `job.fault` asks for (the step timeout and every phase's), over the default process group's
+        store."""
         store = None
         if world_size > 1:
             try:
@@ -107,17 +120,35 @@ class StepWatchdog:
             except (AttributeError, ValueError, RuntimeError):  # a private API: without it, no heartbeats
                 store = None
         agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        phases = {name: getattr(job.fault, key) for name, key in PHASES.items()}
         return cls(job.fault.watchdog_timeout_s, rank=rank, world_size=world_size, store=store,
-                   store_on_rank0=not agent_store and "MASTER_ADDR" in os.environ)
+                   store_on_rank0=not agent_store and "MASTER_ADDR" in os.environ, phase_timeouts=phases)
 
     @property
     def enabled(self) -> bool:
-        return self.timeout_s > 0
+        return self.timeout_s > 0 or any(value > 0 for value in self.phase_timeouts.values())
+
+    def _arm(self, phase: str, limit: float) -> None:
+        self.phase, self._limit = phase, limit
+        self._armed_at = time.monotonic() if limit > 0 else None
+
+    @contextlib.contextmanager
+    def timing(self, phase: str):
+        """Time `phase` (one of PHASES: build, resume, eval, save) with its own timeout; a phase without one is not
+        timed. Nested in an armed step (a save from inside a step), the step's clock restarts after it."""
+        outer = (self.phase, self._limit, self._armed_at)
+        self._arm(phase, self.phase_timeouts.get(phase, 0.0))
+        try:
+            yield
+        finally:
+            self.phase, self._limit = outer[0], outer[1]
+            self._armed_at = time.monotonic() if outer[2] is not None else None
 
     # ------------------------------------------------------------------------------ the training loop's side
 
     def begin_step(self, step: int) -> None:
-        """A train step begins (every rank, the same step); armed from the second step of this watchdog on."""
+        """A train step begins (every rank, the same step): timed with fault.watchdog_timeout_s, the first of this
+        watchdog (compilation, first gathers, a resume's warm-up) with fault.first_step_timeout_s."""
         self.step = step
         self.steps_begun += 1
         if faults.at_step("kill", step) is not None:
@@ -127,7 +158,9 @@ class StepWatchdog:
             _write(f"{faults.ENV}: rank {self.rank} stops itself (SIGSTOP) as step {step} begins\n")
             os.kill(os.getpid(), signal.SIGSTOP)
         if self.steps_begun > 1:
-            self._armed_at = time.monotonic()
+            self._arm("step", self.timeout_s)
+        else:
+            self._arm("first step", self.phase_timeouts.get("first step", 0.0))
 
     def end_step(self) -> None:
         """The step and its logging are done: what follows (eval, a checkpoint) is not timed."""
@@ -188,8 +221,8 @@ class StepWatchdog:
     def _watch(self) -> None:
         tick = min(1.0, self.timeout_s / 10)
         while not self._stop.wait(tick):
-            armed_at = self._armed_at
-            if armed_at is None or self._paused or time.monotonic() - armed_at < self.timeout_s:
+            armed_at, limit = self._armed_at, self._limit
+            if armed_at is None or self._paused or time.monotonic() - armed_at < limit:
                 continue
             line = self.diagnose(time.monotonic() - armed_at)
             if self._armed_at != armed_at or self._paused:  # the step ended while the peers were read
@@ -223,8 +256,10 @@ class StepWatchdog:
     def diagnose(self, stalled_for: float) -> str:
         """The one line: this rank, its step and where it waits, and the rank at fault where it can be told."""
         here = where(sys._current_frames().get(self._main))
-        line = (f"megacoca watchdog: rank {self.rank} ({socket.gethostname()}) made no progress in step {self.step} "
-                f"for {stalled_for:.1f} s (fault.watchdog_timeout_s={self.timeout_s:g}), waiting in {here}")
+        what = f"step {self.step}" if self.phase == "step" else f"{self.phase} (step {self.step})"
+        key = "watchdog_timeout_s" if self.phase == "step" else PHASES[self.phase]
+        line = (f"megacoca watchdog: rank {self.rank} ({socket.gethostname()}) made no progress in {what} "
+                f"for {stalled_for:.1f} s (fault.{key}={self._limit:g}), waiting in {here}")
         if self.store is not None:
             line += "; " + self._culprit()
         return line + f"; ending this rank (exit {STALL_EXIT_CODE}) so the launcher ends the job"
@@ -282,3 +317,38 @@ def _write(text: str, stream=None) -> None:
 def _flush_stdout() -> None:
     with contextlib.suppress(OSError, ValueError):
         sys.stdout.flush()
+
+
+class RendezvousDeadline:
+    """`with RendezvousDeadline(timeout_s, rank, world_size):` around the process group's set-up (the rendezvous,
+    gloo's or NCCL's connections, the parallel groups): when it has not finished after `timeout_s`
+    (fault.rendezvous_timeout_s; 0: none), one line on stderr and the process ends with STALL_EXIT_CODE, so a rank
+    that never joins, or dies while connecting (a host that cannot reach the others), ends every other rank after
+    this long instead of the collective timeout. No store exists yet to tell which rank is missing: the line says
+    where this rank waits and whom it waits for (MASTER_ADDR:MASTER_PORT, the world size)."""
+
+    def __init__(self, timeout_s: float, rank: int, world_size: int, *, exit_fn=None, stream=None):
+        self.timeout_s, self.rank, self.world_size = float(timeout_s), rank, world_size
+        self.exit_fn, self.stream = exit_fn or os._exit, stream
+        self._done = threading.Event()
+        self._main = threading.main_thread().ident
+        self.fired: str | None = None
+
+    def __enter__(self) -> "RendezvousDeadline":
+        if self.timeout_s > 0 and self.world_size > 1:
+            threading.Thread(target=self._watch, name="megacoca-rendezvous-deadline", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+
+    def _watch(self) -> None:
+        if self._done.wait(self.timeout_s):
+            return
+        master = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        self.fired = (f"megacoca watchdog: rank {self.rank} ({socket.gethostname()}) could not set up the process "
+                      f"group of {self.world_size} ranks within {self.timeout_s:g} s (fault.rendezvous_timeout_s), "
+                      f"waiting in {where(sys._current_frames().get(self._main))}: a rank did not join or died "
+                      f"while connecting (the rendezvous is {master}); ending this rank (exit {STALL_EXIT_CODE})")
+        _write(self.fired + "\n", self.stream)
+        self.exit_fn(STALL_EXIT_CODE)

@@ -26,7 +26,7 @@ TIMEOUT_S = 3.0
 STALL_AT = 4
 
 
-def _rank_main(rank, world_size, tmp, env):
+def _rank_main(rank, world_size, tmp, env, extra=()):
     err = os.open(os.path.join(tmp, f"rank{rank}.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(err, 1)
     os.dup2(err, 2)
@@ -56,12 +56,14 @@ def _rank_main(rank, world_size, tmp, env):
         "parallel.deepspeed_config=zero1_bf16", "schedule.steps=8", "schedule.global_batch_size=8",
         "schedule.micro_batch_size=4", "schedule.warmup_steps=2", "checkpoint.save_final=false",
         f"logging.run_dir={tmp}/run", "logging.log_every=1", "logging.tensorboard=false",
-        f"fault.watchdog_timeout_s={TIMEOUT_S}", "fault.collective_timeout_s=60"])
+        f"fault.watchdog_timeout_s={TIMEOUT_S}", "fault.collective_timeout_s=60", *extra])
     job.model.overrides = TINY.to_dict()
     timeout = timedelta(seconds=job.fault.collective_timeout_s)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
     dims = ParallelDims.from_config(job.parallel, world_size).build(timeout=timeout)
-    Trainer(job, MemoryLoader(4, dims.dp_rank, dims.dp_size), dims=dims).train()
+    # an eval that waits for every rank, as the real one does (the ranks evaluate in lockstep)
+    eval_fn = (lambda engine, step: (dist.barrier(), {"done": 1.0})[1]) if job.eval.every else None
+    Trainer(job, MemoryLoader(4, dims.dp_rank, dims.dp_size), dims=dims, eval_fn=eval_fn).train()
     os._exit(0)
 
 
@@ -117,3 +119,43 @@ def test_stalled_rank_ends_the_job_and_is_named(tmp_path, stalled, faults):
 def _logs(tmp_path, rank=None) -> str:
     ranks = [rank] if rank is not None else [0, 1]
     return "\n".join(open(tmp_path / f"rank{r}.log").read() for r in ranks if (tmp_path / f"rank{r}.log").exists())
+
+
+# (the phase, the fault that stops rank 1 in it, its timeout key, the step the line names)
+PHASE_STALLS = [
+    ("first step", "stall=rank1@1", "fault.first_step_timeout_s", 1),
+    ("eval", "stall_at=rank1@eval:begin", "fault.eval_timeout_s", 2),
+    ("save", "stall_at=rank1@save:begin", "fault.save_timeout_s", 2),
+]
+
+
+@pytest.mark.parametrize("phase, fault, key, step", PHASE_STALLS, ids=[p[0].replace(" ", "_") for p in PHASE_STALLS])
+def test_a_rank_stalled_in_a_phase_is_named_and_ends_the_job(tmp_path, phase, fault, key, step):
+    """Rank 1 stops in the first step, in an evaluation, in a save: rank 0 ends itself with STALL_EXIT_CODE within
+    that phase's own timeout plus a few heartbeats, and its one line names the phase and rank 1."""
+    extra = [f"{key}={TIMEOUT_S}", "eval.every=2", "checkpoint.every=2"]
+    env = {"MEGACOCA_FAULTS": fault, "OMP_NUM_THREADS": "1"}
+    ctx = _context()
+    procs = [ctx.Process(target=_rank_main, args=(rank, 2, str(tmp_path), env, extra)) for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    try:
+        deadline = time.monotonic() + 180
+        while not _stopped(procs[1].pid):
+            assert time.monotonic() < deadline and procs[0].is_alive(), _logs(tmp_path)
+            time.sleep(0.02)
+        stopped_at = time.monotonic()
+        procs[0].join(timeout=TIMEOUT_S + 30)
+        detected_s = time.monotonic() - stopped_at
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+            proc.join()
+    assert procs[0].exitcode == STALL_EXIT_CODE, _logs(tmp_path)
+    assert TIMEOUT_S <= detected_s <= TIMEOUT_S + 10, detected_s
+    lines = [line for line in _logs(tmp_path, 0).splitlines() if "megacoca watchdog:" in line]
+    assert len(lines) == 1, _logs(tmp_path)
+    assert f"made no progress in {phase} (step {step}) for " in lines[0] and f"({key}={TIMEOUT_S:g})" in lines[0]
+    assert "stalled: rank 1 (" in lines[0], lines[0]
+    print(f"{phase}: detected {detected_s:.1f} s after SIGSTOP: {lines[0]}")

@@ -181,8 +181,66 @@ def test_stall_and_slow_faults(monkeypatch):
     ("fault.watchdog_timeout_s=1800", "below fault.collective_timeout_s 1800"),
     ("fault.straggler_factor=1", "fault.straggler_factor must be 0 (off) or > 1"),
     ("fault.straggler_factor=nan", "fault.straggler_factor must be 0 (off) or > 1"),
+    ("fault.rendezvous_timeout_s=-1", "fault.rendezvous_timeout_s must be >= 0 seconds (0: not timed)"),
+    ("fault.save_timeout_s=inf", "fault.save_timeout_s must be >= 0 seconds"),
 ])
 def test_fault_settings_are_checked(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         build_config(overrides=[override])
     build_config(overrides=["fault.watchdog_timeout_s=0", "fault.straggler_factor=0"])
+
+
+def test_phases_and_the_first_step_have_their_own_timeouts():
+    """The first step, a save, an eval: each timed with its own timeout and named in the line; a phase without one
+    is not timed; a phase inside an armed step gives the step its clock back after it."""
+    from megacoca.launch.watchdog import PHASES
+
+    assert set(PHASES) == {"build", "resume", "first step", "eval", "save"}
+    watchdog, exits = _watchdog(timeout_s=5.0, phase_timeouts={"first step": 0.3, "save": 0.3, "eval": 0})
+    with watchdog:
+        watchdog.begin_step(1)
+        assert exits.done.wait(2.0)
+    assert "made no progress in first step (step 1) for " in watchdog.fired
+    assert "(fault.first_step_timeout_s=0.3)" in watchdog.fired
+
+    watchdog, exits = _watchdog(timeout_s=5.0, phase_timeouts={"first step": 0, "save": 0.3, "eval": 0})
+    with watchdog:
+        watchdog.begin_step(1)  # not timed
+        assert not exits.done.wait(0.5)
+        watchdog.end_step()
+        with watchdog.timing("eval"):  # not timed
+            assert not exits.done.wait(0.5)
+        watchdog.begin_step(2)
+        with watchdog.timing("save"):
+            assert exits.done.wait(2.0)
+    assert "made no progress in save (step 2) for " in watchdog.fired and "(fault.save_timeout_s=0.3)" in watchdog.fired
+
+
+def test_a_phase_ends_in_time_and_the_step_clock_restarts():
+    watchdog, exits = _watchdog(timeout_s=0.6, phase_timeouts={"save": 5.0})
+    with watchdog:
+        watchdog.begin_step(1)
+        watchdog.end_step()
+        watchdog.begin_step(2)
+        with watchdog.timing("save"):
+            time.sleep(0.8)  # past the step's timeout, within the save's
+        assert watchdog.phase == "step" and not exits.codes
+        started = time.monotonic()
+        assert exits.done.wait(2.0)
+        assert time.monotonic() - started >= 0.5
+    assert "in step 2 for " in watchdog.fired
+
+
+def test_the_rendezvous_deadline_ends_a_rank_whose_peers_never_join():
+    from megacoca.launch.watchdog import RendezvousDeadline
+
+    exits = Exits()
+    with RendezvousDeadline(0.3, 1, 4, exit_fn=exits, stream=open("/dev/null", "w")) as deadline:
+        assert exits.done.wait(2.0)
+    assert exits.codes == [STALL_EXIT_CODE]
+    assert "rank 1 (" in deadline.fired and "process group of 4 ranks within 0.3 s (fault.rendezvous_timeout_s)" \
+        in deadline.fired
+    exits = Exits()
+    with RendezvousDeadline(0.3, 0, 4, exit_fn=exits):
+        pass  # set up in time
+    assert not exits.done.wait(0.6)
