@@ -17,6 +17,7 @@ module does not know is an error (a typo must not make a fault test pass without
     loss_scale=STEP:F  the loss of step STEP is multiplied by F (a loss spike)
     kill=STEP          SIGKILL this process as train step STEP begins (`kill -9` at a step: a resume must lose
                        nothing but the steps after the last checkpoint)
+    signal=STEP        send SIGUSR1 to this process as train step STEP begins (a preemption warning mid-run)
     stall=STEP         SIGSTOP this process as train step STEP begins (a hung rank: it can print nothing more; the
                        other ranks' watchdogs must end the job, megacoca.launch.watchdog)
     slow=SECONDS       every input batch arrives SECONDS later (a straggler: a slow disk or decoder)
@@ -50,10 +51,11 @@ KINDS = {
     "inf_loss": "the loss of a step becomes +inf",
     "loss_scale": "the loss of a step is multiplied by a factor",
     "kill": "SIGKILL this process as a step begins",
+    "signal": "send SIGUSR1 to this process as a step begins",
     "stall": "SIGSTOP this process as a step begins",
     "slow": "delay every input batch by SECONDS",
 }
-STEP_KINDS = ("nan_loss", "nan_grad", "inf_loss", "loss_scale", "kill", "stall")
+STEP_KINDS = ("nan_loss", "nan_grad", "inf_loss", "loss_scale", "kill", "signal", "stall")
 POINT_KINDS = ("kill_at", "enospc_at", "signal_at", "stall_at")
 
 # Where point() is called: the start of `megacoca train` (megacoca.cli.train), then the order a save goes through

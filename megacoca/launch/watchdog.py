@@ -154,6 +154,8 @@ class StepWatchdog:
         if faults.at_step("kill", step) is not None:
             _write(f"{faults.ENV}: rank {self.rank} kills itself (SIGKILL) as step {step} begins\n")
             os.kill(os.getpid(), signal.SIGKILL)
+        if faults.at_step("signal", step) is not None:
+            os.kill(os.getpid(), signal.SIGUSR1)  # the preemption watch's handler raises its flag
         if faults.at_step("stall", step) is not None:
             _write(f"{faults.ENV}: rank {self.rank} stops itself (SIGSTOP) as step {step} begins\n")
             os.kill(os.getpid(), signal.SIGSTOP)
