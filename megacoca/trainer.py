@@ -38,6 +38,7 @@ from megacoca.parallel.build import meta_model
 from megacoca.parallel.dims import ParallelDims
 from megacoca.parallel.overlap import overlap_is_safe
 from megacoca.parallel.pipeline.split import split_stages
+from megacoca.parallel.replicas import check_replicas
 from megacoca.parallel.zero import partition_stats
 from megacoca.schedules import build_schedule
 from megacoca.step_guard import BadStepsError, StepGuard
@@ -284,6 +285,10 @@ class Trainer:
             self.watchdog.end_step()
             if self.guard.should_stop:
                 self._stop_for_bad_steps(last_saved)
+            if job.fault.replica_check_every and self.step % job.fault.replica_check_every == 0:
+                drift = check_replicas(self.engine.module, self.engine, self.dims)  # tensor group; fixes drift
+                if drift:
+                    self.logger.info(f"step {self.step}: {drift}")
             if self.eval_fn is not None and job.eval.every and self.step % job.eval.every == 0:
                 self.evaluate()
                 last_evaluated = self.step

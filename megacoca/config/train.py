@@ -166,6 +166,10 @@ class FaultConfig:
     # Name a rank whose step time exceeds straggler_factor x the median rank's, every log interval
     # (megacoca.metrics.stragglers; 0: off).
     straggler_factor: float = 1.5
+    # Every this many steps, compare the replicated (not tensor-parallel) parameters across the tensor group (one
+    # small all-gather of checksums) and re-broadcast any that drifted from tensor rank 0, weights, fp32 masters
+    # and Adam moments (megacoca.parallel.replicas; 0: off; nothing to do at tp=1).
+    replica_check_every: int = 1000
 
 
 @dataclass
@@ -308,3 +312,5 @@ def _check_fault(f: FaultConfig) -> None:
         _require(math.isfinite(value) and value >= 0, f"fault.{key} must be >= 0 seconds (0: not timed), got {value}")
     _require(math.isfinite(f.straggler_factor) and (f.straggler_factor == 0 or f.straggler_factor > 1),
              f"fault.straggler_factor must be 0 (off) or > 1, got {f.straggler_factor}")
+    _require(f.replica_check_every >= 0, f"fault.replica_check_every must be >= 0 (0: off), got "
+                                         f"{f.replica_check_every}")

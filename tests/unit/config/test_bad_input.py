@@ -52,6 +52,8 @@ CASES = [
     (TRAIN + "--set fault.max_bad_steps=0", "fault.max_bad_steps must be >= 1, got 0"),
     (TRAIN + "--set fault.loss_spike_factor=0.5", "fault.loss_spike_factor must be 0 (off) or > 1, got 0.5"),
     (TRAIN + "--set fault.loss_spike_window=0", "fault.loss_spike_window must be >= 1"),
+    (TRAIN + "--set fault.replica_check_every=-1", "fault.replica_check_every must be >= 0 (0: off), got -1"),
+    (TRAIN + "--set fault.rendezvous_timeout_s=-5", "fault.rendezvous_timeout_s must be >= 0 seconds"),
     (TRAIN + "--set data.shard_retries=-1", "data.shard_retries must be >= 0, got -1"),
     (TRAIN + "--set data.shard_timeout_s=-5", "data.shard_timeout_s must be >= 0 seconds"),
     (TRAIN + "--set parallel.tp=0", "parallel: tp must be a positive integer, got 0"),
