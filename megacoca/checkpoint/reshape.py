@@ -389,13 +389,14 @@ def _check_same_model(names: set[str], engine) -> None:
 
 def needs_reshape(tag_dir: str, layout: Layout, files: TagFiles | None = None) -> bool:
     """Whether `tag_dir` must be loaded through `load_reshaped` into a run of `layout`: a layout-free checkpoint,
-    or one written by another dp x pp x tp or ZeRO stage (`Layout.same_shards`). With `files`, the tag's files
-    were already found complete."""
+    or one written by another dp x pp x tp or ZeRO stage (`Layout.same_shards`), or in another precision (DeepSpeed's
+    bf16 optimizer and its fp32 ZeRO optimizer name and lay out their files differently: its own loader would look
+    for files the checkpoint does not have). With `files`, the tag's files were already found complete."""
     if is_layout_free(tag_dir):
         return True
     if files is None:
         tag_dir, files = locate_tag(tag_dir)
-    return not files.layout.same_shards(layout)
+    return not files.layout.same_shards(layout) or files.layout.precision != layout.precision
 
 
 __all__ = ["is_layout_free", "load_reshaped", "needs_reshape", "write_layout_free"]

@@ -133,6 +133,14 @@ def test_bf16_reshape(tmp_path):
     _chain(tmp_path, [dict(ds=BF16, dp=1, tp=2, micro=8), dict(ds="zero3_bf16", dp=2, micro=4)], rel=5e-3)
 
 
+def test_a_precision_change_at_the_same_layout_is_reshaped(tmp_path):
+    """bf16 -> fp32 -> bf16 at the same dp=2 ZeRO-1: DeepSpeed's own loader would look for the other precision's
+    file names; the reshape path loads the fp32 masters and moments exactly (the state as loaded equals the
+    checkpoint's bit for bit) and the continued losses follow the original run's within bf16 rounding."""
+    _chain(tmp_path, [dict(ds=BF16, dp=2, micro=4), dict(ZERO1, dp=2, micro=4), dict(ds=BF16, dp=2, micro=4)],
+           rel=2e-2)
+
+
 def test_offline_reshape_through_the_cli(tmp_path, capsys):
     """`megacoca convert reshape` of a ZeRO-3 dp=2 checkpoint, resumed at TP=2 under ZeRO-1; a tensor degree the
     model cannot split is refused with one line."""
