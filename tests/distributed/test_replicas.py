@@ -14,6 +14,7 @@ dp=2 ZeRO-3 partitioned and ZeRO-2), a TINY CoCa through the Trainer with `fault
 import os
 
 import deepspeed
+import pytest
 import torch
 import torch.distributed as dist
 from deepspeed.utils import (
@@ -179,6 +180,7 @@ def test_drifted_replica_is_named_and_rebroadcast(tmp_path):
     _check(run_ranks(_all_variants, 2, tmp_path, str(tmp_path), timeout=200), 2)
 
 
+@pytest.mark.slow  # 4 ranks, ~6 s: make test runs it; the 2-rank cases stay in make test-fast
 def test_tp2_dp2_partitions_are_checked_and_fixed(tmp_path):
     """TP=2 x DP=2 on 4 ranks: each tensor group compares and fixes its own ZeRO partitions, padding left out."""
     _check(run_ranks(_all_variants, 4, tmp_path, str(tmp_path), timeout=200), 4)

@@ -127,12 +127,14 @@ def test_reshaped_runs_continue_as_the_original(tmp_path, layouts):
     _chain(tmp_path, layouts, rel=2e-6)
 
 
+@pytest.mark.slow  # ~6 s: make test runs it
 def test_bf16_reshape(tmp_path):
     """bf16 weights are rounded from the exact fp32 masters as a step rounds them; the continued losses differ from
     the original run's by bf16 reduction-order noise only."""
     _chain(tmp_path, [dict(ds=BF16, dp=1, tp=2, micro=8), dict(ds="zero3_bf16", dp=2, micro=4)], rel=5e-3)
 
 
+@pytest.mark.slow  # ~6 s: make test runs it
 def test_a_precision_change_at_the_same_layout_is_reshaped(tmp_path):
     """bf16 -> fp32 -> bf16 at the same dp=2 ZeRO-1: DeepSpeed's own loader would look for the other precision's
     file names; the reshape path loads the fp32 masters and moments exactly (the state as loaded equals the
@@ -141,6 +143,7 @@ def test_a_precision_change_at_the_same_layout_is_reshaped(tmp_path):
            rel=2e-2)
 
 
+@pytest.mark.slow  # ~9 s: make test runs it
 def test_offline_reshape_through_the_cli(tmp_path, capsys):
     """`megacoca convert reshape` of a ZeRO-3 dp=2 checkpoint, resumed at TP=2 under ZeRO-1; a tensor degree the
     model cannot split is refused with one line."""

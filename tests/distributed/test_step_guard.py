@@ -97,7 +97,11 @@ LAYOUTS = {  # id: (DeepSpeed config, pp, tp, more overrides)
 }
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+SLOW_LAYOUTS = {"zero2_bf16", "zero1_fp32", "zero2_fp32-noclip"}  # ~3 s each: make test runs them, not test-fast
+
+
+@pytest.mark.parametrize("layout", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW_LAYOUTS else name
+                                    for name in LAYOUTS])
 def test_bad_steps_are_skipped_on_every_rank_with_nothing_changed(tmp_path, layout):
     reports = run_ranks(_guarded_run, 2, tmp_path, str(tmp_path), *LAYOUTS[layout])
     for report in reports:  # every rank (both stages, both tensor-parallel halves) the same

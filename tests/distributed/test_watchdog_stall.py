@@ -72,7 +72,8 @@ def _stopped(pid: int) -> bool:
         return f.read().rsplit(")", 1)[1].split()[0] == "T"
 
 
-@pytest.mark.parametrize("stalled, faults", [(1, "slow=rank1@0.4"), (0, "")], ids=["rank1", "rank0-store-host"])
+@pytest.mark.parametrize("stalled, faults", [pytest.param(1, "slow=rank1@0.4", id="rank1"),
+                                             pytest.param(0, "", id="rank0-store-host", marks=pytest.mark.slow)])
 def test_stalled_rank_ends_the_job_and_is_named(tmp_path, stalled, faults):
     env = {"MEGACOCA_FAULTS": ";".join(filter(None, [faults, f"stall=rank{stalled}@{STALL_AT}"])),
            "OMP_NUM_THREADS": "1"}
@@ -122,14 +123,15 @@ def _logs(tmp_path, rank=None) -> str:
 
 
 # (the phase, the fault that stops rank 1 in it, its timeout key, the step the line names)
+# (~4.5 s each: the first-step case is in make test-fast, the eval and save cases in make test)
 PHASE_STALLS = [
-    ("first step", "stall=rank1@1", "fault.first_step_timeout_s", 1),
-    ("eval", "stall_at=rank1@eval:begin", "fault.eval_timeout_s", 2),
-    ("save", "stall_at=rank1@save:begin", "fault.save_timeout_s", 2),
+    pytest.param("first step", "stall=rank1@1", "fault.first_step_timeout_s", 1, id="first_step"),
+    pytest.param("eval", "stall_at=rank1@eval:begin", "fault.eval_timeout_s", 2, id="eval", marks=pytest.mark.slow),
+    pytest.param("save", "stall_at=rank1@save:begin", "fault.save_timeout_s", 2, id="save", marks=pytest.mark.slow),
 ]
 
 
-@pytest.mark.parametrize("phase, fault, key, step", PHASE_STALLS, ids=[p[0].replace(" ", "_") for p in PHASE_STALLS])
+@pytest.mark.parametrize("phase, fault, key, step", PHASE_STALLS)
 def test_a_rank_stalled_in_a_phase_is_named_and_ends_the_job(tmp_path, phase, fault, key, step):
     """Rank 1 stops in the first step, in an evaluation, in a save: rank 0 ends itself with STALL_EXIT_CODE within
     that phase's own timeout plus a few heartbeats, and its one line names the phase and rank 1."""
