@@ -356,21 +356,16 @@ def synth_shapes(out_dir: str, train_samples: int = 20000, val_samples: int = 12
     train = write_split(out_dir, "train", train_samples, image_size, seed, shard_size, fmt, two_object_fraction, workers)
     val = write_split(out_dir, "val", val_samples, image_size, seed, shard_size, fmt, 0.0, workers)
     seconds = time.perf_counter() - began
-    meta = {
-        "dataset": "synth-shapes",
-        "seed": seed,
-        "image_size": image_size,
-        "format": fmt,
-        "train_samples": train_samples,
-        "val_samples": val_samples,
-        "train_shards": len(train),
-        "val_shards": len(val),
-        "two_object_fraction": two_object_fraction,
-        "colors": list(COLORS),
-        "shapes": list(SHAPES),
-        "sizes": list(SIZES),
-        "classes": CLASS_NAMES,
-    }
+    return _write_meta(out_dir, seconds, "synth-shapes", seed, image_size, fmt, train_samples, val_samples, train,
+                       val, two_object_fraction=two_object_fraction, colors=list(COLORS), shapes=list(SHAPES),
+                       sizes=list(SIZES), classes=CLASS_NAMES)
+
+
+def _write_meta(out_dir, seconds, dataset, seed, image_size, fmt, train_samples, val_samples, train, val, **more):
+    """out_dir/meta.json (what was written, and the set's own fields `more`); returns it with the seconds taken."""
+    meta = {"dataset": dataset, "seed": seed, "image_size": image_size, "format": fmt,
+            "train_samples": train_samples, "val_samples": val_samples, "train_shards": len(train),
+            "val_shards": len(val), **more}
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     meta["seconds"] = seconds
@@ -389,20 +384,5 @@ def synth_labels(out_dir: str, train_samples: int = 20000, val_samples: int = 12
         with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
             f.write("".join(line + "\n" for line in lines))
     seconds = time.perf_counter() - began
-    meta = {
-        "dataset": "synth-shapes-labels",
-        "seed": seed,
-        "image_size": image_size,
-        "format": fmt,
-        "train_samples": train_samples,
-        "val_samples": val_samples,
-        "train_shards": len(train),
-        "val_shards": len(val),
-        "class_names": "classnames.txt",
-        "templates": "templates.txt",
-        "classes": CLASS_NAMES,
-    }
-    with open(os.path.join(out_dir, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-    meta["seconds"] = seconds
-    return meta
+    return _write_meta(out_dir, seconds, "synth-shapes-labels", seed, image_size, fmt, train_samples, val_samples, train,
+                       val, class_names="classnames.txt", templates="templates.txt", classes=CLASS_NAMES)
