@@ -384,5 +384,5 @@ def synth_labels(out_dir: str, train_samples: int = 20000, val_samples: int = 12
         with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
             f.write("".join(line + "\n" for line in lines))
     seconds = time.perf_counter() - began
-    return _write_meta(out_dir, seconds, "synth-shapes-labels", seed, image_size, fmt, train_samples, val_samples, train,
-                       val, class_names="classnames.txt", templates="templates.txt", classes=CLASS_NAMES)
+    return _write_meta(out_dir, seconds, "synth-shapes-labels", seed, image_size, fmt, train_samples, val_samples,
+                       train, val, class_names="classnames.txt", templates="templates.txt", classes=CLASS_NAMES)
