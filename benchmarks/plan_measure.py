@@ -9,6 +9,11 @@ module's docstring), the bytes held between steps, and the median step time of u
     .venv/bin/python benchmarks/plan_measure.py --model tiny --layout dp2_zero1_bf16 --json /tmp/m.json
     .venv/bin/python benchmarks/plan_measure.py --model small \
         --set parallel.deepspeed_overrides.zero_optimization.reduce_bucket_size=1000000
+    .venv/bin/python benchmarks/plan_measure.py --sealed benchmarks/plan_sealed/2026-12-05.json --json /tmp/sealed.json
+
+--sealed FILE measures a sealed held-out set (benchmarks/plan_sealed/: its own models and layouts, committed before
+the model changes it judges; measure it once). Every row of the JSON carries its model's config and the
+`megacoca plan --layout` command that predicts it.
 """
 
 from __future__ import annotations
@@ -91,6 +96,35 @@ MODELS["long_text"] = get_flavor("coca_tiny", context_length=64, vocab_size=8192
                                  kernels="torch")
 
 
+def load_sealed(path: str) -> tuple[dict, dict, list[tuple[str, str]]]:
+    """A sealed set's (models as CoCaConfigs, layouts as {name: (world, overrides)}, the (model, layout) runs)."""
+    with open(path) as f:
+        sealed = json.load(f)
+    models = {name: get_flavor("coca_tiny", **fields) for name, fields in sealed["models"].items()}
+    layouts = {name: (int(world), list(overrides)) for name, (world, overrides) in sealed["layouts"].items()}
+    runs = [(model, name) for model, names in sealed["runs"].items()
+            for name in (layouts if names == "all" else names)]
+    return models, layouts, runs
+
+
+def plan_command(model_cfg, world: int, overrides: list[str]) -> str:
+    """The `megacoca plan --layout` command line that predicts this measured layout (the model as --set fields on
+    coca_tiny, the DeepSpeed config and its overrides as given)."""
+    from megacoca.config.recipes import build_config
+
+    job = build_config(overrides=overrides)
+    p, tiny = job.parallel, get_flavor("coca_tiny").to_dict()
+    dp = world // (p.tp * p.pp)
+    layout = (f"tp={p.tp},pp={p.pp},dp={dp},micro={job.schedule.micro_batch_size},accum={job.grad_accum_steps(dp)},"
+              f"ckpt={'on' if p.activation_checkpointing else 'off'},"
+              f"keep_gathered={'on' if p.pipeline_keep_gathered else 'off'}")
+    words = ["megacoca plan --flavor coca_tiny", f"--layout {layout}", f"--deepspeed-config {p.deepspeed_config}"]
+    words += [f"--deepspeed-set {key}={value}" for key, value in sorted(p.deepspeed_overrides.items())]
+    words += [f"--set {key}={json.dumps(value)}" for key, value in model_cfg.to_dict().items()
+              if tiny.get(key) != value and key != "kernels"]
+    return " ".join([*words, "--kernels torch"])
+
+
 def _mb(nbytes: int) -> str:
     return f"{nbytes / 1e6:.2f}"
 
@@ -115,6 +149,8 @@ def main(argv=None) -> int:
                         help="default: the fitted set (or the held-out one with --holdout)")
     parser.add_argument("--holdout", action="store_true", help="the layouts the memory model was not fitted to")
     parser.add_argument("--fresh", action="store_true", help="the layouts measured once the model was final")
+    parser.add_argument("--sealed", metavar="FILE", default=None,
+                        help="a sealed held-out set (benchmarks/plan_sealed/*.json): its models and layouts")
     parser.add_argument("--steps", type=int, default=4, help="untracked steps: a warm-up, then the timed ones")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every layout (repeatable)")
@@ -126,23 +162,31 @@ def main(argv=None) -> int:
               f"{os.cpu_count()} CPUs | load average {[round(x, 2) for x in os.getloadavg()]}")
     print(header, flush=True)
     rows = []
-    for model in args.model:
-        for name in args.layout or list(FRESH if args.fresh else HOLDOUT if args.holdout else LAYOUTS):
-            world, overrides = {**LAYOUTS, **HOLDOUT, **FRESH}[name]
-            overrides = [*overrides, *args.set]
-            t0 = time.perf_counter()
-            ranks = measure_layout(overrides, world, MODELS[model], steps=args.steps)
-            rows.append({"model": model, "layout": name, "world_size": world, "overrides": overrides,
-                         "wall_s": round(time.perf_counter() - t0, 1), "ranks": ranks})
-            print(f"{model} {name}: {rows[-1]['wall_s']} s wall, peak MB per rank "
-                  f"{[_mb(r['peak_bytes']) for r in ranks]}", flush=True)
+    models, layouts = MODELS, {**LAYOUTS, **HOLDOUT, **FRESH}
+    if args.sealed:
+        models, layouts, runs = load_sealed(args.sealed)
+        header += f" | sealed set {args.sealed}"
+    else:
+        runs = [(model, name) for model in args.model
+                for name in args.layout or list(FRESH if args.fresh else HOLDOUT if args.holdout else LAYOUTS)]
+    for model, name in runs:
+        world, overrides = layouts[name]
+        overrides = [*overrides, *args.set]
+        t0 = time.perf_counter()
+        ranks = measure_layout(overrides, world, models[model], steps=args.steps)
+        rows.append({"model": model, "layout": name, "world_size": world, "overrides": overrides,
+                     "wall_s": round(time.perf_counter() - t0, 1), "ranks": ranks,
+                     "plan": plan_command(models[model], world, overrides)})
+        print(f"{model} {name}: {rows[-1]['wall_s']} s wall, peak MB per rank "
+              f"{[_mb(r['peak_bytes']) for r in ranks]}", flush=True)
     print()
     print(_table(rows))
     print(f"\n{len(rows)} layouts in {time.perf_counter() - started:.1f} s; load average after "
           f"{[round(x, 2) for x in os.getloadavg()]}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"header": header, "models": {m: MODELS[m].to_dict() for m in args.model}, "layouts": rows},
+            json.dump({"header": header, "models": {m: models[m].to_dict() for m in dict.fromkeys(r[0] for r in runs)},
+                       "layouts": rows},
                       f, indent=1)
     return 0
 
