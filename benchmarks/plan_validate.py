@@ -28,13 +28,22 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from plan_measure import MODELS  # noqa: E402
 
+from megacoca.config.deepspeed import apply_overrides, load_json  # noqa: E402
 from megacoca.config.layout import Layout  # noqa: E402
+from megacoca.config.model import CoCaConfig  # noqa: E402
 from megacoca.plan.memory import ZeroBuffers, default_text_ahead, predict  # noqa: E402
 from megacoca.plan.profile import DeviceProfile  # noqa: E402
 from megacoca.plan.timing import predict_time  # noqa: E402
 
 
-def layout_of(row: dict) -> tuple[Layout, ZeroBuffers]:
+def model_of(data: dict, row: dict) -> CoCaConfig:
+    """The measured row's model: from the file (plan_measure.py writes every model's config), else by name."""
+    if row["model"] in data.get("models", {}):
+        return CoCaConfig.from_dict(data["models"][row["model"]])
+    return MODELS[row["model"]]
+
+
+def layout_of(row: dict, cfg: CoCaConfig) -> tuple[Layout, ZeroBuffers]:
     """The planner's Layout and buffers for a measured row (its config overrides; the last of a key wins)."""
     values = dict(item.split("=", 1) for item in row["overrides"])
     ds = values["parallel.deepspeed_config"]
@@ -42,15 +51,18 @@ def layout_of(row: dict) -> tuple[Layout, ZeroBuffers]:
     dp = row["world_size"] // (tp * pp)
     micro, batch = int(values["schedule.micro_batch_size"]), int(values["schedule.global_batch_size"])
     accum = batch // (micro * dp)
-    zero = int(values.get("parallel.deepspeed_overrides.zero_optimization.stage", ds[4]))
-    prefix = "parallel.deepspeed_overrides.zero_optimization."
-    buffers = ZeroBuffers(reduce_bucket=int(values.get(prefix + "reduce_bucket_size", 50_000_000)),
-                          persistence_threshold=int(values.get(prefix + "stage3_param_persistence_threshold",
-                                                               100_000)))
+    prefix = "parallel.deepspeed_overrides."
+    ds_json = load_json(ds)  # the shipped file, with the row's overrides: the buffers DeepSpeed really allocated
+    apply_overrides(ds_json, {key[len(prefix):]: json.loads(value) for key, value in values.items()
+                              if key.startswith(prefix)})
+    zero = int(ds_json["zero_optimization"]["stage"])
+    buffers = ZeroBuffers.from_ds_config(ds_json)
+    keep_gathered = values.get("parallel.pipeline_keep_gathered") == "true" and zero == 3
     layout = Layout(tp=tp, pp=pp, dp=dp, zero_stage=zero, micro_batch=micro, grad_accum=accum,
                     precision="fp32" if "fp32" in ds else "bf16",
                     checkpointing=values.get("parallel.activation_checkpointing") == "true",
-                    text_ahead=default_text_ahead(MODELS[row["model"]], pp, accum))
+                    keep_gathered=keep_gathered,
+                    text_ahead=default_text_ahead(cfg, pp, accum, zero, keep_gathered))
     return layout, buffers
 
 
@@ -78,8 +90,8 @@ def main(argv=None) -> int:
               "| measured step s | predicted s | ratio |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         for row in data["layouts"]:
-            cfg = MODELS[row["model"]]
-            layout, buffers = layout_of(row)
+            cfg = model_of(data, row)
+            layout, buffers = layout_of(row, cfg)
             memory = predict(cfg, layout, buffers)
             profile = profiles.get(row["world_size"])
             seconds = predict_time(cfg, layout, profile).seconds if profile else None

@@ -71,7 +71,7 @@ class Layout:
     def describe(self) -> str:
         return (f"tp={self.tp} pp={self.pp} dp={self.dp} ZeRO-{self.zero_stage} {self.precision} "
                 f"micro={self.micro_batch} x accum {self.grad_accum}" + (" ckpt" if self.checkpointing else "")
-                + (f" text-ahead {self.text_ahead}" if self.text_ahead else "")
+                + (f" text-ahead {self.text_ahead if self.text_ahead >= 0 else 'auto'}" if self.text_ahead else "")
                 + (" keep-gathered" if self.keep_gathered else "")
                 + (" global negatives" if self.negatives == "global" else ""))
 

@@ -12,9 +12,14 @@ measured by megacoca.profiling.measure on CPU ranks:
 | 2 | eP | 2eB + eP/dp | 12P/dp | 2 x 4G/dp |
 | 3 | eP/dp + persistent tensors whole | eB + eP/dp | 12P/dp | 3 x 4G/dp |
 
+ZeRO-1/2 allocate two reduce buckets with `overlap_comm` (the shipped configs), one without (DeepSpeed's default for
+those stages); a config that leaves reduce_bucket_size out gets DeepSpeed's 5e8 (`ZeroBuffers.from_ds_config`).
+
 ZeRO-3 gathers the weights for forward and backward; with DeepSpeed's default `stage3_max_live_parameters` (1e9)
 a model up to that size stays gathered whole through both, and at the end of forward the all-gather's output and
 the parameters' storage are both live (2eP; eP in backward). Larger models hold up to max_live + prefetch bucket.
+Under a pipeline with `parallel.pipeline_keep_gathered`, a stage's whole parameters (eP, less the persistent ones)
+stay gathered from the step's first forward to just before the optimizer step, whatever max_live says.
 
 Activations (saved for backward; the per-layer counts follow megacoca/models/coca/layers.py, the Korthikanti et
 al. 2022 accounting without dropout and with a fused attention kernel that saves q, k, v, its output and the
@@ -30,9 +35,9 @@ activation checkpointing (each ViT block, text block and decoder layer) a block 
 the block being recomputed in backward holds its full activations. The caption loss on torch kernels keeps fp32
 log-probabilities (4 b (L-1) V/t bytes) and, while it runs backward, (8 + e) b (L-1) V/t; the Triton kernel keeps
 none. Under a pipeline stage s of pp holds min(m, pp - s) micro-batches' activations (1F1B), the last stage also
-the text tower of `text_ahead` more; stage 0 holds the images and token ids of all m micro-batches (it reads them
-up front and sends the token ids to the last stage, which holds them too; the stages between read nothing); without
-a pipeline, micro-batches run one after the other.
+the text towers run ahead of the micro-batch in flight (`text_ahead` - 1 more); stage 0 holds the images and token
+ids of all m micro-batches (it reads them up front and sends the token ids to the last stage, which holds them too;
+the stages between read nothing); without a pipeline, micro-batches run one after the other.
 
 The peak is the largest of four moments: the end of forward, backward, ZeRO-0's gradient all-reduce and the
 optimizer step, each the always-live states plus what that moment adds.
@@ -59,14 +64,19 @@ class ZeroBuffers:
     persistence_threshold: int = 100_000
     max_live_parameters: int = 1_000_000_000
     allreduce_bucket: int = 500_000_000  # ZeRO-0's flattened gradient all-reduce
+    reduce_buffers: int = 2  # ZeRO-1/2: two reduce buckets with overlap_comm (the shipped configs), else one
 
     @classmethod
     def from_ds_config(cls, ds: dict) -> "ZeroBuffers":
+        """The sizes a DeepSpeed config sets; a key it leaves out takes DeepSpeed's own default (reduce_bucket_size
+        5e8, not the shipped configs' 5e7: ds_configs/zero0_fp32.json with its stage raised allocates 5e8)."""
         zero = ds.get("zero_optimization", {})
-        return cls(int(zero.get("reduce_bucket_size", cls.reduce_bucket)),
-                   int(zero.get("stage3_prefetch_bucket_size", cls.prefetch_bucket)),
-                   int(zero.get("stage3_param_persistence_threshold", cls.persistence_threshold)),
-                   int(zero.get("stage3_max_live_parameters", cls.max_live_parameters)))
+        overlap = zero.get("overlap_comm", int(zero.get("stage", 0)) == 3)  # DeepSpeed: on for ZeRO-3 only
+        return cls(int(float(zero.get("reduce_bucket_size", 500_000_000))),
+                   int(float(zero.get("stage3_prefetch_bucket_size", cls.prefetch_bucket))),
+                   int(float(zero.get("stage3_param_persistence_threshold", cls.persistence_threshold))),
+                   int(float(zero.get("stage3_max_live_parameters", cls.max_live_parameters))),
+                   reduce_buffers=2 if overlap else 1)
 
 
 @dataclass
@@ -123,13 +133,20 @@ def state_bytes(numels, layout: Layout, buffers: ZeroBuffers, groups=()) -> dict
     elif layout.zero_stage in (1, 2):
         out.update(params=e * p, optimizer=12 * _ceil_div(p, dp),
                    accumulated=e * p if layout.zero_stage == 1 and accumulating else 0.0,
-                   buckets=2 * e * buffers.reduce_bucket + (e * _ceil_div(p, dp) if layout.zero_stage == 2 else 0.0),
+                   buckets=buffers.reduce_buffers * e * buffers.reduce_bucket
+                   + (e * _ceil_div(p, dp) if layout.zero_stage == 2 else 0.0),
                    step_grads=e * _ceil_div(p, dp))
     else:
         persistent = sum(n for n in numels if n <= buffers.persistence_threshold)
         live = min(p - persistent, buffers.max_live_parameters + buffers.prefetch_bucket)
+        gathered, gathered_backward = 2 * e * live, e * live
+        if layout.keep_gathered and layout.pp > 1:
+            # parallel.pipeline_keep_gathered (megacoca.parallel.pipeline.zero3.GatheredForStep): the stage's whole
+            # parameters gathered at the start of the step into one coalesced buffer and held until just before
+            # the optimizer step, whatever max_live_parameters says; the per-module gathers then find them whole
+            gathered = gathered_backward = e * (p - persistent)
         out.update(params=e * part + e * persistent, grads=e * buffers.reduce_bucket + e * part,
-                   optimizer=12 * part, gathered=2 * e * live, gathered_backward=e * live)
+                   optimizer=12 * part, gathered=gathered, gathered_backward=gathered_backward)
     return out
 
 
@@ -206,7 +223,7 @@ def predict(cfg, layout: Layout, buffers: ZeroBuffers | None = None, *, text_tok
     """Memory per rank at the peak of every pipeline stage (tensor rank 0) of `layout`; the job's peak is the
     largest. The peak is the largest of three moments: forward/backward (the weights, as ZeRO-3 gathers them,
     the live activations, the gradients carried between micro-batches, the backward's transient), ZeRO-0's
-    gradient all-reduce (every gradient plus its flattened copy) and the optimizer step (its temporaries).""" 
+    gradient all-reduce (every gradient plus its flattened copy) and the optimizer step (its temporaries)."""
     buffers = buffers or ZeroBuffers()
     e = 2 if layout.precision == "bf16" else 4
     parts = activation_parts(cfg, layout, text_tokens)
@@ -232,8 +249,10 @@ def predict(cfg, layout: Layout, buffers: ZeroBuffers | None = None, *, text_tok
         last = s == len(stages) - 1
         kept, solve = _global_negatives_bytes(cfg, layout, e) if last else (0.0, 0.0)
         activations = e * saved * in_flight + _batch_input_bytes(cfg, layout, s, e) + kept
-        if last and layout.text_ahead:
-            activations += e * parts["text_blocks"]["saved"] * layout.text_ahead
+        if last and layout.text_ahead > 0:
+            # the text towers run ahead of the forward in flight (T(k) up to T(text_ahead - 1) while F(0) runs);
+            # the in-flight micro-batch's own is in `saved`
+            activations += e * parts["text_blocks"]["saved"] * (min(layout.text_ahead, layout.grad_accum) - 1)
         if last:
             activations += loss_saved * in_flight
         without_loss = activations - (loss_saved * in_flight if last else 0.0)
@@ -295,8 +314,10 @@ def _global_negatives_bytes(cfg, layout: Layout, e: int) -> tuple[float, float]:
     return kept, solve
 
 
-def default_text_ahead(cfg, pp: int, micro_batches: int) -> int:
-    """The text-ahead the trainer runs with by default (parallel.text_ahead = -1): the cost model's."""
+def default_text_ahead(cfg, pp: int, micro_batches: int, zero_stage: int = 1, keep_gathered: bool = False) -> int:
+    """The text-ahead the trainer runs with by default (parallel.text_ahead = -1): the pipeline's FLOP-proportional
+    simulation, 0 under ZeRO-3 without keep-gathered (megacoca.parallel.pipeline.schedule.auto_text_ahead)."""
     if pp == 1:
         return 0
-    return auto_text_ahead(pipeline_split(cfg, pp), pp, micro_batches)
+    return auto_text_ahead(pipeline_split(cfg, pp), pp, micro_batches,
+                           separate_forward_costs=zero_stage == 3 and not keep_gathered)

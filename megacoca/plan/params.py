@@ -53,6 +53,18 @@ def _stage_tensors(key: str, tp: int, pp: int) -> tuple[StageTensors, ...]:
     return tuple(out)
 
 
+def text_tower_tensors(cfg, tp: int = 1) -> int:
+    """Trainable parameter tensors of the unimodal text tower on one tensor rank (what a text-ahead forward gathers
+    apart under ZeRO-3); a weight tied to another part counted here."""
+    return _text_tower_tensors(json.dumps(cfg.to_dict(), sort_keys=True), tp)
+
+
+@lru_cache(maxsize=64)
+def _text_tower_tensors(key: str, tp: int) -> int:
+    model = meta_model(CoCaConfig.from_dict(json.loads(key)), tp if tp > 1 else None)
+    return sum(1 for p in model.text.parameters() if p.requires_grad)
+
+
 def pipeline_split(cfg, pp: int):
     """The cost-model split of `cfg` over `pp` stages (megacoca.parallel.pipeline.split), computed once per
     (config, pp): the planner asks for it for each of a thousand layouts."""

@@ -39,7 +39,7 @@ from megacoca.config.layout import Layout
 from megacoca.metrics.flops import forward_flops_breakdown, train_flops_per_sample
 from megacoca.parallel.pipeline.schedule import simulate
 from megacoca.plan.comm import analytic_comm
-from megacoca.plan.params import pipeline_split, stage_tensors
+from megacoca.plan.params import pipeline_split, stage_tensors, text_tower_tensors
 from megacoca.plan.profile import DeviceProfile
 
 
@@ -267,8 +267,21 @@ def _pipeline_seconds(cfg, layout: Layout, profile: DeviceProfile, forward: list
     ratio = max(backward[s] / forward[s] for s in range(pp))
     last_forward = list(forward)
     last_forward[-1] = max(forward[-1] - text, 0.0)
-    return _makespan(pp, m, layout.text_ahead, tuple(last_forward), text, ratio,
-                     max(f + b for f, b in zip(forward, backward)))
+    apart = separate_text_forward_s(cfg, layout, profile)  # a text-ahead forward's own cost, beyond its compute
+    periods = [f + b for f, b in zip(forward, backward)]
+    periods[-1] += apart
+    return _makespan(pp, m, layout.text_ahead, tuple(last_forward), text + apart, ratio, max(periods))
+
+
+def separate_text_forward_s(cfg, layout: Layout, profile: DeviceProfile) -> float:
+    """What a text-ahead forward run apart costs beyond its compute: under ZeRO-3 without keep-gathered it is an
+    engine forward of its own (the forward's share, a third, of the engine's fixed cost per micro-batch and of its
+    per-tensor gather and release for the text tower's tensors; measured on CPU ranks: text-ahead under ZeRO-3 took a
+    pipelined step from 1.58x to 1.78x of DeepSpeed's at m = 8, docs/benchmarks.md "Pipeline parallelism"); nothing
+    otherwise (ZeRO-1/2 keep every weight whole, keep-gathered holds them for the step)."""
+    if not layout.text_ahead or layout.zero_stage != 3 or layout.keep_gathered:
+        return 0.0
+    return (profile.micro_overhead(3) + text_tower_tensors(cfg, layout.tp) * profile.tensor_overhead(3)) / 3
 
 
 def _dp_seconds(cfg, layout: Layout, profile: DeviceProfile, e: int, params: int, forward: list[float],

@@ -165,7 +165,7 @@ def _trainer_residual(cfg, profile: DeviceProfile, ranks: int, zero: int, b: int
                  f"parallel.pp={pp}", f"schedule.global_batch_size={b * dp * accum}", *extra]
     measured = max(rank["step_time_s"] for rank in measure_layout(overrides, ranks, cfg, steps=6, timeout=timeout))
     layout = Layout(tp=tp, pp=pp, dp=dp, zero_stage=zero, micro_batch=b, grad_accum=accum,
-                    precision="fp32" if zero == 0 else "bf16", text_ahead=default_text_ahead(cfg, pp, accum))
+                    precision="fp32" if zero == 0 else "bf16", text_ahead=default_text_ahead(cfg, pp, accum, zero))
     return measured - predict_time(cfg, layout, profile).seconds
 
 

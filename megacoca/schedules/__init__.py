@@ -42,6 +42,7 @@ def build_schedule(engine, dims, layout: Layout, loss: CoCaLoss, guard: StepGuar
         return AccumulationSchedule(work, negatives)
     text_ahead = layout.text_ahead
     if text_ahead < 0:
-        text_ahead = auto_text_ahead(pipeline_split, layout.pp, layout.grad_accum)
+        text_ahead = auto_text_ahead(pipeline_split, layout.pp, layout.grad_accum,
+                                     separate_forward_costs=layout.zero_stage == 3 and not layout.keep_gathered)
     return PipelineSchedule(work, pipeline_split, text_ahead=text_ahead, keep_gathered=layout.keep_gathered,
                             zero3=layout.zero_stage == 3, negatives=negatives)

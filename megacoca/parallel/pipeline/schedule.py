@@ -47,15 +47,29 @@ def stage_actions(stage: int, pp: int, micro_batches: int, text_ahead: int = 0) 
     return out
 
 
-def auto_text_ahead(split, pp: int, micro_batches: int) -> int:
-    """How many text-tower forwards fit in the last stage's warm-up wait, from the split's FLOPs: the wait is
-    the forwards of the stages before it for micro-batch 0 (each stage's forward, summed), a text forward costs
-    the text tower's FLOPs. At least 1 (every T then runs before its F's wait), at most the micro-batch count;
-    0 without a pipeline."""
-    if pp == 1 or split.text_tower_flops <= 0:
+def auto_text_ahead(split, pp: int, micro_batches: int, *, separate_forward_costs: bool = False) -> int:
+    """The text-ahead `parallel.text_ahead = -1` runs with: the smallest count whose simulated step (`simulate`,
+    each stage's forward in proportion to its FLOPs, the text tower's forward apart, backward 2x forward) is
+    shorter than plain 1F1B's, 0 where none is (the stage that waits is not the last one) and without a pipeline.
+    Counts beyond the last stage's warm-up wait (the forwards of the stages before it, in text-tower forwards)
+    plus one cannot shorten it and are not tried; a step of more than 64 micro-batches is judged on its first 64.
+    `separate_forward_costs`: each text-tower forward run apart is an engine forward of its own that costs more
+    than its FLOPs, which a FLOP count cannot weigh (ZeRO-3 without parallel.pipeline_keep_gathered gathers and
+    releases the tower again and loses its prefetch trace: measured 1.78x against 1.58x of DeepSpeed's step at
+    m = 8, docs/benchmarks.md "Pipeline parallelism"): 0. megacoca.plan chooses with its time model instead."""
+    text = float(split.text_tower_flops)
+    if pp == 1 or text <= 0 or separate_forward_costs:
         return 0
-    wait = sum(split.stage_flops()[:-1])
-    return max(1, min(micro_batches, wait // split.text_tower_flops))
+    stage = [float(flops) for flops in split.stage_flops()]
+    forward = [*stage[:-1], max(stage[-1] - text, 0.0)]
+    m = min(micro_batches, 64)
+    reach = min(m, int(sum(stage[:-1]) // text) + 1)
+    best, chosen = simulate(pp, m, 0, forward=forward, text=text)["makespan"], 0
+    for ahead in range(1, reach + 1):
+        makespan = simulate(pp, m, ahead, forward=forward, text=text)["makespan"]
+        if makespan < best * (1 - 1e-9):
+            best, chosen = makespan, ahead
+    return chosen
 
 
 def simulate(pp: int, micro_batches: int, text_ahead: int = 0, *, forward: list[float] | None = None,

@@ -82,3 +82,50 @@ def test_checkpointing_and_pipelines_cut_activations():
     assert ckpt[0].activations < plain[0].activations / 5
     pipe = predict(cfg, Layout(micro_batch=16, pp=4, dp=2, zero_stage=1, grad_accum=8))
     assert [stage.detail["in_flight"] for stage in pipe] == [4, 3, 2, 1]
+
+
+def test_keep_gathered_holds_the_stage_whole_through_forward_and_backward():
+    """parallel.pipeline_keep_gathered: the stage's parameters stay gathered (eP beside the eP/dp shards) from the
+    first forward to just before the step (measured on 4 CPU ranks, pp=2 x dp=2: params 10.12 MB = 6.75 gathered +
+    3.37 shard on stage 0, docs/benchmarks.md); without it ZeRO-3's per-module gathers (eP live, 2eP at the end of
+    forward); ZeRO-1/2 and pp=1 ignore it."""
+    numels = [400_000] * 10
+    p = sum(numels)
+    buffers = ZeroBuffers(persistence_threshold=0)
+    plain = state_bytes(numels, Layout(dp=4, pp=2, zero_stage=3, grad_accum=2), buffers)
+    kept = state_bytes(numels, Layout(dp=4, pp=2, zero_stage=3, grad_accum=2, keep_gathered=True), buffers)
+    assert kept["params"] == plain["params"] == 2 * p / 4
+    assert kept["gathered"] == kept["gathered_backward"] == 2 * p
+    assert plain["gathered"] == 2 * 2 * p and plain["gathered_backward"] == 2 * p
+    assert state_bytes(numels, Layout(dp=4, zero_stage=3, keep_gathered=True), buffers) == \
+        state_bytes(numels, Layout(dp=4, zero_stage=3), buffers)
+    cfg = get_flavor("coca_base")
+    layout = Layout(pp=4, dp=8, zero_stage=3, micro_batch=8, grad_accum=8)
+    plain, kept = predict(cfg, layout), predict(cfg, layout.replace(keep_gathered=True))
+    for a, b in zip(plain, kept):
+        # coca_base's stages are below max_live: the model's peak moves only by the end-of-forward copy
+        assert b.peak <= a.peak and b.peak > a.peak - 2 * a.detail["parameters"] - 1
+
+
+def test_buffers_a_deepspeed_config_leaves_out_are_deepspeeds_defaults():
+    """zero0_fp32.json has no buckets: raised to ZeRO-2 DeepSpeed allocates its default 5e8-element reduce bucket,
+    one without overlap_comm (measured: 2,000 MB of fp32 gradients buffer, predicted within 0.1%)."""
+    bare = ZeroBuffers.from_ds_config({"zero_optimization": {"stage": 2}})
+    assert bare.reduce_bucket == 500_000_000 and bare.reduce_buffers == 1
+    shipped = ZeroBuffers.from_ds_config({"zero_optimization": {"stage": 1, "overlap_comm": True,
+                                                                "reduce_bucket_size": 5e7}})
+    assert shipped.reduce_bucket == 50_000_000 and shipped.reduce_buffers == 2
+    assert ZeroBuffers.from_ds_config({"zero_optimization": {"stage": 3}}).reduce_buffers == 2
+    states = state_bytes([1000], Layout(dp=2, zero_stage=2, precision="fp32"), bare)
+    assert states["buckets"] == 4 * 500_000_000 + 4 * 500
+
+
+def test_text_ahead_keeps_the_text_towers_run_ahead_of_the_one_in_flight():
+    """The last stage runs T(0..t-1) before F(0): besides the in-flight micro-batch's own, t - 1 text towers."""
+    cfg = get_flavor("coca_base")
+    layout = Layout(pp=2, dp=8, zero_stage=1, micro_batch=8, grad_accum=8)
+    text = 2 * activation_parts(cfg, layout)["text_blocks"]["saved"]
+    base = predict(cfg, layout)[-1].detail["activations"]
+    for ahead, extra in ((1, 0), (3, 2), (20, 7)):
+        assert predict(cfg, layout.replace(text_ahead=ahead))[-1].detail["activations"] == \
+            pytest.approx(base + extra * text)

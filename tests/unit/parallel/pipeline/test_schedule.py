@@ -61,3 +61,39 @@ def test_timeline_puts_every_action_on_a_common_clock():
     assert len(plain.splitlines()) == 2 + 4
     assert plain.splitlines()[0].count("|") - 2 == 38 and ahead.splitlines()[0].count("|") - 2 == 35
     assert "| 3 | T0 | T1 | T2 | F0 |" in ahead
+
+
+def test_auto_text_ahead_is_the_smallest_count_the_simulation_gains_from():
+    from megacoca.config.flavors import get_flavor
+    from megacoca.parallel.pipeline.schedule import auto_text_ahead
+    from megacoca.parallel.pipeline.split import split_stages
+
+    for flavor, pp in (("coca_base", 4), ("coca_giant", 8), ("coca_tiny", 2)):
+        split = split_stages(get_flavor(flavor), pp)
+        stage = [float(f) for f in split.stage_flops()]
+        text = float(split.text_tower_flops)
+        forward = [*stage[:-1], stage[-1] - text]
+        for m in (pp, 2 * pp, 16):
+            chosen = auto_text_ahead(split, pp, m)
+            plain = simulate(pp, m, 0, forward=forward, text=text)["makespan"]
+            spans = {t: simulate(pp, m, t, forward=forward, text=text)["makespan"] for t in range(0, m + 1)}
+            if chosen == 0:
+                assert min(spans.values()) >= plain * (1 - 1e-9)
+            else:
+                assert spans[chosen] == min(spans.values()) < plain
+                assert all(spans[t] > spans[chosen] for t in range(1, chosen))
+            # ZeRO-3 without keep-gathered: each text-ahead forward is an engine forward of its own: off
+            assert auto_text_ahead(split, pp, m, separate_forward_costs=True) == 0
+    assert auto_text_ahead(split_stages(get_flavor("coca_tiny"), 1), 1, 4) == 0
+
+
+def test_auto_text_ahead_is_off_when_the_last_stage_does_not_wait():
+    """A split whose last stage is far the lightest: the text tower never holds up the critical path."""
+    from types import SimpleNamespace
+
+    from megacoca.parallel.pipeline.schedule import auto_text_ahead
+
+    light_last = SimpleNamespace(stage_flops=lambda: [100, 100, 100, 12], text_tower_flops=4)
+    assert auto_text_ahead(light_last, 4, 8) == 0
+    heavy_last = SimpleNamespace(stage_flops=lambda: [10, 10, 10, 40], text_tower_flops=20)
+    assert auto_text_ahead(heavy_last, 4, 8) >= 1
