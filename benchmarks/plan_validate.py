@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from itertools import groupby
@@ -28,10 +29,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from plan_measure import MODELS  # noqa: E402
 
-from megacoca.config.deepspeed import apply_overrides, load_json  # noqa: E402
 from megacoca.config.layout import Layout  # noqa: E402
 from megacoca.config.model import CoCaConfig  # noqa: E402
-from megacoca.plan.memory import ZeroBuffers, default_text_ahead, predict  # noqa: E402
+from megacoca.plan.job import job_inputs  # noqa: E402
+from megacoca.plan.memory import ZeroBuffers, predict  # noqa: E402
 from megacoca.plan.profile import DeviceProfile  # noqa: E402
 from megacoca.plan.timing import predict_time  # noqa: E402
 
@@ -44,26 +45,8 @@ def model_of(data: dict, row: dict) -> CoCaConfig:
 
 
 def layout_of(row: dict, cfg: CoCaConfig) -> tuple[Layout, ZeroBuffers]:
-    """The planner's Layout and buffers for a measured row (its config overrides; the last of a key wins)."""
-    values = dict(item.split("=", 1) for item in row["overrides"])
-    ds = values["parallel.deepspeed_config"]
-    tp, pp = int(values.get("parallel.tp", 1)), int(values.get("parallel.pp", 1))
-    dp = row["world_size"] // (tp * pp)
-    micro, batch = int(values["schedule.micro_batch_size"]), int(values["schedule.global_batch_size"])
-    accum = batch // (micro * dp)
-    prefix = "parallel.deepspeed_overrides."
-    ds_json = load_json(ds)  # the shipped file, with the row's overrides: the buffers DeepSpeed really allocated
-    apply_overrides(ds_json, {key[len(prefix):]: json.loads(value) for key, value in values.items()
-                              if key.startswith(prefix)})
-    zero = int(ds_json["zero_optimization"]["stage"])
-    buffers = ZeroBuffers.from_ds_config(ds_json)
-    keep_gathered = values.get("parallel.pipeline_keep_gathered") == "true" and zero == 3
-    layout = Layout(tp=tp, pp=pp, dp=dp, zero_stage=zero, micro_batch=micro, grad_accum=accum,
-                    precision="fp32" if "fp32" in ds else "bf16",
-                    checkpointing=values.get("parallel.activation_checkpointing") == "true",
-                    keep_gathered=keep_gathered,
-                    text_ahead=default_text_ahead(cfg, pp, accum, zero, keep_gathered))
-    return layout, buffers
+    """The planner's Layout and buffers for a measured row: its config overrides as the trainer reads them."""
+    return job_inputs(row["overrides"], row["world_size"], cfg)
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:
@@ -80,9 +63,12 @@ def main(argv=None) -> int:
     parser.add_argument("json", nargs="+", help="benchmarks/plan_measure.py --json outputs")
     parser.add_argument("--profile", action="append", default=[], metavar="WORLD=PATH",
                         help="a calibrated profile for layouts of that many ranks (repeatable); none: memory only")
+    parser.add_argument("--record", metavar="PATH", default=None,
+                        help="write the timed rows (model, overrides, measured and predicted seconds) as the time "
+                             "check's record (tests/unit/plan/data/step_times.json)")
     args = parser.parse_args(argv)
     profiles = {int(k): DeviceProfile.load(v) for k, v in (item.split("=", 1) for item in args.profile)}
-    worst_memory, timed = 0.0, []
+    worst_memory, timed, record = 0.0, [], {"models": {}, "rows": []}
     for path in args.json:
         data = json.load(open(path))
         print(f"\n{os.path.basename(path)}: {data['header']}\n")
@@ -114,6 +100,11 @@ def main(argv=None) -> int:
             if seconds:
                 timed.append((row["model"], row["layout"], measured_s, seconds, row["world_size"],
                               os.path.basename(path)))
+                record["models"][row["model"]] = cfg.to_dict()
+                record["rows"].append({"model": row["model"], "layout": row["layout"], "world_size": row["world_size"],
+                                       "overrides": row["overrides"], "measured_s": round(measured_s, 5),
+                                       "recorded_ratio": round(seconds / measured_s, 4),
+                                       "measured": data["header"]})
     print(f"\nmemory: largest deviation {100 * worst_memory:.1f}% over every rank of every layout")
     if timed:
         for name in [*dict.fromkeys(r[5] for r in timed), None]:
@@ -130,6 +121,13 @@ def main(argv=None) -> int:
             print(f"  {model}: Spearman {rho:.2f} over {len(rows)} layouts; fastest measured {measured[1]}, "
                   f"predicted {predicted[1]} (measured {100 * (predicted[2] / measured[2] - 1):.0f}% slower than "
                   f"the fastest)")
+    if args.record:
+        errors = [abs(math.log(row["recorded_ratio"])) for row in record["rows"]]
+        record["recorded_mean_abs_log_ratio"] = round(sum(errors) / max(len(errors), 1), 4)
+        record["command"] = " ".join(["benchmarks/plan_validate.py", *sys.argv[1:]] if argv is None else argv)
+        with open(args.record, "w") as f:
+            json.dump(record, f, indent=1)
+        print(f"wrote {args.record}: {len(record['rows'])} timed layouts")
     return 0
 
 

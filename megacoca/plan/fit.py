@@ -68,9 +68,16 @@ from megacoca.plan.presets import PRESETS, gpu_preset
 from megacoca.plan.profile import DeviceProfile
 from megacoca.plan.timing import block_elementwise, dp_comm
 
-# the DeepSpeed config megacoca trains each ZeRO stage with (ds_configs/), and its precision
+# the DeepSpeed config megacoca trains each ZeRO stage with (ds_configs/), and its precision; ZeRO-3 in both the
+# precisions megacoca ships it in ("3/fp32": its engine costs are its own, measured: fp32 ZeRO-3 steps on CPU ranks
+# ran at 0.6x of a prediction that borrowed bf16's). The profile keys them as str(key) (megacoca.plan.profile).
 ENGINE_CONFIGS = {0: ("zero0_fp32", "fp32"), 1: ("zero1_bf16", "bf16"), 2: ("zero2_bf16", "bf16"),
-                  3: ("zero3_bf16", "bf16")}
+                  3: ("zero3_bf16", "bf16"), "3/fp32": ("zero3_fp32", "fp32")}
+
+
+def engine_stage(key) -> int:
+    """The ZeRO stage of an ENGINE_CONFIGS key (3 for "3/fp32")."""
+    return int(str(key).split("/")[0])
 
 TYPICAL_TENSORS = 120  # parameter tensors of a small CoCa on one rank: where the step fit is read off
 
@@ -284,9 +291,11 @@ def _fit_engines(m: Measurement, latency: float, bandwidth: float) -> dict[int, 
     params = runs[0]["params"]
     dp = m.processes
     fits = {}
-    for stage, (_, precision) in ENGINE_CONFIGS.items():
+    for key, (_, precision) in ENGINE_CONFIGS.items():
+        stage = engine_stage(key)
+
         def slowest(kind: str, toy: tuple[int, int]) -> float:
-            return max(run["engine"][(stage, *toy)][kind] for run in runs)
+            return max(run["engine"][(key, *toy)][kind] for run in runs)
 
         def step_of(toy: tuple[int, int]) -> float:
             # the step's own cost: the boundary's engine.step, and what the last micro-batch costs beyond the others
@@ -306,10 +315,10 @@ def _fit_engines(m: Measurement, latency: float, bandwidth: float) -> dict[int, 
                        - (comm[wide][0] - comm[light][0]))
         extra_step = step_of(wide) - step_of(light) - (comm[wide][1] - comm[light][1])
         toys = [(narrow, k) for k in blocks]
-        fits[stage] = fit_engine(tensors, [slowest("micro", t) for t in toys], [step_of(t) for t in toys],
-                                 [base(t) for t in toys], params[wide] - params[light], extra_micro,
-                                 partition(params[wide] - params[light]), extra_step,
-                                 partition(params[(narrow, blocks[-1])]) / tensors[-1])
+        fits[key] = fit_engine(tensors, [slowest("micro", t) for t in toys], [step_of(t) for t in toys],
+                               [base(t) for t in toys], params[wide] - params[light], extra_micro,
+                               partition(params[wide] - params[light]), extra_step,
+                               partition(params[(narrow, blocks[-1])]) / tensors[-1])
     return fits
 
 

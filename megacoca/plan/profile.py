@@ -34,7 +34,8 @@ class DeviceProfile:
     gpus_per_node: int
     source: str  # where the numbers come from
     # seconds per trainable parameter tensor per micro-batch (forward + backward) that DeepSpeed's engine adds under
-    # each ZeRO stage ({"0": s, "1": s, "2": s, "3": s}): gradient hooks and bucket copies (1/2), the per-module
+    # each ZeRO stage ({"0": s, "1": s, "2": s, "3": s}; a calibration also keys "3/fp32", ZeRO-3 measured in fp32 on
+    # its own; every engine cost below is keyed the same way): gradient hooks and bucket copies (1/2), the per-module
     # gather and release with its collective (3)
     tensor_overhead_s: dict = field(default_factory=lambda: {"0": 0.0, "1": 0.0, "2": 0.0, "3": 0.0})
     # seconds per micro-batch that DeepSpeed's engine adds under each ZeRO stage whatever the model's size (its
@@ -69,15 +70,25 @@ class DeviceProfile:
         value = self.block_overhead_s
         return float(value.get(precision, max(value.values())) if isinstance(value, dict) else value)
 
-    def step_overhead(self, zero: int) -> float:
+    @staticmethod
+    def _engine(table: dict, zero: int, precision: str | None, default: float = 0.0) -> float:
+        """An engine cost measured per ZeRO stage: the stage in this precision where it was measured on its own
+        ("3/fp32"), else the stage's (measured in the precision megacoca ships it with)."""
+        if precision is not None and f"{zero}/{precision}" in table:
+            return float(table[f"{zero}/{precision}"])
+        return float(table.get(str(zero), default))
+
+    def step_overhead(self, zero: int, precision: str | None = None) -> float:
         value = self.step_overhead_s
-        return float(value.get(str(zero), max(value.values())) if isinstance(value, dict) else value)
+        if not isinstance(value, dict):
+            return float(value)
+        return self._engine(value, zero, precision, max(value.values()))
 
-    def tensor_overhead(self, zero: int) -> float:
-        return float(self.tensor_overhead_s.get(str(zero), 0.0))
+    def tensor_overhead(self, zero: int, precision: str | None = None) -> float:
+        return self._engine(self.tensor_overhead_s, zero, precision)
 
-    def micro_overhead(self, zero: int) -> float:
-        return float(self.micro_overhead_s.get(str(zero), 0.0))
+    def micro_overhead(self, zero: int, precision: str | None = None) -> float:
+        return self._engine(self.micro_overhead_s, zero, precision)
 
     def latency(self, ranks: int) -> float:
         """Seconds of latency of one collective over `ranks` ranks."""
@@ -88,13 +99,13 @@ class DeviceProfile:
     def parallel_overhead(self, kind: str) -> float:
         return float(self.parallel_overhead_s.get(kind, 0.0))
 
-    def micro_param(self, zero: int) -> float:
-        return float(self.micro_param_s.get(str(zero), 0.0))
+    def micro_param(self, zero: int, precision: str | None = None) -> float:
+        return self._engine(self.micro_param_s, zero, precision)
 
-    def step_param(self, zero: int) -> float:
+    def step_param(self, zero: int, precision: str | None = None) -> float:
         """Seconds per parameter of the optimizer partition: measured, or Adam's 32 bytes (fp32 master, gradient,
         two moments, read and written) streamed at memory_bw."""
-        return float(self.step_param_s.get(str(zero), 32 / self.memory_bw))
+        return self._engine(self.step_param_s, zero, precision, 32 / self.memory_bw)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)

@@ -229,7 +229,7 @@ def _stage_times(cfg, layout: Layout, profile: DeviceProfile, e: int, comm: tupl
         p2p = _ring(b * cfg.image_tokens * cfg.vision_width * e, 2, _bandwidth(t * pp, profile),
                     profile.latency(2), factor=1.0)  # one send: 2 ranks, (n-1)/n = 1/2 x 2
     shards = stage_tensors(cfg, t, pp)  # each stage's parameters on one tensor rank
-    zero, zero3_passes = layout.zero_stage, _zero3_passes(layout)
+    zero, zero3_passes, precision = layout.zero_stage, _zero3_passes(layout), layout.precision
     forward, backward = [], []
     compute_total = 0.0
     text_blocks = cfg.text_layers + cfg.decoder_layers + 2  # + the poolers
@@ -237,11 +237,11 @@ def _stage_times(cfg, layout: Layout, profile: DeviceProfile, e: int, comm: tupl
         work = stage_work(cfg, vit_blocks, text_side, t, layout.checkpointing, patch_embedding=s == 0)
         per_sample = work_seconds(work, profile, layout.precision) + (profile.sample_overhead_s if text_side else 0.0)
         compute = b * per_sample \
-            + shards[s].elements * profile.micro_param(zero) * zero3_passes  # the engine's per-parameter work
+            + shards[s].elements * profile.micro_param(zero, precision) * zero3_passes  # the engine's per-parameter work
         blocks = vit_blocks + (text_blocks if text_side else 0)
         overhead = blocks * profile.block_overhead(layout.precision) * (4 / 3 if layout.checkpointing else 1) \
-            + len(shards[s].numels) * profile.tensor_overhead(zero) * zero3_passes \
-            + (profile.micro_overhead(zero) if text_side else 0.0) \
+            + len(shards[s].numels) * profile.tensor_overhead(zero, precision) * zero3_passes \
+            + (profile.micro_overhead(zero, precision) if text_side else 0.0) \
             + (profile.parallel_overhead("pp") if pp > 1 else 0.0)
         stage_comm = vit_comm * (vit_blocks / max(cfg.vision_layers, 1)) + (rest_comm if text_side else 0.0)
         # backward = 2 x forward in FLOPs; a recomputed forward runs inside backward
@@ -281,7 +281,8 @@ def separate_text_forward_s(cfg, layout: Layout, profile: DeviceProfile) -> floa
     otherwise (ZeRO-1/2 keep every weight whole, keep-gathered holds them for the step)."""
     if not layout.text_ahead or layout.zero_stage != 3 or layout.keep_gathered:
         return 0.0
-    return (profile.micro_overhead(3) + text_tower_tensors(cfg, layout.tp) * profile.tensor_overhead(3)) / 3
+    return (profile.micro_overhead(3, layout.precision)
+            + text_tower_tensors(cfg, layout.tp) * profile.tensor_overhead(3, layout.precision)) / 3
 
 
 def _dp_seconds(cfg, layout: Layout, profile: DeviceProfile, e: int, params: int, forward: list[float],
@@ -346,7 +347,8 @@ def predict_time(cfg, layout: Layout, profile: DeviceProfile) -> StepTime:
     params = max(stage.elements for stage in stage_tensors(cfg, layout.tp, pp))  # the largest stage's, one tensor rank
     dp_exposed, after_step = _dp_seconds(cfg, layout, profile, e, params, forward, backward)
     partition = params if layout.zero_stage == 0 else -(-params // layout.dp)
-    optimizer = partition * profile.step_param(layout.zero_stage) + profile.step_overhead(layout.zero_stage)
+    optimizer = partition * profile.step_param(layout.zero_stage, layout.precision) \
+        + profile.step_overhead(layout.zero_stage, layout.precision)
     negatives = _negatives_seconds(cfg, layout, profile, e, params)
     seconds = pipeline + dp_exposed + after_step + optimizer + negatives
     samples = layout.global_batch / seconds

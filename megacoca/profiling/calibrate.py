@@ -26,12 +26,12 @@ from megacoca.config.flavors import get_flavor
 from megacoca.config.layout import Layout
 from megacoca.launch.ranks import run_ranks
 from megacoca.plan.comm import analytic_comm
-from megacoca.plan.fit import Measurement, Sizes, build_profile, fit_residuals
+from megacoca.plan.fit import Measurement, Sizes, build_profile, engine_stage, fit_residuals
 from megacoca.plan.memory import default_text_ahead
 from megacoca.plan.profile import DeviceProfile
 from megacoca.plan.timing import predict_time
 from megacoca.profiling.calibrate_rank import rank_main
-from megacoca.profiling.measure import measure_layout
+from megacoca.profiling.measure import emulate_caching_allocator, measure_layout
 
 DTYPES = ("fp32", "bf16", "fp16")
 ALWAYS = ("fp32", "bf16")  # measured by every calibration, whatever precision it is asked for
@@ -46,9 +46,11 @@ PRELOAD_CPU = [*PRELOAD, "torch._dynamo", "deepspeed", "deepspeed.runtime.zero.m
 # validation models are others: benchmarks/plan_measure.py).
 TRAINER_CALIBRATION = {"flavor": "coca_tiny", "vision_layers": 2, "text_layers": 1, "decoder_layers": 1,
                        "kernels": "torch"}
+_SHARD_ALL = "parallel.deepspeed_overrides.zero_optimization.stage3_param_persistence_threshold=0"
+# keyed as megacoca.plan.fit.ENGINE_CONFIGS: every ZeRO stage in the precision megacoca ships it with, and ZeRO-3 in
+# fp32 on its own ("3/fp32")
 _TRAINER_CONFIGS = {0: ("zero0_fp32", []), 1: ("zero1_bf16", []), 2: ("zero2_bf16", []),
-                    3: ("zero3_bf16", ["parallel.deepspeed_overrides.zero_optimization."
-                                       "stage3_param_persistence_threshold=0"])}
+                    3: ("zero3_bf16", [_SHARD_ALL]), "3/fp32": ("zero3_fp32", [_SHARD_ALL])}
 
 
 def sizes_for(device: str, quick: bool) -> Sizes:
@@ -130,6 +132,7 @@ def measure(ranks: int = 1, precision: str = "fp32", device: str | None = None, 
         threads = threads or int(os.environ.get("OMP_NUM_THREADS") or 1)
         device_name, memory_bytes, gpus_per_node = _cpu_name(), _host_memory() / ranks, ranks
         world = max(ranks, 2)
+        emulate_caching_allocator()  # as the layouts it predicts are measured (megacoca.profiling.measure)
     sizes = sizes_for(device, quick)
     precisions = measured_precisions(precision)
     started = time.perf_counter()
@@ -155,17 +158,19 @@ def calibrate(ranks: int = 1, precision: str = "fp32", device: str | None = None
     return profile
 
 
-def _trainer_residual(cfg, profile: DeviceProfile, ranks: int, zero: int, b: int, accum: int, timeout: float,
+def _trainer_residual(cfg, profile: DeviceProfile, ranks: int, key: int | str, b: int, accum: int, timeout: float,
                       tp: int = 1, pp: int = 1, extra: tuple = ()) -> float:
     """Seconds of a real Trainer step of `cfg` (the slowest rank's median, megacoca.profiling.measure) beyond the
-    time model's prediction with `profile`, at ZeRO `zero`, micro-batch `b` x `accum`, tp x pp x the rest dp."""
+    time model's prediction with `profile`, under _TRAINER_CONFIGS[key] (a ZeRO stage, or "3/fp32"), micro-batch `b`
+    x `accum`, tp x pp x the rest dp."""
     dp = ranks // (tp * pp)
-    ds = _TRAINER_CONFIGS[zero][0]
+    ds = _TRAINER_CONFIGS[key][0]
+    zero = engine_stage(key)
     overrides = [f"parallel.deepspeed_config={ds}", f"schedule.micro_batch_size={b}", f"parallel.tp={tp}",
                  f"parallel.pp={pp}", f"schedule.global_batch_size={b * dp * accum}", *extra]
     measured = max(rank["step_time_s"] for rank in measure_layout(overrides, ranks, cfg, steps=6, timeout=timeout))
     layout = Layout(tp=tp, pp=pp, dp=dp, zero_stage=zero, micro_batch=b, grad_accum=accum,
-                    precision="fp32" if zero == 0 else "bf16", text_ahead=default_text_ahead(cfg, pp, accum, zero))
+                    precision="fp32" if "fp32" in ds else "bf16", text_ahead=default_text_ahead(cfg, pp, accum, zero))
     return measured - predict_time(cfg, layout, profile).seconds
 
 
@@ -177,6 +182,7 @@ def _trainer_zero_overheads(cfg, profile: DeviceProfile, ranks: int, micro_batch
         points = {(b, a): _trainer_residual(cfg, profile, ranks, zero, b, a, timeout, extra=tuple(extra))
                   for b, a in ((micro_batch, 1), (micro_batch, 3), (2 * micro_batch, 1))}
         per_step, per_micro, per_sample = fit_residuals(points)
+        # the residual is on top of the engine's own cost under the same key (for "3/fp32": the fp32 engine's)
         step[str(zero)] = step.get(str(zero), 0.0) + per_step
         micro[str(zero)] = micro.get(str(zero), 0.0) + per_micro
         samples.append(per_sample)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from megacoca.config.deepspeed import load_json
 from megacoca.launch.deepspeed_comm import without_shared_memory_allreduce
 from megacoca.models.coca.layers import SelfAttentionBlock
-from megacoca.plan.fit import ENGINE_CONFIGS, Sizes
+from megacoca.plan.fit import ENGINE_CONFIGS, Sizes, engine_stage
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -153,14 +153,15 @@ def toy_model(width: int, blocks: int):
                                  for layer in (torch.nn.Linear(width, width), torch.nn.LayerNorm(width))))
 
 
-def engine_config(stage: int, sizes: Sizes, dp: int) -> dict:
-    """The DeepSpeed config megacoca trains ZeRO `stage` with, batch fields for the toy, every tensor partitioned."""
+def engine_config(stage: int | str, sizes: Sizes, dp: int) -> dict:
+    """The DeepSpeed config megacoca trains ZeRO `stage` (an ENGINE_CONFIGS key: 0-3 or "3/fp32") with, batch fields
+    for the toy, every tensor partitioned."""
     ds = load_json(ENGINE_CONFIGS[stage][0])
     ds.update(train_micro_batch_size_per_gpu=sizes.engine_micro_batch,
               gradient_accumulation_steps=sizes.engine_accum,
               train_batch_size=sizes.engine_micro_batch * sizes.engine_accum * dp,
               gradient_clipping=1.0)  # megacoca's default optim.grad_clip: the step computes the gradient norm
-    if stage == 3:
+    if engine_stage(stage) == 3:
         ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     return ds
 

@@ -12,8 +12,8 @@ import torch
 
 from megacoca.config.flavors import get_flavor
 from megacoca.config.layout import Layout
-from megacoca.plan.fit import (ENGINE_CONFIGS, TYPICAL_TENSORS, block_work, build_profile, fit_engine, fit_line,
-                               fit_rates, fit_residuals, fit_ring)
+from megacoca.plan.fit import (ENGINE_CONFIGS, TYPICAL_TENSORS, block_work, build_profile, engine_stage, fit_engine,
+                               fit_line, fit_rates, fit_residuals, fit_ring)
 from megacoca.plan.presets import get_profile
 from megacoca.plan.profile import DeviceProfile, save_profile
 from megacoca.plan.timing import predict_time
@@ -208,8 +208,10 @@ def test_engine_toys_share_a_tensor_count_and_differ_in_parameters():
 
 def test_engines_train_as_megacoca_does():
     sizes = sizes_for("cpu", quick=True)
-    for stage, (name, precision) in ENGINE_CONFIGS.items():
-        ds = engine_config(stage, sizes, dp=2)
+    assert {str(key) for key in ENGINE_CONFIGS} == {"0", "1", "2", "3", "3/fp32"}  # ZeRO-3 in both precisions
+    for key, (name, precision) in ENGINE_CONFIGS.items():
+        stage = engine_stage(key)
+        ds = engine_config(key, sizes, dp=2)
         assert name == f"zero{stage}_{precision}" and ds["zero_optimization"]["stage"] == stage
         assert ds["bf16"]["enabled"] == (precision == "bf16")
         assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2
