@@ -104,7 +104,9 @@ def main(argv=None) -> int:
                 record["rows"].append({"model": row["model"], "layout": row["layout"], "world_size": row["world_size"],
                                        "overrides": row["overrides"], "measured_s": round(measured_s, 5),
                                        "recorded_ratio": round(seconds / measured_s, 4),
-                                       "measured": data["header"]})
+                                       "peaks": [{"rank": r["rank"], "pp_rank": r.get("pp_rank", 0),
+                                                  "peak_bytes": r["peak_bytes"]} for r in ranks],
+                                       "plan": row.get("plan"), "measured": data["header"]})
     print(f"\nmemory: largest deviation {100 * worst_memory:.1f}% over every rank of every layout")
     if timed:
         for name in [*dict.fromkeys(r[5] for r in timed), None]:
@@ -124,6 +126,7 @@ def main(argv=None) -> int:
     if args.record:
         errors = [abs(math.log(row["recorded_ratio"])) for row in record["rows"]]
         record["recorded_mean_abs_log_ratio"] = round(sum(errors) / max(len(errors), 1), 4)
+        record["recorded_within_25_percent"] = sum(abs(row["recorded_ratio"] - 1) <= 0.25 for row in record["rows"])
         record["command"] = " ".join(["benchmarks/plan_validate.py", *sys.argv[1:]] if argv is None else argv)
         with open(args.record, "w") as f:
             json.dump(record, f, indent=1)
