@@ -83,8 +83,8 @@ def runs_table(matmul_efficiency: float | None) -> None:
               f"{peak_gb:.1f}{'' if fits else ' (too big)'} | {limit} | "
               f"{best_gpu:.1f} | {100 * mfu(run, best_gpu, profile):.1f}% | {best_gpu / run.per_gpu:.2f} | "
               f"{best.layout.describe()}{' *' if best_gpu < per_gpu else ''} |")
-    print("\n* slower than the run's own layout: the search tries micro-batches of powers of two only "
-          "(megacoca.plan.search.MICRO_BATCHES), which miss a per-GPU batch like 88 in one micro-batch")
+    print("\n* slower than the run's own layout: the search's best among the layouts it tries that fit in 90% of the "
+          "memory (the run's own may not fit there, or its text-ahead and ZeRO stage differ)")
 
 
 def main() -> int:

@@ -27,7 +27,7 @@ from megacoca.plan.params import pipeline_split
 from megacoca.plan.profile import DeviceProfile
 from megacoca.plan.timing import StepTime, predict_time
 
-MICRO_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+MAX_MICRO_BATCH = 512  # per-rank micro-batches tried: every divisor of the per-rank batch up to this
 
 
 @dataclass
@@ -80,9 +80,9 @@ def layouts(cfg, gpus: int, global_batch: int, precision: str, gpus_per_node: in
                 continue
             per_rank = global_batch // dp
             split = pipeline_split(cfg, pp) if pp > 1 else None
-            for micro in MICRO_BATCHES:
-                if per_rank % micro:
-                    continue
+            for micro in _divisors(per_rank):  # 88 per rank: 1, 2, 4, 8, 11, 22, 44, 88
+                if micro > MAX_MICRO_BATCH:
+                    break
                 accum = per_rank // micro
                 if pp > 1 and accum < pp:
                     continue
