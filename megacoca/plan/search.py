@@ -174,6 +174,7 @@ def emit_config(plan_: Plan, flavor: str | None, model_overrides: dict | None = 
                                            "zero_optimization.overlap_comm": True}
     if layout.pp > 1:
         parallel["text_ahead"] = layout.text_ahead
+        parallel["pipeline_keep_gathered"] = layout.keep_gathered
     loss = {"loss": {"negatives": "global"}} if layout.negatives == "global" else {}
     model = {"flavor": flavor} if flavor else {}
     if model_overrides:

@@ -76,3 +76,11 @@ def test_impossible_layouts_are_refused_with_the_reason(layout, reason):
     with pytest.raises(ValueError, match=reason) as error:
         check_pinned(TINY, layout)
     assert "\n" not in str(error.value)
+
+
+def test_an_emitted_config_keeps_the_pipeline_choices():
+    from megacoca.plan.search import Plan, emit_config
+
+    layout = Layout(pp=2, dp=2, zero_stage=3, micro_batch=4, grad_accum=4, text_ahead=0, keep_gathered=True)
+    parallel = emit_config(Plan(layout, [], None), "coca_tiny")["parallel"]
+    assert parallel["pipeline_keep_gathered"] is True and parallel["text_ahead"] == 0 and parallel["pp"] == 2
