@@ -17,6 +17,8 @@ import yaml
 
 from megacoca.config.model import CoCaConfig
 
+_YAML_TRUE, _YAML_FALSE = ("on", "yes", "true", "y"), ("off", "no", "false", "n")
+
 
 class ConfigError(ValueError):
     """A bad job configuration: the message is one line and names the key or value at fault."""
@@ -162,6 +164,10 @@ def coerce(value: Any, hint: Any, label: str) -> Any:
     if origin is Literal:
         if value in args:
             return value
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans: the Literal's own spelling wins
+            spelled = [a for a in args if isinstance(a, str) and a.lower() in (_YAML_TRUE if value else _YAML_FALSE)]
+            if len(spelled) == 1:
+                return spelled[0]
         raise ConfigError(f"{label}: must be one of {', '.join(repr(a) for a in args)}, got {value!r}")
     if hint in _SCALARS:
         return _SCALARS[hint](value, hint, label)
