@@ -15,9 +15,11 @@ from megacoca.parallel.dims import ParallelDims
 
 
 def build_engine(job: JobConfig, layout: Layout, dims: ParallelDims, ds_config: dict, model_cfg, *,
-                 pipeline_split=None, overlap_text_tower: bool = False):
+                 pipeline_split=None, overlap_text_tower: str = "off"):
     """(engine, optimizer, lr scheduler) of `job` on this rank. Under pipeline parallelism the engine holds this
-    rank's stage only (`pipeline_split`), and its checkpoint files are named per (stage, tensor rank)."""
+    rank's stage only (`pipeline_split`), and its checkpoint files are named per (stage, tensor rank).
+    `overlap_text_tower`: how the text tower runs alongside the image tower ("off", "stream", "thread":
+    megacoca.parallel.overlap.choose_overlap)."""
     model = build_parallel_model(model_cfg, dims, ds_config=ds_config, activation_checkpointing=layout.checkpointing,
                                  pipeline_split=pipeline_split, overlap_text_tower=overlap_text_tower)
     optimizer = build_optimizer(model, job, ds_config)

@@ -36,7 +36,7 @@ from megacoca.metrics.stragglers import StragglerMonitor
 from megacoca.optim import seed_everything
 from megacoca.parallel.build import meta_model
 from megacoca.parallel.dims import ParallelDims
-from megacoca.parallel.overlap import overlap_is_safe
+from megacoca.parallel.overlap import choose_overlap
 from megacoca.parallel.pipeline.split import split_stages
 from megacoca.parallel.replicas import check_replicas
 from megacoca.parallel.zero import partition_stats
@@ -74,12 +74,12 @@ class Trainer:
         self.pipeline_split = None
         if self.layout.pp > 1:
             self.pipeline_split = split_stages(self.model_config, self.layout.pp, job.parallel.pipeline_split)
-        self.text_overlapped = job.parallel.overlap_text_tower == "auto" and overlap_is_safe(
-            self.dims, self.layout.zero_stage, get_accelerator().device_name())
+        self.text_overlap = choose_overlap(job.parallel.overlap_text_tower, self.dims, self.layout.zero_stage,
+                                           get_accelerator().device_name())
         seed_everything(job.seed)  # the same initial weights on every rank (and for every layout)
         self.engine, self.optimizer, self.scheduler = build_engine(
             job, self.layout, self.dims, self.ds_config, self.model_config, pipeline_split=self.pipeline_split,
-            overlap_text_tower=self.text_overlapped)
+            overlap_text_tower=self.text_overlap.mode)
         self.device = self.engine.device
         self.coca_loss = CoCaLoss(job.optim.contrastive_weight, job.optim.caption_weight)
         self.guard = StepGuard(job.fault.max_bad_steps, job.fault.loss_spike_factor, job.fault.loss_spike_window)
@@ -112,8 +112,7 @@ class Trainer:
         else:
             self.logger.info(f"contrastive negatives per image: {layout.contrastive_negatives} (each micro-batch of "
                              f"{job.schedule.micro_batch_size} gathered over dp {self.dims.dp_size})")
-        if self.text_overlapped:
-            self.logger.info("the text tower runs on a CUDA side stream, overlapped with the image tower")
+        self.logger.info(self.text_overlap.describe())
         if hasattr(self.train_loader, "describe"):
             self.logger.info(self.train_loader.describe())
         described = self.schedule.describe()

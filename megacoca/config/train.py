@@ -129,9 +129,11 @@ class ParallelConfig:
     # pp > 1 under ZeRO-3: gather each stage's parameters once per step and keep them whole until the optimizer
     # step (the stage's full parameters in memory during the step) instead of gathering per layer per micro-batch
     pipeline_keep_gathered: bool = False
-    # Without a pipeline: run the unimodal text tower on a CUDA side stream while the image tower runs ("auto":
-    # where megacoca.parallel.overlap.overlap_is_safe says so; "off": never)
-    overlap_text_tower: Literal["auto", "off"] = "auto"
+    # Without a pipeline: run the unimodal text tower while the image tower runs (megacoca.parallel.overlap).
+    # "auto": on a CUDA side stream (any tp, any ZeRO stage), off on a CPU; "stream": the side stream (off without
+    # CUDA); "thread": in a second thread (on a CPU too: the tests' way; its threads compete for the rank's cores);
+    # "off": never
+    overlap_text_tower: Literal["auto", "off", "stream", "thread"] = "auto"
     # DeepSpeed JSON keys to change without copying the file, dotted: {"zero_optimization.reduce_bucket_size":
     # 1e7}; `--set parallel.deepspeed_overrides.zero_optimization.reduce_bucket_size=1e7` sets one.
     deepspeed_overrides: dict[str, Any] = field(default_factory=dict)

@@ -132,9 +132,10 @@ def zero3_partitioner(ds_config: dict, dims: ParallelDims):
 
 def build_parallel_model(cfg, dims: ParallelDims, *, ds_config: dict, activation_checkpointing: bool = False,
                          device: torch.device | str | None = None, pipeline_split=None,
-                         overlap_text_tower: bool = False):
+                         overlap_text_tower: str = "off"):
     """The CoCa of `cfg` for this rank: tensor-parallel shards, activation checkpointing, ZeRO-3 partitions; under
-    pipeline parallelism (`pipeline_split`, a StageSplit) only this rank's stage of it."""
+    pipeline parallelism (`pipeline_split`, a StageSplit) only this rank's stage of it. `overlap_text_tower`: the
+    text tower's overlap mode (megacoca.parallel.overlap; "off" under a pipeline)."""
     if device is None:
         from deepspeed.accelerator import get_accelerator  # heavy: see zero3_partitioner
 
@@ -143,7 +144,7 @@ def build_parallel_model(cfg, dims: ParallelDims, *, ds_config: dict, activation
     with torch.device("meta"):
         model = CoCa(cfg)
     parallelize(model, dims, activation_checkpointing=activation_checkpointing,
-                overlap_text_tower=overlap_text_tower and pipeline_split is None)
+                overlap_text_tower=overlap_text_tower if pipeline_split is None else "off")
     if pipeline_split is not None:
         model = PipelineStage(model, pipeline_split, dims.pp_rank)
     if zero_stage(ds_config) != 3:

@@ -3,6 +3,10 @@
 Ranks are laid out on a grid `torch.arange(world).view(dp, pp, tp)` (tensor-parallel neighbours are adjacent
 ranks, so they share a node first). A rank's data-parallel group is its column along dp, its tensor group
 its row along tp, its pipeline group the line along pp; the model-parallel group is its (pp, tp) slab.
+With tp > 1 each tensor group gets a second communicator over the same ranks, `text_tp_group`: the unimodal text
+tower's collectives when it runs concurrently with the image tower (megacoca.parallel.overlap), so that the two
+towers' collectives never share one communicator's order. (NCCL creates a communicator at its first collective,
+so it costs nothing where the overlap is off.)
 The object is passed explicitly; nothing here is global.
 """
 
@@ -82,6 +86,11 @@ class ParallelDims:
                     group = dist.new_group(ranks, timeout=timeout)
                 if self.rank in ranks:
                     self.groups[kind] = (group, ranks)
+        if self.tp > 1:
+            for ranks in self.group_ranks()["tp"]:
+                group = dist.new_group(ranks, timeout=timeout)  # never WORLD: a communicator of its own
+                if self.rank in ranks:
+                    self.groups["tp_text"] = (group, ranks)
         return self
 
     def _group(self, kind: str):
@@ -126,6 +135,12 @@ class ParallelDims:
     @property
     def pp_group(self):
         return self._group("pp")
+
+    @property
+    def text_tp_group(self):
+        """The unimodal text tower's communicator over this rank's tensor-parallel ranks, distinct from `tp_group`
+        (megacoca.parallel.overlap); with tp = 1 there is no tensor-parallel collective and this is `tp_group`."""
+        return self._group("tp_text" if self.tp > 1 else "tp")
 
     @property
     def mp_group(self):

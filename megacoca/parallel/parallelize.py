@@ -4,8 +4,9 @@
    tensor-parallel shards (megacoca.parallel.tensor), when dims.tp_size > 1;
 2. activation checkpointing: each transformer block (ViT blocks, unimodal text blocks, multimodal decoder
    layers) recomputes its activations in backward;
-3. without a pipeline, on CUDA where it is safe: the text tower on a side stream, overlapped with the image
-   tower (megacoca.parallel.overlap);
+3. without a pipeline, where the layout's overlap choice says so (megacoca.parallel.overlap.choose_overlap): the
+   text tower concurrent with the image tower, on a CUDA side stream or in a second thread, its tensor-parallel
+   collectives on the communicator of their own (`dims.text_tp_group`);
 then, under pipeline parallelism, this rank's stage is cut out of the model (megacoca.parallel.pipeline.stage),
 and the Trainer hands the model (or stage) to DeepSpeed (ZeRO sharding over the data-parallel group). The model code
 knows none of this: everything is applied from outside, by module swaps and forward wrappers that keep every
@@ -35,15 +36,16 @@ def check_layout(cfg, layout, pipeline_split: list[int] | None = None) -> None:
 
 
 def parallelize(model: torch.nn.Module, dims: ParallelDims, *, activation_checkpointing: bool = False,
-                overlap_text_tower: bool = False):
+                overlap_text_tower: str = "off"):
     """Apply the steps above to `model` in place and return it (ready for deepspeed.initialize). The layout was
-    checked (`check_layout`) by whoever chose it."""
+    checked (`check_layout`) by whoever chose it; `overlap_text_tower` is the chosen mode ("off", "stream",
+    "thread")."""
     if dims.tp_size > 1:
         apply_tensor_parallel(model, dims)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
-    if overlap_text_tower:
-        apply_text_overlap(model)
+    if overlap_text_tower != "off":
+        apply_text_overlap(model, overlap_text_tower, dims.text_tp_group if dims.tp_size > 1 else None)
     return model
 
 

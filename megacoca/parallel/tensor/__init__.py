@@ -9,8 +9,10 @@
 - cross_entropy.py  the vocabulary-parallel cross-entropy in torch (the fused Triton one is
                     megacoca_kernels.linear_cross_entropy with a tp_group)
 - swap.py           the swap plan applied to a built single-device model (apply_tensor_parallel), the check
-                    that a degree splits it (check_tensor_parallel), and is_tensor_parallel (a parameter is a
-                    shard: it carries `tp_shard`; the checkpoint's shard map, checkpoint.tags, reads those)
+                    that a degree splits it (check_tensor_parallel), another communicator for a part of the
+                    model (set_tensor_parallel_group: the overlapped text tower's), and is_tensor_parallel (a
+                    parameter is a shard: it carries `tp_shard`; the checkpoint's shard map, checkpoint.tags,
+                    reads those)
 
 A new tensor-parallel layer goes in layers.py, issues its collectives through mappings.py only, and is swapped
 in by swap.py. Every public name is importable from this package.
@@ -31,6 +33,7 @@ from megacoca.parallel.tensor.swap import (
     apply_tensor_parallel,
     check_tensor_parallel,
     is_tensor_parallel,
+    set_tensor_parallel_group,
 )
 
 __all__ = [
@@ -47,5 +50,6 @@ __all__ = [
     "is_tensor_parallel",
     "padded_size",
     "reduce_from_tp",
+    "set_tensor_parallel_group",
     "vocab_parallel_cross_entropy",
 ]

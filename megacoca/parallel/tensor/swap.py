@@ -9,6 +9,10 @@ embeddings, pooler queries, the patch embedding, the two contrastive projections
 replicated: its inputs and the gradients reaching it are identical on every rank of a tensor-parallel group
 (the mappings make them so), so its gradients are identical too and no extra reduction is needed: the replicas
 stay bit-equal (tested).
+
+`set_tensor_parallel_group` hands a part of the model (the unimodal text tower, when it runs concurrently with the
+image tower: megacoca.parallel.overlap) another communicator over the same ranks, for its forward and backward
+collectives alike (the mappings' backward uses the group its forward was called with).
 """
 
 from __future__ import annotations
@@ -62,6 +66,19 @@ def apply_tensor_parallel(model, dims) -> None:
     model.text.embed.token_embedding = embedding
     tied = embedding.weight if model.cfg.tie_word_embeddings else None
     model.caption_head = VocabParallelCaptionHead.from_dense(model.caption_head, group, rank, size, tied)
+
+
+TENSOR_PARALLEL_LAYERS = (ColumnParallelLinear, RowParallelLinear, TensorParallelAttention, VocabParallelEmbedding,
+                          VocabParallelCaptionHead)
+
+
+def set_tensor_parallel_group(module: nn.Module, group) -> int:
+    """Make every tensor-parallel layer in `module` issue its collectives on `group` (a process group over the same
+    ranks as the one it was built with, in the same order); returns how many layers now use it."""
+    layers = [m for m in module.modules() if isinstance(m, TENSOR_PARALLEL_LAYERS)]
+    for layer in layers:
+        layer.group = group
+    return len(layers)
 
 
 def is_tensor_parallel(param: torch.Tensor) -> bool:
