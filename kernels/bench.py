@@ -6,8 +6,9 @@
 
 What it measures, each against torch:
 - attention: forward, backward and forward+backward TFLOP/s and the fwd+bwd peak memory, for the Triton
-  kernel (its default split dQ backward, and the atomic-dQ backward), torch SDPA restricted to its flash
-  backend, and the eager reference (`flash_attention_ref`); on ViT self-attention (L = 257, 577; D = 64,
+  kernel (its default split dQ backward, and the atomic-dQ backward; for a head dim that is not a power of two,
+  also padded to one power-of-two tile, `triton-pad-d`, against its default two tiles), torch SDPA restricted
+  to its flash backend, and the eager reference (`flash_attention_ref`); on ViT self-attention (L = 257, 577; D = 64,
   88), causal text self-attention (L = 77) and the decoder's cross-attention (Lq = 77, Lk = 256). FLOPs: fwd
   4*B*H*Lq*Lk*D (halved when causal), bwd 2.5x fwd.
 - linear cross-entropy: forward+backward time and peak memory at V = 64k and 32k tokens (reduction "sum",
@@ -37,7 +38,8 @@ from .flash_attention import flash_attention, flash_attention_ref
 from .layer_norm import layer_norm
 from .linear_cross_entropy import linear_cross_entropy
 
-# The module, for its DQ_ATOMIC switch (the package's `flash_attention` attribute is the op, a function).
+# The module, for its DQ_ATOMIC and SPLIT_HEAD_DIM switches (the package's `flash_attention` attribute is the op,
+# a function).
 fa = importlib.import_module(".flash_attention", __package__)
 
 # (name, B, H, Lq, Lk, D, causal)
@@ -96,17 +98,18 @@ def _sdpa_flash(q, k, v, causal):
 
 
 def bench_attention(timer: Timer, device, dtype, cases) -> list[Row]:
-    def triton_atomic_dq(q, k, v, c):
-        fa.DQ_ATOMIC = True  # read when the backward launches, which happens inside this provider's timing
-        return flash_attention(q, k, v, causal=c)
+    def triton_with(dq_atomic, split_head_dim):
+        def run(q, k, v, c):
+            # Read when the kernels launch (the backward's too), which happens inside this provider's timing.
+            fa.DQ_ATOMIC, fa.SPLIT_HEAD_DIM = dq_atomic, split_head_dim
+            return flash_attention(q, k, v, causal=c)
 
-    def triton_split(q, k, v, c):
-        fa.DQ_ATOMIC = False
-        return flash_attention(q, k, v, causal=c)
+        return run
 
     providers = {
-        "triton": triton_split,
-        "triton-atomic-dq": triton_atomic_dq,
+        "triton": triton_with(False, True),
+        "triton-atomic-dq": triton_with(True, True),
+        "triton-pad-d": triton_with(False, False),
         "sdpa-flash": _sdpa_flash,
         "eager": lambda q, k, v, c: flash_attention_ref(q, k, v, causal=c),
     }
@@ -122,6 +125,8 @@ def bench_attention(timer: Timer, device, dtype, cases) -> list[Row]:
         if causal:  # top-left causal: row i sees min(i + 1, Lk) keys
             fwd_flops = fwd_flops * sum(min(i + 1, LK) for i in range(LQ)) / (LQ * LK)
         for provider, fn in providers.items():
+            if provider == "triton-pad-d" and D & (D - 1) == 0:
+                continue  # a power-of-two head dim is one tile either way
             try:
                 out = fn(q, k, v, causal)
             except RuntimeError as err:  # e.g. a head dim the SDPA flash backend refuses
@@ -215,6 +220,12 @@ def summarize(rows) -> list[str]:
             ok = None if ours is None or sdpa is None else ours >= sdpa
             lines.append(f"{verdict(ok)} attention {case} {provider}: fwd+bwd {ours or float('nan'):.1f} vs "
                          f"SDPA-flash {sdpa or float('nan'):.1f} TFLOP/s (goal >= 1.0x)")
+        padded = _value(rows, "attention", case, "triton-pad-d", "fwd+bwd TFLOP/s")
+        if padded is not None:
+            ours = _value(rows, "attention", case, "triton", "fwd+bwd TFLOP/s")
+            lines.append(f"{verdict(None if ours is None else ours >= padded)} attention {case} head dim as two "
+                         f"tiles: fwd+bwd {ours or float('nan'):.1f} vs {padded:.1f} TFLOP/s padded to one tile "
+                         "(goal >= 1.0x)")
     for case in sorted({r.case for r in rows if r.bench == "linear_cross_entropy"}):
         t_ours = _value(rows, "linear_cross_entropy", case, "triton", "fwd+bwd ms")
         m_ours = _value(rows, "linear_cross_entropy", case, "triton", "fwd+bwd peak")

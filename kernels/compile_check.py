@@ -1,7 +1,7 @@
 """Compile every kernel for a CUDA target without a GPU: catches the type and lowering errors that Triton's
 interpreter cannot (loop-carried types, constexpr branches, dot shapes, shared-memory size).
 
-    TRITON_INTERPRET=0 python -m megacoca_kernels.compile_check            # quick set (bf16 hot paths)
+    TRITON_INTERPRET=0 python -m megacoca_kernels.compile_check            # quick set (bf16, head dims 128 and 88)
     TRITON_INTERPRET=0 python -m megacoca_kernels.compile_check --full     # every dtype and head dim
     ... --arch 80                                                           # A100 instead of H100
 
@@ -23,6 +23,7 @@ from triton.compiler import ASTSource
 
 # The modules by name: the package's `layer_norm` and `linear_cross_entropy` attributes are the ops (functions).
 fa = importlib.import_module(".flash_attention_kernels", __package__)
+fa_launch = importlib.import_module(".flash_attention", __package__)
 ln = importlib.import_module(".layer_norm", __package__)
 lce = importlib.import_module(".linear_cross_entropy", __package__)
 
@@ -43,7 +44,7 @@ def _compile(kernel, arg_type, constexprs, target, num_warps, num_stages):
 
 def _attention_types(dtype):
     def arg_type(name):
-        if name in ("Q", "K", "V", "O", "DO", "DK", "DV", "DQ"):
+        if name in ("Q", "K", "V", "OUT", "DO", "DK", "DV", "DQ"):
             return "*" + dtype
         if name in ("LSE", "DELTA", "DQ_ACC"):
             return "*fp32"
@@ -58,25 +59,30 @@ def _attention_types(dtype):
 
 def variants(full: bool):
     dtypes = [("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "ieee")] if full else [("bf16", "tf32")]
-    block_ds = [32, 64, 128, 256] if full else [128]
+    # Head dims and their tiles (flash_attention._head_dim_tiles): one power-of-two tile, or two for a head dim
+    # that is not one (CoCa giant's 88 as 64 + 32, 72 as 64 + 16, 40 as 32 + 16; 112 as one padded tile of 128).
+    head_dims = [32, 64, 128, 256, 88, 72, 40, 112] if full else [128, 88]
     flags = [(False, False), (True, True), (False, True)] if full else [(True, True), (False, False)]
     for dtype, precision in dtypes:
-        for block_d in block_ds:
+        for head_dim in head_dims:
+            block_d, block_d2 = fa_launch._head_dim_tiles(head_dim)
+            width = block_d + block_d2
             for causal, mask in flags:
-                common = dict(CAUSAL=causal, HAS_KV_MASK=mask, UPCAST=False, DOT_PRECISION=precision,
-                              BLOCK_D=block_d)
-                tag = f"{dtype} D{block_d} causal={causal} kv_mask={mask}"
-                fwd_tile = dict(BLOCK_M=128, BLOCK_N=64) if block_d <= 128 else dict(BLOCK_M=64, BLOCK_N=32)
-                bwd_tile = dict(BLOCK_M=64, BLOCK_N=64) if block_d <= 128 else dict(BLOCK_M=32, BLOCK_N=64)
+                common = dict(CAUSAL=causal, HAS_KV_MASK=mask, UPCAST=False, DOT_PRECISION=precision, D=head_dim,
+                              BLOCK_D=block_d, BLOCK_D2=block_d2)
+                tiles = f" ({block_d}+{block_d2})" if block_d2 else ""
+                tag = f"{dtype} D{head_dim}{tiles} causal={causal} kv_mask={mask}"
+                fwd_tile = dict(BLOCK_M=128, BLOCK_N=64) if width <= 128 else dict(BLOCK_M=64, BLOCK_N=32)
+                bwd_tile = dict(BLOCK_M=64, BLOCK_N=64) if width <= 128 else dict(BLOCK_M=32, BLOCK_N=64)
                 yield (f"attention fwd {tag}", fa._flash_attention_fwd_kernel, _attention_types(dtype),
-                       {**common, **fwd_tile}, 8, 3 if block_d <= 128 else 2)
+                       {**common, **fwd_tile}, 8, 3 if width <= 128 else 2)
                 for atomic in (False, True):
                     yield (f"attention dkdv {tag} dq_atomic={atomic}", fa._flash_attention_bwd_dkdv_kernel,
                            _attention_types(dtype), {**common, **bwd_tile, "DQ_ATOMIC": atomic}, 4, 2)
                 yield (f"attention dq {tag}", fa._flash_attention_bwd_dq_kernel, _attention_types(dtype),
                        {**common, **bwd_tile}, 4, 2)
     yield ("attention bwd preprocess", fa._flash_attention_bwd_preprocess_kernel, _attention_types("bf16"),
-           dict(BLOCK_M=64, BLOCK_D=128), 4, 2)
+           dict(D=88, BLOCK_M=64, BLOCK_D=128), 4, 2)
 
     def ln_type(name):
         if name in ("X", "Y", "W", "B", "DY", "DX"):

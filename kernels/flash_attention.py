@@ -3,8 +3,14 @@
 Layout is torch SDPA's: q (B, H, Lq, D), k and v (B, H, Lk, D), out (B, H, Lq, D).
 
 - Any lengths >= 1 (77, 257, 577 ...), Lq != Lk allowed; tiles past the end are masked.
-- Head dims 16..256, padded inside the kernel to BLOCK_D = next_power_of_2(D) with masked loads
-  (CoCa giant's 88 runs as 128).
+- Head dims 16..256. Triton's tiles are powers of two, so a head dim that is not one runs either padded to
+  next_power_of_2(D) (masked loads, the padding multiplied as zeros) or, where that is less work, as two tiles:
+  the largest power of two <= D plus the next power of two >= the rest, masked to D (`_head_dim_tiles`).
+  CoCa giant's 88 runs as 64 + 32 = 96 columns instead of 128 (FlashAttention-2/3 also run it as 96), 72 as
+  64 + 16, 40 as 32 + 16; powers of two run as one tile. Every dot product over the head dim is then the sum of
+  the two tiles' (q k^T = q1 k1^T + q2 k2^T) and the out / dQ / dK / dV accumulators are kept as two tiles.
+  `SPLIT_HEAD_DIM = False` pads every head dim instead (bench.py compares the two). The kernels are compiled
+  per head dim (D is a constexpr, so that 88's masks allow 16-byte loads; see flash_attention_kernels.py).
 - `causal` is aligned top-left like SDPA's `is_causal`: query i sees keys j <= i.
 - `kv_mask` (B, Lk) bool, True where a key may be attended. A query row with no visible key returns
   zeros (and zero gradients), never NaN: the running max is kept at a finite 0 while it is -inf, and
@@ -15,7 +21,7 @@ Layout is torch SDPA's: q (B, H, Lq, D), k and v (B, H, Lk, D), out (B, H, Lq, D
   MEGACOCA_FLASH_DQ_ATOMIC=1) switches to FlashAttention-2's scheme instead: the dK/dV kernel also adds
   dQ into an fp32 buffer with atomics, 5 matmuls, not bit-reproducible. Which is faster on CoCa's short
   sequences is for bench.py to say.
-- GPU tiles are autotuned per (Lq, Lk, head dim, flags); under the interpreter one 32x32 tile is used.
+- GPU tiles are autotuned per (Lq, Lk, head-dim tiles, flags); under the interpreter one 32x32 tile is used.
 
 Scores are kept in base 2: s = q.k * softmax_scale * log2(e), so exp2 replaces exp; the saved
 logsumexp is in the same units.
@@ -57,7 +63,27 @@ def _mask_args(kv_mask: torch.Tensor | None, q: torch.Tensor):
 
 
 def _block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(16, triton.next_power_of_2(d))  # tl.dot needs every tile side >= 16
+
+
+# Whether a head dim that is not a power of two may run as two power-of-two tiles (see the module docstring).
+# Read at each launch; False pads it to one tile of next_power_of_2(D), as before issue 24.
+SPLIT_HEAD_DIM = True
+
+
+def _head_dim_tiles(d: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_D2): the head dim's tile widths, BLOCK_D2 = 0 for one tile.
+
+    Two tiles, the largest power of two <= d and the rest rounded up to a power of two (>= 16), where their sum
+    is less than one padded tile: 88 -> (64, 32), 72 -> (64, 16), 40 -> (32, 16); 64 -> (64, 0), 112 -> (128, 0)
+    (64 + 64 saves nothing), 24 -> (32, 0).
+    """
+    whole = _block_d(d)
+    if not SPLIT_HEAD_DIM:
+        return whole, 0
+    first = 1 << (d.bit_length() - 1)
+    second = _block_d(d - first) if d > first else 0
+    return (first, second) if second and first + second < whole else (whole, 0)
 
 
 def flash_attention_fwd(q, k, v, causal: bool, kv_mask, softmax_scale: float):
@@ -67,6 +93,7 @@ def flash_attention_fwd(q, k, v, causal: bool, kv_mask, softmax_scale: float):
     out = empty((B, H, LQ, D), device=q.device, dtype=q.dtype)
     lse = empty((B, H, LQ), device=q.device, dtype=torch.float32)
     mask, stride_maskb, has_mask = _mask_args(kv_mask, q)
+    block_d, block_d2 = _head_dim_tiles(D)
     grid = lambda meta: (triton.cdiv(LQ, meta["BLOCK_M"]), B * H)  # noqa: E731
     _flash_attention_fwd_kernel[grid](
         q, k, v, out, lse, mask,
@@ -77,7 +104,7 @@ def flash_attention_fwd(q, k, v, causal: bool, kv_mask, softmax_scale: float):
         stride_maskb,
         H, LQ, LK, D, softmax_scale * LOG2E,
         CAUSAL=causal, HAS_KV_MASK=has_mask, UPCAST=upcast_tiles(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
-        BLOCK_D=_block_d(D),
+        BLOCK_D=block_d, BLOCK_D2=block_d2,
     )
     return out, lse
 
@@ -93,14 +120,13 @@ def flash_attention_bwd(do, q, k, v, out, lse, causal: bool, kv_mask, softmax_sc
     B, H, LQ, D = q.shape
     LK = k.shape[2]
     do = _last_dim_contiguous(do)
-    block_d = _block_d(D)
     upcast, precision = upcast_tiles(q.dtype), dot_precision(q.dtype)
     delta = empty((B, H, LQ), device=q.device, dtype=torch.float32)
     pre_block = 32 if interpreting() else 64
     _flash_attention_bwd_preprocess_kernel[(triton.cdiv(LQ, pre_block), B * H)](
         out, do, delta,
         out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        H, LQ, D, BLOCK_M=pre_block, BLOCK_D=block_d,
+        H, LQ, D, BLOCK_M=pre_block, BLOCK_D=_block_d(D),  # elementwise: one padded tile wastes no FLOPs
     )
     dk = empty_like(k)
     dv = empty_like(v)
@@ -108,7 +134,9 @@ def flash_attention_bwd(do, q, k, v, out, lse, causal: bool, kv_mask, softmax_sc
     # fp32 dQ accumulator for the atomic path; a 1-element stand-in otherwise (the autotuner zeroes it).
     dq_acc = torch.zeros((B, H, LQ, D) if atomic else (1,), device=q.device, dtype=torch.float32)
     mask, stride_maskb, has_mask = _mask_args(kv_mask, q)
-    common = dict(CAUSAL=causal, HAS_KV_MASK=has_mask, UPCAST=upcast, DOT_PRECISION=precision, BLOCK_D=block_d)
+    block_d, block_d2 = _head_dim_tiles(D)
+    common = dict(CAUSAL=causal, HAS_KV_MASK=has_mask, UPCAST=upcast, DOT_PRECISION=precision, BLOCK_D=block_d,
+                  BLOCK_D2=block_d2)
     _flash_attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(LK, meta["BLOCK_N"]), B * H)](
         q, k, v, do, lse, delta, dk, dv, mask, dq_acc,
         q.stride(0), q.stride(1), q.stride(2),

@@ -9,8 +9,19 @@ Function, the public op and its reference; the algorithm is described there).
   adding dQ with fp32 atomics).
 - `_flash_attention_bwd_dq_kernel`: one program per query block, looping over keys.
 
-GPU tiles are autotuned per (Lq, Lk, head dim, flags) from `_configs`, pruned by `_prune` for the head dim's
-shared memory; under the interpreter one 32x32 tile is used.
+The head dim is one or two tiles wide, each a power of two (tl.arange's lengths must be): columns [0, BLOCK_D)
+and, where BLOCK_D2 > 0, [BLOCK_D, BLOCK_D + BLOCK_D2), both masked to D. A product over the head dim is the sum
+of the two parts' (q k^T = q1 k1^T + q2 k2^T, chained into one accumulator), and every (rows, D) accumulator
+(out, dq, dk, dv) is kept as two tiles. Without a second part nothing of the second is built (in the forward,
+the `*2` arguments of `_flash_attention_fwd_inner` are stand-ins that no constexpr branch reads), so the
+one-tile kernels are those of a single BLOCK_D.
+
+D itself is a constexpr, so the compiler knows how the masks against it fall: with a runtime 88 (Triton
+specializes integers only on divisibility by 16) every load of a D = 88 tile is a 2-byte one, without cp.async;
+a constant 88 = 8 x 11 allows 16-byte loads where the strides do.
+
+GPU tiles are autotuned per (Lq, Lk, head-dim tiles, flags) from `_configs`, pruned by `_prune` for the head
+dim's shared memory; under the interpreter one 32x32 tile is used.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ import triton
 import triton.language as tl
 
 from ._utils import interpreting
+
 
 def _configs(kind: str) -> list[triton.Config]:
     if interpreting():
@@ -44,9 +56,9 @@ def _configs(kind: str) -> list[triton.Config]:
 
 def _prune(configs, named_args, **kwargs):
     """Drop tiles whose q/k/v + accumulator footprint is too large for the head dim (shared memory)."""
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
     if len(configs) == 1:
         return configs
+    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D")) + kwargs.get("BLOCK_D2", named_args.get("BLOCK_D2"))
     budget = 128 * 128 if block_d <= 64 else 128 * 64 if block_d <= 128 else 64 * 64
     kept = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= budget]
     if block_d > 128:
@@ -54,28 +66,62 @@ def _prune(configs, named_args, **kwargs):
     return kept or configs[-1:]
 
 
+@triton.jit
+def _load_tile(base, rows, stride, row_ok, offs_d, d_mask, UPCAST: tl.constexpr):
+    """The (rows, head-dim part) tile at base, zero past the length and past D; fp32 if UPCAST."""
+    tile = tl.load(base + rows[:, None] * stride + offs_d[None, :], mask=row_ok[:, None] & d_mask[None, :],
+                   other=0.0)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
 # --------------------------------------------------------------------------------------------- forward
 
 
 @triton.jit
+def _load_kt(k_base, cols, col_ok, stride_kn, offs_d, d_mask, BOUNDARY_MASK: tl.constexpr, UPCAST: tl.constexpr):
+    """K^T's (head-dim part, BLOCK_N) tile; the key bound is left out where the whole block is in range."""
+    if BOUNDARY_MASK:
+        kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None],
+                     mask=col_ok[None, :] & d_mask[:, None], other=0.0)
+    else:
+        kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=d_mask[:, None], other=0.0)
+    if UPCAST:
+        kt = kt.to(tl.float32)
+    return kt
+
+
+@triton.jit
+def _load_v(v_base, cols, col_ok, stride_vn, offs_d, d_mask, BOUNDARY_MASK: tl.constexpr, UPCAST: tl.constexpr):
+    """V's (BLOCK_N, head-dim part) tile; the key bound is left out where the whole block is in range."""
+    if BOUNDARY_MASK:
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :],
+                    mask=col_ok[:, None] & d_mask[None, :], other=0.0)
+    else:
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=d_mask[None, :], other=0.0)
+    if UPCAST:
+        v = v.to(tl.float32)
+    return v
+
+
+@triton.jit
 def _flash_attention_fwd_inner(
-    acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kn, stride_vn,
-    offs_m, offs_d, d_mask, start, end, LK, qk_scale,
+    acc, acc2, l_i, m_i, q, q2, k_base, v_base, mask_base, stride_kn, stride_vn,
+    offs_m, offs_d, d_mask, offs_d2, d_mask2, start, end, LK, qk_scale,
     CAUSAL_MASK: tl.constexpr, BOUNDARY_MASK: tl.constexpr, HAS_KV_MASK: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < LK
-        if BOUNDARY_MASK:
-            kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None],
-                         mask=col_ok[None, :] & d_mask[:, None], other=0.0)
-        else:
-            kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None], mask=d_mask[:, None], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        kt = _load_kt(k_base, cols, col_ok, stride_kn, offs_d, d_mask, BOUNDARY_MASK, UPCAST)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION)
+        if BLOCK_D2 > 0:
+            kt2 = _load_kt(k_base, cols, col_ok, stride_kn, offs_d2, d_mask2, BOUNDARY_MASK, UPCAST)
+            s = tl.dot(q2, kt2, s, input_precision=DOT_PRECISION)
+        s = s * qk_scale
         if BOUNDARY_MASK:
             s = tl.where(col_ok[None, :], s, float("-inf"))
         if CAUSAL_MASK:
@@ -90,31 +136,29 @@ def _flash_attention_fwd_inner(
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        if BOUNDARY_MASK:
-            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :],
-                        mask=col_ok[:, None] & d_mask[None, :], other=0.0)
-        else:
-            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=d_mask[None, :], other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
+        v = _load_v(v_base, cols, col_ok, stride_vn, offs_d, d_mask, BOUNDARY_MASK, UPCAST)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        if BLOCK_D2 > 0:
+            acc2 = acc2 * alpha[:, None]
+            v2 = _load_v(v_base, cols, col_ok, stride_vn, offs_d2, d_mask2, BOUNDARY_MASK, UPCAST)
+            acc2 = tl.dot(p.to(v2.dtype), v2, acc2, input_precision=DOT_PRECISION)
         m_i = m_new
-    return acc, l_i, m_i
+    return acc, acc2, l_i, m_i
 
 
-@triton.autotune(configs=_configs("fwd"), key=["LQ", "LK", "BLOCK_D", "CAUSAL", "HAS_KV_MASK"],
+@triton.autotune(configs=_configs("fwd"), key=["LQ", "LK", "BLOCK_D", "BLOCK_D2", "CAUSAL", "HAS_KV_MASK"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _flash_attention_fwd_kernel(
-    Q, K, V, O, LSE, KV_MASK,
+    Q, K, V, OUT, LSE, KV_MASK,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
     stride_maskb,
-    H, LQ, LK, D, qk_scale,
+    H, LQ, LK, D: tl.constexpr, qk_scale,
     CAUSAL: tl.constexpr, HAS_KV_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
@@ -123,20 +167,23 @@ def _flash_attention_fwd_kernel(
     q_base = Q + off_b * stride_qb + off_h * stride_qh
     k_base = K + off_b * stride_kb + off_h * stride_kh
     v_base = V + off_b * stride_vb + off_h * stride_vh
+    o_base = OUT + off_b * stride_ob + off_h * stride_oh
     mask_base = KV_MASK + off_b * stride_maskb
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
     row_ok = offs_m < LQ
-    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None] & d_mask[None, :],
-                other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-
+    q = _load_tile(q_base, offs_m, stride_qm, row_ok, offs_d, d_mask, UPCAST)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    offs_d2, d_mask2, q2, acc2 = offs_d, d_mask, q, acc  # stand-ins (see the module docstring)
+    if BLOCK_D2 > 0:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        d_mask2 = offs_d2 < D
+        q2 = _load_tile(q_base, offs_m, stride_qm, row_ok, offs_d2, d_mask2, UPCAST)
+        acc2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     # Keys [0, free_end) need no boundary or causal mask; [free_end, hi) are masked.
     full_end = (LK // BLOCK_N) * BLOCK_N
@@ -146,19 +193,23 @@ def _flash_attention_fwd_kernel(
     else:
         hi = LK
         free_end = full_end
-    acc, l_i, m_i = _flash_attention_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kn, stride_vn, offs_m, offs_d, d_mask,
-        0, free_end, LK, qk_scale, False, False, HAS_KV_MASK, UPCAST, DOT_PRECISION, BLOCK_N)
-    acc, l_i, m_i = _flash_attention_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kn, stride_vn, offs_m, offs_d, d_mask,
-        free_end, hi, LK, qk_scale, CAUSAL, True, HAS_KV_MASK, UPCAST, DOT_PRECISION, BLOCK_N)
+    acc, acc2, l_i, m_i = _flash_attention_fwd_inner(
+        acc, acc2, l_i, m_i, q, q2, k_base, v_base, mask_base, stride_kn, stride_vn,
+        offs_m, offs_d, d_mask, offs_d2, d_mask2, 0, free_end, LK, qk_scale,
+        False, False, HAS_KV_MASK, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_D2)
+    acc, acc2, l_i, m_i = _flash_attention_fwd_inner(
+        acc, acc2, l_i, m_i, q, q2, k_base, v_base, mask_base, stride_kn, stride_vn,
+        offs_m, offs_d, d_mask, offs_d2, d_mask2, free_end, hi, LK, qk_scale,
+        CAUSAL, True, HAS_KV_MASK, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_D2)
 
     # Fully masked rows: l = 0, acc = 0 -> output 0, logsumexp = -inf.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
-    o_ptrs = O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
+    tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :], (acc / l_safe[:, None]).to(OUT.dtype.element_ty),
+             mask=row_ok[:, None] & d_mask[None, :])
+    if BLOCK_D2 > 0:
+        tl.store(o_base + offs_m[:, None] * stride_om + offs_d2[None, :],
+                 (acc2 / l_safe[:, None]).to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_mask2[None, :])
     tl.store(LSE + off_bh.to(tl.int64) * LQ + offs_m, lse, mask=row_ok)
 
 
@@ -167,12 +218,12 @@ def _flash_attention_fwd_kernel(
 
 @triton.jit
 def _flash_attention_bwd_preprocess_kernel(
-    O, DO, DELTA,
+    OUT, DO, DELTA,
     stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
-    H, LQ, D,
+    H, LQ, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """delta[b, h, i] = sum_d dO[i, d] * O[i, d], in fp32."""
+    """delta[b, h, i] = sum_d dO[i, d] * O[i, d], in fp32 (elementwise: one tile of next_power_of_2(D))."""
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
@@ -180,7 +231,7 @@ def _flash_attention_bwd_preprocess_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < LQ) & (offs_d[None, :] < D)
-    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+    o = tl.load(OUT + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
                 mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
                  mask=mask, other=0.0).to(tl.float32)
@@ -194,7 +245,8 @@ def _load_lse(LSE, rows, LQ):
     return tl.where(lse == float("-inf"), float("inf"), lse)
 
 
-@triton.autotune(configs=_configs("bwd"), key=["LQ", "LK", "BLOCK_D", "CAUSAL", "HAS_KV_MASK", "DQ_ATOMIC"],
+@triton.autotune(configs=_configs("bwd"),
+                 key=["LQ", "LK", "BLOCK_D", "BLOCK_D2", "CAUSAL", "HAS_KV_MASK", "DQ_ATOMIC"],
                  prune_configs_by={"early_config_prune": _prune}, reset_to_zero=["DQ_ACC"])
 @triton.jit
 def _flash_attention_bwd_dkdv_kernel(
@@ -206,10 +258,10 @@ def _flash_attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     stride_maskb,
-    H, LQ, LK, D, qk_scale, softmax_scale,
+    H, LQ, LK, D: tl.constexpr, qk_scale, softmax_scale,
     CAUSAL: tl.constexpr, HAS_KV_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     DQ_ATOMIC: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per key block: dV = P^T dO, dK = scale * dS^T Q, looping over query blocks.
 
@@ -222,6 +274,11 @@ def _flash_attention_bwd_dkdv_kernel(
     off_h = (off_bh % H).to(tl.int64)
     q_base = Q + off_b * stride_qb + off_h * stride_qh
     do_base = DO + off_b * stride_dob + off_h * stride_doh
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    dk_base = DK + off_b * stride_dkb + off_h * stride_dkh
+    dv_base = DV + off_b * stride_dvb + off_h * stride_dvh
+    dq_base = DQ_ACC + off_bh.to(tl.int64) * LQ * D
     lse_base = LSE + off_bh.to(tl.int64) * LQ
     delta_base = DELTA + off_bh.to(tl.int64) * LQ
 
@@ -229,36 +286,39 @@ def _flash_attention_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
     col_ok = offs_n < LK
-    kv_tile_mask = col_ok[:, None] & d_mask[None, :]
-    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                mask=kv_tile_mask, other=0.0)
-    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
-                mask=kv_tile_mask, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k = _load_tile(k_base, offs_n, stride_kn, col_ok, offs_d, d_mask, UPCAST)
+    v = _load_tile(v_base, offs_n, stride_vn, col_ok, offs_d, d_mask, UPCAST)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if BLOCK_D2 > 0:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        d_mask2 = offs_d2 < D
+        k2 = _load_tile(k_base, offs_n, stride_kn, col_ok, offs_d2, d_mask2, UPCAST)
+        v2 = _load_tile(v_base, offs_n, stride_vn, col_ok, offs_d2, d_mask2, UPCAST)
+        dk2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
+        dv2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
     key_ok = col_ok
     if HAS_KV_MASK:
         key_ok = key_ok & (tl.load(KV_MASK + off_b * stride_maskb + offs_n, mask=col_ok, other=0) != 0)
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     lo = 0
     if CAUSAL:
         lo = (start_n // BLOCK_M) * BLOCK_M  # earlier query blocks cannot see these keys
     offs_m0 = tl.arange(0, BLOCK_M)
     for start_m in range(lo, LQ, BLOCK_M):
         rows = start_m + offs_m0
-        q_tile_mask = (rows[:, None] < LQ) & d_mask[None, :]
-        q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :], mask=q_tile_mask, other=0.0)
-        do = tl.load(do_base + rows[:, None] * stride_dom + offs_d[None, :], mask=q_tile_mask, other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
+        row_ok = rows < LQ
+        q = _load_tile(q_base, rows, stride_qm, row_ok, offs_d, d_mask, UPCAST)
+        do = _load_tile(do_base, rows, stride_dom, row_ok, offs_d, d_mask, UPCAST)
         lse = _load_lse(lse_base, rows, LQ)
-        delta = tl.load(delta_base + rows, mask=rows < LQ, other=0.0)
+        delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
         # Transposed scores (BLOCK_N, BLOCK_M) so that dV and dK come out with keys as rows.
-        st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        if BLOCK_D2 > 0:
+            q2 = _load_tile(q_base, rows, stride_qm, row_ok, offs_d2, d_mask2, UPCAST)
+            do2 = _load_tile(do_base, rows, stride_dom, row_ok, offs_d2, d_mask2, UPCAST)
+            st = tl.dot(k2, tl.trans(q2), st, input_precision=DOT_PRECISION)
+        st = st * qk_scale
         visible = key_ok[:, None]
         if CAUSAL:
             visible = visible & (offs_n[:, None] <= rows[None, :])
@@ -266,20 +326,33 @@ def _flash_attention_bwd_dkdv_kernel(
         pt = tl.exp2(st - lse[None, :])
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if BLOCK_D2 > 0:
+            dv2 = tl.dot(pt.to(do2.dtype), do2, dv2, input_precision=DOT_PRECISION)
+            dpt = tl.dot(v2, tl.trans(do2), dpt, input_precision=DOT_PRECISION)
         dst = pt * (dpt - delta[None, :])
         dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        if BLOCK_D2 > 0:
+            dk2 = tl.dot(dst.to(q2.dtype), q2, dk2, input_precision=DOT_PRECISION)
         if DQ_ATOMIC:
             dq = tl.dot(tl.trans(dst).to(k.dtype), k, input_precision=DOT_PRECISION) * softmax_scale
-            dq_ptrs = DQ_ACC + off_bh.to(tl.int64) * LQ * D + rows[:, None] * D + offs_d[None, :]
-            tl.atomic_add(dq_ptrs, dq, mask=q_tile_mask)
-    dk = dk * softmax_scale
-    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=kv_tile_mask)
-    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=kv_tile_mask)
+            tl.atomic_add(dq_base + rows[:, None] * D + offs_d[None, :], dq, mask=row_ok[:, None] & d_mask[None, :])
+            if BLOCK_D2 > 0:
+                dq2 = tl.dot(tl.trans(dst).to(k2.dtype), k2, input_precision=DOT_PRECISION) * softmax_scale
+                tl.atomic_add(dq_base + rows[:, None] * D + offs_d2[None, :], dq2,
+                              mask=row_ok[:, None] & d_mask2[None, :])
+    kv_tile_mask = col_ok[:, None] & d_mask[None, :]
+    tl.store(dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :], (dk * softmax_scale).to(DK.dtype.element_ty),
+             mask=kv_tile_mask)
+    tl.store(dv_base + offs_n[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_tile_mask)
+    if BLOCK_D2 > 0:
+        kv_tile_mask2 = col_ok[:, None] & d_mask2[None, :]
+        tl.store(dk_base + offs_n[:, None] * stride_dkn + offs_d2[None, :],
+                 (dk2 * softmax_scale).to(DK.dtype.element_ty), mask=kv_tile_mask2)
+        tl.store(dv_base + offs_n[:, None] * stride_dvn + offs_d2[None, :], dv2.to(DV.dtype.element_ty),
+                 mask=kv_tile_mask2)
 
 
-@triton.autotune(configs=_configs("bwd"), key=["LQ", "LK", "BLOCK_D", "CAUSAL", "HAS_KV_MASK"],
+@triton.autotune(configs=_configs("bwd"), key=["LQ", "LK", "BLOCK_D", "BLOCK_D2", "CAUSAL", "HAS_KV_MASK"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _flash_attention_bwd_dq_kernel(
@@ -290,34 +363,38 @@ def _flash_attention_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
     stride_maskb,
-    H, LQ, LK, D, qk_scale, softmax_scale,
+    H, LQ, LK, D: tl.constexpr, qk_scale, softmax_scale,
     CAUSAL: tl.constexpr, HAS_KV_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per query block: dQ = scale * dS K, looping over key blocks."""
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    do_base = DO + off_b * stride_dob + off_h * stride_doh
     k_base = K + off_b * stride_kb + off_h * stride_kh
     v_base = V + off_b * stride_vb + off_h * stride_vh
+    dq_base = DQ + off_b * stride_dqb + off_h * stride_dqh
     mask_base = KV_MASK + off_b * stride_maskb
 
     rows = start_m + tl.arange(0, BLOCK_M)
+    row_ok = rows < LQ
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    q_tile_mask = (rows[:, None] < LQ) & d_mask[None, :]
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
-                mask=q_tile_mask, other=0.0)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
-                 mask=q_tile_mask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
-    lse = _load_lse(LSE + off_bh.to(tl.int64) * LQ, rows, LQ)
-    delta = tl.load(DELTA + off_bh.to(tl.int64) * LQ + rows, mask=rows < LQ, other=0.0)
-
+    q = _load_tile(q_base, rows, stride_qm, row_ok, offs_d, d_mask, UPCAST)
+    do = _load_tile(do_base, rows, stride_dom, row_ok, offs_d, d_mask, UPCAST)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if BLOCK_D2 > 0:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        d_mask2 = offs_d2 < D
+        q2 = _load_tile(q_base, rows, stride_qm, row_ok, offs_d2, d_mask2, UPCAST)
+        do2 = _load_tile(do_base, rows, stride_dom, row_ok, offs_d2, d_mask2, UPCAST)
+        dq2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
+    lse = _load_lse(LSE + off_bh.to(tl.int64) * LQ, rows, LQ)
+    delta = tl.load(DELTA + off_bh.to(tl.int64) * LQ + rows, mask=row_ok, other=0.0)
+
     hi = LK
     if CAUSAL:
         hi = tl.minimum(LK, start_m + BLOCK_M)
@@ -325,13 +402,16 @@ def _flash_attention_bwd_dq_kernel(
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n0
         col_ok = cols < LK
-        kv_tile_mask = col_ok[:, None] & d_mask[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_tile_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_tile_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        k = _load_tile(k_base, cols, stride_kn, col_ok, offs_d, d_mask, UPCAST)
+        v = _load_tile(v_base, cols, stride_vn, col_ok, offs_d, d_mask, UPCAST)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if BLOCK_D2 > 0:
+            k2 = _load_tile(k_base, cols, stride_kn, col_ok, offs_d2, d_mask2, UPCAST)
+            v2 = _load_tile(v_base, cols, stride_vn, col_ok, offs_d2, d_mask2, UPCAST)
+            s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PRECISION)
+            dp = tl.dot(do2, tl.trans(v2), dp, input_precision=DOT_PRECISION)
+        s = s * qk_scale
         visible = col_ok[None, :]
         if HAS_KV_MASK:
             visible = visible & (tl.load(mask_base + cols, mask=col_ok, other=0) != 0)[None, :]
@@ -339,10 +419,12 @@ def _flash_attention_bwd_dq_kernel(
             visible = visible & (cols[None, :] <= rows[:, None])
         s = tl.where(visible, s, float("-inf"))
         p = tl.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-    dq = dq * softmax_scale
-    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=q_tile_mask)
-
+        if BLOCK_D2 > 0:
+            dq2 = tl.dot(ds.to(k2.dtype), k2, dq2, input_precision=DOT_PRECISION)
+    tl.store(dq_base + rows[:, None] * stride_dqm + offs_d[None, :], (dq * softmax_scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & d_mask[None, :])
+    if BLOCK_D2 > 0:
+        tl.store(dq_base + rows[:, None] * stride_dqm + offs_d2[None, :],
+                 (dq2 * softmax_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_mask2[None, :])

@@ -30,6 +30,22 @@ CASES = [
     (1, 1, 17, 40, 256, True, None),
 ]
 
+# Head dims that are not powers of two (flash_attention._head_dim_tiles): 88 (CoCa giant), 72 and 40 run as two
+# tiles (64 + 32, 64 + 16, 32 + 16), under every mask kind; 112 and 24 as one padded tile (128, 32).
+HEAD_DIM_CASES = [
+    (2, 3, 77, 129, 88, False, None),  # cross-attention shape
+    (2, 3, 77, 129, 88, False, "pad"),
+    (2, 3, 77, 129, 88, True, "empty"),  # causal, Lq < Lk, a fully masked batch row
+    (2, 4, 64, 64, 88, False, None),  # self-attention
+    (2, 4, 64, 64, 88, True, "pad"),
+    (2, 2, 77, 77, 72, True, "pad"),
+    (2, 2, 129, 33, 72, False, "empty"),
+    (2, 2, 33, 65, 40, False, "pad"),
+    (1, 2, 45, 17, 40, True, "empty"),  # causal, Lq > Lk
+    (1, 2, 33, 47, 112, True, "pad"),
+    (2, 1, 17, 17, 24, False, "empty"),
+]
+
 
 def _ids(case):
     B, H, LQ, LK, D, causal, mask = case
@@ -81,7 +97,32 @@ def test_flash_attention_matches_reference(case, dtype, device):
     _check(*case, dtype, device)
 
 
-@pytest.mark.parametrize("case", [CASES[3], CASES[6], CASES[9]], ids=_ids)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", HEAD_DIM_CASES, ids=_ids)
+def test_flash_attention_head_dims(case, dtype, device):
+    _check(*case, dtype, device)
+
+
+def test_head_dim_tiles(monkeypatch):
+    import importlib
+
+    fa = importlib.import_module("megacoca_kernels.flash_attention")
+    tiles = {d: fa._head_dim_tiles(d) for d in (16, 24, 32, 40, 64, 72, 88, 96, 112, 128, 160, 256)}
+    assert tiles == {16: (16, 0), 24: (32, 0), 32: (32, 0), 40: (32, 16), 64: (64, 0), 72: (64, 16), 88: (64, 32),
+                     96: (64, 32), 112: (128, 0), 128: (128, 0), 160: (128, 32), 256: (256, 0)}
+    monkeypatch.setattr(fa, "SPLIT_HEAD_DIM", False)
+    assert fa._head_dim_tiles(88) == (128, 0)
+
+
+def test_flash_attention_head_dim_padded(device, monkeypatch):
+    """SPLIT_HEAD_DIM = False (one padded tile for 88, as bench.py's triton-pad-d runs it) stays correct."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("megacoca_kernels.flash_attention"), "SPLIT_HEAD_DIM", False)
+    _check(*HEAD_DIM_CASES[4], torch.float32, device)
+
+
+@pytest.mark.parametrize("case", [CASES[3], CASES[6], CASES[9], HEAD_DIM_CASES[4]], ids=_ids)
 def test_flash_attention_bf16(case, device):
     # Under the interpreter bf16 tiles are upcast to fp32 right after loading (triton issue 11584); loads
     # and stores still go through bf16 memory. On a GPU this runs bf16 tensor-core dots.
@@ -152,10 +193,11 @@ def test_flash_attention_unequal_tiles(blocks, device, monkeypatch):
         monkeypatch.setattr(kernel, "cache", {})
     _check(2, 1, 77, 77, 64, True, "pad", torch.float32, device)
     _check(1, 2, 130, 45, 32, True, "empty", torch.float32, device)
-    _check(1, 2, 45, 130, 88, False, "pad", torch.float32, device)
+    _check(1, 2, 45, 130, 88, False, "pad", torch.float32, device)  # head dim as two tiles (64 + 32)
 
 
-@pytest.mark.parametrize("case", [CASES[3], CASES[7], CASES[9], CASES[11]], ids=_ids)
+@pytest.mark.parametrize("case", [CASES[3], CASES[7], CASES[9], CASES[11], HEAD_DIM_CASES[4], HEAD_DIM_CASES[6]],
+                         ids=_ids)
 def test_flash_attention_atomic_dq(case, device, monkeypatch):
     """The FlashAttention-2 style backward (dQ added with atomics inside the dK/dV kernel)."""
     import importlib

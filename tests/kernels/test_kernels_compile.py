@@ -1,9 +1,10 @@
-"""The kernels also compile for an H100 (sm_90), checked without a GPU.
+"""The kernels also compile for an H100 (sm_90) and an A100 (sm_80), checked without a GPU.
 
 The interpreter runs kernels as numpy and never lowers them, so errors that only the compiler sees (a
 loop-carried value changing type, a constexpr branch that does not type-check, a dot shape the hardware
-cannot take) would pass every other test here. This compiles the bf16 hot paths with Triton's bundled ptxas
-in a fresh process (the test process has its kernels defined as interpreted).
+cannot take) would pass every other test here. This compiles the bf16 hot paths, attention with a head dim of
+128 (one tile) and of 88 (two tiles, 64 + 32), with Triton's bundled ptxas in a fresh process (the test process
+has its kernels defined as interpreted).
 """
 
 import os
@@ -13,13 +14,17 @@ import sys
 import pytest
 
 
-def test_kernels_compile_for_sm90():
+@pytest.mark.parametrize("arch", [90, 80], ids=["sm90", "sm80"])
+def test_kernels_compile(arch):
     pytest.importorskip("triton.backends.nvidia", reason="Triton's NVIDIA backend is not installed")
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    result = subprocess.run([sys.executable, "-m", "megacoca_kernels.compile_check", "--arch", "90"],
+    result = subprocess.run([sys.executable, "-m", "megacoca_kernels.compile_check", "--arch", str(arch)],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count("ok ") >= 13, result.stdout
+    assert result.stdout.count("ok ") >= 21, result.stdout
+    for flags in ("causal=True kv_mask=True", "causal=False kv_mask=False"):  # D 88's two tiles, every kernel
+        for kernel in ("fwd", "dkdv", "dq"):
+            assert f"ok    attention {kernel} bf16 D88 (64+32) {flags}" in result.stdout, result.stdout
 
 
 def test_cpu_tensor_with_compiled_kernels_is_a_clear_error():
