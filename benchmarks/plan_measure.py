@@ -117,7 +117,9 @@ def plan_command(model_cfg, world: int, overrides: list[str]) -> str:
     dp = world // (p.tp * p.pp)
     layout = (f"tp={p.tp},pp={p.pp},dp={dp},micro={job.schedule.micro_batch_size},accum={job.grad_accum_steps(dp)},"
               f"ckpt={'on' if p.activation_checkpointing else 'off'},"
-              f"keep_gathered={'on' if p.pipeline_keep_gathered else 'off'}")
+              f"keep_gathered={'on' if p.pipeline_keep_gathered else 'off'}"
+              # CPU ranks: the text tower overlaps only in a thread, when asked (megacoca.parallel.overlap)
+              + (f",overlap={'on' if p.overlap_text_tower == 'thread' else 'off'}" if p.pp == 1 else ""))
     words = ["megacoca plan --flavor coca_tiny", f"--layout {layout}", f"--deepspeed-config {p.deepspeed_config}"]
     words += [f"--deepspeed-set {key}={value}" for key, value in sorted(p.deepspeed_overrides.items())]
     words += [f"--set {key}={json.dumps(value)}" for key, value in model_cfg.to_dict().items()

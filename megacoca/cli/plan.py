@@ -57,7 +57,7 @@ def register(subparsers) -> None:
     parser.add_argument("--top", type=argument(inputs.positive_int), default="10", help="layouts to print (default 10)")
     parser.add_argument("--layout", default=None, metavar="SPEC",
                         help="predict this one layout: tp=,pp=,dp=,zero=,micro=,accum=,ckpt=on|off,text_ahead=auto|N,"
-                             "keep_gathered=on|off (megacoca.cli.plan_layout)")
+                             "keep_gathered=on|off,overlap=on|off (megacoca.cli.plan_layout)")
     parser.add_argument("--deepspeed-config", default=None, metavar="NAME|PATH",
                         help="the DeepSpeed JSON whose buffer sizes the memory model uses (with --layout also the "
                              "ZeRO stage and precision); default: the shipped configs'")

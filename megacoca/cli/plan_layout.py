@@ -5,8 +5,9 @@
         --deepspeed-config zero3_bf16 --deepspeed-set zero_optimization.stage3_param_persistence_threshold=0
 
 The spec is comma-separated KEY=VALUE: tp, pp, dp, zero, micro, accum, ckpt (on/off), text_ahead (auto or a
-count), keep_gathered (on/off). tp and pp default to 1; dp to --gpus / (tp x pp); micro to what --global-batch
-leaves; accum to 1 or what --global-batch leaves; zero to the stage of --deepspeed-config; text_ahead to auto (the
+count), keep_gathered (on/off), overlap (on/off: the text tower beside the image tower, what
+parallel.overlap_text_tower=auto does on a GPU without a pipeline; default on where pp = 1). tp and pp default
+to 1; dp to --gpus / (tp x pp); micro to what --global-batch leaves; accum to 1 or what --global-batch leaves; zero to the stage of --deepspeed-config; text_ahead to auto (the
 time model's choice). The DeepSpeed config (a ds_configs name or a path, plus dotted --deepspeed-set keys) gives the
 buffer sizes the memory model uses and, unless --precision says otherwise, the precision. Prints each pipeline
 stage's peak per rank (parameters, gradients, optimizer state, activations, transients; every rank of a stage holds
@@ -19,7 +20,7 @@ import json
 
 from megacoca.config.train import ConfigError
 
-KEYS = ("tp", "pp", "dp", "zero", "micro", "accum", "ckpt", "text_ahead", "keep_gathered")
+KEYS = ("tp", "pp", "dp", "zero", "micro", "accum", "ckpt", "text_ahead", "keep_gathered", "overlap")
 _SWITCH = {"on": True, "true": True, "1": True, "yes": True, "off": False, "false": False, "0": False, "no": False}
 
 
@@ -37,7 +38,7 @@ def parse_spec(spec: str) -> dict:
             raise ConfigError(f"--layout: unknown key {key!r} (one of {', '.join(KEYS)})")
         if key in values:
             raise ConfigError(f"--layout: {key} given twice")
-        if key in ("ckpt", "keep_gathered"):
+        if key in ("ckpt", "keep_gathered", "overlap"):
             if text.lower() not in _SWITCH:
                 raise ConfigError(f"--layout: {key} must be on or off, got {text!r}")
             values[key] = _SWITCH[text.lower()]
@@ -137,7 +138,8 @@ def pinned_layout(args, ds: dict | None, cfg):
         precision = json_precision(ds)
     layout = Layout(tp=tp, pp=pp, dp=dp, zero_stage=zero, precision=precision or "bf16", micro_batch=micro,
                     grad_accum=accum, checkpointing=spec.get("ckpt", False), text_ahead=spec.get("text_ahead", -1),
-                    keep_gathered=spec.get("keep_gathered", False), kernels=args.kernels, negatives=args.negatives)
+                    keep_gathered=spec.get("keep_gathered", False), kernels=args.kernels, negatives=args.negatives,
+                    text_overlap=spec.get("overlap", pp == 1))
     try:
         check_pinned(cfg, layout)
     except ValueError as error:

@@ -30,6 +30,9 @@ class Layout:
     text_ahead: int = 0
     keep_gathered: bool = False
     kernels: str = "torch"  # "triton": the fused caption loss keeps no logits
+    # the unimodal text tower run alongside the image tower (parallel.overlap_text_tower; pp = 1): under ZeRO-3 its
+    # parameters are held gathered for the step (megacoca.parallel.overlap)
+    text_overlap: bool = False
     negatives: str = "micro"  # "global": the contrastive loss over the whole global batch (an extra tower forward)
 
     def __post_init__(self) -> None:
@@ -73,6 +76,7 @@ class Layout:
                 f"micro={self.micro_batch} x accum {self.grad_accum}" + (" ckpt" if self.checkpointing else "")
                 + (f" text-ahead {self.text_ahead if self.text_ahead >= 0 else 'auto'}" if self.text_ahead else "")
                 + (" keep-gathered" if self.keep_gathered else "")
+                + (" text-overlap" if self.text_overlap else "")
                 + (" global negatives" if self.negatives == "global" else ""))
 
     def record(self) -> dict:

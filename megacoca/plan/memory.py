@@ -48,6 +48,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from megacoca.config.layout import Layout
+from megacoca.parallel.overlap import text_tower_tensor_numels
 from megacoca.parallel.pipeline.schedule import auto_text_ahead
 from megacoca.plan.params import pipeline_split, stage_tensors, vit_blocks_per_stage
 
@@ -107,7 +108,7 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def state_bytes(numels, layout: Layout, buffers: ZeroBuffers, groups=()) -> dict:
+def state_bytes(numels, layout: Layout, buffers: ZeroBuffers, groups=(), text_held: int = 0) -> dict:
     """What one rank holding the parameters `numels` (one tensor rank of one stage) keeps: "params", "grads" and
     "optimizer" at all times, and what the moments of a step add (measured with megacoca.profiling.measure):
     "gathered" / "gathered_backward" (ZeRO-3's whole weights: at the end of forward both the all-gather's output
@@ -115,7 +116,8 @@ def state_bytes(numels, layout: Layout, buffers: ZeroBuffers, groups=()) -> dict
     micro-batches), "buckets" (ZeRO-1/2's reduce buckets and gradient partition, allocated in backward after the
     loss's, freed before the step), "step_grads" and "step" (the optimizer step's gradient partition and
     temporaries: three buffers the size of the largest param group's fp32 partition), "all_grads" and "reduce"
-    (ZeRO-0's gradients after backward and their flattened all-reduce copy)."""
+    (ZeRO-0's gradients after backward and their flattened all-reduce copy). `text_held`: elements of the text
+    tower that ZeRO-3 partitions, held whole for the step when `layout.text_overlap`."""
     e = 2 if layout.precision == "bf16" else 4
     p = sum(numels)
     dp = layout.dp
@@ -138,7 +140,10 @@ def state_bytes(numels, layout: Layout, buffers: ZeroBuffers, groups=()) -> dict
                    step_grads=e * _ceil_div(p, dp))
     else:
         persistent = sum(n for n in numels if n <= buffers.persistence_threshold)
-        live = min(p - persistent, buffers.max_live_parameters + buffers.prefetch_bucket)
+        # the text tower overlapped under ZeRO-3 is held gathered for the step outside DeepSpeed's live budget
+        # (megacoca.parallel.overlap: gathered once per step); below max_live it was gathered whole anyway
+        held = text_held if layout.text_overlap and layout.pp == 1 else 0
+        live = min(p - persistent, buffers.max_live_parameters + buffers.prefetch_bucket + held)
         gathered, gathered_backward = 2 * e * live, e * live
         if layout.keep_gathered and layout.pp > 1:
             # parallel.pipeline_keep_gathered (megacoca.parallel.pipeline.zero3.GatheredForStep): the stage's whole
@@ -236,7 +241,10 @@ def predict(cfg, layout: Layout, buffers: ZeroBuffers | None = None, *, text_tok
 
     out = []
     for s, tensors in enumerate(stages):
-        states = state_bytes(tensors.numels, layout, buffers, tensors.groups)
+        held = 0
+        if layout.text_overlap and layout.zero_stage == 3 and layout.pp == 1:
+            held = sum(n for n in text_tower_tensor_numels(cfg, layout.tp) if n > buffers.persistence_threshold)
+        states = state_bytes(tensors.numels, layout, buffers, tensors.groups, held)
         mine = _stage_parts(cfg, layout, s, parts)
         if layout.checkpointing:
             saved = sum(part["blocks"] * part["block_input"] + part["saved"] - part["blocks"] * part["block"]

@@ -4,7 +4,9 @@ Valid: the tensor degree splits every attention and MLP (megacoca.parallel.tenso
 stays inside a node; the pipeline has no more stages than ViT blocks allow and at least as many micro-batches
 as stages; tp x pp divides the GPU count; the data-parallel size divides the global batch; the per-rank
 micro-batch divides what is left. ZeRO 1-3 in bf16 (0-3 in fp32), activation checkpointing off and on, under a
-pipeline with ZeRO-3 keep-gathered off and on, and the pipeline's text-ahead chosen by the time model: off, or the
+pipeline with ZeRO-3 keep-gathered off and on, without one the text tower overlapped with the image tower (what
+`parallel.overlap_text_tower: auto` does on a GPU; its memory counted, its time gain not: no GPU has measured it),
+and the pipeline's text-ahead chosen by the time model: off, or the
 count the pipeline's FLOP simulation picks (`auto_text_ahead`), whichever the time model predicts faster (off on a
 tie). A layout fits when its largest stage's peak memory is at most `memory_fraction` of the device's (the rest: the
 CUDA context, the allocator's fragmentation, NCCL's buffers).
@@ -93,7 +95,7 @@ def layouts(cfg, gpus: int, global_batch: int, precision: str, gpus_per_node: in
                             yield Layout(tp=tp, pp=pp, dp=dp, zero_stage=zero, micro_batch=micro,
                                          grad_accum=accum, precision=precision, checkpointing=ckpt,
                                          text_ahead=text_ahead, keep_gathered=keep_gathered, kernels=kernels,
-                                         negatives=negatives)
+                                         negatives=negatives, text_overlap=pp == 1)
 
 
 def text_ahead_choices(cfg, layout: Layout, profile: DeviceProfile) -> list[tuple[Layout, StepTime]]:
@@ -142,6 +144,9 @@ def check_pinned(cfg, layout: Layout) -> None:
     if layout.text_ahead > 0 and layout.pp == 1:
         raise ValueError(f"text_ahead={layout.text_ahead} runs the last pipeline stage's text tower early: it needs "
                          "pp > 1")
+    if layout.text_overlap and layout.pp > 1:
+        raise ValueError("overlap runs the text tower beside the image tower without a pipeline: it needs pp = 1 "
+                         "(with a pipeline, text_ahead does that job)")
     if layout.text_ahead > layout.grad_accum:
         raise ValueError(f"text_ahead={layout.text_ahead} is more than the step's {layout.grad_accum} micro-batches")
 
@@ -175,6 +180,8 @@ def emit_config(plan_: Plan, flavor: str | None, model_overrides: dict | None = 
     if layout.pp > 1:
         parallel["text_ahead"] = layout.text_ahead
         parallel["pipeline_keep_gathered"] = layout.keep_gathered
+    if layout.pp == 1 and not layout.text_overlap:
+        parallel["overlap_text_tower"] = "off"
     loss = {"loss": {"negatives": "global"}} if layout.negatives == "global" else {}
     model = {"flavor": flavor} if flavor else {}
     if model_overrides:

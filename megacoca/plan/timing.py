@@ -237,7 +237,7 @@ def _stage_times(cfg, layout: Layout, profile: DeviceProfile, e: int, comm: tupl
         work = stage_work(cfg, vit_blocks, text_side, t, layout.checkpointing, patch_embedding=s == 0)
         per_sample = work_seconds(work, profile, layout.precision) + (profile.sample_overhead_s if text_side else 0.0)
         compute = b * per_sample \
-            + shards[s].elements * profile.micro_param(zero, precision) * zero3_passes  # the engine's per-parameter work
+            + shards[s].elements * profile.micro_param(zero, precision) * zero3_passes  # the engine, per parameter
         blocks = vit_blocks + (text_blocks if text_side else 0)
         overhead = blocks * profile.block_overhead(layout.precision) * (4 / 3 if layout.checkpointing else 1) \
             + len(shards[s].numels) * profile.tensor_overhead(zero, precision) * zero3_passes \

@@ -129,3 +129,21 @@ def test_text_ahead_keeps_the_text_towers_run_ahead_of_the_one_in_flight():
     for ahead, extra in ((1, 0), (3, 2), (20, 7)):
         assert predict(cfg, layout.replace(text_ahead=ahead))[-1].detail["activations"] == \
             pytest.approx(base + extra * text)
+
+
+def test_the_overlapped_text_tower_is_held_whole_under_zero3():
+    """parallel.overlap_text_tower under ZeRO-3 gathers the text tower once per step and holds it outside
+    DeepSpeed's live budget (megacoca.parallel.overlap): above max_live the peak grows by its partitioned part;
+    below it the model was gathered whole at the end of forward anyway; a pipeline never overlaps."""
+    from megacoca.parallel.overlap import text_tower_tensor_numels
+
+    cfg = get_flavor("coca_giant")
+    small = ZeroBuffers(max_live_parameters=100_000_000, prefetch_bucket=0)
+    layout = Layout(dp=64, zero_stage=3, micro_batch=8)
+    plain, overlapped = predict(cfg, layout, small)[0], predict(cfg, layout.replace(text_overlap=True), small)[0]
+    text = sum(n for n in text_tower_tensor_numels(cfg, 1) if n > small.persistence_threshold)
+    assert overlapped.detail["gathered"] - plain.detail["gathered"] == pytest.approx(2 * 2 * text)
+    base = get_flavor("coca_base")
+    assert predict(base, layout)[0].peak == predict(base, layout.replace(text_overlap=True))[0].peak
+    assert predict(cfg, layout.replace(zero_stage=1), small)[0].peak == \
+        predict(cfg, layout.replace(zero_stage=1, text_overlap=True), small)[0].peak
