@@ -277,6 +277,7 @@ def predictions(out: str) -> None:
     env = _read(os.path.join(out, "env.csv"))
     device = env[0].get("device", "") if env else ""
     memory = float(env[0]["memory_gb"]) * 1e9 if env and env[0].get("memory_gb", "").replace(".", "").isdigit() else 0
+    device_type = "cuda" if env and env[0].get("cuda_available") == "True" else "cpu"
     profiles = {"preset": gpu_preset(device, memory)}
     if os.path.exists(os.path.join(out, "profile.json")):
         profiles["calibrated"] = DeviceProfile.load(os.path.join(out, "profile.json"))
@@ -285,7 +286,7 @@ def predictions(out: str) -> None:
         if row.get("status") != "ok":
             continue
         cfg = get_flavor(row["flavor"], kernels=row["kernels"])
-        layout, _ = job_inputs(row["overrides"].split(), 1, cfg)
+        layout, _ = job_inputs(row["overrides"].split(), 1, cfg, device_type)
         measured = float(row["step_s"])
         for name, profile in profiles.items():
             if profile is None:
