@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import os
 import sys
 import time
@@ -67,11 +68,15 @@ def variants(full: bool):
         for head_dim in head_dims:
             block_d, block_d2 = fa_launch._head_dim_tiles(head_dim)
             width = block_d + block_d2
-            for causal, mask in flags:
+            # STRIDE_ALIGN as the launcher picks it for (B, H, L, D) or (B, L, H, D) storage; --full also compiles
+            # a head dim that is not a multiple of 16 with strides that are not multiples of 8.
+            aligns = [1] if head_dim % 16 == 0 else [8, 1] if full else [8]
+            for (causal, mask), align in itertools.product(flags, aligns):
                 common = dict(CAUSAL=causal, HAS_KV_MASK=mask, UPCAST=False, DOT_PRECISION=precision, D=head_dim,
-                              BLOCK_D=block_d, BLOCK_D2=block_d2)
+                              STRIDE_ALIGN=align, BLOCK_D=block_d, BLOCK_D2=block_d2)
                 tiles = f" ({block_d}+{block_d2})" if block_d2 else ""
-                tag = f"{dtype} D{head_dim}{tiles} causal={causal} kv_mask={mask}"
+                odd = " strides not multiples of 8" if head_dim % 16 and align == 1 else ""
+                tag = f"{dtype} D{head_dim}{tiles} causal={causal} kv_mask={mask}{odd}"
                 fwd_tile = dict(BLOCK_M=128, BLOCK_N=64) if width <= 128 else dict(BLOCK_M=64, BLOCK_N=32)
                 bwd_tile = dict(BLOCK_M=64, BLOCK_N=64) if width <= 128 else dict(BLOCK_M=32, BLOCK_N=64)
                 yield (f"attention fwd {tag}", fa._flash_attention_fwd_kernel, _attention_types(dtype),
@@ -82,7 +87,7 @@ def variants(full: bool):
                 yield (f"attention dq {tag}", fa._flash_attention_bwd_dq_kernel, _attention_types(dtype),
                        {**common, **bwd_tile}, 4, 2)
     yield ("attention bwd preprocess", fa._flash_attention_bwd_preprocess_kernel, _attention_types("bf16"),
-           dict(D=88, BLOCK_M=64, BLOCK_D=128), 4, 2)
+           dict(D=88, STRIDE_ALIGN=8, BLOCK_M=64, BLOCK_D=128), 4, 2)
 
     def ln_type(name):
         if name in ("X", "Y", "W", "B", "DY", "DX"):

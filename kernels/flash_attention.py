@@ -10,7 +10,8 @@ Layout is torch SDPA's: q (B, H, Lq, D), k and v (B, H, Lk, D), out (B, H, Lq, D
   64 + 16, 40 as 32 + 16; powers of two run as one tile. Every dot product over the head dim is then the sum of
   the two tiles' (q k^T = q1 k1^T + q2 k2^T) and the out / dQ / dK / dV accumulators are kept as two tiles.
   `SPLIT_HEAD_DIM = False` pads every head dim instead (bench.py compares the two). The kernels are compiled
-  per head dim (D is a constexpr, so that 88's masks allow 16-byte loads; see flash_attention_kernels.py).
+  per head dim and told when every stride is a multiple of 8 elements (the D and STRIDE_ALIGN constexprs), so
+  that a row of 88 loads 16 bytes at a time (see flash_attention_kernels.py).
 - `causal` is aligned top-left like SDPA's `is_causal`: query i sees keys j <= i.
 - `kv_mask` (B, Lk) bool, True where a key may be attended. A query row with no visible key returns
   zeros (and zero gradients), never NaN: the running max is kept at a finite 0 while it is -inf, and
@@ -62,6 +63,15 @@ def _mask_args(kv_mask: torch.Tensor | None, q: torch.Tensor):
     return kv_mask, kv_mask.stride(0), True
 
 
+def _stride_align(*tensors: torch.Tensor) -> int:
+    """The kernels' STRIDE_ALIGN: 8 where every stride but the last is a multiple of 8 elements, so that a D = 88
+    row (head stride 88) loads 16 bytes at a time (see flash_attention_kernels.py); 1 where one is not, and where
+    all are multiples of 16, which Triton specializes on by itself (the power-of-two head dims' kernels as before).
+    """
+    strides = [s for t in tensors for s in t.stride()[:-1]]
+    return 1 if all(s % 16 == 0 for s in strides) or any(s % 8 for s in strides) else 8
+
+
 def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))  # tl.dot needs every tile side >= 16
 
@@ -104,7 +114,7 @@ def flash_attention_fwd(q, k, v, causal: bool, kv_mask, softmax_scale: float):
         stride_maskb,
         H, LQ, LK, D, softmax_scale * LOG2E,
         CAUSAL=causal, HAS_KV_MASK=has_mask, UPCAST=upcast_tiles(q.dtype), DOT_PRECISION=dot_precision(q.dtype),
-        BLOCK_D=block_d, BLOCK_D2=block_d2,
+        STRIDE_ALIGN=_stride_align(q, k, v, out), BLOCK_D=block_d, BLOCK_D2=block_d2,
     )
     return out, lse
 
@@ -122,21 +132,23 @@ def flash_attention_bwd(do, q, k, v, out, lse, causal: bool, kv_mask, softmax_sc
     do = _last_dim_contiguous(do)
     upcast, precision = upcast_tiles(q.dtype), dot_precision(q.dtype)
     delta = empty((B, H, LQ), device=q.device, dtype=torch.float32)
+    dk = empty_like(k)
+    dv = empty_like(v)
+    align = _stride_align(q, k, v, out, do, dk, dv)  # dq below is contiguous like dk: strides multiples of D
     pre_block = 32 if interpreting() else 64
+    # Elementwise: one padded tile of the head dim wastes no FLOPs.
     _flash_attention_bwd_preprocess_kernel[(triton.cdiv(LQ, pre_block), B * H)](
         out, do, delta,
         out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        H, LQ, D, BLOCK_M=pre_block, BLOCK_D=_block_d(D),  # elementwise: one padded tile wastes no FLOPs
+        H, LQ, D, STRIDE_ALIGN=align, BLOCK_M=pre_block, BLOCK_D=_block_d(D),
     )
-    dk = empty_like(k)
-    dv = empty_like(v)
     atomic = bool(DQ_ATOMIC)
     # fp32 dQ accumulator for the atomic path; a 1-element stand-in otherwise (the autotuner zeroes it).
     dq_acc = torch.zeros((B, H, LQ, D) if atomic else (1,), device=q.device, dtype=torch.float32)
     mask, stride_maskb, has_mask = _mask_args(kv_mask, q)
     block_d, block_d2 = _head_dim_tiles(D)
-    common = dict(CAUSAL=causal, HAS_KV_MASK=has_mask, UPCAST=upcast, DOT_PRECISION=precision, BLOCK_D=block_d,
-                  BLOCK_D2=block_d2)
+    common = dict(CAUSAL=causal, HAS_KV_MASK=has_mask, UPCAST=upcast, DOT_PRECISION=precision, STRIDE_ALIGN=align,
+                  BLOCK_D=block_d, BLOCK_D2=block_d2)
     _flash_attention_bwd_dkdv_kernel[lambda meta: (triton.cdiv(LK, meta["BLOCK_N"]), B * H)](
         q, k, v, do, lse, delta, dk, dv, mask, dq_acc,
         q.stride(0), q.stride(1), q.stride(2),

@@ -16,9 +16,11 @@ of the two parts' (q k^T = q1 k1^T + q2 k2^T, chained into one accumulator), and
 the `*2` arguments of `_flash_attention_fwd_inner` are stand-ins that no constexpr branch reads), so the
 one-tile kernels are those of a single BLOCK_D.
 
-D itself is a constexpr, so the compiler knows how the masks against it fall: with a runtime 88 (Triton
-specializes integers only on divisibility by 16) every load of a D = 88 tile is a 2-byte one, without cp.async;
-a constant 88 = 8 x 11 allows 16-byte loads where the strides do.
+D itself is a constexpr, so the compiler knows how the masks against it fall, and STRIDE_ALIGN = 8 says that
+every batch, head and row stride is a multiple of 8 elements (the launcher checks). Triton specializes integer
+arguments only on divisibility by 16, which 88 and a head stride of 88 never have: without the two, every load
+of a D = 88 tile is a 2-byte one, without cp.async; with them, 16-byte loads (64 + 32 columns masked to 88 fall
+in runs of 8).
 
 GPU tiles are autotuned per (Lq, Lk, head-dim tiles, flags) from `_configs`, pruned by `_prune` for the head
 dim's shared memory; under the interpreter one 32x32 tile is used.
@@ -74,6 +76,17 @@ def _load_tile(base, rows, stride, row_ok, offs_d, d_mask, UPCAST: tl.constexpr)
     if UPCAST:
         tile = tile.to(tl.float32)
     return tile
+
+
+@triton.jit
+def _head(ptr, off_b, off_h, stride_b, stride_h, stride_row, STRIDE_ALIGN: tl.constexpr):
+    """This program's (batch, head) slice of a (B, H, L, D) tensor: its base pointer and its row stride, the
+    strides known to the compiler as multiples of STRIDE_ALIGN (x // a * a is x when a divides it)."""
+    if STRIDE_ALIGN > 1:
+        stride_b = stride_b // STRIDE_ALIGN * STRIDE_ALIGN
+        stride_h = stride_h // STRIDE_ALIGN * STRIDE_ALIGN
+        stride_row = stride_row // STRIDE_ALIGN * STRIDE_ALIGN
+    return ptr + off_b * stride_b + off_h * stride_h, stride_row
 
 
 # --------------------------------------------------------------------------------------------- forward
@@ -158,16 +171,17 @@ def _flash_attention_fwd_kernel(
     stride_maskb,
     H, LQ, LK, D: tl.constexpr, qk_scale,
     CAUSAL: tl.constexpr, HAS_KV_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    STRIDE_ALIGN: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
-    q_base = Q + off_b * stride_qb + off_h * stride_qh
-    k_base = K + off_b * stride_kb + off_h * stride_kh
-    v_base = V + off_b * stride_vb + off_h * stride_vh
-    o_base = OUT + off_b * stride_ob + off_h * stride_oh
+    q_base, stride_qm = _head(Q, off_b, off_h, stride_qb, stride_qh, stride_qm, STRIDE_ALIGN)
+    k_base, stride_kn = _head(K, off_b, off_h, stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
+    v_base, stride_vn = _head(V, off_b, off_h, stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
+    o_base, stride_om = _head(OUT, off_b, off_h, stride_ob, stride_oh, stride_om, STRIDE_ALIGN)
     mask_base = KV_MASK + off_b * stride_maskb
 
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -221,20 +235,20 @@ def _flash_attention_bwd_preprocess_kernel(
     OUT, DO, DELTA,
     stride_ob, stride_oh, stride_om, stride_dob, stride_doh, stride_dom,
     H, LQ, D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    STRIDE_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """delta[b, h, i] = sum_d dO[i, d] * O[i, d], in fp32 (elementwise: one tile of next_power_of_2(D))."""
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
+    o_base, stride_om = _head(OUT, off_b, off_h, stride_ob, stride_oh, stride_om, STRIDE_ALIGN)
+    do_base, stride_dom = _head(DO, off_b, off_h, stride_dob, stride_doh, stride_dom, STRIDE_ALIGN)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < LQ) & (offs_d[None, :] < D)
-    o = tl.load(OUT + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
-                 mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(o_base + offs_m[:, None] * stride_om + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(DELTA + off_bh.to(tl.int64) * LQ + offs_m, tl.sum(o * do, 1), mask=offs_m < LQ)
 
 
@@ -260,7 +274,7 @@ def _flash_attention_bwd_dkdv_kernel(
     stride_maskb,
     H, LQ, LK, D: tl.constexpr, qk_scale, softmax_scale,
     CAUSAL: tl.constexpr, HAS_KV_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    DQ_ATOMIC: tl.constexpr,
+    DQ_ATOMIC: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per key block: dV = P^T dO, dK = scale * dS^T Q, looping over query blocks.
@@ -272,12 +286,12 @@ def _flash_attention_bwd_dkdv_kernel(
     off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
-    q_base = Q + off_b * stride_qb + off_h * stride_qh
-    do_base = DO + off_b * stride_dob + off_h * stride_doh
-    k_base = K + off_b * stride_kb + off_h * stride_kh
-    v_base = V + off_b * stride_vb + off_h * stride_vh
-    dk_base = DK + off_b * stride_dkb + off_h * stride_dkh
-    dv_base = DV + off_b * stride_dvb + off_h * stride_dvh
+    q_base, stride_qm = _head(Q, off_b, off_h, stride_qb, stride_qh, stride_qm, STRIDE_ALIGN)
+    do_base, stride_dom = _head(DO, off_b, off_h, stride_dob, stride_doh, stride_dom, STRIDE_ALIGN)
+    k_base, stride_kn = _head(K, off_b, off_h, stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
+    v_base, stride_vn = _head(V, off_b, off_h, stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
+    dk_base, stride_dkn = _head(DK, off_b, off_h, stride_dkb, stride_dkh, stride_dkn, STRIDE_ALIGN)
+    dv_base, stride_dvn = _head(DV, off_b, off_h, stride_dvb, stride_dvh, stride_dvn, STRIDE_ALIGN)
     dq_base = DQ_ACC + off_bh.to(tl.int64) * LQ * D
     lse_base = LSE + off_bh.to(tl.int64) * LQ
     delta_base = DELTA + off_bh.to(tl.int64) * LQ
@@ -365,6 +379,7 @@ def _flash_attention_bwd_dq_kernel(
     stride_maskb,
     H, LQ, LK, D: tl.constexpr, qk_scale, softmax_scale,
     CAUSAL: tl.constexpr, HAS_KV_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    STRIDE_ALIGN: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One program per query block: dQ = scale * dS K, looping over key blocks."""
@@ -372,11 +387,11 @@ def _flash_attention_bwd_dq_kernel(
     off_bh = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
-    q_base = Q + off_b * stride_qb + off_h * stride_qh
-    do_base = DO + off_b * stride_dob + off_h * stride_doh
-    k_base = K + off_b * stride_kb + off_h * stride_kh
-    v_base = V + off_b * stride_vb + off_h * stride_vh
-    dq_base = DQ + off_b * stride_dqb + off_h * stride_dqh
+    q_base, stride_qm = _head(Q, off_b, off_h, stride_qb, stride_qh, stride_qm, STRIDE_ALIGN)
+    do_base, stride_dom = _head(DO, off_b, off_h, stride_dob, stride_doh, stride_dom, STRIDE_ALIGN)
+    k_base, stride_kn = _head(K, off_b, off_h, stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
+    v_base, stride_vn = _head(V, off_b, off_h, stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
+    dq_base, stride_dqm = _head(DQ, off_b, off_h, stride_dqb, stride_dqh, stride_dqm, STRIDE_ALIGN)
     mask_base = KV_MASK + off_b * stride_maskb
 
     rows = start_m + tl.arange(0, BLOCK_M)

@@ -80,6 +80,8 @@ def _check(B, H, LQ, LK, D, causal, mask_kind, dtype, device, layout="bhld"):
     if layout == "blhd":  # (B, L, H, D) storage seen through a transpose: non-contiguous inputs
         q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
         assert not q.is_contiguous()
+    if layout == "sliced":  # rows of D + 1 elements of which D are used: strides that are not multiples of 8
+        q, k, v = (torch.cat([t, t[..., :1]], -1)[..., :D] for t in (q, k, v))
     got = _run(q, k, v, do, flash_attention, **kw)
     ref64 = _run(q.double(), k.double(), v.double(), do.double(), flash_attention_ref, **kw)
     ref_dt = _run(q, k, v, do, flash_attention_ref, **kw)
@@ -114,6 +116,19 @@ def test_head_dim_tiles(monkeypatch):
     assert fa._head_dim_tiles(88) == (128, 0)
 
 
+def test_flash_attention_stride_align(device):
+    """STRIDE_ALIGN = 8 (every stride a multiple of 8 elements, so D = 88 rows load 16 bytes at a time) and 1."""
+    import importlib
+
+    fa = importlib.import_module("megacoca_kernels.flash_attention")
+    x = torch.randn(2, 5, 3, 88, device=device)
+    assert fa._stride_align(x, x.transpose(1, 2)) == 8
+    assert fa._stride_align(x, torch.cat([x, x[..., :1]], -1)[..., :88]) == 1
+    assert fa._stride_align(torch.randn(2, 5, 3, 64, device=device)) == 1  # Triton specializes multiples of 16
+    _check(2, 3, 33, 47, 88, True, "pad", torch.float32, device, layout="sliced")
+    _check(1, 2, 40, 40, 40, False, "empty", torch.float16, device, layout="sliced")
+
+
 def test_flash_attention_head_dim_padded(device, monkeypatch):
     """SPLIT_HEAD_DIM = False (one padded tile for 88, as bench.py's triton-pad-d runs it) stays correct."""
     import importlib
@@ -131,6 +146,7 @@ def test_flash_attention_bf16(case, device):
 
 def test_flash_attention_non_contiguous_and_scale(device):
     _check(2, 2, 77, 77, 64, True, "pad", torch.float32, device, layout="blhd")
+    _check(2, 3, 33, 47, 88, True, "pad", torch.float32, device, layout="blhd")  # the model's heads: stride_h 88
     q, k, v = (torch.randn(1, 2, 9, 32, device=device) for _ in range(3))
     out = flash_attention(q, k, v, softmax_scale=0.3)
     torch.testing.assert_close(out, flash_attention_ref(q, k, v, softmax_scale=0.3), atol=1e-5, rtol=1e-5)
