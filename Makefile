@@ -42,8 +42,9 @@ gpu-check:
 	bash scripts/gpu_env.sh $(GPU_BUNDLE) .gpu_venv
 	.gpu_venv/bin/python scripts/gpu_check.py --out $(OUT)
 
-# The lowest torch this machine can install without CUDA libraries (a CPU build on local disk): the unit tests and
-# the 2-rank gloo tests that do not need the launchers run on it (README, "Supported versions").
+# The lowest torch this machine can install without CUDA libraries (a CPU build on local disk): the unit tests, the
+# kernels under the interpreter and the 2-rank TP, ZeRO and pipeline tests run on it, less those that need open_clip
+# (tests/torch_lower_deselect.txt: no torchvision for that torch here) (README, "Supported versions").
 TORCH_LOWER ?= torch==2.13.0+cpu
 test-torch-lower:
 	test -x .venv-torch-lower/bin/python || $(PYTHON) -m venv .venv-torch-lower
@@ -52,7 +53,8 @@ test-torch-lower:
 	.venv-torch-lower/bin/python -c "import torch; print('torch', torch.__version__)"
 	PATH="$(abspath .venv-torch-lower)/bin:$$PATH" .venv-torch-lower/bin/python -m pytest -q -m "not slow" \
 		-p no:cacheprovider tests/unit tests/kernels tests/distributed/test_tensor_parallel.py \
-		tests/distributed/test_zero_equivalence.py tests/distributed/test_pipeline.py $(PYTEST_ARGS)
+		tests/distributed/test_zero_equivalence.py tests/distributed/test_pipeline.py \
+		$(addprefix --deselect ,$(shell grep -v '^#' tests/torch_lower_deselect.txt)) $(PYTEST_ARGS)
 
 clean:
 	rm -rf runs/demo data/shapes build *.egg-info
