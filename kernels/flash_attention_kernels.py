@@ -28,6 +28,8 @@ dim's shared memory; under the interpreter one 32x32 tile is used.
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -39,6 +41,12 @@ def _configs(kind: str) -> list[triton.Config]:
         # One small config: autotuning needs a GPU, and small tiles keep the interpreter fast while still
         # giving several blocks (and a ragged tail) on the test lengths.
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    if os.environ.get("MEGACOCA_KERNELS_TUNE", "1") == "0":
+        # Correctness runs on a GPU (the GPU check's compiled kernel tests): one small tile per kernel, compiled
+        # once per variant instead of eight times over for the autotuner (~125 variants in tests/kernels); the tiles
+        # kernels/compile_check.py compiles for the widest head dims, the smallest of the autotuned ones
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32} if kind == "fwd" else {"BLOCK_M": 32, "BLOCK_N": 64},
+                              num_warps=4, num_stages=2)]
     if kind == "fwd":
         return [
             triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)

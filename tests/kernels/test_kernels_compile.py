@@ -34,3 +34,15 @@ def test_cpu_tensor_with_compiled_kernels_is_a_clear_error():
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "TRITON_INTERPRET=1" in result.stderr.strip().splitlines()[-1], result.stderr
+
+
+def test_one_tile_config_per_kernel_when_tuning_is_off(monkeypatch):
+    """MEGACOCA_KERNELS_TUNE=0 (the GPU check's compiled correctness run): one config per kernel, a tile the compile
+    check compiles for the widest head dims; the autotuned lists otherwise (decided off the interpreter)."""
+    from megacoca_kernels import flash_attention_kernels as kernels
+
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    assert len(kernels._configs("fwd")) == len(kernels._configs("bwd")) == 8
+    monkeypatch.setenv("MEGACOCA_KERNELS_TUNE", "0")
+    (fwd,), (bwd,) = kernels._configs("fwd"), kernels._configs("bwd")
+    assert (fwd.kwargs, bwd.kwargs) == ({"BLOCK_M": 64, "BLOCK_N": 32}, {"BLOCK_M": 32, "BLOCK_N": 64})
