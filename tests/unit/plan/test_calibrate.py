@@ -20,7 +20,7 @@ from megacoca.plan.timing import predict_time
 from megacoca.profiling.calibrate import calibrate, measure, measured_precisions, sizes_for
 from megacoca.profiling.calibrate_rank import engine_config, engine_toys, toy_model
 
-STAGES = {"0", "1", "2", "3"}
+STAGES = {"0", "1", "2", "3", "3/fp32"}  # every ZeRO stage, and ZeRO-3 in fp32 measured on its own
 
 
 # The tests on a real quick calibration (two ranks measuring this machine, ~12 s, and timing-sensitive under load):
