@@ -273,14 +273,38 @@ def output_file(path: str, what: str = "output file") -> None:
     writable_dir(os.path.dirname(os.path.abspath(path)), f"directory of the {what}")
 
 
-def positive_int(text: str) -> int:
+def _int_at_least(text: str, lowest: int, expected: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise ConfigError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise ConfigError(f"expected a positive integer, got {value}")
+        raise ConfigError(f"expected {expected}, got {text!r}") from None
+    if value < lowest:
+        raise ConfigError(f"expected {expected}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0, "an integer >= 0")
+
+
+def assignments(items: list[str], flag: str, expected: str, require_key: bool = False) -> dict:
+    """{key: value} of repeated `flag KEY=VALUE` arguments, each value read as JSON where it parses (numbers,
+    booleans, lists) and kept as text otherwise; an item without `=` (or, `require_key`, without a key) is a
+    one-line ConfigError saying `expected`."""
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or (require_key and not key):
+            raise ConfigError(f"{flag} {item!r}: expected {expected}")
+        try:
+            out[key] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key] = text
+    return out
 
 
 def output_dir(path: str) -> None:

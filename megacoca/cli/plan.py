@@ -47,7 +47,7 @@ def register(subparsers) -> None:
                         help="default bf16 (with --layout and a DeepSpeed config: the config's)")
     parser.add_argument("--kernels", choices=("triton", "torch"), default="triton",
                         help="triton: the fused caption loss keeps no logits (what `auto` does on CUDA)")
-    parser.add_argument("--min-negatives", type=argument(_non_negative_int), default="0",
+    parser.add_argument("--min-negatives", type=argument(inputs.non_negative_int), default="0",
                         help="only layouts with at least this many contrastive negatives per image")
     parser.add_argument("--negatives", choices=("micro", "global"), default="micro",
                         help="loss.negatives: the micro-batch gathered over dp (micro), or the whole global batch "
@@ -74,16 +74,6 @@ def register(subparsers) -> None:
     parser.set_defaults(func=plan_command)
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise ConfigError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise ConfigError(f"expected an integer >= 0, got {value}")
-    return value
-
-
 def _memory_fraction(text: str) -> float:
     try:
         value = float(text)
@@ -95,15 +85,7 @@ def _memory_fraction(text: str) -> float:
 
 
 def _model_config(args):
-    overrides = {}
-    for item in args.model_overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected FIELD=VALUE")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key] = value
+    overrides = inputs.assignments(args.model_overrides, "--set", "FIELD=VALUE")
     try:
         return get_flavor(args.flavor, **overrides), overrides
     except (TypeError, ValueError) as error:

@@ -4,19 +4,18 @@
     megacoca plan --flavor coca_tiny --layout pp=2,dp=2,micro=4,accum=2,keep_gathered=on \\
         --deepspeed-config zero3_bf16 --deepspeed-set zero_optimization.stage3_param_persistence_threshold=0
 
-The spec is comma-separated KEY=VALUE: tp, pp, dp, zero, micro, accum, ckpt (on/off), text_ahead (auto or a
-count), keep_gathered (on/off), overlap (on/off: the text tower beside the image tower, what
-parallel.overlap_text_tower=auto does on a GPU without a pipeline; default on where pp = 1). tp and pp default
-to 1; dp to --gpus / (tp x pp); micro to what --global-batch leaves; accum to 1 or what --global-batch leaves; zero to the stage of --deepspeed-config; text_ahead to auto (the
-time model's choice). The DeepSpeed config (a ds_configs name or a path, plus dotted --deepspeed-set keys) gives the
-buffer sizes the memory model uses and, unless --precision says otherwise, the precision. Prints each pipeline
-stage's peak per rank (parameters, gradients, optimizer state, activations, transients; every rank of a stage holds
-the same) and the step time by part; --json writes the same with every stage's peak.
+The spec is comma-separated KEY=VALUE: tp, pp, dp, zero, micro, accum, ckpt (on/off), text_ahead (auto or a count),
+keep_gathered (on/off), overlap (on/off: the text tower beside the image tower, what parallel.overlap_text_tower=auto
+does on a GPU without a pipeline; default on where pp = 1). tp and pp default to 1; dp to --gpus / (tp x pp); micro to
+what --global-batch leaves; accum to 1 or what --global-batch leaves; zero to the stage of --deepspeed-config;
+text_ahead to auto (the time model's choice). The DeepSpeed config (a ds_configs name or a path, plus dotted
+--deepspeed-set keys) gives the buffer sizes the memory model uses and, unless --precision says otherwise, the
+precision. Prints each pipeline stage's peak per rank (parameters, gradients, optimizer state, activations,
+transients; every rank of a stage holds the same) and the step time by part; --json writes the same with every stage's
+peak.
 """
 
 from __future__ import annotations
-
-import json
 
 from megacoca.config.train import ConfigError
 
@@ -66,15 +65,10 @@ def deepspeed_json(args) -> dict | None:
     if not args.deepspeed_config and not args.deepspeed_set:
         return None
     ds = load_json(args.deepspeed_config) if args.deepspeed_config else {}
-    overrides = {}
-    for item in args.deepspeed_set:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--deepspeed-set {item!r}: expected KEY=VALUE (a dotted DeepSpeed key)")
-        try:
-            overrides[key] = json.loads(text)
-        except json.JSONDecodeError:
-            overrides[key] = text
+    from megacoca.cli.inputs import assignments
+
+    overrides = assignments(args.deepspeed_set, "--deepspeed-set", "KEY=VALUE (a dotted DeepSpeed key)",
+                            require_key=True)
     try:
         apply_overrides(ds, overrides)
         check_json(ds, args.deepspeed_config or "--deepspeed-set")
