@@ -103,8 +103,9 @@ def text_ahead_choices(cfg, layout: Layout, profile: DeviceProfile) -> list[tupl
     it has one), with its predicted step time, fastest first (off first on a tie). Without a pipeline: itself."""
     if layout.pp == 1:
         return [(layout, predict_time(cfg, layout, profile))]
-    flops_choice = auto_text_ahead(pipeline_split(cfg, layout.pp), layout.pp, layout.grad_accum)
-    counts = sorted({0, layout.text_ahead if layout.text_ahead > 0 else flops_choice})
+    own = layout.text_ahead  # the search's layouts carry the simulation's count already
+    counts = sorted({0, own if own > 0 else auto_text_ahead(pipeline_split(cfg, layout.pp), layout.pp,
+                                                            layout.grad_accum)})
     timed = [(layout.replace(text_ahead=count), predict_time(cfg, layout.replace(text_ahead=count), profile))
              for count in counts]
     return sorted(timed, key=lambda item: (item[1].seconds, item[0].text_ahead))
