@@ -231,28 +231,48 @@ def attention_work(batch: int, heads: int, queries: int, keys: int) -> dict[str,
     return {"attention": 3 * batch * heads * queries * keys, "attention_rows": 3 * batch * heads * queries}
 
 
-def fit_rates(works: list[dict[str, float]], seconds: list[float]) -> tuple[float, dict[str, float]]:
+def fit_rates(works: list[dict[str, float]], seconds: list[float],
+              max_rates: dict[str, float] | None = None) -> tuple[float, dict[str, float]]:
     """Fit seconds = overhead + sum over kinds of work[kind] / rate[kind] with every coefficient >= 0, minimising
     relative residuals (each point counts alike, whatever its size): (overhead, {kind: rate}); a kind whose best
-    coefficient is 0 (its cost hides in the others at these shapes) gets no rate. Exhaustive over the subsets of
-    the (at most four) terms: the best fit whose coefficients are all positive."""
+    coefficient is 0 (its cost hides in the others at these shapes) gets no rate. `max_rates` caps a kind's rate (a
+    block's FLOPs run no faster than the fastest plain matmul measured): such a kind always gets a rate, at most its
+    cap, so that noise cannot hand its time to a correlated kind. Exhaustive over the active sets of the (at most
+    four) terms: each term left out (coefficient 0) or held at its cap, the rest solved; the best fit whose
+    coefficients all keep their bounds."""
     if len(works) != len(seconds) or not works:
         raise ValueError("fit_rates needs as many times as work counts, at least one")
     if min(seconds) <= 0:
         raise ValueError(f"fit_rates needs times > 0 (relative residuals), got {seconds}")
     kinds = list(works[0])
-    columns = {"overhead": [1.0] * len(works), **{k: [w[k] for w in works] for k in kinds}}
+    caps = dict(max_rates or {})
+    if set(caps) - set(kinds) or any(not rate > 0 for rate in caps.values()):
+        raise ValueError(f"fit_rates: max_rates {caps} must be rates > 0 of kinds among {kinds}")
     y = np.asarray(seconds, dtype=float)
+    # each column over its point's time: the residuals are relative
+    columns = {c: np.asarray(v, dtype=float) / y
+               for c, v in {"overhead": [1.0] * len(works), **{k: [w[k] for w in works] for k in kinds}}.items()}
+    floors = {k: 1.0 / rate for k, rate in caps.items()}  # the least seconds per unit of a capped kind
+    optional = [c for c in columns if c not in floors]
     best = None
-    for size in range(1, len(columns) + 1):
-        for subset in itertools.combinations(columns, size):
-            a = np.asarray([columns[c] for c in subset], dtype=float).T / y[:, None]
-            coef, *_ = np.linalg.lstsq(a, np.ones_like(y), rcond=None)
-            if (coef <= 0).any():
-                continue
-            error = float(((a @ coef - 1) ** 2).sum())
-            if best is None or error < best[0] - 1e-12:
-                best = (error, dict(zip(subset, coef)))
+    for size in range(len(optional) + 1):
+        for subset in itertools.combinations(optional, size):
+            for held_count in range(len(floors) + 1):
+                for held in itertools.combinations(floors, held_count):
+                    free = [*subset, *(k for k in floors if k not in held)]
+                    target = np.ones_like(y) - sum((columns[k] * floors[k] for k in held), np.zeros_like(y))
+                    coef = {k: floors[k] for k in held}
+                    if free:
+                        a = np.stack([columns[c] for c in free], axis=1)
+                        solved, *_ = np.linalg.lstsq(a, target, rcond=None)
+                        coef |= dict(zip(free, solved))
+                    elif not held:
+                        continue
+                    if any(coef[c] <= 0 for c in subset) or any(coef[k] < floors[k] for k in floors):
+                        continue
+                    error = float(((sum(columns[c] * v for c, v in coef.items()) - 1) ** 2).sum())
+                    if best is None or error < best[0] - 1e-12:
+                        best = (error, coef)
     if best is None:
         raise ValueError(f"times do not grow with the work ({list(zip(works, seconds))}): no rate to fit")
     coef = best[1]
@@ -347,9 +367,10 @@ def _matmul_rates(m: Measurement) -> tuple[dict, dict, float]:
     return per_width, matmul, copy_bw
 
 
-def _fit_blocks(m: Measurement) -> dict:
-    """The fused attention first (its cost per row and per score element), then the blocks less their attention:
-    {"block_shapes", "block_works", "block_seconds", "block_fit", "attention_fit"} (fits per precision)."""
+def _fit_blocks(m: Measurement, matmul_per_width: dict[str, dict[int, float]]) -> dict:
+    """The fused attention first (its cost per row and per score element), then the blocks less their attention,
+    their FLOPs no faster than the fastest plain matmul measured (`matmul_per_width`, per precision): {"block_shapes",
+    "block_works", "block_seconds", "block_fit", "attention_fit"} (fits per precision)."""
     sizes, compute = m.sizes, m.results[: m.ranks]
     attention_works = [attention_work(sizes.attention_batch, sizes.block_heads, q, k)
                        for q, k in sizes.attention_shapes]
@@ -368,9 +389,12 @@ def _fit_blocks(m: Measurement) -> dict:
         block_times[p] = [statistics.fmean(r["block"][p][shape] for r in compute) for shape in shapes]
         # the attention fit comes from separate calls: on a noisy run it can claim all of a small block's time, so
         # a block keeps at least a tenth of its time for its own work (a zero would leave nothing to fit)
+        # on a noisy run the FLOPs and the elementwise work (which grow together over these shapes) can trade
+        # time: the cap keeps the FLOP rate a matmul rate, which is what the time model extrapolates to wide blocks
         overhead, rates = fit_rates([{k: w[k] for k in ("flops", "elementwise")} for w in block_works],
                                     [max(t - attention_seconds(w), 0.1 * t)
-                                     for t, w in zip(block_times[p], block_works)])
+                                     for t, w in zip(block_times[p], block_works)],
+                                    max_rates={"flops": max(matmul_per_width[p].values())})
         block_fit[p] = (overhead + calls, {**rates, **attention_rates})
     return {"block_shapes": shapes, "block_works": block_works, "block_seconds": block_times,
             "block_fit": block_fit, "attention_fit": attention_fit}
@@ -456,7 +480,8 @@ def _source(m: Measurement, where: str, fits_notes: tuple[str, str, str], allred
         f"per call + rows / rate + score elements / rate; blocks: SelfAttentionBlock W "
         f"{', '.join(map(str, sizes.block_widths))} x {sizes.block_seq} tokens, {sizes.block_heads} heads, batches "
         f"{', '.join(map(str, sizes.block_batches))}, less their attention, fitted as overhead + FLOPs / rate + "
-        f"elementwise elements / rate (relative least squares, coefficients >= 0); per block: {blocks_note}. "
+        f"elementwise elements / rate (relative least squares, coefficients >= 0, the FLOP rate at most the "
+        f"fastest matmul's); per block: {blocks_note}. "
         f"DeepSpeed engines on {engine_where}: a toy of K x (Linear + LayerNorm) W {sizes.engine_width}, K "
         f"{', '.join(map(str, k))} ({', '.join(str(TENSORS_PER_BLOCK * b) for b in k)} tensors), micro-batch "
         f"{sizes.engine_micro_batch}, {sizes.engine_accum} micro-batches per step, median of {sizes.engine_steps} "
@@ -473,7 +498,7 @@ def build_profile(m: Measurement) -> tuple[DeviceProfile, dict]:
     """The DeviceProfile of a measurement, and the fits behind it (rates per width, block fits per precision,
     engine fits per ZeRO stage, the ring fit's residual) for tests and reports."""
     per_width, matmul, copy_bw = _matmul_rates(m)
-    blocks = _fit_blocks(m)
+    blocks = _fit_blocks(m, per_width)
     block_fit = blocks["block_fit"]
     latency, busbw, residual, allreduce_note = _fit_links(m)
     notes = ["inter-node bandwidth NOT measured (one host): set equal to the intra-node figure"]
