@@ -1,8 +1,8 @@
 """The demo's learning threshold, fast: scripts/demo.sh end to end (synth-shapes, tokenizer, 2-rank ZeRO-3
 training with every parameter partitioned, through the deepspeed launcher, held-out eval, curves) on a shorter
-schedule. Color alone is easy (learned in ~100 steps, where zero-shot top-1 is ~0.25-0.3 with shape at chance), so
-the bar is per attribute: shape must be learned, not just color. The full demo (`make demo`) asks for 0.50 / 0.60
-on the combined metrics."""
+schedule (800 steps of 128 at a constant lr). Color alone is easy (learned in ~100 steps, where zero-shot top-1 is
+~0.25-0.3 with shape at chance), so the bar is per attribute: shape must be learned, not just color. The full demo
+(`make demo`) asks for 0.50 / 0.60 on the combined metrics."""
 
 import json
 import os
@@ -15,39 +15,45 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# The short schedule: larger batches at a constant lr after warmup, 400 steps (51k samples, ~4 min on 2 quiet cores
-# with the data). Measured with these settings and the open_clip layout the demo used until 2026-11-30 (480 held-out
-# images, zero-shot shape accuracy at step 100/200/300/400): seed 0 0.25/0.37/0.60/0.70, seed 1 0.27/0.26/0.31/0.51,
-# seed 2 (500 steps) 0.27/0.40/0.64/0.78, seed 3 0.24/0.48/0.71/0.89; color 0.99-1.0 from step 100 on. With the
-# coca_tiny_shapes recipe's paper layout, seed 0 (what CI runs): shape 0.588, caption shape 0.569 (2026-11-30).
-# Chance is 1/4 for shape, 1/6 for color, and a color-only model scores ~0.25-0.30 on shape: the bar 0.40 was met
-# by every open_clip seed tried and by paper-layout seed 0, and is missed by any run that has not learned shape
-# (one-rank paper-layout runs at this schedule, docs/benchmarks.md, left seed 2 at 0.27).
+# The short schedule: larger batches at a constant lr after warmup, 800 steps (102k samples, ~6 min on 2 quiet cores
+# with the data). Shape is learned only after a plateau at chance whose end is chaotic: the same seed, on another
+# CPU (oneDNN's kernels round differently), leaves it hundreds of steps earlier or later. At 400 steps this test
+# passed on AMD EPYC boxes (seed 0: zero-shot shape 0.588, caption shape 0.569, 2026-11-30) and failed on an Intel
+# Xeon one (0.458 / 0.327, CI 2026-12-05: seed 0 was still taking off). Zero-shot / caption shape accuracy per 100
+# steps on that Xeon (docs/benchmarks.md, "The CPU demo"):
+#   seed 0: 0.26/0.26 0.31/0.25 0.30/0.25 0.46/0.33 0.76/0.77 0.90/0.87 0.90/0.88 0.93/0.93
+#   seed 1: 0.23/0.25 0.26/0.25 0.29/0.33 0.28/0.47 0.31/0.50 0.48/0.61 0.72/0.83 0.81/0.84
+#   seed 2: 0.24/0.25 0.27/0.25 0.36/0.27 0.54/0.26 0.72/0.59 0.84/0.79 0.89/0.86 0.92/0.91
+#   seed 3: 0.26/0.25 0.25/0.25 0.28/0.31 0.26/0.43 0.28/0.44 0.44/0.40 0.53/0.58 0.51/0.53
+# so at 800 steps every seed tried has left the plateau (seed 3, the latest, near step 600) and passes; at 400 none
+# does. Chance is 1/4 for shape, 1/6 for color, and a color-only model scores ~0.25-0.30 on shape: the bars below
+# are missed by any run that has not learned shape. Neither a doubled lr (seed 1 at chance for 600 steps) nor 64
+# per step (seed 3 at chance until step 700) leaves the plateau sooner: the longer schedule buys the margin.
 SHORT = {
     "TRAIN_SAMPLES": "20000",
     "VAL_SAMPLES": "480",
     "GLOBAL_BATCH": "128",
     "LR": "1e-3",
     "LR_DECAY": "constant",
-    "STEPS": "400",
+    "STEPS": "800",
     "WARMUP": "50",
-    "EVAL_EVERY": "400",
+    "EVAL_EVERY": "800",
     "MIN_ZEROSHOT": "0.35",
     "MIN_CAPTION": "0.35",
 }
-MIN_SHAPE = {"zeroshot": 0.40, "caption": 0.35}  # shape accuracy (chance 0.25; lowest seed above: 0.51 / 0.42)
+MIN_SHAPE = {"zeroshot": 0.40, "caption": 0.35}  # shape accuracy (chance 0.25; lowest seed above: 0.51 / 0.53)
 MIN_COLOR = 0.90  # zero-shot and caption color accuracy (chance 0.17)
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 def test_short_demo_learns_well_above_chance(tmp_path):
     bindir = os.path.dirname(sys.executable)
     env = dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""), PYTHON=sys.executable,
                DATA_DIR=str(tmp_path / "shapes"), RUN_DIR=str(tmp_path / "run"), **SHORT)
     began = time.perf_counter()
     proc = subprocess.run(["bash", os.path.join(REPO, "scripts", "demo.sh")], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=1200)
     seconds = time.perf_counter() - began
     output = proc.stdout[-4000:] + "\n" + proc.stderr[-4000:]
     assert proc.returncode == 0, output
