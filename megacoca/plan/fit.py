@@ -388,9 +388,9 @@ def _fit_blocks(m: Measurement, matmul_per_width: dict[str, dict[int, float]]) -
 
         block_times[p] = [statistics.fmean(r["block"][p][shape] for r in compute) for shape in shapes]
         # the attention fit comes from separate calls: on a noisy run it can claim all of a small block's time, so
-        # a block keeps at least a tenth of its time for its own work (a zero would leave nothing to fit)
-        # on a noisy run the FLOPs and the elementwise work (which grow together over these shapes) can trade
-        # time: the cap keeps the FLOP rate a matmul rate, which is what the time model extrapolates to wide blocks
+        # a block keeps at least a tenth of its time for its own work (a zero would leave nothing to fit). The FLOPs
+        # and the elementwise work grow together over these shapes, so noise can trade time between them: the cap
+        # keeps the FLOP rate a matmul rate, which is what the time model extrapolates to wide blocks
         overhead, rates = fit_rates([{k: w[k] for k in ("flops", "elementwise")} for w in block_works],
                                     [max(t - attention_seconds(w), 0.1 * t)
                                      for t, w in zip(block_times[p], block_works)],

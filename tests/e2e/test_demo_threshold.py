@@ -20,7 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # CPU (oneDNN's kernels round differently), leaves it hundreds of steps earlier or later. At 400 steps this test
 # passed on AMD EPYC boxes (seed 0: zero-shot shape 0.588, caption shape 0.569, 2026-11-30) and failed on an Intel
 # Xeon one (0.458 / 0.327, CI 2026-12-05: seed 0 was still taking off). Zero-shot / caption shape accuracy per 100
-# steps on that Xeon (docs/benchmarks.md, "The CPU demo"):
+# steps on that Xeon (docs/benchmarks.md, "The demo on an Intel Xeon box"):
 #   seed 0: 0.26/0.26 0.31/0.25 0.30/0.25 0.46/0.33 0.76/0.77 0.90/0.87 0.90/0.88 0.93/0.93
 #   seed 1: 0.23/0.25 0.26/0.25 0.29/0.33 0.28/0.47 0.31/0.50 0.48/0.61 0.72/0.83 0.81/0.84
 #   seed 2: 0.24/0.25 0.27/0.25 0.36/0.27 0.54/0.26 0.72/0.59 0.84/0.79 0.89/0.86 0.92/0.91
