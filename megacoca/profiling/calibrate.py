@@ -26,7 +26,8 @@ from megacoca.config.flavors import get_flavor
 from megacoca.config.layout import Layout
 from megacoca.launch.ranks import run_ranks
 from megacoca.plan.comm import analytic_comm
-from megacoca.plan.fit import Measurement, Sizes, build_profile, engine_stage, fit_residuals
+from megacoca.plan.fit import Measurement, Sizes, build_profile, engine_stage
+from megacoca.plan.least_squares import fit_residuals
 from megacoca.plan.memory import default_text_ahead
 from megacoca.plan.profile import DeviceProfile
 from megacoca.plan.timing import predict_time
