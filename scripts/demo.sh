@@ -36,7 +36,8 @@ MASTER_PORT=${MASTER_PORT:-$($PY -c 'import socket; s = socket.socket(); s.bind(
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread per rank: the ranks share the cores
 # CPU ranks keep freed memory, as a GPU's caching allocator does: by default glibc hands every large block back to
 # the OS on free and each step page-faults its activations in again. 5-9% more samples/s on the demo, the same losses
-# bit for bit, no higher peak (docs/benchmarks.md, "The demo on an Intel Xeon box").
+# bit for bit, no higher peak (docs/benchmarks.md, "The demo on an Intel Xeon box"). The same values as the planner's
+# measurements (megacoca.profiling.measure.CACHING_MALLOC).
 export MALLOC_MMAP_MAX_=${MALLOC_MMAP_MAX_:-0} MALLOC_TRIM_THRESHOLD_=${MALLOC_TRIM_THRESHOLD_:-100000000000}
 export PYTHONUNBUFFERED=1
 now() { date +%s.%N; }
