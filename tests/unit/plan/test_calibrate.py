@@ -93,7 +93,8 @@ def test_calibrated_profile_plans_both_precisions(quick_two_ranks):
             step = predict_time(cfg, Layout(dp=2, zero_stage=zero, micro_batch=4, grad_accum=2, precision=precision),
                                 profile)
             assert 0 < step.seconds < 60
-            assert step.parts["optimizer step"] >= profile.step_overhead(zero)
+            # the engine costs of this precision: ZeRO-3 in fp32 has its own ("3/fp32"), what predict_time reads
+            assert step.parts["optimizer step"] >= profile.step_overhead(zero, precision)
 
 
 @MEASURED
